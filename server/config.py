@@ -1,0 +1,14 @@
+"""Server-side limits and settings (HTTP layer). Engine settings live in `decoding`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    served_model_name: str
+    api_key: str | None = None
+    # Every client-pushable limit has a server-side maximum.
+    max_n: int = 8
+    max_prompts_per_request: int = 16

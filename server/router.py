@@ -1,0 +1,102 @@
+"""HTTP routes: map a request to a serving call and its result to a response. No logic."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from server.errors import engine_unavailable
+from server.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList
+
+router = APIRouter()
+
+
+async def _wait_for_disconnect(raw: Request) -> None:
+    while True:
+        message = await raw.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def run_cancelling_on_disconnect(raw: Request, coro):
+    """Run a serving call; if the client goes away first, cancel it (which aborts the engine
+    request) and return None."""
+    handler = asyncio.ensure_future(coro)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(raw))
+    try:
+        await asyncio.wait({handler, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if handler.done():
+        return handler.result()
+    handler.cancel()
+    await asyncio.gather(handler, return_exceptions=True)
+    return None
+
+
+def to_response(raw: Request, endpoint: str, result) -> Response:
+    metrics = raw.app.state.metrics
+    if result is None:  # client disconnected; nobody reads this
+        metrics.requests.labels(endpoint, "499").inc()
+        return Response(status_code=499)
+    if isinstance(result, ErrorResponse):
+        metrics.requests.labels(endpoint, str(result.status_code)).inc()
+        return JSONResponse(result.model_dump(), status_code=result.status_code)
+    metrics.requests.labels(endpoint, "200").inc()
+    if isinstance(result, AsyncIterator):
+        return StreamingResponse(result, media_type="text/event-stream")
+    return JSONResponse(result.model_dump())
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(request: ChatCompletionRequest, raw: Request):
+    serving = raw.app.state.chat
+    result = await run_cancelling_on_disconnect(raw, serving.create_chat_completion(request))
+    return to_response(raw, "chat_completions", result)
+
+
+@router.post("/v1/completions")
+async def create_completion(request: CompletionRequest, raw: Request):
+    serving = raw.app.state.completion
+    result = await run_cancelling_on_disconnect(raw, serving.create_completion(request))
+    return to_response(raw, "completions", result)
+
+
+@router.get("/v1/models")
+async def list_models(raw: Request):
+    engine, config = raw.app.state.engine, raw.app.state.config
+    card = ModelCard(id=config.served_model_name, max_model_len=engine.max_model_len)
+    return JSONResponse(ModelList(data=[card]).model_dump())
+
+
+@router.get("/health")
+async def health(raw: Request):
+    engine = raw.app.state.engine
+    if engine.dead:
+        error = engine_unavailable("the engine is dead")
+        return JSONResponse(error.model_dump(), status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/ready")
+async def ready(raw: Request):
+    engine = raw.app.state.engine
+    if engine.ready:
+        return JSONResponse({"status": "ready", "model": engine.model_name})
+    start_error = getattr(engine, "start_error", None)
+    if engine.dead:
+        message = "the engine is dead"
+    elif start_error is not None:
+        message = f"the engine failed to start: {start_error}"
+    else:
+        message = "the engine is still loading"
+    return JSONResponse(engine_unavailable(message).model_dump(), status_code=503)
+
+
+@router.get("/metrics")
+async def metrics(raw: Request):
+    return Response(raw.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,188 @@
+"""POST /v1/completions: one or more raw prompts -> engine -> OpenAI text completion."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from decoding.engine import GenerationChunk, TokenLogprob
+from server.errors import invalid_request
+from server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    random_id,
+)
+from server.serving_common import (
+    ENGINE_ERRORS,
+    SSE_DONE,
+    ServingBase,
+    collect,
+    engine_error,
+    prime,
+    sse,
+    usage,
+)
+
+
+def completion_logprobs(items: list[TokenLogprob], start_offset: int = 0) -> CompletionLogprobs:
+    offsets, offset = [], start_offset
+    for lp in items:
+        offsets.append(offset)
+        offset += len(lp.token)
+    return CompletionLogprobs(
+        text_offset=offsets,
+        token_logprobs=[lp.logprob for lp in items],
+        tokens=[lp.token for lp in items],
+        top_logprobs=[{t.token: t.logprob for t in lp.top} for lp in items],
+    )
+
+
+async def merge(streams: list[AsyncIterator[GenerationChunk]]) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    """Interleave several engine streams as their chunks arrive, tagged with their position."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream):
+        try:
+            async for chunk in stream:
+                await queue.put((i, chunk))
+            await queue.put((i, done))
+        except BaseException as exc:  # forwarded to the consumer, which re-raises it
+            await queue.put((i, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class ServingCompletion(ServingBase):
+    async def create_completion(
+        self, request: CompletionRequest
+    ) -> ErrorResponse | CompletionResponse | AsyncIterator[str]:
+        if error := self.check_common(request):
+            return error
+        prompts = request.prompts()
+        if len(prompts) > self.config.max_prompts_per_request:
+            return invalid_request(
+                f"at most {self.config.max_prompts_per_request} prompts per request", "prompt"
+            )
+        tokenizer = self.engine.tokenizer
+        vocab = tokenizer.vocab_size
+        prompt_ids: list[list[int]] = []
+        for prompt in prompts:
+            ids = prompt if isinstance(prompt, list) else tokenizer.encode(prompt)
+            if not ids:
+                return invalid_request("prompt must not be empty", "prompt")
+            if isinstance(prompt, list) and max(ids) >= vocab:
+                return invalid_request(f"token ids must be below the vocabulary size {vocab}", "prompt")
+            prompt_ids.append(ids)
+        budgets = []
+        for ids in prompt_ids:
+            max_tokens = self.resolve_max_tokens(request, len(ids), "prompt")
+            if isinstance(max_tokens, ErrorResponse):
+                return max_tokens
+            budgets.append(max_tokens)
+        # With no max_tokens OpenAI's completions default is 16 tokens, not "the rest".
+        if request.max_tokens is None:
+            budgets = [min(b, 16) for b in budgets]
+
+        request_id = random_id("cmpl")
+        k = request.logprobs
+        streams = [
+            self.engine.generate(
+                f"{request_id}-{i}", ids, request.to_sampling_config(budget, k)
+            )
+            for i, (ids, budget) in enumerate(zip(prompt_ids, budgets))
+        ]
+        if request.stream:
+            primed = []
+            for stream in streams:
+                stream, error = await prime(stream)
+                if error:
+                    for s in primed:
+                        await s.aclose()
+                    return error
+                primed.append(stream)
+            return self._stream(request, request_id, primed, sum(map(len, prompt_ids)))
+        tasks = [asyncio.ensure_future(collect(s, request.n)) for s in streams]
+        try:
+            results = await asyncio.gather(*tasks)
+        except ENGINE_ERRORS as exc:
+            return engine_error(exc)
+        finally:
+            for task in tasks:  # a failed sibling must not leave the others generating
+                task.cancel()
+
+        choices = []
+        for p, (prompt, ids, result) in enumerate(zip(prompts, prompt_ids, results)):
+            echo = (prompt if isinstance(prompt, str) else tokenizer.decode(ids)) if request.echo else ""
+            for seq in result.sequences:
+                choices.append(
+                    CompletionChoice(
+                        index=p * request.n + seq.index,
+                        text=echo + seq.text,
+                        logprobs=completion_logprobs(seq.logprobs, len(echo)) if k is not None else None,
+                        finish_reason=seq.finish_reason,
+                    )
+                )
+        return CompletionResponse(
+            id=request_id,
+            model=request.model,
+            choices=choices,
+            usage=usage(sum(map(len, prompt_ids)), sum(r.completion_tokens for r in results)),
+        )
+
+    async def _stream(
+        self, request: CompletionRequest, request_id: str, streams, prompt_tokens: int
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+        completion_tokens = 0
+        offsets: dict[int, int] = {}
+
+        def chunk(choices, usage_info=None) -> str:
+            body = CompletionResponse(
+                id=request_id, created=created, model=request.model, choices=choices, usage=usage_info
+            )
+            exclude = None if request.include_usage_in_stream else {"usage"}
+            return sse(body.model_dump_json(exclude=exclude))
+
+        try:
+            async for p, out in merge(streams):
+                choices = []
+                for delta in out.sequences:
+                    completion_tokens += len(delta.token_ids)
+                    if not delta.text and delta.finish_reason is None:
+                        continue
+                    index = p * request.n + delta.index
+                    logprobs = None
+                    if request.logprobs is not None and delta.logprobs:
+                        logprobs = completion_logprobs(delta.logprobs, offsets.get(index, 0))
+                    offsets[index] = offsets.get(index, 0) + len(delta.text)
+                    choices.append(
+                        CompletionChoice(
+                            index=index, text=delta.text, logprobs=logprobs, finish_reason=delta.finish_reason
+                        )
+                    )
+                if choices:
+                    yield chunk(choices)
+            if request.include_usage_in_stream:
+                yield chunk([], usage(prompt_tokens, completion_tokens))
+        except ENGINE_ERRORS as exc:
+            yield sse(engine_error(exc).model_dump_json())
+        yield SSE_DONE
