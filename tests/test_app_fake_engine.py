@@ -1,0 +1,146 @@
+"""The HTTP layer over a fake engine: routing, envelopes, streaming format, auth."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import build_app
+from server.config import ServerConfig
+from tests.fakes import FakeEngine
+
+MESSAGES = [{"role": "user", "content": "hello there"}]
+
+
+def make_client(engine=None, **config):
+    engine = engine or FakeEngine()
+    app = build_app(engine, ServerConfig(served_model_name="fake-model", **config), start_engine=False)
+    return TestClient(app), engine
+
+
+def sse_events(text: str) -> list:
+    events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_chat_completion_counts_usage_from_the_engine():
+    client, engine = make_client()
+    r = client.post("/v1/chat/completions", json={"model": "fake-model", "messages": MESSAGES, "max_tokens": 3, "n": 2, "seed": 1})
+    assert r.status_code == 200
+    body = r.json()
+    assert [c["message"]["content"] for c in body["choices"]] == ["w0_0 w0_1 w0_2 ", "w1_0 w1_1 w1_2 "]
+    prompt_len = len(engine.calls[0][1])
+    assert body["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": 6, "total_tokens": prompt_len + 6}
+    assert engine.calls[0][2].n == 2 and engine.calls[0][2].seed == 1
+
+
+def test_missing_max_tokens_takes_the_rest_of_the_context():
+    client, engine = make_client(FakeEngine(max_model_len=12))
+    r = client.post("/v1/chat/completions", json={"model": "fake-model", "messages": MESSAGES})
+    assert r.status_code == 200
+    assert engine.calls[0][2].max_tokens == 12 - len(engine.calls[0][1])
+
+
+def test_stream_format_with_usage():
+    client, _ = make_client()
+    r = client.post(
+        "/v1/chat/completions",
+        json={"model": "fake-model", "messages": MESSAGES, "max_tokens": 2, "stream": True,
+              "stream_options": {"include_usage": True}, "logprobs": True, "top_logprobs": 2},
+    )
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [e["choices"][0]["delta"]["content"] for e in events[1:-1]] == ["w0_0 ", "w0_1 "]
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert len(events[1]["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 2
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 2
+    assert all(e["id"] == events[0]["id"] for e in events)
+
+
+def test_stream_without_include_usage_omits_the_field():
+    client, _ = make_client()
+    r = client.post("/v1/chat/completions", json={"model": "fake-model", "messages": MESSAGES, "max_tokens": 1, "stream": True})
+    assert all("usage" not in e for e in sse_events(r.text))
+
+
+def test_multi_prompt_completion_indexes_prompt_major():
+    client, engine = make_client()
+    r = client.post("/v1/completions", json={"model": "fake-model", "prompt": ["a b", "c"], "max_tokens": 1, "n": 2, "seed": 0})
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1, 2, 3]
+    assert r.json()["usage"]["prompt_tokens"] == 3
+    r = client.post("/v1/completions", json={"model": "fake-model", "prompt": ["a b", "c"], "max_tokens": 2, "stream": True})
+    events = sse_events(r.text)
+    texts = {}
+    for e in events:
+        for c in e["choices"]:
+            texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+    assert texts == {0: "w0_0 w0_1 ", 1: "w0_0 w0_1 "}
+
+
+def test_completion_default_max_tokens_is_16():
+    client, engine = make_client(FakeEngine(max_model_len=100))
+    client.post("/v1/completions", json={"model": "fake-model", "prompt": "a"})
+    assert engine.calls[0][2].max_tokens == 16
+
+
+@pytest.mark.parametrize(
+    "body, param, code",
+    [
+        ({"model": "other"}, "model", "model_not_found"),
+        ({"n": 9}, "n", None),
+        ({"n": 2, "temperature": 0}, "n", None),
+        ({"max_tokens": 61}, "max_tokens", "context_length_exceeded"),
+        ({"messages": [{"role": "user", "content": "x " * 80}]}, "messages", "context_length_exceeded"),
+    ],
+)
+def test_invalid_requests_are_400_without_reaching_the_engine(body, param, code):
+    client, engine = make_client()
+    r = client.post("/v1/chat/completions", json={"model": "fake-model", "messages": MESSAGES, **body})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == param
+    if code:
+        assert r.json()["error"]["code"] == code
+    assert engine.calls == []
+
+
+def test_completion_token_ids_outside_the_vocabulary_are_400():
+    client, engine = make_client()
+    r = client.post("/v1/completions", json={"model": "fake-model", "prompt": [1, 5000]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_not_ready_engine_gives_503():
+    client, _ = make_client(FakeEngine(ready=False))
+    assert client.get("/ready").status_code == 503
+    assert client.get("/health").status_code == 200
+    r = client.post("/v1/chat/completions", json={"model": "fake-model", "messages": MESSAGES})
+    assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+
+
+def test_api_key_guards_everything_but_health():
+    client, _ = make_client(api_key="k")
+    assert client.get("/health").status_code == 200
+    assert client.get("/v1/models").status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": "Bearer x"}).status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": "k"}).status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": "Bearer k"}).status_code == 200
+
+
+def test_method_not_allowed_uses_the_envelope():
+    client, _ = make_client()
+    r = client.get("/v1/chat/completions")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_metrics_count_requests_by_status():
+    client, _ = make_client()
+    client.post("/v1/chat/completions", json={"model": "fake-model", "messages": MESSAGES, "max_tokens": 1})
+    client.post("/v1/chat/completions", json={"model": "bad", "messages": MESSAGES})
+    text = client.get("/metrics").text
+    assert 'aligner_requests_total{endpoint="chat_completions",status="200"} 1.0' in text
+    assert 'aligner_requests_total{endpoint="chat_completions",status="400"} 1.0' in text
+    assert "aligner_engine_unfinished_requests 0.0" in text

@@ -1,0 +1,113 @@
+"""Protocol models: validation and conversion, no server."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from server.protocol import ChatCompletionRequest, CompletionRequest
+
+
+def chat(**kw):
+    return ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], **kw)
+
+
+def test_defaults_convert_to_plain_sampling():
+    sampling = chat().to_sampling_config(max_tokens=10, logprobs=None)
+    assert (sampling.n, sampling.temperature, sampling.top_p, sampling.top_k) == (1, 1.0, 1.0, 0)
+    assert sampling.stop == () and sampling.seed is None and sampling.max_tokens == 10
+
+
+def test_fields_carry_over():
+    req = chat(n=3, temperature=0.5, top_p=0.9, top_k=-1, stop="END", seed=7, presence_penalty=0.1)
+    sampling = req.to_sampling_config(max_tokens=5, logprobs=2)
+    assert (sampling.n, sampling.temperature, sampling.top_p, sampling.top_k) == (3, 0.5, 0.9, 0)
+    assert sampling.stop == ("END",) and sampling.seed == 7 and sampling.logprobs == 2
+    assert sampling.presence_penalty == 0.1
+
+
+def test_max_completion_tokens_wins_over_max_tokens():
+    assert chat(max_tokens=5, max_completion_tokens=9).requested_max_tokens() == 9
+    assert chat(max_tokens=5).requested_max_tokens() == 5
+    assert chat().requested_max_tokens() is None
+
+
+def test_developer_role_and_content_parts_become_template_messages():
+    req = ChatCompletionRequest(
+        model="m",
+        messages=[
+            {"role": "developer", "content": "be kind"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        ],
+    )
+    assert req.template_messages() == [
+        {"role": "system", "content": "be kind"},
+        {"role": "user", "content": "ab"},
+    ]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"messages": [{"role": "tool", "content": "x"}]},
+        {"messages": [{"role": "user"}]},
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
+        {"messages": []},
+        {"n": 0},
+        {"max_tokens": 0},
+        {"top_p": 0},
+        {"temperature": -0.1},
+        {"top_logprobs": 21, "logprobs": True},
+        {"top_logprobs": 2},
+        {"stream_options": {"include_usage": True}},
+        {"stop": [""]},
+        {"stop": ["x"] * 17},
+        {"tools": [{"type": "function"}]},
+        {"response_format": {"type": "json_object"}},
+        {"frequency_penalty": 3},
+    ],
+)
+def test_invalid_chat_requests_are_rejected(kwargs):
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest(**{**base, **kwargs})
+
+
+def test_logprobs_k():
+    assert chat().logprobs_k() is None
+    assert chat(logprobs=True).logprobs_k() == 0
+    assert chat(logprobs=True, top_logprobs=4).logprobs_k() == 4
+
+
+def test_unknown_fields_are_ignored():
+    assert chat(user="abc", metadata={"a": 1}).model == "m"
+
+
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        ("hello", ["hello"]),
+        (["a", "b"], ["a", "b"]),
+        ([1, 2, 3], [[1, 2, 3]]),
+        ([[1, 2], [3]], [[1, 2], [3]]),
+    ],
+)
+def test_completion_prompts_normalise(prompt, expected):
+    assert CompletionRequest(model="m", prompt=prompt).prompts() == expected
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"prompt": []},
+        {"prompt": [[]]},
+        {"prompt": [1, -2]},
+        {"prompt": "x", "suffix": "y"},
+        {"prompt": "x", "best_of": 3},
+        {"prompt": "x", "echo": True, "stream": True},
+        {"prompt": "x", "logprobs": 6},
+    ],
+)
+def test_invalid_completion_requests_are_rejected(kwargs):
+    with pytest.raises(ValidationError):
+        CompletionRequest(model="m", **kwargs)
