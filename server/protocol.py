@@ -157,6 +157,8 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
+    # Extension: every alignment option lives in this one object ({"strategy": ..., params}).
+    alignment: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check_unsupported(self):
@@ -212,6 +214,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
+    alignment: dict[str, Any] | None = None
 
 
 class DeltaMessage(BaseModel):
@@ -233,6 +236,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatCompletionStreamChoice]
     usage: UsageInfo | None = None
+    alignment: dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------- text completions
@@ -244,6 +248,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+    alignment: dict[str, Any] | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -265,6 +270,8 @@ class CompletionRequest(SamplingFields):
             raise ValueError("best_of is not supported; use an alignment strategy instead")
         if self.echo and self.stream:
             raise ValueError("echo is not supported together with stream")
+        if self.alignment:
+            raise ValueError("alignment strategies need chat messages: use /v1/chat/completions")
         return self
 
     def prompts(self) -> list[str | list[int]]:

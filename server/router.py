@@ -9,6 +9,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from aligner.strategies import describe_strategies
+from server.alignment import STRATEGY_HEADER, model_aliases
 from server.errors import engine_unavailable
 from server.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList
 
@@ -55,7 +57,8 @@ def to_response(raw: Request, endpoint: str, result) -> Response:
 @router.post("/v1/chat/completions")
 async def create_chat_completion(request: ChatCompletionRequest, raw: Request):
     serving = raw.app.state.chat
-    result = await run_cancelling_on_disconnect(raw, serving.create_chat_completion(request))
+    header = raw.headers.get(STRATEGY_HEADER)
+    result = await run_cancelling_on_disconnect(raw, serving.create_chat_completion(request, header))
     return to_response(raw, "chat_completions", result)
 
 
@@ -69,8 +72,20 @@ async def create_completion(request: CompletionRequest, raw: Request):
 @router.get("/v1/models")
 async def list_models(raw: Request):
     engine, config = raw.app.state.engine, raw.app.state.config
-    card = ModelCard(id=config.served_model_name, max_model_len=engine.max_model_len)
-    return JSONResponse(ModelList(data=[card]).model_dump())
+    names = [config.served_model_name, *model_aliases(config)]
+    cards = [ModelCard(id=name, max_model_len=engine.max_model_len) for name in names]
+    return JSONResponse(ModelList(data=cards).model_dump())
+
+
+@router.get("/v1/alignment/strategies")
+async def list_strategies(raw: Request):
+    config = raw.app.state.config
+    return JSONResponse({"object": "list", "default": config.default_strategy, "data": describe_strategies()})
+
+
+@router.get("/v1/alignment/rewards")
+async def list_rewards(raw: Request):
+    return JSONResponse({"object": "list", "data": raw.app.state.rewards.describe()})
 
 
 @router.get("/health")

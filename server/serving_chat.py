@@ -1,11 +1,15 @@
-"""POST /v1/chat/completions: messages -> chat template -> engine -> OpenAI response."""
+"""POST /v1/chat/completions: messages -> chat template -> strategy -> OpenAI response."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
 
-from decoding.engine import TokenLogprob
+from aligner.rewards import RewardRegistry
+from aligner.strategies import KeepAlive, StrategyContext, StrategyLimits, StrategyResult
+from decoding.engine import Engine, SequenceDelta, TokenLogprob
+from server.alignment import ResolvedAlignment, alignment_report, resolve_alignment, split_model
+from server.config import ServerConfig
 from server.protocol import (
     ChatChoiceLogprobs,
     ChatCompletionChoice,
@@ -20,16 +24,9 @@ from server.protocol import (
     ErrorResponse,
     random_id,
 )
-from server.serving_common import (
-    ENGINE_ERRORS,
-    SSE_DONE,
-    ServingBase,
-    collect,
-    engine_error,
-    prime,
-    sse,
-    usage,
-)
+from server.serving_common import ENGINE_ERRORS, SSE_DONE, ServingBase, engine_error, sse, usage
+
+SSE_KEEPALIVE = ": keep-alive\n\n"
 
 
 def chat_logprobs(items: list[TokenLogprob] | None) -> ChatChoiceLogprobs | None:
@@ -52,78 +49,133 @@ def chat_logprobs(items: list[TokenLogprob] | None) -> ChatChoiceLogprobs | None
 
 
 class ServingChat(ServingBase):
+    def __init__(self, engine: Engine, config: ServerConfig, rewards: RewardRegistry):
+        super().__init__(engine, config)
+        self.rewards = rewards
+
     async def create_chat_completion(
-        self, request: ChatCompletionRequest
+        self, request: ChatCompletionRequest, strategy_header: str | None = None
     ) -> ErrorResponse | ChatCompletionResponse | AsyncIterator[str]:
         if error := self.check_common(request):
             return error
-        prompt_ids = self.engine.tokenizer.encode_chat(request.template_messages())
+        messages = request.template_messages()
+        prompt_ids = self.engine.tokenizer.encode_chat(messages)
         max_tokens = self.resolve_max_tokens(request, len(prompt_ids), "messages")
         if isinstance(max_tokens, ErrorResponse):
             return max_tokens
-        sampling = request.to_sampling_config(max_tokens, request.logprobs_k())
         request_id = random_id("chatcmpl")
-        stream = self.engine.generate(request_id, prompt_ids, sampling)
+        ctx = StrategyContext(
+            engine=self.engine,
+            rewards=self.rewards,
+            request_id=request_id,
+            messages=messages,
+            prompt_ids=prompt_ids,
+            sampling=request.to_sampling_config(max_tokens, request.logprobs_k()),
+            limits=StrategyLimits(max_candidates=self.config.max_candidates),
+            keepalive_s=self.config.stream_keepalive_s,
+        )
+        _, alias = split_model(request.model)
+        resolved = resolve_alignment(request.alignment, strategy_header, alias, self.config, ctx)
+        if isinstance(resolved, ErrorResponse):
+            return resolved
         if request.stream:
-            stream, error = await prime(stream)
-            return error or self._stream(request, request_id, stream)
+            events = resolved.strategy.stream(ctx, resolved.params)
+            first = await self._first_event(events)
+            if isinstance(first, ErrorResponse):
+                return first
+            return self._stream(request, request_id, resolved, first, events)
         try:
-            result = await collect(stream, request.n)
+            result = await resolved.strategy.run(ctx, resolved.params)
         except ENGINE_ERRORS as exc:
             return engine_error(exc)
-        want_logprobs = request.logprobs
         return ChatCompletionResponse(
             id=request_id,
             model=request.model,
             choices=[
                 ChatCompletionChoice(
-                    index=seq.index,
-                    message=ChatResponseMessage(content=seq.text),
-                    logprobs=chat_logprobs(seq.logprobs) if want_logprobs else None,
-                    finish_reason=seq.finish_reason,
+                    index=i,
+                    message=ChatResponseMessage(content=choice.text),
+                    logprobs=chat_logprobs(choice.logprobs) if request.logprobs else None,
+                    finish_reason=choice.finish_reason,
                 )
-                for seq in result.sequences
+                for i, choice in enumerate(result.choices)
             ],
-            usage=usage(result.prompt_tokens or len(prompt_ids), result.completion_tokens),
+            usage=usage(result.prompt_tokens, result.completion_tokens),
+            alignment=alignment_report(resolved, result),
         )
 
+    @staticmethod
+    async def _first_event(events):
+        """Admission errors surface before the first event: answer them with a status code."""
+        try:
+            return await anext(events)
+        except ENGINE_ERRORS as exc:
+            await events.aclose()
+            return engine_error(exc)
+
     async def _stream(
-        self, request: ChatCompletionRequest, request_id: str, stream
+        self,
+        request: ChatCompletionRequest,
+        request_id: str,
+        resolved: ResolvedAlignment,
+        first,
+        events: AsyncIterator,
     ) -> AsyncIterator[str]:
         created = int(time.time())
         include_usage = request.include_usage_in_stream
 
-        def chunk(choices, usage_info=None) -> str:
+        def chunk(choices, usage_info=None, alignment=None) -> str:
             body = ChatCompletionChunk(
-                id=request_id, created=created, model=request.model, choices=choices, usage=usage_info
+                id=request_id,
+                created=created,
+                model=request.model,
+                choices=choices,
+                usage=usage_info,
+                alignment=alignment,
             )
-            exclude = None if include_usage else {"usage"}
-            return sse(body.model_dump_json(exclude=exclude))
+            exclude = {"usage"} if not include_usage else set()
+            if alignment is None:
+                exclude.add("alignment")
+            return sse(body.model_dump_json(exclude=exclude or None))
 
-        prompt_tokens = 0
-        completion_tokens = 0
+        # Finish reasons are held back until the strategy's result arrives, so that the
+        # `alignment` report rides on the last finish chunk (clients index choices[0]).
+        finish: dict[int, str | None] = {}
         try:
             for i in range(request.n):
                 yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-            async for out in stream:
-                prompt_tokens = out.prompt_tokens
-                choices = []
-                for delta in out.sequences:
-                    completion_tokens += len(delta.token_ids)
-                    if not delta.text and delta.finish_reason is None and not delta.logprobs:
-                        continue
-                    choices.append(
-                        ChatCompletionStreamChoice(
-                            index=delta.index,
-                            delta=DeltaMessage(content=delta.text),
-                            logprobs=chat_logprobs(delta.logprobs) if request.logprobs else None,
-                            finish_reason=delta.finish_reason,
+            event = first
+            while True:
+                if isinstance(event, KeepAlive):
+                    yield SSE_KEEPALIVE
+                elif isinstance(event, SequenceDelta):
+                    if event.finish_reason is not None:
+                        finish[event.index] = event.finish_reason
+                    if event.text or event.logprobs:
+                        yield chunk([
+                            ChatCompletionStreamChoice(
+                                index=event.index,
+                                delta=DeltaMessage(content=event.text),
+                                logprobs=chat_logprobs(event.logprobs) if request.logprobs else None,
+                            )
+                        ])
+                elif isinstance(event, StrategyResult):
+                    report = alignment_report(resolved, event)
+                    for i in range(request.n):
+                        reason = finish.get(i) or (event.choices[i].finish_reason if i < len(event.choices) else None)
+                        last = i == request.n - 1
+                        yield chunk(
+                            [ChatCompletionStreamChoice(index=i, delta=DeltaMessage(), finish_reason=reason)],
+                            alignment=report if last and not include_usage else None,
                         )
-                    )
-                if choices:
-                    yield chunk(choices)
-            if include_usage:
-                yield chunk([], usage(prompt_tokens, completion_tokens))
+                    if include_usage:
+                        yield chunk([], usage(event.prompt_tokens, event.completion_tokens), alignment=report)
+                    break
+                event = await anext(events)
         except ENGINE_ERRORS as exc:
             yield sse(engine_error(exc).model_dump_json())
+        except StopAsyncIteration:
+            pass
+        finally:
+            await events.aclose()
         yield SSE_DONE

@@ -13,6 +13,7 @@ from decoding.engine import (
     InvalidRequestError,
     TokenLogprob,
 )
+from server.alignment import split_model
 from server.config import ServerConfig
 from server.errors import engine_unavailable, invalid_request
 from server.protocol import ErrorResponse, SamplingFields, UsageInfo
@@ -43,10 +44,11 @@ class ServingBase:
         self.config = config
 
     def check_common(self, request: SamplingFields) -> ErrorResponse | None:
-        if request.model != self.config.served_model_name:
+        base, _ = split_model(request.model)
+        if base != self.config.served_model_name:
             return invalid_request(
-                f"model {request.model!r} is not served here; "
-                f"available: {self.config.served_model_name!r}",
+                f"model {request.model!r} is not served here; available: "
+                f"{self.config.served_model_name!r} (or '<model>@<strategy>' on chat completions)",
                 "model",
                 "model_not_found",
             )

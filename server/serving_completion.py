@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 
 from decoding.engine import GenerationChunk, TokenLogprob
+from server.alignment import split_model
 from server.errors import invalid_request
 from server.protocol import (
     CompletionChoice,
@@ -77,6 +78,10 @@ class ServingCompletion(ServingBase):
     ) -> ErrorResponse | CompletionResponse | AsyncIterator[str]:
         if error := self.check_common(request):
             return error
+        if split_model(request.model)[1] is not None:
+            return invalid_request(
+                "alignment strategies need chat messages: use /v1/chat/completions", "model"
+            )
         prompts = request.prompts()
         if len(prompts) > self.config.max_prompts_per_request:
             return invalid_request(

@@ -54,8 +54,11 @@ def test_stream_format_with_usage():
     assert r.headers["content-type"].startswith("text/event-stream")
     events = sse_events(r.text)
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert [e["choices"][0]["delta"]["content"] for e in events[1:-1]] == ["w0_0 ", "w0_1 "]
+    assert [e["choices"][0]["delta"]["content"] for e in events[1:-2]] == ["w0_0 ", "w0_1 "]
+    # The finish reason comes in its own chunk once the strategy has reported.
     assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert events[-2]["choices"][0]["delta"]["content"] is None
+    assert events[-1]["alignment"]["strategy"] == "none"
     assert len(events[1]["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 2
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 2
     assert all(e["id"] == events[0]["id"] for e in events)

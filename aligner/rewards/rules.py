@@ -1,0 +1,92 @@
+"""Built-in rule rewards: simple direct feedback usable by name, no checkpoint needed.
+
+Requests may only pick rules by name (plus a literal keyword); patterns are registered by
+the operator at start, so no client can send a regular expression (ReDoS) or code.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from aligner.rewards.base import Messages, Reward
+
+# Phrases that open or carry a refusal in assistant answers; matched case-insensitively.
+REFUSAL_PATTERNS = [
+    r"\bI(?:'m| am) (?:sorry|afraid)\b",
+    r"\bI (?:cannot|can't|can not|won't|will not|must decline|am unable to|'m unable to)\b",
+    r"\b(?:cannot|can't|won't) (?:help|assist|provide|comply)\b",
+    r"\bI(?:'m| am) not (?:able|comfortable|going) to\b",
+    r"\bas an AI\b",
+    r"\b(?:illegal|unethical|harmful) (?:and|or) (?:illegal|unethical|harmful|dangerous)\b",
+    r"\bI (?:strongly )?(?:advise|urge) (?:you )?against\b",
+]
+_REFUSAL_RE = re.compile("|".join(REFUSAL_PATTERNS), re.IGNORECASE)
+MAX_KEYWORD_LEN = 64
+
+
+def is_refusal(text: str) -> bool:
+    return bool(_REFUSAL_RE.search(text))
+
+
+class RegexCountReward(Reward):
+    """Number of matches of an operator-given pattern (capped), e.g. a house style check."""
+
+    kind = "rule"
+
+    def __init__(self, name: str, pattern: str, cap: int = 10, description: str | None = None):
+        self.name = name
+        self.pattern = re.compile(pattern, re.IGNORECASE)
+        self.cap = cap
+        self.description = description or f"count of matches of /{pattern}/ (capped at {cap})"
+
+    def score(self, prompts: Sequence[Messages], responses: Sequence[str]) -> list[float]:
+        return [float(min(self.cap, len(self.pattern.findall(r)))) for r in responses]
+
+
+class KeywordReward(RegexCountReward):
+    """`keyword:<word>`: whole-word occurrences of a literal word, usable from a request."""
+
+    def __init__(self, word: str):
+        super().__init__(
+            f"keyword:{word}",
+            rf"(?<!\w){re.escape(word)}(?!\w)",
+            description=f"occurrences of the word {word!r} (capped at 10)",
+        )
+
+
+class RefusalReward(Reward):
+    kind = "rule"
+
+    def __init__(self, name: str = "refusal", reward_refusal: bool = True):
+        self.name = name
+        self.reward_refusal = reward_refusal
+        self.description = (
+            "1 when the answer refuses, else 0" if reward_refusal else "1 when the answer does not refuse, else 0"
+        )
+
+    def score(self, prompts: Sequence[Messages], responses: Sequence[str]) -> list[float]:
+        return [float(is_refusal(r) == self.reward_refusal) for r in responses]
+
+
+class LengthPenaltyReward(Reward):
+    kind = "rule"
+    name = "length_penalty"
+    description = "minus the answer's word count / 100 (prefers shorter answers)"
+
+    def score(self, prompts: Sequence[Messages], responses: Sequence[str]) -> list[float]:
+        return [-len(r.split()) / 100.0 for r in responses]
+
+
+def builtin_rules() -> list[Reward]:
+    return [RefusalReward("refusal", True), RefusalReward("compliance", False), LengthPenaltyReward()]
+
+
+def keyword_reward(name: str) -> Reward | None:
+    """`keyword:<word>` -> its reward, None if `name` is not a valid keyword reference."""
+    if not name.startswith("keyword:"):
+        return None
+    word = name.removeprefix("keyword:")
+    if not word or len(word) > MAX_KEYWORD_LEN or any(c.isspace() for c in word):
+        return None
+    return KeywordReward(word)

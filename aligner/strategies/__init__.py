@@ -1,0 +1,37 @@
+"""Alignment strategies. Importing this package registers every strategy module in it."""
+
+import importlib
+import pkgutil
+
+from aligner.strategies.base import (
+    KeepAlive,
+    Strategy,
+    StrategyContext,
+    StrategyLimits,
+    StrategyParamError,
+    StrategyParams,
+    StrategyResult,
+    describe_strategies,
+    get_strategy,
+    register,
+    strategy_names,
+)
+
+_SUPPORT_MODULES = {"base", "candidates", "selection"}
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in _SUPPORT_MODULES:
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = [
+    "KeepAlive",
+    "Strategy",
+    "StrategyContext",
+    "StrategyLimits",
+    "StrategyParamError",
+    "StrategyParams",
+    "StrategyResult",
+    "describe_strategies",
+    "get_strategy",
+    "register",
+    "strategy_names",
+]

@@ -1,0 +1,198 @@
+"""The strategy interface, its registry, and the values strategies exchange with the server.
+
+A strategy is one file: a `Strategy` subclass with a pydantic `Params` model, decorated with
+`@register`. It sees the engine, the rewards and the request through `StrategyContext`; it
+never sees HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from aligner.rewards import RewardRegistry
+from decoding.engine import Engine, SamplingConfig, SequenceDelta, TokenLogprob
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+
+
+class StrategyParams(BaseModel):
+    """Parameters every strategy accepts; subclasses add their own, with bounds."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    return_candidates: bool = False
+
+
+class StrategyParamError(ValueError):
+    """Parameters are out of range for this server; `param` is relative to `alignment`."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class StrategyLimits:
+    """Server-side maxima for what a request can push."""
+
+    max_candidates: int = 16
+
+
+@dataclass
+class StrategyContext:
+    engine: Engine
+    rewards: RewardRegistry
+    request_id: str
+    messages: list[dict[str, str]]  # chat-template messages (roles normalised)
+    prompt_ids: list[int]
+    sampling: SamplingConfig  # the request's own sampling; `sampling.n` = choices to return
+    limits: StrategyLimits = field(default_factory=StrategyLimits)
+    keepalive_s: float = 2.0
+
+    @property
+    def n(self) -> int:
+        return self.sampling.n
+
+
+@dataclass
+class Candidate:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None
+    score: float | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "text": self.text,
+            "score": self.score,
+            "scores": self.scores,
+            "finish_reason": self.finish_reason,
+            "completion_tokens": len(self.token_ids),
+        }
+
+
+@dataclass
+class StageReport:
+    stage: str
+    seconds: float
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "seconds": round(self.seconds, 4),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+        }
+
+
+@dataclass
+class StrategyResult:
+    """What a strategy returns: the chosen answers plus everything `alignment` reports."""
+
+    choices: list[Candidate]
+    stages: list[StageReport]
+    candidates: list[Candidate] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(s.prompt_tokens for s in self.stages)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(s.completion_tokens for s in self.stages)
+
+
+@dataclass(frozen=True)
+class KeepAlive:
+    """Yielded by a stream while nothing can be sent yet (the server emits an SSE comment)."""
+
+
+StreamEvent = SequenceDelta | KeepAlive | StrategyResult
+
+
+class Strategy(ABC):
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Params: ClassVar[type[StrategyParams]] = StrategyParams
+
+    def check(self, params: StrategyParams, ctx: StrategyContext) -> StrategyParams:
+        """Server-dependent validation (limits, reward names); may return resolved params."""
+        return params
+
+    @abstractmethod
+    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult: ...
+
+    async def stream(self, ctx: StrategyContext, params: StrategyParams) -> AsyncIterator[StreamEvent]:
+        """Default for strategies that decide at the end: keep-alives until `run` finishes,
+        then each chosen answer as one delta, then the result."""
+        task = asyncio.ensure_future(self.run(ctx, params))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=ctx.keepalive_s)
+                if done:
+                    break
+                yield KeepAlive()
+            result = task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        for i, choice in enumerate(result.choices):
+            yield SequenceDelta(i, choice.text, list(choice.token_ids), choice.logprobs, choice.finish_reason)
+        yield result
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    if cls.name in _REGISTRY:
+        raise ValueError(f"strategy {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_strategy(name: str) -> Strategy | None:
+    cls = _REGISTRY.get(name)
+    return cls() if cls else None
+
+
+def strategy_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def describe_strategies() -> list[dict[str, Any]]:
+    return [
+        {
+            "name": name,
+            "description": _REGISTRY[name].description,
+            "parameters": _REGISTRY[name].Params.model_json_schema(by_alias=True),
+        }
+        for name in strategy_names()
+    ]
+
+
+class Timer:
+    """`with Timer() as t: ...; t.seconds`."""
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self._start
+        return False

@@ -1,0 +1,43 @@
+"""Generate N candidates in one engine request and score them: shared by the best-of-N family."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from aligner.strategies.base import Candidate, StageReport, StrategyContext, Timer
+
+
+async def generate_candidates(ctx: StrategyContext, count: int, *, stage: str = "generate") -> tuple[list[Candidate], StageReport]:
+    """One engine request with n=count: vLLM shares the prompt's KV cache across samples."""
+    sampling = replace(ctx.sampling, n=count)
+    texts = [""] * count
+    tokens: list[list[int]] = [[] for _ in range(count)]
+    logprobs: list[list] = [[] for _ in range(count)]
+    finish: list[str | None] = [None] * count
+    prompt_tokens = len(ctx.prompt_ids)
+    with Timer() as timer:
+        async for chunk in ctx.engine.generate(f"{ctx.request_id}-{stage}", ctx.prompt_ids, sampling):
+            prompt_tokens = chunk.prompt_tokens or prompt_tokens
+            for delta in chunk.sequences:
+                texts[delta.index] += delta.text
+                tokens[delta.index].extend(delta.token_ids)
+                if delta.logprobs:
+                    logprobs[delta.index].extend(delta.logprobs)
+                if delta.finish_reason is not None:
+                    finish[delta.index] = delta.finish_reason
+    want_logprobs = sampling.logprobs is not None
+    candidates = [
+        Candidate(i, texts[i], tokens[i], finish[i], logprobs[i] if want_logprobs else None)
+        for i in range(count)
+    ]
+    report = StageReport(stage, timer.seconds, prompt_tokens, sum(len(t) for t in tokens))
+    return candidates, report
+
+
+async def score_candidates(ctx: StrategyContext, weights: dict[str, float], candidates: list[Candidate]) -> StageReport:
+    """Fill each candidate's combined `score` and per-reward `scores`."""
+    report = await ctx.rewards.score(weights, ctx.messages, [c.text for c in candidates])
+    for i, candidate in enumerate(candidates):
+        candidate.score = report.total[i]
+        candidate.scores = {name: values[i] for name, values in report.per_reward.items()}
+    return StageReport("score", report.seconds)

@@ -1,0 +1,47 @@
+"""`soft_best_of_n`: sample N answers, then draw one with probability ∝ exp(r / λ).
+
+λ → 0 recovers best-of-N; large λ recovers plain sampling (Verdun et al., "Soft Best-of-n").
+"""
+
+from __future__ import annotations
+
+import random
+
+from pydantic import Field
+
+from aligner.strategies.base import Strategy, StrategyContext, StrategyResult, register
+from aligner.strategies.best_of_n import BestOfNParams, check_candidates
+from aligner.strategies.candidates import generate_candidates, score_candidates
+from aligner.strategies.selection import soft_sample
+
+
+class SoftBestOfNParams(BestOfNParams):
+    lambda_: float = Field(
+        default=0.5, alias="lambda", gt=0.0, le=1000.0, description="temperature λ of the draw over rewards"
+    )
+
+
+@register
+class SoftBestOfNStrategy(Strategy):
+    name = "soft_best_of_n"
+    description = (
+        "Sample N candidates, score them, and draw the answer with probability proportional to "
+        "exp(reward / lambda); seeded by the request's seed."
+    )
+    Params = SoftBestOfNParams
+
+    def check(self, params: SoftBestOfNParams, ctx: StrategyContext) -> SoftBestOfNParams:
+        return params.model_copy(update={"reward": check_candidates(params, ctx)})
+
+    async def run(self, ctx: StrategyContext, params: SoftBestOfNParams) -> StrategyResult:
+        candidates, generated = await generate_candidates(ctx, params.n)
+        scored = await score_candidates(ctx, params.reward, candidates)
+        seed = ctx.sampling.seed
+        rng = random.Random(seed) if seed is not None else random.SystemRandom()
+        picked = soft_sample([c.score for c in candidates], params.lambda_, ctx.n, rng)
+        return StrategyResult(
+            choices=[candidates[i] for i in picked],
+            stages=[generated, scored],
+            candidates=candidates,
+            info={"selected": picked, "scores": [candidates[i].score for i in picked]},
+        )
