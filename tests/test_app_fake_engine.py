@@ -147,3 +147,49 @@ def test_metrics_count_requests_by_status():
     assert 'aligner_requests_total{endpoint="chat_completions",status="200"} 1.0' in text
     assert 'aligner_requests_total{endpoint="chat_completions",status="400"} 1.0' in text
     assert "aligner_engine_unfinished_requests 0.0" in text
+
+
+def test_best_of_n_over_the_fake_engine_picks_by_reward():
+    client, engine = make_client()
+    body = {"model": "fake-model", "messages": MESSAGES, "max_tokens": 2, "seed": 0,
+            "alignment": {"strategy": "best_of_n", "n": 5, "reward": "keyword:w3_0", "return_candidates": True}}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["message"]["content"] == "w3_0 w3_1 "
+    assert body["alignment"]["selected"] == [3]
+    assert engine.calls[0][2].n == 5
+    assert body["usage"]["completion_tokens"] == 10
+
+
+def test_alias_header_and_unknown_param_on_the_fake_engine():
+    client, engine = make_client()
+    r = client.post("/v1/chat/completions", headers={"X-Alignment-Strategy": "best_of_n"},
+                    json={"model": "fake-model@none", "messages": MESSAGES, "max_tokens": 1, "seed": 0,
+                          "alignment": {"reward": "keyword:w1_0", "n": 3}})
+    assert r.json()["alignment"]["strategy"] == "best_of_n" and r.json()["alignment"]["source"] == "header"
+    r = client.post("/v1/chat/completions", json={"model": "fake-model", "messages": MESSAGES,
+                                                  "alignment": {"strategy": "none", "n": 3}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "alignment.n"
+    r = client.post("/v1/completions", json={"model": "fake-model@best_of_n", "prompt": "x"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+
+
+def test_best_of_n_without_any_reward_model_asks_for_one():
+    client, _ = make_client()
+    r = client.post("/v1/chat/completions", json={"model": "fake-model", "messages": MESSAGES,
+                                                  "alignment": {"strategy": "best_of_n"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "alignment.reward"
+
+
+def test_streamed_best_of_n_sends_keepalives_while_deciding():
+    engine = FakeEngine()
+    engine.step_delay = 0.05
+    client, _ = make_client(engine, stream_keepalive_s=0.02)
+    body = {"model": "fake-model", "messages": MESSAGES, "max_tokens": 4, "seed": 0, "stream": True,
+            "alignment": {"strategy": "best_of_n", "n": 3, "reward": "keyword:w2_1"}}
+    r = client.post("/v1/chat/completions", json=body)
+    assert ": keep-alive" in r.text
+    events = sse_events(r.text)
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == "w2_0 w2_1 w2_2 w2_3 "
+    assert events[-1]["alignment"]["selected"] == [2]
