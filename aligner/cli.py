@@ -62,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-candidates", type=int, default=16, help="largest N for multi-sample strategies")
     serve.add_argument("--stream-keepalive-s", type=float, default=2.0)
+    serve.add_argument("--reward-timeout-s", type=float, default=30.0, help="then the request falls back")
+    limits = serve.add_argument_group("overload protection (beyond these: 429 with Retry-After)")
+    limits.add_argument("--max-running-requests", type=int, default=16)
+    limits.add_argument("--max-running-sequences", type=int, default=64, help="n x candidates, summed")
+    limits.add_argument("--max-queued-requests", type=int, default=64)
+    limits.add_argument("--max-queue-wait-s", type=float, default=60.0)
+    limits.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413")
+    limits.add_argument("--max-engine-restarts", type=int, default=5)
     serve.add_argument("--log-level", default="info")
 
     prep = sub.add_parser("prepare-model", help="convert the packaged GGUF default model once")
@@ -80,6 +88,7 @@ def build_rewards(args):
     from aligner.rewards import RewardRegistry
 
     rewards = RewardRegistry.with_builtins()
+    rewards.timeout_s = args.reward_timeout_s
     for spec in args.reward_model:
         reward = rewards.add_from_spec(
             spec, max_length=args.reward_max_length, max_batch_size=args.reward_batch_size
@@ -96,6 +105,7 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from aligner.strategies import get_strategy
+    from server.admission import AdmissionConfig
 
     from decoding.vllm_engine import VLLMEngine, VLLMEngineConfig
     from server.app import build_app
@@ -125,6 +135,14 @@ def cmd_serve(args) -> int:
         default_strategy=args.default_strategy,
         max_candidates=args.max_candidates,
         stream_keepalive_s=args.stream_keepalive_s,
+        max_body_bytes=args.max_body_bytes,
+        max_engine_restarts=args.max_engine_restarts,
+        admission=AdmissionConfig(
+            max_running_requests=args.max_running_requests,
+            max_running_sequences=args.max_running_sequences,
+            max_queued_requests=args.max_queued_requests,
+            max_queue_wait_s=args.max_queue_wait_s,
+        ),
     )
     if get_strategy(args.default_strategy) is None:
         raise SystemExit(f"aligner: unknown --default-strategy {args.default_strategy!r}")

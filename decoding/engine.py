@@ -114,6 +114,10 @@ class Engine(Protocol):
 
     async def shutdown(self) -> None: ...
 
+    async def restart(self) -> None:
+        """Replace a dead engine with a fresh one."""
+        ...
+
     def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingConfig
     ) -> AsyncIterator[GenerationChunk]:

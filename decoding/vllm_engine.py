@@ -112,6 +112,8 @@ class VLLMEngine:
         self._llm = None
         self._tokenizer: HFChatTokenizer | None = None
         self._start_error: BaseException | None = None
+        self._failed = False  # the last start or restart raised: the supervisor retries
+        self.restarting = False
 
     @property
     def ready(self) -> bool:
@@ -119,7 +121,7 @@ class VLLMEngine:
 
     @property
     def dead(self) -> bool:
-        return self._llm is not None and bool(self._llm.errored)
+        return self._failed or (self._llm is not None and bool(self._llm.errored))
 
     @property
     def start_error(self) -> BaseException | None:
@@ -143,6 +145,7 @@ class VLLMEngine:
             _ = self.tokenizer
         except BaseException as exc:
             self._start_error = exc
+            self._failed = True
             raise
 
     def _build(self):
@@ -156,6 +159,23 @@ class VLLMEngine:
         if self._llm is not None:
             llm, self._llm = self._llm, None
             await asyncio.to_thread(llm.shutdown)
+
+    async def restart(self) -> None:
+        """Replace a dead engine with a fresh one (in-flight requests have already failed)."""
+        self.restarting = True
+        try:
+            old, self._llm = self._llm, None
+            if old is not None:
+                await asyncio.to_thread(old.shutdown)
+            self._llm = await asyncio.to_thread(self._build)
+            self._start_error = None
+            self._failed = False
+        except BaseException as exc:
+            self._start_error = exc
+            self._failed = True
+            raise
+        finally:
+            self.restarting = False
 
     def num_unfinished_requests(self) -> int:
         return 0 if self._llm is None else self._llm.get_num_unfinished_requests()

@@ -1,10 +1,9 @@
-"""Build the FastAPI application from its parts: `build_app(engine, config)`."""
+"""Build the FastAPI application from its parts: `build_app(engine, config, rewards)`."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 
 from fastapi import FastAPI
@@ -15,45 +14,22 @@ from starlette.requests import Request
 
 from aligner.rewards import RewardRegistry
 from decoding.engine import Engine
+from server.admission import AdmissionController
 from server.config import ServerConfig
 from server.errors import from_validation_errors, make_error
 from server.metrics import ServerMetrics
+from server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, RequestIdMiddleware
+from server.protocol import ErrorResponse
 from server.router import router
 from server.serving_chat import ServingChat
 from server.serving_completion import ServingCompletion
 
 logger = logging.getLogger(__name__)
 
-# Liveness stays open so that orchestrators can probe a key-protected server.
-UNAUTHENTICATED_PATHS = frozenset({"/health"})
 
-
-class APIKeyMiddleware:
-    """Pure ASGI middleware (no BaseHTTPMiddleware: it breaks disconnect detection)."""
-
-    def __init__(self, app, api_key: str):
-        self.app = app
-        self._expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in UNAUTHENTICATED_PATHS:
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or ())
-        given = headers.get(b"authorization", b"")
-        if not hmac.compare_digest(given, self._expected):
-            message = "missing API key" if not given else "invalid API key"
-            error = make_error(
-                f"{message}: send it as 'Authorization: Bearer <key>'", 401, code="invalid_api_key"
-            )
-            response = JSONResponse(
-                error.model_dump(), status_code=401, headers={"WWW-Authenticate": "Bearer"}
-            )
-            return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-
-def error_json(error) -> JSONResponse:
-    return JSONResponse(error.model_dump(), status_code=error.status_code)
+def error_json(app: FastAPI, error: ErrorResponse) -> JSONResponse:
+    app.state.metrics.errors.labels(error.error.type).inc()
+    return JSONResponse(error.model_dump(), status_code=error.status_code, headers=error.headers or None)
 
 
 def build_app(
@@ -63,52 +39,63 @@ def build_app(
     *,
     start_engine: bool = True,
 ) -> FastAPI:
-    """Wire engine, serving objects and routes; the engine loads in the background.
+    """Wire engine, rewards, serving objects and routes; the engine loads in the background.
 
     `/health` answers as soon as the process listens; `/ready` turns 200 once the engine
-    has loaded, so a slow model load never blocks the port.
+    has loaded, so a slow model load never blocks the port. A supervisor restarts an
+    engine that dies.
     """
+    rewards = rewards if rewards is not None else RewardRegistry.with_builtins()
+    admission = AdmissionController(config.admission)
+    metrics = ServerMetrics(engine, admission)
+    rewards.observer = metrics.observe_reward
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        task = None
+        tasks = []
         if start_engine:
-            task = asyncio.create_task(_start_engine(engine))
+            tasks.append(asyncio.create_task(_start_engine(engine)))
+            tasks.append(asyncio.create_task(supervise(engine, config, metrics)))
         try:
             yield
         finally:
-            if task is not None and not task.done():
+            for task in tasks:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
-            await engine.shutdown()
+            if start_engine:  # whoever started the engine stops it
+                await engine.shutdown()
             rewards.close()
 
-    rewards = rewards if rewards is not None else RewardRegistry.with_builtins()
     app = FastAPI(title="aligner", version="0.1.0", lifespan=lifespan)
     app.state.engine = engine
     app.state.config = config
     app.state.rewards = rewards
-    app.state.chat = ServingChat(engine, config, rewards)
-    app.state.completion = ServingCompletion(engine, config)
-    app.state.metrics = ServerMetrics(engine)
+    app.state.admission = admission
+    app.state.metrics = metrics
+    app.state.chat = ServingChat(engine, config, admission, metrics, rewards)
+    app.state.completion = ServingCompletion(engine, config, admission, metrics)
     app.include_router(router)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError):
-        return error_json(from_validation_errors(list(exc.errors())))
+    async def _validation(request: Request, exc: RequestValidationError):
+        return error_json(request.app, from_validation_errors(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
-        return error_json(make_error(str(exc.detail), exc.status_code))
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return error_json(request.app, make_error(str(exc.detail), exc.status_code))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception):
+    async def _unexpected(request: Request, exc: Exception):
         logger.exception("unhandled error")
-        return error_json(make_error(f"internal error: {type(exc).__name__}", 500))
+        return error_json(request.app, make_error(f"internal error: {type(exc).__name__}", 500))
 
+    # Outermost first: ids and access logs see everything, the key check runs before any
+    # body is read, and the body limit applies to what routes read.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_body_bytes)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(RequestIdMiddleware)
     return app
 
 
@@ -120,3 +107,24 @@ async def _start_engine(engine: Engine) -> None:
         raise
     except Exception:
         logger.exception("engine failed to start")
+
+
+async def supervise(engine: Engine, config: ServerConfig, metrics: ServerMetrics) -> None:
+    """Restart a dead engine, with exponential back-off and a bounded number of tries."""
+    restarts = 0
+    while True:
+        await asyncio.sleep(config.engine_poll_s)
+        if not engine.dead:
+            continue
+        if restarts >= config.max_engine_restarts:
+            logger.critical("engine is dead and %d restarts are used up; /health stays 503", restarts)
+            return
+        logger.error("engine died (restart %d of %d)", restarts + 1, config.max_engine_restarts)
+        await asyncio.sleep(min(2**restarts - 1, 30))
+        restarts += 1
+        try:
+            await engine.restart()
+            metrics.engine_restarts.inc()
+            logger.warning("engine restarted")
+        except Exception:
+            logger.exception("engine restart failed")

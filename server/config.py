@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from server.admission import AdmissionConfig
 
 
 @dataclass(frozen=True)
@@ -17,3 +19,8 @@ class ServerConfig:
     max_candidates: int = 16
     # Seconds between SSE keep-alive comments while a multi-sample strategy decides.
     stream_keepalive_s: float = 2.0
+    max_body_bytes: int = 1 << 20
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    # A dead engine is restarted at most this many times, waiting 2^k seconds before try k.
+    max_engine_restarts: int = 5
+    engine_poll_s: float = 1.0

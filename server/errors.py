@@ -74,3 +74,9 @@ def from_validation_errors(errors: list[dict[str, Any]]) -> ErrorResponse:
     if len(errors) > 1:
         msg += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
     return invalid_request(msg, param, "missing_required_parameter" if first.get("type") == "missing" else None)
+
+
+def overloaded(message: str, retry_after_s: int) -> ErrorResponse:
+    error = make_error(message, 429, code="server_overloaded")
+    error.headers["Retry-After"] = str(retry_after_s)
+    return error

@@ -2,28 +2,38 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from decoding.engine import Engine
 
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256)
+
 
 class ServerMetrics:
-    def __init__(self, engine: Engine):
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "aligner_requests",
-            "HTTP requests by endpoint and status code.",
-            ["endpoint", "status"],
-            registry=self.registry,
-        )
-        Gauge(
-            "aligner_engine_unfinished_requests",
-            "Requests the engine still tracks (waiting or running).",
-            registry=self.registry,
-        ).set_function(engine.num_unfinished_requests)
-        Gauge(
-            "aligner_engine_ready", "1 when the engine is loaded and alive.", registry=self.registry
-        ).set_function(lambda: float(engine.ready))
+    def __init__(self, engine: Engine, admission=None):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("aligner_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=r)
+        self.errors = Counter("aligner_errors", "Error responses by OpenAI error type.", ["type"], registry=r)
+        self.ttft = Histogram("aligner_time_to_first_token_seconds", "Time to the first content token.", ["strategy"], buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("aligner_request_seconds", "End-to-end request latency.", ["strategy"], buckets=LATENCY_BUCKETS, registry=r)
+        self.generated_tokens = Counter("aligner_generated_tokens", "Tokens the policy generated.", ["strategy"], registry=r)
+        self.candidates = Histogram("aligner_candidates_per_request", "Sequences decoded per request.", ["strategy"], buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.fallbacks = Counter("aligner_fallbacks", "Requests answered plainly after a reward failure.", ["strategy"], registry=r)
+        self.reward_calls = Counter("aligner_reward_calls", "Reward scoring calls.", ["reward", "outcome"], registry=r)
+        self.reward_seconds = Histogram("aligner_reward_seconds", "Reward scoring latency per call.", ["reward"], buckets=LATENCY_BUCKETS, registry=r)
+        self.engine_restarts = Counter("aligner_engine_restarts", "Engine restarts after a fault.", registry=r)
+        self.admission_rejections = Counter("aligner_admission_rejections", "Requests refused with 429.", ["reason"], registry=r)
+        Gauge("aligner_engine_unfinished_requests", "Requests the engine still tracks (waiting or running).", registry=r).set_function(engine.num_unfinished_requests)
+        Gauge("aligner_engine_ready", "1 when the engine is loaded and alive.", registry=r).set_function(lambda: float(engine.ready))
+        if admission is not None:
+            Gauge("aligner_running_requests", "Admitted requests in progress.", registry=r).set_function(lambda: admission.running_requests)
+            Gauge("aligner_running_sequences", "Sequences decoded by admitted requests.", registry=r).set_function(lambda: admission.running_sequences)
+            Gauge("aligner_queued_requests", "Requests waiting for admission.", registry=r).set_function(lambda: admission.queued_requests)
+
+    def observe_reward(self, name: str, seconds: float, ok: bool) -> None:
+        self.reward_calls.labels(name, "ok" if ok else "error").inc()
+        if ok:
+            self.reward_seconds.labels(name).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

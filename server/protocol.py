@@ -40,8 +40,9 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
-    # The HTTP status is transport, not body: the router reads it, clients never see it.
+    # The HTTP status and headers are transport, not body: the router reads them.
     status_code: int = Field(default=400, exclude=True)
+    headers: dict[str, str] = Field(default_factory=dict, exclude=True)
 
 
 # ---------------------------------------------------------------- shared pieces

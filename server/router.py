@@ -47,7 +47,8 @@ def to_response(raw: Request, endpoint: str, result) -> Response:
         return Response(status_code=499)
     if isinstance(result, ErrorResponse):
         metrics.requests.labels(endpoint, str(result.status_code)).inc()
-        return JSONResponse(result.model_dump(), status_code=result.status_code)
+        metrics.errors.labels(result.error.type).inc()
+        return JSONResponse(result.model_dump(), status_code=result.status_code, headers=result.headers or None)
     metrics.requests.labels(endpoint, "200").inc()
     if isinstance(result, AsyncIterator):
         return StreamingResponse(result, media_type="text/event-stream")
@@ -103,7 +104,9 @@ async def ready(raw: Request):
     if engine.ready:
         return JSONResponse({"status": "ready", "model": engine.model_name})
     start_error = getattr(engine, "start_error", None)
-    if engine.dead:
+    if getattr(engine, "restarting", False):
+        message = "the engine is restarting after a fault"
+    elif engine.dead:
         message = "the engine is dead"
     elif start_error is not None:
         message = f"the engine failed to start: {start_error}"

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from aligner.rewards import RewardRegistry
 from aligner.strategies import KeepAlive, StrategyContext, StrategyLimits, StrategyResult
-from decoding.engine import Engine, SequenceDelta, TokenLogprob
+from decoding.engine import SequenceDelta, TokenLogprob
 from server.alignment import ResolvedAlignment, alignment_report, resolve_alignment, split_model
 from server.config import ServerConfig
 from server.protocol import (
@@ -49,13 +49,14 @@ def chat_logprobs(items: list[TokenLogprob] | None) -> ChatChoiceLogprobs | None
 
 
 class ServingChat(ServingBase):
-    def __init__(self, engine: Engine, config: ServerConfig, rewards: RewardRegistry):
-        super().__init__(engine, config)
+    def __init__(self, engine, config: ServerConfig, admission, metrics, rewards: RewardRegistry):
+        super().__init__(engine, config, admission, metrics)
         self.rewards = rewards
 
     async def create_chat_completion(
         self, request: ChatCompletionRequest, strategy_header: str | None = None
     ) -> ErrorResponse | ChatCompletionResponse | AsyncIterator[str]:
+        started = time.perf_counter()
         if error := self.check_common(request):
             return error
         messages = request.template_messages()
@@ -78,16 +79,30 @@ class ServingChat(ServingBase):
         resolved = resolve_alignment(request.alignment, strategy_header, alias, self.config, ctx)
         if isinstance(resolved, ErrorResponse):
             return resolved
+        sequences = resolved.strategy.sequences(resolved.params, ctx)
+        ticket = await self.admit(sequences)
+        if isinstance(ticket, ErrorResponse):
+            return ticket
+        name = resolved.strategy.name
+        self.metrics.candidates.labels(name).observe(sequences)
         if request.stream:
             events = resolved.strategy.stream(ctx, resolved.params)
-            first = await self._first_event(events)
+            try:
+                first = await self._first_event(events)
+            except BaseException:  # e.g. cancelled by a client disconnect
+                ticket.release()
+                raise
             if isinstance(first, ErrorResponse):
+                ticket.release()
                 return first
-            return self._stream(request, request_id, resolved, first, events)
+            return self._stream(request, request_id, resolved, first, events, ticket, started)
         try:
             result = await resolved.strategy.run(ctx, resolved.params)
         except ENGINE_ERRORS as exc:
             return engine_error(exc)
+        finally:
+            ticket.release()
+        self._record(name, result, started)
         return ChatCompletionResponse(
             id=request_id,
             model=request.model,
@@ -103,6 +118,12 @@ class ServingChat(ServingBase):
             usage=usage(result.prompt_tokens, result.completion_tokens),
             alignment=alignment_report(resolved, result),
         )
+
+    def _record(self, strategy: str, result: StrategyResult, started: float) -> None:
+        self.metrics.e2e.labels(strategy).observe(time.perf_counter() - started)
+        self.metrics.generated_tokens.labels(strategy).inc(result.completion_tokens)
+        if "fallback" in result.info:
+            self.metrics.fallbacks.labels(strategy).inc()
 
     @staticmethod
     async def _first_event(events):
@@ -120,8 +141,11 @@ class ServingChat(ServingBase):
         resolved: ResolvedAlignment,
         first,
         events: AsyncIterator,
+        ticket,
+        started: float,
     ) -> AsyncIterator[str]:
         created = int(time.time())
+        first_token_seen = False
         include_usage = request.include_usage_in_stream
 
         def chunk(choices, usage_info=None, alignment=None) -> str:
@@ -152,6 +176,9 @@ class ServingChat(ServingBase):
                     if event.finish_reason is not None:
                         finish[event.index] = event.finish_reason
                     if event.text or event.logprobs:
+                        if not first_token_seen:
+                            first_token_seen = True
+                            self.metrics.ttft.labels(resolved.strategy.name).observe(time.perf_counter() - started)
                         yield chunk([
                             ChatCompletionStreamChoice(
                                 index=event.index,
@@ -160,6 +187,7 @@ class ServingChat(ServingBase):
                             )
                         ])
                 elif isinstance(event, StrategyResult):
+                    self._record(resolved.strategy.name, event, started)
                     report = alignment_report(resolved, event)
                     for i in range(request.n):
                         reason = finish.get(i) or (event.choices[i].finish_reason if i < len(event.choices) else None)
@@ -177,5 +205,6 @@ class ServingChat(ServingBase):
         except StopAsyncIteration:
             pass
         finally:
+            ticket.release()
             await events.aclose()
         yield SSE_DONE

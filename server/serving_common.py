@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from aligner.strategies import StrategyUnavailable
 from decoding.engine import (
     Engine,
     EngineDeadError,
@@ -14,8 +15,10 @@ from decoding.engine import (
     TokenLogprob,
 )
 from server.alignment import split_model
+from server.admission import AdmissionController, Overloaded, Ticket
 from server.config import ServerConfig
-from server.errors import engine_unavailable, invalid_request
+from server.metrics import ServerMetrics
+from server.errors import engine_unavailable, invalid_request, make_error, overloaded
 from server.protocol import ErrorResponse, SamplingFields, UsageInfo
 
 
@@ -39,9 +42,18 @@ class GenerationResult:
 
 
 class ServingBase:
-    def __init__(self, engine: Engine, config: ServerConfig):
+    def __init__(self, engine: Engine, config: ServerConfig, admission: AdmissionController, metrics: ServerMetrics):
         self.engine = engine
         self.config = config
+        self.admission = admission
+        self.metrics = metrics
+
+    async def admit(self, weight: int) -> Ticket | ErrorResponse:
+        try:
+            return await self.admission.acquire(weight)
+        except Overloaded as exc:
+            self.metrics.admission_rejections.labels("capacity").inc()
+            return overloaded(exc.reason, exc.retry_after_s)
 
     def check_common(self, request: SamplingFields) -> ErrorResponse | None:
         base, _ = split_model(request.model)
@@ -93,12 +105,15 @@ class ServingBase:
 def engine_error(exc: Exception) -> ErrorResponse:
     if isinstance(exc, InvalidRequestError):
         return invalid_request(str(exc), exc.param)
+    if isinstance(exc, StrategyUnavailable):
+        return make_error(str(exc), 503, code="strategy_unavailable")
     if isinstance(exc, EngineDeadError):
         return engine_unavailable(f"the engine died: {exc}")
     return engine_unavailable(f"the engine failed: {exc}")
 
 
-ENGINE_ERRORS = (EngineError, InvalidRequestError)
+# Failures a request can meet after admission that map to an error envelope, not a 500.
+ENGINE_ERRORS = (EngineError, InvalidRequestError, StrategyUnavailable)
 
 
 async def collect(stream: AsyncIterator[GenerationChunk], n: int) -> GenerationResult:

@@ -107,6 +107,17 @@ class ServingCompletion(ServingBase):
         if request.max_tokens is None:
             budgets = [min(b, 16) for b in budgets]
 
+        ticket = await self.admit(request.n * len(prompt_ids))
+        if isinstance(ticket, ErrorResponse):
+            return ticket
+        try:
+            return await self._generate(request, prompts, prompt_ids, budgets, ticket)
+        except BaseException:
+            ticket.release()
+            raise
+
+    async def _generate(self, request, prompts, prompt_ids, budgets, ticket):
+        tokenizer = self.engine.tokenizer
         request_id = random_id("cmpl")
         k = request.logprobs
         streams = [
@@ -122,15 +133,17 @@ class ServingCompletion(ServingBase):
                 if error:
                     for s in primed:
                         await s.aclose()
+                    ticket.release()
                     return error
                 primed.append(stream)
-            return self._stream(request, request_id, primed, sum(map(len, prompt_ids)))
+            return self._stream(request, request_id, primed, sum(map(len, prompt_ids)), ticket)
         tasks = [asyncio.ensure_future(collect(s, request.n)) for s in streams]
         try:
             results = await asyncio.gather(*tasks)
         except ENGINE_ERRORS as exc:
             return engine_error(exc)
         finally:
+            ticket.release()
             for task in tasks:  # a failed sibling must not leave the others generating
                 task.cancel()
 
@@ -154,7 +167,7 @@ class ServingCompletion(ServingBase):
         )
 
     async def _stream(
-        self, request: CompletionRequest, request_id: str, streams, prompt_tokens: int
+        self, request: CompletionRequest, request_id: str, streams, prompt_tokens: int, ticket
     ) -> AsyncIterator[str]:
         created = int(time.time())
         completion_tokens = 0
@@ -190,4 +203,6 @@ class ServingCompletion(ServingBase):
                 yield chunk([], usage(prompt_tokens, completion_tokens))
         except ENGINE_ERRORS as exc:
             yield sse(engine_error(exc).model_dump_json())
+        finally:
+            ticket.release()
         yield SSE_DONE

@@ -65,6 +65,9 @@ class FakeEngine:
     async def shutdown(self) -> None:
         self._ready = False
 
+    async def restart(self) -> None:
+        self._ready = True
+
     def num_unfinished_requests(self) -> int:
         return len(self.running)
 

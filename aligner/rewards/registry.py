@@ -4,8 +4,9 @@ off the event loop."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -24,6 +25,15 @@ class RewardSpecError(ValueError):
         self.param = param
 
 
+class RewardError(RuntimeError):
+    """A reward failed or timed out while scoring; strategies may fall back on it."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"reward {name!r} failed: {reason}")
+        self.name = name
+        self.reason = reason
+
+
 @dataclass
 class ScoreReport:
     """Weighted total per response, each reward's own scores, and the time it took."""
@@ -38,7 +48,9 @@ class ScoreReport:
 class RewardRegistry:
     rewards: dict[str, Reward] = field(default_factory=dict)
     default: str | None = None
-    max_batch_pairs: int = 256
+    timeout_s: float = 30.0
+    # Called after each reward call with (name, seconds, ok); the server feeds metrics from it.
+    observer: Callable[[str, float, bool], None] | None = None
     _executor: ThreadPoolExecutor | None = None
 
     @classmethod
@@ -113,12 +125,29 @@ class RewardRegistry:
         prompts = [prompt] * len(responses)
         for name in weights:
             reward = self.get(name)
-            if reward.kind == "rule":
-                per_reward[name] = reward.score(prompts, responses)
-            else:
-                per_reward[name] = await loop.run_in_executor(self._executor, reward.score, prompts, responses)
+            began = time.perf_counter()
+            try:
+                if reward.kind == "rule":
+                    scores = reward.score(prompts, responses)
+                else:
+                    call = loop.run_in_executor(self._executor, reward.score, prompts, responses)
+                    scores = await asyncio.wait_for(call, self.timeout_s)
+                if len(scores) != len(responses) or not all(math.isfinite(x) for x in scores):
+                    raise ValueError("returned a wrong number of scores or a non-finite score")
+            except asyncio.TimeoutError:
+                self._observe(name, began, False)
+                raise RewardError(name, f"timed out after {self.timeout_s:g}s") from None
+            except Exception as exc:
+                self._observe(name, began, False)
+                raise RewardError(name, f"{type(exc).__name__}: {exc}") from exc
+            self._observe(name, began, True)
+            per_reward[name] = [float(x) for x in scores]
         total = [sum(weights[n] * per_reward[n][i] for n in weights) for i in range(len(responses))]
         return ScoreReport(total, per_reward, dict(weights), time.perf_counter() - start)
+
+    def _observe(self, name: str, began: float, ok: bool) -> None:
+        if self.observer is not None:
+            self.observer(name, time.perf_counter() - began, ok)
 
     def close(self) -> None:
         if self._executor is not None:

@@ -29,6 +29,11 @@ class StrategyParams(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     return_candidates: bool = False
+    fallback: bool = True  # on a reward failure: plain answer (true) or a 503 error (false)
+
+
+class StrategyUnavailable(RuntimeError):
+    """The strategy cannot complete (e.g. its reward failed and fallback is off): 503."""
 
 
 class StrategyParamError(ValueError):
@@ -133,6 +138,10 @@ class Strategy(ABC):
     def check(self, params: StrategyParams, ctx: StrategyContext) -> StrategyParams:
         """Server-dependent validation (limits, reward names); may return resolved params."""
         return params
+
+    def sequences(self, params: StrategyParams, ctx: StrategyContext) -> int:
+        """How many sequences the engine decodes at once for this request (admission weight)."""
+        return ctx.n
 
     @abstractmethod
     async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult: ...

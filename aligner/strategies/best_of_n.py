@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from aligner.rewards import RewardSpecError
+from aligner.rewards import RewardError, RewardSpecError
 from aligner.strategies.base import (
     Strategy,
     StrategyContext,
@@ -13,7 +13,7 @@ from aligner.strategies.base import (
     StrategyResult,
     register,
 )
-from aligner.strategies.candidates import generate_candidates, score_candidates
+from aligner.strategies.candidates import fallback_result, generate_candidates, score_candidates
 from aligner.strategies.selection import top_distinct
 
 RewardField = Field(
@@ -53,9 +53,15 @@ class BestOfNStrategy(Strategy):
     def check(self, params: BestOfNParams, ctx: StrategyContext) -> BestOfNParams:
         return params.model_copy(update={"reward": check_candidates(params, ctx)})
 
+    def sequences(self, params, ctx: StrategyContext) -> int:
+        return params.n
+
     async def run(self, ctx: StrategyContext, params: BestOfNParams) -> StrategyResult:
         candidates, generated = await generate_candidates(ctx, params.n)
-        scored = await score_candidates(ctx, params.reward, candidates)
+        try:
+            scored = await score_candidates(ctx, params.reward, candidates)
+        except RewardError as exc:
+            return fallback_result(ctx, params, candidates, [generated], exc)
         picked = top_distinct([c.score for c in candidates], [c.text for c in candidates], ctx.n)
         return StrategyResult(
             choices=[candidates[i] for i in picked],

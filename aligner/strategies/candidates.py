@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from aligner.strategies.base import Candidate, StageReport, StrategyContext, Timer
+from aligner.rewards import RewardError
+from aligner.strategies.base import (
+    Candidate,
+    StageReport,
+    StrategyContext,
+    StrategyParams,
+    StrategyResult,
+    StrategyUnavailable,
+    Timer,
+)
 
 
 async def generate_candidates(ctx: StrategyContext, count: int, *, stage: str = "generate") -> tuple[list[Candidate], StageReport]:
@@ -41,3 +50,22 @@ async def score_candidates(ctx: StrategyContext, weights: dict[str, float], cand
         candidate.score = report.total[i]
         candidate.scores = {name: values[i] for name, values in report.per_reward.items()}
     return StageReport("score", report.seconds)
+
+
+def fallback_result(
+    ctx: StrategyContext,
+    params: StrategyParams,
+    candidates: list[Candidate],
+    stages: list[StageReport],
+    error: RewardError,
+) -> StrategyResult:
+    """The reward failed: answer with plain samples (already generated), and say why."""
+    if not params.fallback:
+        raise StrategyUnavailable(f"{error}; the request set fallback=false") from error
+    picked = list(range(min(ctx.n, len(candidates))))
+    return StrategyResult(
+        choices=[candidates[i] for i in picked],
+        stages=stages,
+        candidates=candidates,
+        info={"selected": picked, "scores": None, "fallback": {"reason": str(error), "reward": error.name}},
+    )

@@ -9,9 +9,11 @@ import random
 
 from pydantic import Field
 
+from aligner.rewards import RewardError
+
 from aligner.strategies.base import Strategy, StrategyContext, StrategyResult, register
 from aligner.strategies.best_of_n import BestOfNParams, check_candidates
-from aligner.strategies.candidates import generate_candidates, score_candidates
+from aligner.strategies.candidates import fallback_result, generate_candidates, score_candidates
 from aligner.strategies.selection import soft_sample
 
 
@@ -33,9 +35,15 @@ class SoftBestOfNStrategy(Strategy):
     def check(self, params: SoftBestOfNParams, ctx: StrategyContext) -> SoftBestOfNParams:
         return params.model_copy(update={"reward": check_candidates(params, ctx)})
 
+    def sequences(self, params, ctx: StrategyContext) -> int:
+        return params.n
+
     async def run(self, ctx: StrategyContext, params: SoftBestOfNParams) -> StrategyResult:
         candidates, generated = await generate_candidates(ctx, params.n)
-        scored = await score_candidates(ctx, params.reward, candidates)
+        try:
+            scored = await score_candidates(ctx, params.reward, candidates)
+        except RewardError as exc:
+            return fallback_result(ctx, params, candidates, [generated], exc)
         seed = ctx.sampling.seed
         rng = random.Random(seed) if seed is not None else random.SystemRandom()
         picked = soft_sample([c.score for c in candidates], params.lambda_, ctx.n, rng)

@@ -1,0 +1,112 @@
+"""Bounded admission: a request runs, waits in a bounded queue, or is refused at once (429).
+
+Each request weighs the number of sequences it will decode (n x candidates), so a few
+best-of-16 requests cannot crowd the engine out any more than many plain ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    max_running_requests: int = 16
+    max_running_sequences: int = 64
+    max_queued_requests: int = 64
+    # How long a queued request may wait for a slot before it is refused with 429.
+    max_queue_wait_s: float = 60.0
+
+
+class Overloaded(Exception):
+    def __init__(self, reason: str, retry_after_s: int = 1):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class Ticket:
+    """Held while a request runs; `release()` is idempotent."""
+
+    def __init__(self, controller: AdmissionController, weight: int):
+        self._controller = controller
+        self.weight = weight
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._controller._release(self.weight)
+
+    def __del__(self):
+        # Safety net: a streaming response that never started still frees its slot.
+        self.release()
+
+
+class AdmissionController:
+    def __init__(self, config: AdmissionConfig | None = None):
+        self.config = config or AdmissionConfig()
+        self.running_requests = 0
+        self.running_sequences = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
+
+    @property
+    def queued_requests(self) -> int:
+        return len(self._waiters)
+
+    def _fits(self, weight: int) -> bool:
+        c = self.config
+        if self.running_requests >= c.max_running_requests:
+            return False
+        # A single request heavier than the whole budget still runs, alone.
+        return self.running_sequences + weight <= c.max_running_sequences or self.running_sequences == 0
+
+    def _take(self, weight: int) -> Ticket:
+        self.running_requests += 1
+        self.running_sequences += weight
+        return Ticket(self, weight)
+
+    async def acquire(self, weight: int) -> Ticket:
+        """A ticket, or `Overloaded` at once when the queue is full (or after the wait cap)."""
+        if not self._waiters and self._fits(weight):
+            return self._take(weight)
+        if len(self._waiters) >= self.config.max_queued_requests:
+            raise Overloaded(
+                f"server is at capacity ({self.running_requests} running, "
+                f"{len(self._waiters)} queued); retry later"
+            )
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        entry = (weight, future)
+        self._waiters.append(entry)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), self.config.max_queue_wait_s)
+        except BaseException as exc:
+            if future.done() and not future.cancelled():
+                future.result().release()  # granted just as we gave up: hand it back
+            else:
+                future.cancel()
+            if isinstance(exc, asyncio.TimeoutError):
+                raise Overloaded(
+                    f"waited {self.config.max_queue_wait_s:g}s in the queue; retry later"
+                ) from None
+            raise
+        finally:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+        return future.result()
+
+    def _release(self, weight: int) -> None:
+        self.running_requests -= 1
+        self.running_sequences -= weight
+        # First come, first served: the head of the queue goes first, nobody overtakes it.
+        while self._waiters:
+            weight, future = self._waiters[0]
+            if future.done():
+                self._waiters.popleft()
+                continue
+            if not self._fits(weight):
+                break
+            self._waiters.popleft()
+            future.set_result(self._take(weight))

@@ -1,0 +1,116 @@
+"""Pure ASGI middlewares (no BaseHTTPMiddleware: it breaks disconnect detection)."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+
+from fastapi.responses import JSONResponse
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
+
+from server.errors import make_error
+
+access_log = logging.getLogger("aligner.access")
+
+# Liveness stays open so that orchestrators can probe a key-protected server.
+UNAUTHENTICATED_PATHS = frozenset({"/health"})
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class APIKeyMiddleware:
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in UNAUTHENTICATED_PATHS:
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or ()).get(b"authorization", b"")
+        if not hmac.compare_digest(given, self._expected):
+            message = "missing API key" if not given else "invalid API key"
+            error = make_error(f"{message}: send it as 'Authorization: Bearer <key>'", 401, code="invalid_api_key")
+            response = JSONResponse(error.model_dump(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body exceeds the {limit}-byte limit")
+
+
+class BodySizeLimitMiddleware:
+    """413 for bodies over the limit, whether announced by Content-Length or streamed."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            error = make_error(f"request body exceeds the {self.max_bytes}-byte limit", 413, code="request_too_large")
+            return await JSONResponse(error.model_dump(), status_code=413)(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)  # FastAPI turns it into our 413 envelope
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+
+class RequestIdMiddleware:
+    """Tags every request with an id (the client's `x-request-id` if sane), returns it as a
+    header, and writes one structured access-log line per request. Headers (keys) are never
+    logged."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        state = {"status": None, "logged": False}
+
+        def log(outcome: str) -> None:
+            if state["logged"]:
+                return
+            state["logged"] = True
+            access_log.info(json.dumps({
+                "request_id": request_id,
+                "method": scope.get("method"),
+                "path": scope.get("path"),
+                "status": state["status"],
+                "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+                "outcome": outcome,
+            }))
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+                MutableHeaders(scope=message).append("x-request-id", request_id)
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                log("complete")
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            log("client_disconnected" if state["status"] is not None else "no_response")

@@ -1,0 +1,110 @@
+"""Admission control and reward time-outs, without a model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from aligner.rewards import RewardError, RewardRegistry
+from aligner.rewards.base import Reward
+from server.admission import AdmissionConfig, AdmissionController, Overloaded
+
+
+def controller(**kw) -> AdmissionController:
+    return AdmissionController(AdmissionConfig(**kw))
+
+
+def test_admits_until_full_then_queues_then_refuses():
+    async def go():
+        c = controller(max_running_requests=2, max_running_sequences=100, max_queued_requests=1)
+        a = await c.acquire(1)
+        b = await c.acquire(1)
+        waiting = asyncio.create_task(c.acquire(1))
+        await asyncio.sleep(0)
+        assert c.queued_requests == 1 and not waiting.done()
+        with pytest.raises(Overloaded):
+            await c.acquire(1)
+        a.release()
+        third = await waiting
+        assert c.running_requests == 2 and c.queued_requests == 0
+        for t in (b, third, third):  # release is idempotent
+            t.release()
+        assert c.running_requests == 0 and c.running_sequences == 0
+
+    asyncio.run(go())
+
+
+def test_sequence_budget_counts_candidates_and_is_fifo():
+    async def go():
+        c = controller(max_running_requests=10, max_running_sequences=8, max_queued_requests=5)
+        big = await c.acquire(8)
+        heavy = asyncio.create_task(c.acquire(6))
+        await asyncio.sleep(0)
+        light = asyncio.create_task(c.acquire(1))
+        await asyncio.sleep(0)
+        assert not heavy.done() and not light.done()  # light must not overtake heavy
+        big.release()
+        await asyncio.sleep(0.01)
+        assert heavy.done() and light.done()
+        assert c.running_sequences == 7
+
+    asyncio.run(go())
+
+
+def test_a_request_heavier_than_the_budget_runs_alone():
+    async def go():
+        c = controller(max_running_sequences=4)
+        t = await c.acquire(16)
+        assert c.running_sequences == 16
+        t.release()
+
+    asyncio.run(go())
+
+
+def test_queue_wait_is_bounded_and_cancellation_frees_the_place():
+    async def go():
+        c = controller(max_running_requests=1, max_queued_requests=2, max_queue_wait_s=0.05)
+        held = await c.acquire(1)
+        started = time.monotonic()
+        with pytest.raises(Overloaded, match="waited"):
+            await c.acquire(1)
+        assert time.monotonic() - started < 1
+        cancelled = asyncio.create_task(c.acquire(1))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        await asyncio.gather(cancelled, return_exceptions=True)
+        assert c.queued_requests == 0
+        held.release()
+        assert c.running_requests == 0
+
+    asyncio.run(go())
+
+
+class SlowReward(Reward):
+    name, kind = "slow", "model"
+
+    def score(self, prompts, responses):
+        time.sleep(0.5)
+        return [0.0] * len(responses)
+
+
+class NanReward(Reward):
+    name, kind = "nan", "model"
+
+    def score(self, prompts, responses):
+        return [float("nan")] * len(responses)
+
+
+@pytest.mark.parametrize("reward, message", [(SlowReward(), "timed out"), (NanReward(), "non-finite")])
+def test_reward_timeouts_and_bad_scores_become_reward_errors(reward, message):
+    registry = RewardRegistry.with_builtins()
+    registry.add(reward)
+    registry.timeout_s = 0.05
+    calls = []
+    registry.observer = lambda name, seconds, ok: calls.append((name, ok))
+    with pytest.raises(RewardError, match=message):
+        asyncio.run(registry.score({reward.name: 1.0}, [], ["a"]))
+    assert calls == [(reward.name, False)]
+    registry.close()
