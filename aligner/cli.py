@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-candidates", type=int, default=16, help="largest N for multi-sample strategies")
     serve.add_argument("--stream-keepalive-s", type=float, default=2.0)
+    serve.add_argument(
+        "--profiles", default=None, help="versioned alignment profiles (YAML); default: the shipped file"
+    )
     serve.add_argument("--reward-timeout-s", type=float, default=30.0, help="then the request falls back")
     limits = serve.add_argument_group("overload protection (beyond these: 429 with Retry-After)")
     limits.add_argument("--max-running-requests", type=int, default=16)
@@ -146,8 +149,15 @@ def cmd_serve(args) -> int:
     )
     if get_strategy(args.default_strategy) is None:
         raise SystemExit(f"aligner: unknown --default-strategy {args.default_strategy!r}")
+    from aligner.profiles import DEFAULT_PROFILES, ProfileError
+    from server.app import load_profiles
+
+    try:
+        profiles = load_profiles(args.profiles or DEFAULT_PROFILES)
+    except ProfileError as exc:
+        raise SystemExit(f"aligner: bad --profiles file: {exc}") from None
     rewards = build_rewards(args)
-    app = build_app(engine, config, rewards)
+    app = build_app(engine, config, rewards, profiles)
     print(f"aligner: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

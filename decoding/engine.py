@@ -62,6 +62,7 @@ class GenerationChunk:
     prompt_tokens: int
     sequences: list[SequenceDelta] = field(default_factory=list)
     finished: bool = False
+    cached_tokens: int = 0  # prompt tokens served from the engine's prefix cache
 
 
 class ChatTokenizer(Protocol):

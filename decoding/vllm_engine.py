@@ -272,7 +272,10 @@ def to_chunk(out, *, top_k: int | None) -> GenerationChunk:
             )
         )
     return GenerationChunk(
-        prompt_tokens=len(out.prompt_token_ids or ()), sequences=sequences, finished=out.finished
+        prompt_tokens=len(out.prompt_token_ids or ()),
+        sequences=sequences,
+        finished=out.finished,
+        cached_tokens=out.num_cached_tokens or 0,
     )
 
 

@@ -12,9 +12,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
+from aligner.profiles import DEFAULT_PROFILES, ProfileStore
 from aligner.rewards import RewardRegistry
 from decoding.engine import Engine
 from server.admission import AdmissionController
+from server.alignment import check_profile_alignment
 from server.config import ServerConfig
 from server.errors import from_validation_errors, make_error
 from server.metrics import ServerMetrics
@@ -36,6 +38,7 @@ def build_app(
     engine: Engine,
     config: ServerConfig,
     rewards: RewardRegistry | None = None,
+    profiles: ProfileStore | None = None,
     *,
     start_engine: bool = True,
 ) -> FastAPI:
@@ -46,6 +49,7 @@ def build_app(
     engine that dies.
     """
     rewards = rewards if rewards is not None else RewardRegistry.with_builtins()
+    profiles = profiles if profiles is not None else load_profiles(DEFAULT_PROFILES)
     admission = AdmissionController(config.admission)
     metrics = ServerMetrics(engine, admission)
     rewards.observer = metrics.observe_reward
@@ -73,7 +77,8 @@ def build_app(
     app.state.rewards = rewards
     app.state.admission = admission
     app.state.metrics = metrics
-    app.state.chat = ServingChat(engine, config, admission, metrics, rewards)
+    app.state.profiles = profiles
+    app.state.chat = ServingChat(engine, config, admission, metrics, rewards, profiles)
     app.state.completion = ServingCompletion(engine, config, admission, metrics)
     app.include_router(router)
 
@@ -97,6 +102,11 @@ def build_app(
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
     app.add_middleware(RequestIdMiddleware)
     return app
+
+
+def load_profiles(path) -> ProfileStore:
+    """Load and check a profiles file; raises ProfileError naming the file and line."""
+    return ProfileStore.load(path, check_profile_alignment)
 
 
 async def _start_engine(engine: Engine) -> None:

@@ -58,6 +58,10 @@ def _param_from_loc(loc: Iterable[Any]) -> str | None:
     return "".join(parts) or None
 
 
+def param_name(loc: Iterable[Any]) -> str | None:
+    return _param_from_loc(loc)
+
+
 def from_validation_errors(errors: list[dict[str, Any]]) -> ErrorResponse:
     """FastAPI/pydantic validation errors -> one 400 envelope naming the first bad field."""
     if not errors:

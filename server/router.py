@@ -84,6 +84,12 @@ async def list_strategies(raw: Request):
     return JSONResponse({"object": "list", "default": config.default_strategy, "data": describe_strategies()})
 
 
+@router.get("/v1/alignment/profiles")
+async def list_profiles(raw: Request):
+    profiles = raw.app.state.profiles
+    return JSONResponse({"object": "list", "source": profiles.source, "data": profiles.describe()})
+
+
 @router.get("/v1/alignment/rewards")
 async def list_rewards(raw: Request):
     return JSONResponse({"object": "list", "data": raw.app.state.rewards.describe()})

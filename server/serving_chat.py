@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+from aligner.profiles import ProfileStore
 from aligner.rewards import RewardRegistry
 from aligner.strategies import KeepAlive, StrategyContext, StrategyLimits, StrategyResult
 from decoding.engine import SequenceDelta, TokenLogprob
@@ -49,9 +50,10 @@ def chat_logprobs(items: list[TokenLogprob] | None) -> ChatChoiceLogprobs | None
 
 
 class ServingChat(ServingBase):
-    def __init__(self, engine, config: ServerConfig, admission, metrics, rewards: RewardRegistry):
+    def __init__(self, engine, config: ServerConfig, admission, metrics, rewards: RewardRegistry, profiles: ProfileStore):
         super().__init__(engine, config, admission, metrics)
         self.rewards = rewards
+        self.profiles = profiles
 
     async def create_chat_completion(
         self, request: ChatCompletionRequest, strategy_header: str | None = None
@@ -74,9 +76,10 @@ class ServingChat(ServingBase):
             sampling=request.to_sampling_config(max_tokens, request.logprobs_k()),
             limits=StrategyLimits(max_candidates=self.config.max_candidates),
             keepalive_s=self.config.stream_keepalive_s,
+            templates=self.profiles.templates,
         )
         _, alias = split_model(request.model)
-        resolved = resolve_alignment(request.alignment, strategy_header, alias, self.config, ctx)
+        resolved = resolve_alignment(request.alignment, strategy_header, alias, self.config, ctx, self.profiles)
         if isinstance(resolved, ErrorResponse):
             return resolved
         sequences = resolved.strategy.sequences(resolved.params, ctx)
@@ -115,7 +118,7 @@ class ServingChat(ServingBase):
                 )
                 for i, choice in enumerate(result.choices)
             ],
-            usage=usage(result.prompt_tokens, result.completion_tokens),
+            usage=usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
             alignment=alignment_report(resolved, result),
         )
 
@@ -197,7 +200,7 @@ class ServingChat(ServingBase):
                             alignment=report if last and not include_usage else None,
                         )
                     if include_usage:
-                        yield chunk([], usage(event.prompt_tokens, event.completion_tokens), alignment=report)
+                        yield chunk([], usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens), alignment=report)
                     break
                 event = await anext(events)
         except ENGINE_ERRORS as exc:

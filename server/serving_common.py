@@ -19,7 +19,7 @@ from server.admission import AdmissionController, Overloaded, Ticket
 from server.config import ServerConfig
 from server.metrics import ServerMetrics
 from server.errors import engine_unavailable, invalid_request, make_error, overloaded
-from server.protocol import ErrorResponse, SamplingFields, UsageInfo
+from server.protocol import ErrorResponse, PromptTokensDetails, SamplingFields, UsageInfo
 
 
 @dataclass
@@ -133,11 +133,12 @@ async def collect(stream: AsyncIterator[GenerationChunk], n: int) -> GenerationR
     return GenerationResult(prompt_tokens=prompt_tokens, sequences=sequences)
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> UsageInfo:
     return UsageInfo(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=None if cached_tokens is None else PromptTokensDetails(cached_tokens=cached_tokens),
     )
 
 

@@ -33,7 +33,8 @@ def test_chat_completion_counts_usage_from_the_engine():
     body = r.json()
     assert [c["message"]["content"] for c in body["choices"]] == ["w0_0 w0_1 w0_2 ", "w1_0 w1_1 w1_2 "]
     prompt_len = len(engine.calls[0][1])
-    assert body["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": 6, "total_tokens": prompt_len + 6}
+    assert body["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": 6, "total_tokens": prompt_len + 6,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     assert engine.calls[0][2].n == 2 and engine.calls[0][2].seed == 1
 
 

@@ -12,7 +12,7 @@ import contextlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -61,10 +61,29 @@ class StrategyContext:
     sampling: SamplingConfig  # the request's own sampling; `sampling.n` = choices to return
     limits: StrategyLimits = field(default_factory=StrategyLimits)
     keepalive_s: float = 2.0
+    # Named prompt templates (URIAL prefixes, meta-prompts) from the profiles file.
+    templates: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
         return self.sampling.n
+
+    def with_messages(self, messages: list[dict[str, str]], suffix: str) -> StrategyContext:
+        """The same request with a rewritten conversation (a prompt stage's output).
+
+        The answer budget shrinks if the new prompt is longer, so that it still fits the context.
+        """
+        prompt_ids = self.engine.tokenizer.encode_chat(messages)
+        room = self.engine.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise StrategyUnavailable(
+                f"the prompt stage made the prompt {len(prompt_ids)} tokens long, beyond the context"
+            )
+        sampling = replace(self.sampling, max_tokens=min(self.sampling.max_tokens, room))
+        return replace(
+            self, messages=messages, prompt_ids=prompt_ids, sampling=sampling,
+            request_id=f"{self.request_id}-{suffix}",
+        )
 
 
 @dataclass
@@ -94,6 +113,7 @@ class StageReport:
     seconds: float
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the engine's prefix cache served
 
     def public(self) -> dict[str, Any]:
         return {
@@ -101,6 +121,7 @@ class StageReport:
             "seconds": round(self.seconds, 4),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
         }
 
 
@@ -121,6 +142,10 @@ class StrategyResult:
     def completion_tokens(self) -> int:
         return sum(s.completion_tokens for s in self.stages)
 
+    @property
+    def cached_tokens(self) -> int:
+        return sum(s.cached_tokens for s in self.stages)
+
 
 @dataclass(frozen=True)
 class KeepAlive:
@@ -134,6 +159,8 @@ class Strategy(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     Params: ClassVar[type[StrategyParams]] = StrategyParams
+    # Where it sits in a pipeline: "prompt" stages, then one "decode", then "output" stages.
+    kind: ClassVar[str] = "decode"
 
     def check(self, params: StrategyParams, ctx: StrategyContext) -> StrategyParams:
         """Server-dependent validation (limits, reward names); may return resolved params."""
@@ -187,6 +214,7 @@ def describe_strategies() -> list[dict[str, Any]]:
     return [
         {
             "name": name,
+            "kind": _REGISTRY[name].kind,
             "description": _REGISTRY[name].description,
             "parameters": _REGISTRY[name].Params.model_json_schema(by_alias=True),
         }

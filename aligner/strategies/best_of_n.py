@@ -27,6 +27,14 @@ class BestOfNParams(StrategyParams):
     reward: str | dict[str, float] | None = RewardField
 
 
+def resolve_reward(params, ctx: StrategyContext) -> dict[str, float]:
+    """The request's `reward` field -> {name: weight}, as a parameter error if invalid."""
+    try:
+        return ctx.rewards.resolve(params.reward, "reward")
+    except RewardSpecError as exc:
+        raise StrategyParamError(str(exc), exc.param) from exc
+
+
 def check_candidates(params, ctx: StrategyContext) -> dict[str, float]:
     """Shared checks of the best-of-N family; returns the resolved reward weights."""
     if params.n > ctx.limits.max_candidates:
@@ -35,10 +43,7 @@ def check_candidates(params, ctx: StrategyContext) -> dict[str, float]:
         raise StrategyParamError(f"n ({params.n}) must be at least the number of returned choices ({ctx.n})", "n")
     if params.n > 1 and ctx.sampling.temperature == 0:
         raise StrategyParamError("sampling N candidates needs temperature > 0", "n")
-    try:
-        return ctx.rewards.resolve(params.reward, "reward")
-    except RewardSpecError as exc:
-        raise StrategyParamError(str(exc), exc.param) from exc
+    return resolve_reward(params, ctx)
 
 
 @register

@@ -24,9 +24,11 @@ async def generate_candidates(ctx: StrategyContext, count: int, *, stage: str = 
     logprobs: list[list] = [[] for _ in range(count)]
     finish: list[str | None] = [None] * count
     prompt_tokens = len(ctx.prompt_ids)
+    cached = 0
     with Timer() as timer:
         async for chunk in ctx.engine.generate(f"{ctx.request_id}-{stage}", ctx.prompt_ids, sampling):
             prompt_tokens = chunk.prompt_tokens or prompt_tokens
+            cached = max(cached, chunk.cached_tokens)
             for delta in chunk.sequences:
                 texts[delta.index] += delta.text
                 tokens[delta.index].extend(delta.token_ids)
@@ -39,7 +41,7 @@ async def generate_candidates(ctx: StrategyContext, count: int, *, stage: str = 
         Candidate(i, texts[i], tokens[i], finish[i], logprobs[i] if want_logprobs else None)
         for i in range(count)
     ]
-    report = StageReport(stage, timer.seconds, prompt_tokens, sum(len(t) for t in tokens))
+    report = StageReport(stage, timer.seconds, prompt_tokens, sum(len(t) for t in tokens), cached)
     return candidates, report
 
 

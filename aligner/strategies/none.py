@@ -33,15 +33,17 @@ class NoneStrategy(Strategy):
         texts, tokens = [""] * n, [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
         prompt_tokens = len(ctx.prompt_ids)
+        cached = 0
         with Timer() as timer:
             async for chunk in ctx.engine.generate(f"{ctx.request_id}-generate", ctx.prompt_ids, ctx.sampling):
                 prompt_tokens = chunk.prompt_tokens or prompt_tokens
+                cached = max(cached, chunk.cached_tokens)
                 for delta in chunk.sequences:
                     texts[delta.index] += delta.text
                     tokens[delta.index].extend(delta.token_ids)
                     if delta.finish_reason is not None:
                         finish[delta.index] = delta.finish_reason
                     yield delta
-        report = StageReport("generate", timer.seconds, prompt_tokens, sum(map(len, tokens)))
+        report = StageReport("generate", timer.seconds, prompt_tokens, sum(map(len, tokens)), cached)
         choices = [Candidate(i, texts[i], tokens[i], finish[i]) for i in range(n)]
         yield StrategyResult(choices=choices, stages=[report])

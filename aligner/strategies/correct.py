@@ -1,0 +1,53 @@
+"""`correct` (Aligner-style): a corrector reads (question, answer) and writes an improved
+answer, accepted only if the reward scores it higher. The corrector is the policy with a
+correction prompt."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from aligner.rewards import RewardError
+from aligner.strategies.base import Candidate, StrategyContext, StrategyParams, StrategyResult, register
+from aligner.strategies.best_of_n import RewardField, resolve_reward
+from aligner.strategies.chat_calls import chat_once, question_of
+from aligner.strategies.pipeline import OutputStrategy
+from aligner.strategies.self_refine import gate_failed
+from aligner.strategies.templates import CORRECT_PROMPT
+
+
+class CorrectParams(StrategyParams):
+    reward: str | dict[str, float] | None = RewardField
+    corrector: str = Field(default="policy", description="the corrector model; only the policy is served so far")
+
+
+@register
+class CorrectStrategy(OutputStrategy):
+    name = "correct"
+    description = "Rewrite the answer with a correction prompt; keep the correction only if it scores higher."
+    Params = CorrectParams
+
+    def check(self, params: CorrectParams, ctx: StrategyContext) -> CorrectParams:
+        from aligner.strategies.base import StrategyParamError
+
+        if params.corrector != "policy":
+            raise StrategyParamError("only corrector 'policy' is available on this server", "corrector")
+        return params.model_copy(update={"reward": resolve_reward(params, ctx)})
+
+    async def refine(self, ctx: StrategyContext, params: CorrectParams, result: StrategyResult) -> StrategyResult:
+        question = question_of(ctx.messages)
+        report = []
+        for c, choice in enumerate(result.choices):
+            ask = [{"role": "user", "content": CORRECT_PROMPT.format(question=question, answer=choice.text)}]
+            (corrected,), stage = await chat_once(ctx, ask, stage=f"correct-{c}", max_tokens=ctx.sampling.max_tokens, temperature=0.0)
+            result.stages.append(stage)
+            try:
+                before, after = (await ctx.rewards.score(params.reward, ctx.messages, [choice.text, corrected])).total
+            except RewardError as exc:
+                return gate_failed(result, params, exc, self.name)
+            accepted = after > before
+            report.append({"original_score": before, "corrected_score": after, "accepted": accepted,
+                           "correction": corrected if params.return_candidates else None})
+            if accepted:
+                result.choices[c] = Candidate(choice.index, corrected, [], "stop", score=after)
+        result.info = {**result.info, self.name: report}
+        return result

@@ -1,0 +1,164 @@
+"""Composition: prompt stages, then exactly one decoding stage, then output stages.
+
+`PromptStrategy` and `OutputStrategy` are the bases of the stages that act before and after
+decoding; used alone, each runs as a two-stage pipeline around plain decoding (`none`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from abc import abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from aligner.strategies.base import (
+    KeepAlive,
+    StageReport,
+    Strategy,
+    StrategyContext,
+    StrategyParams,
+    StrategyResult,
+    StreamEvent,
+    get_strategy,
+)
+
+Stage = tuple[Strategy, StrategyParams]
+ORDER = {"prompt": 0, "decode": 1, "output": 2}
+
+
+@dataclass
+class PromptOutcome:
+    messages: list[dict[str, str]]
+    stages: list[StageReport]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class PromptStrategy(Strategy):
+    kind = "prompt"
+
+    @abstractmethod
+    async def transform(self, ctx: StrategyContext, params: StrategyParams) -> PromptOutcome: ...
+
+    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
+        return await Pipeline([(self, params), plain_stage()]).run(ctx, PipelineParams())
+
+    def stream(self, ctx: StrategyContext, params: StrategyParams) -> AsyncIterator[StreamEvent]:
+        return Pipeline([(self, params), plain_stage()]).stream(ctx, PipelineParams())
+
+
+class OutputStrategy(Strategy):
+    kind = "output"
+
+    @abstractmethod
+    async def refine(self, ctx: StrategyContext, params: StrategyParams, result: StrategyResult) -> StrategyResult:
+        """Improve `result.choices`, appending this stage's reports and info to `result`."""
+
+    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
+        return await Pipeline([plain_stage(), (self, params)]).run(ctx, PipelineParams())
+
+
+def plain_stage() -> Stage:
+    none = get_strategy("none")
+    return none, none.Params()
+
+
+def order_error(kinds: list[str]) -> str | None:
+    """Why a sequence of stage kinds is not a valid pipeline, or None.
+
+    >>> order_error(["prompt", "decode", "output"]) is None
+    True
+    >>> order_error(["output", "decode"])
+    "stage 1 ('decode') comes after an 'output' stage; the order is prompt*, decode, output*"
+    >>> order_error(["prompt", "decode", "decode"])
+    'a pipeline needs exactly one decode stage, this one has 2'
+    """
+    decodes = [i for i, kind in enumerate(kinds) if kind == "decode"]
+    if len(decodes) != 1:
+        return f"a pipeline needs exactly one decode stage, this one has {len(decodes)}"
+    for i in range(1, len(kinds)):
+        if ORDER[kinds[i]] < ORDER[kinds[i - 1]]:
+            return (
+                f"stage {i} ('{kinds[i]}') comes after an '{kinds[i - 1]}' stage; "
+                "the order is prompt*, decode, output*"
+            )
+    return None
+
+
+class PipelineParams(StrategyParams):
+    pass
+
+
+class Pipeline(Strategy):
+    name = "pipeline"
+    description = "Stages run in order: prompt stages, one decode stage, output stages."
+    Params = PipelineParams
+
+    def __init__(self, stages: list[Stage]):
+        self.stages = stages
+
+    def sequences(self, params, ctx: StrategyContext) -> int:
+        return max(strategy.sequences(p, ctx) for strategy, p in self.stages)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"strategy": s.name, **p.model_dump(by_alias=True)} for s, p in self.stages]
+
+    async def _prompt_stages(self, ctx: StrategyContext) -> tuple[StrategyContext, list[StageReport], list[dict]]:
+        reports: list[StageReport] = []
+        infos: list[dict] = []
+        for i, (strategy, params) in enumerate(self.stages):
+            if strategy.kind != "prompt":
+                break
+            outcome = await strategy.transform(ctx, params)
+            ctx = ctx.with_messages(outcome.messages, f"s{i}")
+            reports += outcome.stages
+            infos.append({"stage": strategy.name, **outcome.info})
+        return ctx, reports, infos
+
+    def _decode(self) -> Stage:
+        return next((s, p) for s, p in self.stages if s.kind == "decode")
+
+    async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
+        ctx, reports, infos = await self._prompt_stages(ctx)
+        decode, decode_params = self._decode()
+        result = await decode.run(ctx, decode_params)
+        result = merge_prompt_stages(result, reports, infos, decode.name)
+        for strategy, stage_params in self.stages:
+            if strategy.kind == "output":
+                result = await strategy.refine(ctx, stage_params, result)
+        return result
+
+    async def stream(self, ctx: StrategyContext, params: StrategyParams) -> AsyncIterator[StreamEvent]:
+        if any(s.kind == "output" for s, _ in self.stages):
+            # Output stages change the answer after decoding: nothing can be sent early.
+            async for event in super().stream(ctx, params):
+                yield event
+            return
+        # Prompt stages first (keep-alives meanwhile), then the decode stage's own stream.
+        task = asyncio.ensure_future(self._prompt_stages(ctx))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=ctx.keepalive_s)
+                if done:
+                    break
+                yield KeepAlive()
+            staged_ctx, reports, infos = task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        decode, decode_params = self._decode()
+        async for event in decode.stream(staged_ctx, decode_params):
+            if isinstance(event, StrategyResult):
+                event = merge_prompt_stages(event, reports, infos, decode.name)
+            yield event
+
+
+def merge_prompt_stages(result: StrategyResult, reports, infos, decode_name: str) -> StrategyResult:
+    if not reports and not infos:
+        return result
+    result.stages = list(reports) + result.stages
+    result.info = {**result.info, "prompt_stages": infos, "decode_stage": decode_name}
+    return result
