@@ -69,6 +69,9 @@ class VLLMEngineConfig:
             # a step budget that fits any whole prompt, no prefill is ever split.
             kwargs["enable_chunked_prefill"] = False
             kwargs["max_num_batched_tokens"] = max(self.max_model_len, 2048)
+            # The prefix cache reuses whole blocks only: 32-token blocks (the CPU kernels'
+            # smallest) let block-by-block strategies hit it on short prompts.
+            kwargs["block_size"] = 32
         return AsyncEngineArgs(**kwargs)
 
 

@@ -16,17 +16,29 @@ from aligner.strategies.base import (
 )
 
 
-async def generate_candidates(ctx: StrategyContext, count: int, *, stage: str = "generate") -> tuple[list[Candidate], StageReport]:
-    """One engine request with n=count: vLLM shares the prompt's KV cache across samples."""
-    sampling = replace(ctx.sampling, n=count)
+async def generate_candidates(
+    ctx: StrategyContext,
+    count: int,
+    *,
+    stage: str = "generate",
+    prompt_ids: list[int] | None = None,
+    **sampling_overrides,
+) -> tuple[list[Candidate], StageReport]:
+    """One engine request with n=count: vLLM shares the prompt's KV cache across samples.
+
+    `prompt_ids` continues from a partial answer (the chat prompt plus accepted tokens);
+    `sampling_overrides` replace fields of the request's sampling (max_tokens, seed, ...).
+    """
+    sampling = replace(ctx.sampling, n=count, **sampling_overrides)
+    prompt_ids = ctx.prompt_ids if prompt_ids is None else prompt_ids
     texts = [""] * count
     tokens: list[list[int]] = [[] for _ in range(count)]
     logprobs: list[list] = [[] for _ in range(count)]
     finish: list[str | None] = [None] * count
-    prompt_tokens = len(ctx.prompt_ids)
+    prompt_tokens = len(prompt_ids)
     cached = 0
     with Timer() as timer:
-        async for chunk in ctx.engine.generate(f"{ctx.request_id}-{stage}", ctx.prompt_ids, sampling):
+        async for chunk in ctx.engine.generate(f"{ctx.request_id}-{stage}", prompt_ids, sampling):
             prompt_tokens = chunk.prompt_tokens or prompt_tokens
             cached = max(cached, chunk.cached_tokens)
             for delta in chunk.sequences:
@@ -45,13 +57,18 @@ async def generate_candidates(ctx: StrategyContext, count: int, *, stage: str = 
     return candidates, report
 
 
-async def score_candidates(ctx: StrategyContext, weights: dict[str, float], candidates: list[Candidate]) -> StageReport:
-    """Fill each candidate's combined `score` and per-reward `scores`."""
-    report = await ctx.rewards.score(weights, ctx.messages, [c.text for c in candidates])
+async def score_candidates(
+    ctx: StrategyContext, weights: dict[str, float], candidates: list[Candidate], texts: list[str] | None = None,
+    stage: str = "score",
+) -> StageReport:
+    """Fill each candidate's combined `score` and per-reward `scores` (of `texts` if given,
+    e.g. the answer so far plus the candidate block)."""
+    texts = [c.text for c in candidates] if texts is None else texts
+    report = await ctx.rewards.score(weights, ctx.messages, texts)
     for i, candidate in enumerate(candidates):
         candidate.score = report.total[i]
         candidate.scores = {name: values[i] for name, values in report.per_reward.items()}
-    return StageReport("score", report.seconds)
+    return StageReport(stage, report.seconds)
 
 
 def fallback_result(

@@ -1,0 +1,144 @@
+"""Blockwise search and speculative rejection through the real server, with rule rewards
+whose preferences are known."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import MODEL, engine_unfinished
+
+pytestmark = pytest.mark.integration
+
+MESSAGES = [{"role": "user", "content": "Write a cheerful sentence about the sea."}]
+
+
+def ok(server, alignment, **extra) -> dict:
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 32, "seed": 7, "alignment": alignment, **extra}
+    r = httpx.post(f"{server.v1}/chat/completions", json=body, timeout=600)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_blockwise_keeps_the_best_scoring_block_each_step(server):
+    result = ok(server, {"strategy": "blockwise", "k": 4, "block_tokens": 8, "reward": "length_penalty",
+                         "return_candidates": True})
+    report = result["alignment"]
+    text = ""
+    for step in report["steps"]:
+        scores = [c["score"] for c in step["candidates"]]
+        best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+        assert step["selected"] == best
+        chosen = step["candidates"][best]
+        # The score is of the answer so far plus the block.
+        assert chosen["score"] == pytest.approx(-len((text + chosen["text"]).split()) / 100)
+        text += chosen["text"]
+    assert result["choices"][0]["message"]["content"] == text
+    assert report["blocks"] == len(report["steps"]) >= 2
+    generated = [s for s in report["stages"] if s["stage"].startswith("block-")]
+    assert result["usage"]["completion_tokens"] == sum(s["completion_tokens"] for s in generated)
+    # Later blocks re-send the chat prompt + accepted tokens: the prefix cache serves it.
+    assert all(s["cached_tokens"] > 0 for s in generated[1:])
+    assert report["prefix_cache_hit_rate"] > 0.3
+
+
+def test_blockwise_streams_each_block_as_it_is_chosen(server):
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 32, "seed": 7, "stream": True,
+            "stream_options": {"include_usage": True},
+            "alignment": {"strategy": "blockwise", "k": 3, "block_tokens": 8, "reward": "keyword:sea",
+                          "return_candidates": True}}
+    arrivals, events = [], []
+    start = time.monotonic()
+    with httpx.stream("POST", f"{server.v1}/chat/completions", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+                arrivals.append(time.monotonic() - start)
+    report = events[-1]["alignment"]
+    blocks = [(t, e["choices"][0]["delta"]["content"]) for t, e in zip(arrivals, events)
+              if e["choices"] and e["choices"][0]["delta"].get("content")]
+    chosen = [s["candidates"][s["selected"]]["text"] for s in report["steps"]]
+    assert [b for _, b in blocks] == [c for c in chosen if c]
+    assert blocks[0][0] < arrivals[-1] - 0.5  # the first block arrived well before the end
+
+
+def test_blockwise_cards_threshold_accepts_the_first_clearing_block_or_retries(server):
+    easy = ok(server, {"strategy": "blockwise", "k": 3, "block_tokens": 8, "reward": "length_penalty",
+                       "accept_threshold": -1000.0, "max_retries": 2})["alignment"]
+    assert all(s["selected"] == 0 and s["retries"] == 0 for s in easy["steps"])
+    hard = ok(server, {"strategy": "blockwise", "k": 2, "block_tokens": 8, "reward": "length_penalty",
+                       "accept_threshold": 1000.0, "max_retries": 1}, max_tokens=16)["alignment"]
+    assert all(s["retries"] == 1 for s in hard["steps"])
+    assert any(s["stage"].endswith("-retry1") for s in hard["stages"])
+
+
+def test_blockwise_entropy_segments_end_early(server):
+    result = ok(server, {"strategy": "blockwise", "k": 2, "block_tokens": 24, "segment": "entropy",
+                         "entropy_threshold": 0.5, "min_block_tokens": 2, "reward": "length_penalty",
+                         "return_candidates": True}, max_tokens=48)
+    kept = [s["candidates"][s["selected"]]["completion_tokens"] for s in result["alignment"]["steps"]]
+    # Blocks end where the model is uncertain: shorter than block_tokens, never under the minimum.
+    assert len(kept) >= 2 and any(n < 24 for n in kept[:-1])
+    assert all(n >= 2 for n in kept[:-1])
+    # Tokens generated past a segment's end are discarded but still counted in usage.
+    assert result["usage"]["completion_tokens"] > sum(kept)
+
+
+def test_speculative_rejection_stops_the_rejected_candidates(server):
+    max_tokens = 48
+    result = ok(server, {"strategy": "speculative_rejection", "n": 8, "chunk_tokens": 8, "rejection_rate": 0.5,
+                         "reward": "keyword:sea", "return_candidates": True}, max_tokens=max_tokens, ignore_eos=True)
+    report = result["alignment"]
+    alive = [r["alive"] for r in report["rounds"]]
+    assert alive[0] == 8 and alive[1] == 4 and alive[2] == 2  # half stopped each round
+    assert report["stopped_early"] >= 6
+    # Far fewer tokens than best-of-8 at the same length would generate.
+    assert result["usage"]["completion_tokens"] < 0.5 * 8 * max_tokens
+    finalists = [c for c in report["candidates"] if c["completion_tokens"] == max(
+        c["completion_tokens"] for c in report["candidates"])]
+    assert report["scores"][0] == max(c["score"] for c in finalists)
+
+
+def test_disconnect_aborts_every_sub_request_of_blockwise(server):
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 1200, "ignore_eos": True, "seed": 1, "stream": True,
+            "alignment": {"strategy": "blockwise", "k": 4, "block_tokens": 64, "reward": "length_penalty"}}
+
+    async def go():
+        async with httpx.AsyncClient(timeout=300) as http:
+            async with http.stream("POST", f"{server.v1}/chat/completions", json=body) as r:
+                seen = 0.0
+                async for _ in r.aiter_lines():
+                    seen = max(seen, engine_unfinished(server))
+                    if seen >= 4:
+                        break
+        return seen
+
+    assert asyncio.run(go()) == 4
+    for _ in range(100):
+        if engine_unfinished(server) == 0:
+            break
+        time.sleep(0.2)
+    assert engine_unfinished(server) == 0
+    time.sleep(2)  # and no further block is started after the client left
+    assert engine_unfinished(server) == 0
+
+
+@pytest.mark.parametrize(
+    "alignment, extra, param",
+    [
+        ({"strategy": "blockwise", "k": 99, "reward": "length_penalty"}, {}, "alignment.k"),
+        ({"strategy": "blockwise", "reward": "length_penalty"}, {"n": 2}, "alignment.n"),
+        ({"strategy": "blockwise", "block_tokens": 1000, "reward": "length_penalty"}, {}, "alignment.block_tokens"),
+        ({"strategy": "blockwise", "max_retries": 50, "reward": "length_penalty"}, {}, "alignment.max_retries"),
+        ({"strategy": "speculative_rejection", "n": 99, "reward": "length_penalty"}, {}, "alignment.n"),
+        ({"strategy": "speculative_rejection", "rejection_rate": 1.0, "reward": "length_penalty"}, {}, "alignment.rejection_rate"),
+    ],
+)
+def test_search_limits_are_400(server, alignment, extra, param):
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 8, "alignment": alignment, **extra}
+    r = httpx.post(f"{server.v1}/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
