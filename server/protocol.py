@@ -327,3 +327,21 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---------------------------------------------------------------- scoring
+
+
+class ScoreRequest(OpenAIModel):
+    """Score answers to one conversation with the registered rewards (extension endpoint)."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    responses: list[str] = Field(min_length=1)
+    reward: str | dict[str, float] | None = None
+
+
+class ScoreResponse(BaseModel):
+    object: Literal["alignment.scores"] = "alignment.scores"
+    reward: dict[str, float]
+    scores: list[float]
+    per_reward: dict[str, list[float]]

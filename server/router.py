@@ -12,7 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from aligner.strategies import describe_strategies
 from server.alignment import STRATEGY_HEADER, model_aliases
 from server.errors import engine_unavailable
-from server.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList
+from server.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList, ScoreRequest
+from server.serving_score import score_responses
 
 router = APIRouter()
 
@@ -82,6 +83,12 @@ async def list_models(raw: Request):
 async def list_strategies(raw: Request):
     config = raw.app.state.config
     return JSONResponse({"object": "list", "default": config.default_strategy, "data": describe_strategies()})
+
+
+@router.post("/v1/alignment/score")
+async def score(request: ScoreRequest, raw: Request):
+    result = await run_cancelling_on_disconnect(raw, score_responses(request, raw.app.state.rewards, raw.app.state.config))
+    return to_response(raw, "score", result)
 
 
 @router.get("/v1/alignment/profiles")

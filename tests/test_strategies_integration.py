@@ -238,3 +238,17 @@ def test_sdk_surfaces_alignment_errors(client):
     with pytest.raises(openai.BadRequestError) as info:
         chat(client, {"strategy": "best_of_n", "n": 1000})
     assert info.value.body["param"] == "alignment.n"
+
+
+def test_score_endpoint_matches_independent_scores(server, tiny_rm):
+    answers = ["Take short breaks.", "Put your phone in another room and set a timer."]
+    r = httpx.post(f"{server.v1}/alignment/score", timeout=60,
+                   json={"messages": MESSAGES, "responses": answers, "reward": {"tiny": 1.0, "length_penalty": 1.0}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    for i, text in enumerate(answers):
+        assert body["per_reward"]["tiny"][i] == pytest.approx(independent_score(tiny_rm, MESSAGES, text), abs=1e-3)
+        assert body["scores"][i] == pytest.approx(body["per_reward"]["tiny"][i] - len(text.split()) / 100)
+    bad = httpx.post(f"{server.v1}/alignment/score", timeout=60,
+                     json={"messages": MESSAGES, "responses": ["x"], "reward": "nope"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "reward.nope"

@@ -1,0 +1,23 @@
+"""POST /v1/alignment/score: score given answers with the registered rewards."""
+
+from __future__ import annotations
+
+from aligner.rewards import RewardError, RewardRegistry, RewardSpecError
+from server.config import ServerConfig
+from server.errors import invalid_request, make_error
+from server.protocol import ErrorResponse, ScoreRequest, ScoreResponse
+
+
+async def score_responses(request: ScoreRequest, rewards: RewardRegistry, config: ServerConfig) -> ScoreResponse | ErrorResponse:
+    if len(request.responses) > config.max_candidates:
+        return invalid_request(f"at most {config.max_candidates} responses per request", "responses")
+    try:
+        weights = rewards.resolve(request.reward, "reward")
+    except RewardSpecError as exc:
+        return invalid_request(str(exc), exc.param)
+    messages = [m.as_template_message() for m in request.messages]
+    try:
+        report = await rewards.score(weights, messages, request.responses)
+    except RewardError as exc:
+        return make_error(str(exc), 503, code="reward_unavailable")
+    return ScoreResponse(reward=weights, scores=report.total, per_reward=report.per_reward)
