@@ -177,21 +177,28 @@ class Strategy(ABC):
         """Default for strategies that decide at the end: keep-alives until `run` finishes,
         then each chosen answer as one delta, then the result."""
         task = asyncio.ensure_future(self.run(ctx, params))
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=ctx.keepalive_s)
-                if done:
-                    break
-                yield KeepAlive()
-            result = task.result()
-        finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+        async for keepalive in keepalive_until(task, ctx.keepalive_s):
+            yield keepalive
+        result = task.result()
         for i, choice in enumerate(result.choices):
             yield SequenceDelta(i, choice.text, list(choice.token_ids), choice.logprobs, choice.finish_reason)
         yield result
+
+
+async def keepalive_until(task: asyncio.Future, interval: float) -> AsyncIterator[KeepAlive]:
+    """Yield a KeepAlive every `interval` seconds until `task` is done; if the consumer
+    leaves first (a client disconnect), cancel the task so its engine requests abort."""
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=interval)
+            if done:
+                return
+            yield KeepAlive()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
 
 
 def register(cls: type[Strategy]) -> type[Strategy]:

@@ -7,14 +7,12 @@ decoding; used alone, each runs as a two-stage pipeline around plain decoding (`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from abc import abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from aligner.strategies.base import (
-    KeepAlive,
     StageReport,
     Strategy,
     StrategyContext,
@@ -22,6 +20,7 @@ from aligner.strategies.base import (
     StrategyResult,
     StreamEvent,
     get_strategy,
+    keepalive_until,
 )
 
 Stage = tuple[Strategy, StrategyParams]
@@ -137,18 +136,9 @@ class Pipeline(Strategy):
             return
         # Prompt stages first (keep-alives meanwhile), then the decode stage's own stream.
         task = asyncio.ensure_future(self._prompt_stages(ctx))
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=ctx.keepalive_s)
-                if done:
-                    break
-                yield KeepAlive()
-            staged_ctx, reports, infos = task.result()
-        finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+        async for keepalive in keepalive_until(task, ctx.keepalive_s):
+            yield keepalive
+        staged_ctx, reports, infos = task.result()
         decode, decode_params = self._decode()
         async for event in decode.stream(staged_ctx, decode_params):
             if isinstance(event, StrategyResult):
