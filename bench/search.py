@@ -74,6 +74,7 @@ def main() -> None:
         base_url = server.v1
     url = f"{base_url}/chat/completions"
     arms = {
+        "plain": ({"strategy": "none"}, False),
         "best_of_n": ({"strategy": "best_of_n", "n": args.n, "reward": args.reward}, False),
         "speculative_rejection": ({"strategy": "speculative_rejection", "n": args.n, "chunk_tokens": 16,
                                    "rejection_rate": 0.5, "reward": args.reward}, False),
@@ -113,8 +114,10 @@ def main() -> None:
     print(f"{'arm':<22} {'reward':>8} {'tokens':>8} {'answer s':>9} {'first token s':>14}")
     for name, s in summary.items():
         print(f"{name:<22} {s['mean_reward']:>8.3f} {s['mean_tokens']:>8.1f} {s['mean_latency_s']:>9.2f} {s['mean_first_token_s']:>14.2f}")
-    sr = summary["speculative_rejection"]
+    sr, plain = summary["speculative_rejection"], summary["plain"]
+    gain = bon["mean_reward"] - plain["mean_reward"]
     print(f"speculative rejection: reward {reward_ratio(sr['mean_reward'], bon['mean_reward'])} of best-of-N, "
+          f"{(sr['mean_reward'] - plain['mean_reward']) / gain:.1%} of best-of-N's gain over plain sampling, "
           f"tokens {sr['mean_tokens'] / bon['mean_tokens']:.1%} of best-of-N")
     print(f"blockwise first token {bon['mean_latency_s'] / summary['blockwise']['mean_first_token_s']:.1f}x sooner "
           "than best-of-N's answer")
