@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-engine-restarts", type=int, default=5)
     serve.add_argument("--log-level", default="info")
 
+    from bench.cli import add_subcommands as add_bench
+
+    add_bench(sub)
+
     prep = sub.add_parser("prepare-model", help="convert the packaged GGUF default model once")
     prep.add_argument("--output", type=Path, default=None, help=f"default: {default_model_dir()}")
     prep.add_argument("--force", action="store_true", help="convert again even if present")
@@ -173,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_serve(args)
     if args.command == "prepare-model":
         return cmd_prepare_model(args)
+    if hasattr(args, "func"):
+        return args.func(args)
     return 2
 
 

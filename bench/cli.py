@@ -1,0 +1,147 @@
+"""`aligner bench load`: the load generator's command line, with sweeps and --compare."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.launch import RunningServer, free_port, start_server, stop_server
+from bench.load import LoadConfig, format_table, load_prompts, parse_mix, plot_sweep, run_load
+
+
+def add_subcommands(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="load-test a server")
+    sub = bench.add_subparsers(dest="bench_command", required=True)
+    load = sub.add_parser("load", help="latency and throughput under load", description=__doc__)
+    load.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="any OpenAI-compatible server")
+    load.add_argument("--model", default="SmolLM2-135M-Instruct")
+    load.add_argument("--api-key", default=os.environ.get("ALIGNER_API_KEY"))
+    load.add_argument("--concurrency", type=int, default=4)
+    load.add_argument("--sweep", default=None, help="concurrency levels, e.g. 1,2,4,8,16")
+    load.add_argument("--rate", type=float, default=None, help="requests/s with Poisson arrivals (open loop)")
+    load.add_argument("--duration", type=float, default=30.0, help="seconds per level")
+    load.add_argument("--requests", type=int, default=None, help="stop after this many requests")
+    load.add_argument("--warmup", type=int, default=2, help="requests sent first and not measured")
+    load.add_argument("--max-tokens", type=int, default=64)
+    load.add_argument("--no-stream", action="store_true")
+    load.add_argument("--natural-length", action="store_true", help="let answers stop at EOS (default: exactly max tokens)")
+    load.add_argument("--mix", default="none:1", help="strategy mix, e.g. none:0.5,best_of_n:0.3,blockwise:0.2")
+    load.add_argument("--params", default="{}", help='JSON: {"best_of_n": {"n": 4, "reward": "rm"}}')
+    load.add_argument("--prompts", default=None, help="JSONL (prompt / turns) or ShareGPT-like JSON")
+    load.add_argument("--timeout", type=float, default=300.0)
+    load.add_argument("--output", type=Path, default=None, help="JSON results")
+    load.add_argument("--plot", type=Path, default=None, help="PNG of latency percentiles vs concurrency")
+    load.add_argument("--compare", action="store_true",
+                      help="start this server and vLLM's own server on the same model, one after the other, and compare")
+    load.add_argument("--progress", action="store_true", help="show a live progress bar")
+    load.set_defaults(func=cmd_load)
+
+
+def config_from(args, base_url: str, concurrency: int) -> LoadConfig:
+    cfg = LoadConfig(
+        base_url=base_url,
+        model=args.model,
+        concurrency=concurrency,
+        rate=args.rate,
+        duration_s=args.duration,
+        requests=args.requests,
+        warmup_requests=args.warmup,
+        max_tokens=args.max_tokens,
+        stream=not args.no_stream,
+        mix=parse_mix(args.mix),
+        params=json.loads(args.params),
+        timeout_s=args.timeout,
+        api_key=args.api_key,
+        ignore_eos=not args.natural_length,
+    )
+    if args.prompts:
+        cfg.prompts = load_prompts(args.prompts)
+    return cfg
+
+
+def run_levels(args, base_url: str) -> list[dict]:
+    levels = [int(c) for c in args.sweep.split(",")] if args.sweep else [args.concurrency]
+    results = []
+    for concurrency in levels:
+        bar = None
+        if args.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(desc=f"concurrency {concurrency}", unit="req")
+        result = asyncio.run(run_load(config_from(args, base_url, concurrency), bar))
+        if bar is not None:
+            bar.close()
+        print(f"\n## concurrency {concurrency} ({result['wall_s']:.1f} s)\n")
+        print(format_table(result))
+        results.append(result)
+    return results
+
+
+def start_vllm_server(model_dir: str, name: str, log_dir: Path) -> RunningServer:
+    """vLLM's own OpenAI server with the engine settings `aligner serve` uses on CPU."""
+    port = free_port()
+    log_path = log_dir / f"vllm-{port}.log"
+    args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+            "--served-model-name", name, "--port", str(port), "--host", "127.0.0.1",
+            "--max-model-len", "2048", "--max-num-seqs", "64", "--enforce-eager",
+            "--no-enable-chunked-prefill", "--max-num-batched-tokens", "2048", "--block-size", "32",
+            "--kv-cache-memory-bytes", str(1 << 30), "--disable-log-stats"]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"vLLM server exited:\n{server.log_tail()}")
+        try:
+            if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    stop_server(server)
+    raise RuntimeError("vLLM server did not start")
+
+
+def cmd_load(args) -> int:
+    if not args.compare:
+        results = run_levels(args, args.base_url)
+        finish(args, {"levels": results})
+        return 0
+    from aligner.model_prep import prepare_default_model
+
+    work = Path(tempfile.mkdtemp(prefix="bench-compare-"))
+    model_dir = str(prepare_default_model())
+    runs = {}
+    for label, starter in (("aligner", lambda: start_server(work)), ("vllm", lambda: start_vllm_server(model_dir, args.model, work))):
+        server = starter()
+        try:
+            print(f"\n# {label}")
+            runs[label] = run_levels(args, server.v1)
+        finally:
+            stop_server(server)
+    print("\n# aligner / vllm serve")
+    print("concurrency | throughput ratio | TTFT p50 ratio")
+    for ours, theirs in zip(runs["aligner"], runs["vllm"]):
+        a, v = ours["results"]["all"], theirs["results"]["all"]
+        ttft = (a["ttft_s"]["p50"] / v["ttft_s"]["p50"]) if a["ttft_s"]["p50"] and v["ttft_s"]["p50"] else float("nan")
+        print(f"{ours['config']['concurrency']} | {a['output_tokens_per_s'] / v['output_tokens_per_s']:.3f} | {ttft:.3f}")
+    finish(args, runs)
+    return 0
+
+
+def finish(args, payload: dict) -> None:
+    if args.output:
+        args.output.write_text(json.dumps(payload, indent=2))
+    if args.plot:
+        levels = payload.get("levels") or payload.get("aligner")
+        plot_sweep(levels, args.plot)
