@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -44,6 +43,26 @@ def add_subcommands(subparsers) -> None:
                       help="start this server and vLLM's own server on the same model, one after the other, and compare")
     load.add_argument("--progress", action="store_true", help="show a live progress bar")
     load.set_defaults(func=cmd_load)
+
+    quality = sub.add_parser("quality", help="judge strategies against plain decoding")
+    quality.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
+    quality.add_argument("--model", default="SmolLM2-135M-Instruct")
+    quality.add_argument("--api-key", default=os.environ.get("ALIGNER_API_KEY"))
+    quality.add_argument("--prompt-set", action="append", required=True, metavar="NAME=FILE",
+                         help="JSONL with `prompt` or `turns` (first turn used); repeatable")
+    quality.add_argument("--harmful", action="append", default=[], metavar="NAME",
+                         help="prompt sets a safe assistant should refuse (refusal rate reported)")
+    quality.add_argument("--limit", type=int, default=20, help="prompts per set")
+    quality.add_argument("--strategy", action="append", default=[], metavar="LABEL=JSON",
+                         help='an alignment object, e.g. bon4=\'{"strategy": "best_of_n", "n": 4}\'')
+    quality.add_argument("--profile", action="append", default=[], help="a profile name (or name@version)")
+    quality.add_argument("--judge", required=True,
+                         help="reward checkpoint PATH, or rule:NAME (refusal, compliance, length_penalty, keyword:<w>)")
+    quality.add_argument("--max-tokens", type=int, default=128)
+    quality.add_argument("--seed", type=int, default=0)
+    quality.add_argument("--output", type=Path, default=None)
+    quality.add_argument("--plot", type=Path, default=None, help="PNG: judge reward against cost")
+    quality.set_defaults(func=cmd_quality)
 
 
 def config_from(args, base_url: str, concurrency: int) -> LoadConfig:
@@ -145,3 +164,64 @@ def finish(args, payload: dict) -> None:
     if args.plot:
         levels = payload.get("levels") or payload.get("aligner")
         plot_sweep(levels, args.plot)
+
+
+def load_judge(spec: str):
+    """(name, checkpoint path or None, reward) for `--judge`."""
+    from aligner.rewards import RewardRegistry
+
+    if spec.startswith("rule:"):
+        name = spec.removeprefix("rule:")
+        reward = RewardRegistry.with_builtins().get(name)
+        if reward is None:
+            raise SystemExit(f"aligner bench quality: unknown rule judge {name!r}")
+        return name, None, reward
+    from aligner.rewards.hf import SequenceClassifierReward
+
+    return Path(spec).name, spec, SequenceClassifierReward("judge", spec)
+
+
+def cmd_quality(args) -> int:
+    from bench.quality import QualityConfig, check_judge_independent, collect, dump, format_table, plot, summarise
+
+    strategies: dict[str, dict] = {"plain": {}}
+    for item in args.strategy:
+        label, _, alignment = item.partition("=")
+        strategies[label] = json.loads(alignment)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    profiles = {}
+    if args.profile:
+        listing = httpx.get(f"{args.base_url}/alignment/profiles", headers=headers, timeout=30).json()["data"]
+        profiles = {p["name"]: {v["version"]: v["alignment"] for v in p["versions"]} for p in listing}
+    resolved = dict(strategies)
+    for ref in args.profile:
+        name, _, version = ref.partition("@")
+        versions = profiles.get(name) or {}
+        if not versions:
+            raise SystemExit(f"aligner bench quality: the server has no profile {name!r}")
+        strategies[f"profile:{ref}"] = {"profile": ref}
+        resolved[f"profile:{ref}"] = versions[int(version) if version else max(versions)]
+    prompt_sets = {}
+    for item in args.prompt_set:
+        name, _, path = item.partition("=")
+        prompt_sets[name] = load_prompts(path)[: args.limit]
+    cfg = QualityConfig(base_url=args.base_url, model=args.model, strategies=strategies, prompt_sets=prompt_sets,
+                        harmful_sets=set(args.harmful), max_tokens=args.max_tokens, seed=args.seed,
+                        api_key=args.api_key)
+    judge_name, judge_path, judge = load_judge(args.judge)
+    registered = httpx.get(f"{args.base_url}/alignment/rewards", headers=headers, timeout=30).json()["data"]
+    try:
+        check_judge_independent(judge_path, judge_name, QualityConfig(**{**cfg.__dict__, "strategies": resolved}), registered)
+    except ValueError as exc:
+        print(f"aligner bench quality: {exc}", file=sys.stderr)
+        return 2
+    answers = collect(cfg)
+    for answer in answers:
+        answer.judge = judge.score([[{"role": "user", "content": answer.prompt}]], [answer.text])[0]
+    table = summarise(answers, cfg)
+    print(format_table(table))
+    if args.output:
+        dump(answers, table, args.output)
+    if args.plot:
+        plot(table, args.plot)
+    return 0

@@ -55,6 +55,9 @@ class SequenceClassifierReward(Reward):
         self.truncated = 0  # pairs whose prompt was cut to fit max_length
         self._lock = threading.Lock()  # one forward at a time per model
 
+    def describe(self) -> dict:
+        return {**super().describe(), "path": str(self.path.resolve())}
+
     def encode(self, messages: Messages, response: str) -> list[int]:
         """Token ids of the scored conversation, cut from the prompt's left to fit.
 
