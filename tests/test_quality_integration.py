@@ -64,7 +64,7 @@ def test_statistics():
     low, high = win_rate_ci(np.array([0.0, 1.0] * 50))[1:]
     assert 0.35 < low < 0.5 < high < 0.65
     # Wins explained entirely by length: at equal length, a coin flip.
-    diff = np.array([30.0, 25.0, 40.0, -30.0, -20.0, -35.0, 28.0, -26.0])
+    diff = np.array([30.0, 25.0, 40.0, -30.0, -25.0, -40.0, 28.0, -28.0])
     wins = (diff > 0).astype(float)
     assert length_controlled_win_rate(wins, diff) == pytest.approx(0.5, abs=0.05)
     # Wins regardless of length: stays high.
