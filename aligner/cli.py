@@ -54,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="register a reward: NAME=PATH (sequence-classification checkpoint or adapter) or "
         "NAME=regex:PATTERN (a rule); repeatable. Built-in rules need no flag.",
     )
+    serve.add_argument(
+        "--guide",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="register a token-level guide: a causal LM (genarm) or a causal reward model with a "
+        "sequence-classification head (args), full checkpoint or adapter; repeatable",
+    )
+    serve.add_argument("--guide-max-slots", type=int, default=16, help="guided sequences decoded at once")
+    serve.add_argument("--guide-max-len", type=int, default=None, help="default: --max-model-len")
+    serve.add_argument("--guide-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     serve.add_argument("--default-reward", default=None, help="reward used when a request names none")
     serve.add_argument("--reward-max-length", type=int, default=1024, help="tokens per scored pair")
     serve.add_argument("--reward-batch-size", type=int, default=16)
@@ -124,6 +135,17 @@ def cmd_serve(args) -> int:
     else:
         model = args.model
         name = args.served_model_name or Path(model.rstrip("/")).name
+    from aligner.strategies.guided import GuideRegistry
+    from decoding.guide_spec import guide_mode
+
+    guide_specs = {}
+    for spec in args.guide:
+        gname, sep, path = spec.partition("=")
+        if not sep or not gname or not path:
+            raise SystemExit(f"aligner: --guide expects NAME=PATH, got {spec!r}")
+        guide_specs[gname] = {"path": str(Path(path).resolve()), "mode": guide_mode(path)}
+    guide_max_len = args.guide_max_len or args.max_model_len
+    guides = GuideRegistry({n: g["mode"] for n, g in guide_specs.items()}, args.guide_max_slots, guide_max_len)
     engine = VLLMEngine(
         VLLMEngineConfig(
             model=model,
@@ -133,6 +155,10 @@ def cmd_serve(args) -> int:
             kv_cache_gib=args.kv_cache_gib,
             max_num_seqs=args.max_num_seqs,
             enforce_eager=args.enforce_eager,
+            guides=guide_specs,
+            guide_max_slots=args.guide_max_slots,
+            guide_max_len=guide_max_len,
+            guide_dtype=args.guide_dtype,
         )
     )
     config = ServerConfig(
@@ -161,7 +187,7 @@ def cmd_serve(args) -> int:
     except ProfileError as exc:
         raise SystemExit(f"aligner: bad --profiles file: {exc}") from None
     rewards = build_rewards(args)
-    app = build_app(engine, config, rewards, profiles)
+    app = build_app(engine, config, rewards, profiles, guides)
     print(f"aligner: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

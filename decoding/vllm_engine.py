@@ -26,6 +26,7 @@ from decoding.engine import (
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
+GUIDED_PROCESSOR = "decoding.guided_processor:RewardGuidedLogitsProcessor"
 
 
 @dataclass
@@ -45,6 +46,11 @@ class VLLMEngineConfig:
     seed: int = 0
     # vLLM V1 logits processors (classes or fully qualified names), fixed at engine build.
     logits_processors: list[Any] = field(default_factory=list)
+    # Token-level guides: name -> {"path": checkpoint dir, "mode": "genarm" | "args"}.
+    guides: dict[str, dict[str, str]] = field(default_factory=dict)
+    guide_max_slots: int = 16
+    guide_max_len: int = 2048
+    guide_dtype: str = "float32"
 
     def engine_args(self, device: str):
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -61,6 +67,17 @@ class VLLMEngineConfig:
             disable_log_stats=True,
             logits_processors=list(self.logits_processors) or None,
         )
+        if self.guides:
+            from decoding.guide_spec import CONFIG_KEY
+
+            kwargs["logits_processors"] = (kwargs["logits_processors"] or []) + [GUIDED_PROCESSOR]
+            kwargs["additional_config"] = {CONFIG_KEY: {
+                "guides": self.guides, "max_slots": self.guide_max_slots,
+                "max_len": self.guide_max_len, "dtype": self.guide_dtype,
+            }}
+            # The guide appends the engine's accepted tokens each step; async scheduling
+            # would show it output lists one step late.
+            kwargs["async_scheduling"] = False
         if device == "cpu":
             # CPU has no GPU memory to profile: give the KV cache an explicit budget.
             kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_gib * GiB)

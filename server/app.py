@@ -39,6 +39,7 @@ def build_app(
     config: ServerConfig,
     rewards: RewardRegistry | None = None,
     profiles: ProfileStore | None = None,
+    guides=None,
     *,
     start_engine: bool = True,
 ) -> FastAPI:
@@ -78,7 +79,8 @@ def build_app(
     app.state.admission = admission
     app.state.metrics = metrics
     app.state.profiles = profiles
-    app.state.chat = ServingChat(engine, config, admission, metrics, rewards, profiles)
+    app.state.guides = guides
+    app.state.chat = ServingChat(engine, config, admission, metrics, rewards, profiles, guides)
     app.state.completion = ServingCompletion(engine, config, admission, metrics)
     app.include_router(router)
 

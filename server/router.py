@@ -99,7 +99,9 @@ async def list_profiles(raw: Request):
 
 @router.get("/v1/alignment/rewards")
 async def list_rewards(raw: Request):
-    return JSONResponse({"object": "list", "data": raw.app.state.rewards.describe()})
+    guides = raw.app.state.guides
+    listed = [{"name": n, "kind": "guide", "mode": m} for n, m in (guides.modes.items() if guides else ())]
+    return JSONResponse({"object": "list", "data": raw.app.state.rewards.describe() + listed})
 
 
 @router.get("/health")

@@ -50,10 +50,11 @@ def chat_logprobs(items: list[TokenLogprob] | None) -> ChatChoiceLogprobs | None
 
 
 class ServingChat(ServingBase):
-    def __init__(self, engine, config: ServerConfig, admission, metrics, rewards: RewardRegistry, profiles: ProfileStore):
+    def __init__(self, engine, config: ServerConfig, admission, metrics, rewards: RewardRegistry, profiles: ProfileStore, guides=None):
         super().__init__(engine, config, admission, metrics)
         self.rewards = rewards
         self.profiles = profiles
+        self.guides = guides
 
     async def create_chat_completion(
         self, request: ChatCompletionRequest, strategy_header: str | None = None
@@ -77,6 +78,7 @@ class ServingChat(ServingBase):
             limits=StrategyLimits(max_candidates=self.config.max_candidates),
             keepalive_s=self.config.stream_keepalive_s,
             templates=self.profiles.templates,
+            guides=self.guides,
         )
         _, alias = split_model(request.model)
         resolved = resolve_alignment(request.alignment, strategy_header, alias, self.config, ctx, self.profiles)

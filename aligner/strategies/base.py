@@ -63,6 +63,8 @@ class StrategyContext:
     keepalive_s: float = 2.0
     # Named prompt templates (URIAL prefixes, meta-prompts) from the profiles file.
     templates: dict[str, Any] = field(default_factory=dict)
+    # Token-level guides the engine was built with (`guided.GuideRegistry`), if any.
+    guides: Any = None
 
     @property
     def n(self) -> int:

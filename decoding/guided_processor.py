@@ -1,0 +1,245 @@
+"""Token-level reward-guided decoding as a vLLM V1 logits processor.
+
+Registered at engine build when guides are configured; a request opts in through
+`SamplingParams.extra_args["aligner_guide"] = {"guide": NAME, "mode": "genarm"|"args", ...}`.
+Unguided rows are never touched, so they pay nothing but a dictionary lookup.
+
+- genarm: logits <- (1 + α) · (logits + α · log_softmax(guide logits)); vLLM then divides
+  by the request temperature T, i.e. samples at T / (1 + α) (GenARM, Xu et al. 2025).
+- args: the top-k tokens of the base logits are scored by a causal reward model on
+  (prefix + token); logits <- logit + w · reward there and -inf elsewhere (ARGS, Khanov
+  et al. 2024). The k candidates of all guided rows are scored in one forward that reads
+  each request's cached prefix once.
+
+State: one guide KV-cache slot per guided request (`SlotDecoder`), appended with the tokens
+the engine accepted since the previous step. The request's output-token list is a live
+reference; with async scheduling it can lag one step, which would desynchronise guide and
+policy, so engines built with guides turn async scheduling off, and a lagging row is
+detected and left unguided for that step rather than guided wrongly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels.guide_combine import guide_combine
+from kernels.topk_combine import topk_reward_combine
+
+logger = logging.getLogger(__name__)
+
+from decoding.guide_spec import CONFIG_KEY, EXTRA_ARGS_KEY, MAX_ALPHA, MAX_K, MAX_WEIGHT, MODES
+
+
+def guide_request(extra_args: dict | None) -> dict | None:
+    return (extra_args or {}).get(EXTRA_ARGS_KEY)
+
+
+def check_guide_request(spec: dict, guides: dict[str, str]) -> None:
+    """Raise ValueError for a malformed or out-of-range guide request.
+    `guides` maps guide name -> the modes it supports ("genarm" or "args")."""
+    if not isinstance(spec, dict):
+        raise ValueError("aligner_guide must be an object")
+    name, mode = spec.get("guide"), spec.get("mode")
+    if name not in guides:
+        raise ValueError(f"unknown guide {name!r}")
+    if mode not in MODES or mode != guides[name]:
+        raise ValueError(f"guide {name!r} supports mode {guides[name]!r}, not {mode!r}")
+    alpha, k, weight = spec.get("alpha", 1.0), spec.get("k", 10), spec.get("weight", 1.0)
+    if not 0 <= float(alpha) <= MAX_ALPHA:
+        raise ValueError(f"alpha must be in [0, {MAX_ALPHA:g}]")
+    if not (isinstance(k, int) and 1 <= k <= MAX_K):
+        raise ValueError(f"k must be an integer in [1, {MAX_K}]")
+    if not 0 <= float(weight) <= MAX_WEIGHT:
+        raise ValueError(f"weight must be in [0, {MAX_WEIGHT:g}]")
+
+
+@dataclass
+class RowState:
+    guide: str
+    mode: str
+    alpha: float
+    k: int
+    weight: float
+    prompt: list[int]
+    outputs: list[int]  # live reference to the engine's output-token list
+    slot: int | None = None
+    consumed: int = 0  # tokens of prompt + outputs already in the guide cache
+    disabled: str | None = None  # why guidance was dropped for this request
+
+
+@dataclass
+class GuideSet:
+    """The loaded guides and their slot caches, shared by all rows."""
+
+    decoders: dict[str, object] = field(default_factory=dict)  # name -> SlotDecoder
+    modes: dict[str, str] = field(default_factory=dict)
+
+
+def load_guides(config: dict, device) -> GuideSet:
+    """`config`: {"guides": {name: {"path", "mode"}}, "max_slots", "max_len", "dtype"}."""
+    from aligner.model_refs import load_causal_lm, load_sequence_classifier
+    from decoding.guide_model import SlotDecoder
+
+    dtype = getattr(torch, config.get("dtype", "float32"))
+    guides = GuideSet()
+    for name, spec in config.get("guides", {}).items():
+        loader = load_sequence_classifier if spec["mode"] == "args" else load_causal_lm
+        model, _ = loader(spec["path"], dtype=dtype)
+        guides.decoders[name] = SlotDecoder(model, config.get("max_slots", 16), config.get("max_len", 2048), dtype, str(device))
+        guides.modes[name] = spec["mode"]
+        logger.info("guide %s (%s) loaded from %s", name, spec["mode"], spec["path"])
+    return guides
+
+
+class GuidedState:
+    """Batch bookkeeping and the per-step guide computation, independent of vLLM so that
+    tests can drive it with fake logits and simulated batch updates."""
+
+    def __init__(self, guides: GuideSet):
+        self.guides = guides
+        self.rows: dict[int, RowState] = {}
+
+    # ------------------------------------------------------------------ batch updates
+
+    def _drop(self, index: int) -> None:
+        row = self.rows.pop(index, None)
+        if row is not None and row.slot is not None:
+            self.guides.decoders[row.guide].release(row.slot)
+
+    def remove(self, index: int) -> None:
+        self._drop(index)
+
+    def add(self, index: int, extra_args: dict | None, prompt: list[int] | None, outputs: list[int]) -> None:
+        self._drop(index)  # an added request may replace one at the same index
+        spec = guide_request(extra_args)
+        if spec is None:
+            return
+        if spec.get("guide") not in self.guides.decoders:
+            logger.error("request asks for unknown guide %r; decoding it unguided", spec.get("guide"))
+            return
+        self.rows[index] = RowState(
+            guide=spec["guide"], mode=spec["mode"], alpha=float(spec.get("alpha", 1.0)), k=int(spec.get("k", 10)),
+            weight=float(spec.get("weight", 1.0)), prompt=list(prompt or []), outputs=outputs,
+        )
+
+    def move(self, a: int, b: int, swap: bool) -> None:
+        row_a, row_b = self.rows.pop(a, None), self.rows.pop(b, None)
+        if row_a is not None:
+            self.rows[b] = row_a
+        if swap and row_b is not None:
+            self.rows[a] = row_b
+        elif row_b is not None and row_b.slot is not None:
+            self.guides.decoders[row_b.guide].release(row_b.slot)  # overwritten by a one-way move
+
+    # ------------------------------------------------------------------ step
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits: (batch, vocab) in the persistent batch's row order."""
+        if not self.rows:
+            return logits
+        for name, decoder in self.guides.decoders.items():
+            rows = {i: r for i, r in self.rows.items() if r.guide == name and r.disabled is None and i < logits.shape[0]}
+            if not rows:
+                continue
+            new = self._catch_up(decoder, rows)
+            if not new:
+                continue
+            hidden = decoder.append({rows[i].slot: tokens for i, tokens in new.items()})
+            index = sorted(new)
+            if self.guides.modes[name] == "genarm":
+                guided = [i for i in index if rows[i].alpha > 0]
+                if guided:
+                    h = torch.stack([hidden[rows[i].slot] for i in guided])
+                    guide_logits = decoder.next_token_logits(h).to(logits.device)
+                    alpha = torch.tensor([rows[i].alpha for i in guided], device=logits.device)
+                    rows_t = torch.tensor(guided, device=logits.device)
+                    logits[rows_t] = guide_combine(logits[rows_t], guide_logits, alpha)
+            else:
+                k = max(rows[i].k for i in index)
+                rows_t = torch.tensor(index, device=logits.device)
+                base = logits[rows_t]
+                candidates = torch.topk(base, k, dim=-1).indices
+                rewards = decoder.score_candidates([rows[i].slot for i in index], candidates.cpu()).to(logits.device)
+                # Rows asking for fewer candidates drop their extra ones.
+                keep = torch.arange(k, device=logits.device)[None, :] < torch.tensor([rows[i].k for i in index], device=logits.device)[:, None]
+                rewards = rewards.masked_fill(~keep, 0.0)
+                weight = torch.tensor([rows[i].weight for i in index], device=logits.device)
+                combined = topk_reward_combine(base, candidates, rewards, weight)
+                combined = combined.masked_fill(~self._mask_of(candidates, keep, base.shape[-1]), float("-inf"))
+                logits[rows_t] = combined
+        return logits
+
+    @staticmethod
+    def _mask_of(candidates: torch.Tensor, keep: torch.Tensor, vocab: int) -> torch.Tensor:
+        mask = torch.zeros(candidates.shape[0], vocab, dtype=torch.bool, device=candidates.device)
+        return mask.scatter_(1, candidates, keep)
+
+    def _catch_up(self, decoder, rows: dict[int, RowState]) -> dict[int, list[int]]:
+        """Allocate slots for new rows; collect, per row, the tokens not yet in its cache."""
+        from decoding.guide_model import SlotsFull
+
+        new = {}
+        for i, row in rows.items():
+            if row.slot is None:
+                try:
+                    row.slot = decoder.allocate()
+                except SlotsFull as exc:
+                    row.disabled = str(exc)
+                    logger.error("guided request at row %d runs unguided: %s", i, exc)
+                    continue
+            sequence = row.prompt + list(row.outputs)
+            if len(sequence) == row.consumed:
+                if row.consumed:  # the output list did not grow: it lags (async scheduling)
+                    logger.warning("guide state lags the engine at row %d; this step is unguided", i)
+                continue
+            if len(sequence) > decoder.max_len:
+                row.disabled = f"sequence exceeds the guide's {decoder.max_len} tokens"
+                logger.error("guided request at row %d runs unguided: %s", i, row.disabled)
+                continue
+            new[i] = sequence[row.consumed :]
+            row.consumed = len(sequence)
+        return new
+
+
+def _load_processor_class():
+    """The vLLM-facing class, built lazily so importing this module needs no vLLM."""
+    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+    class RewardGuidedLogitsProcessor(LogitsProcessor):
+        # Requests are validated by the server (the `guided` strategy) before they get here;
+        # anything malformed that still arrives is decoded unguided, never a crash.
+
+        def __init__(self, vllm_config, device, is_pin_memory: bool):
+            config = (vllm_config.additional_config or {}).get(CONFIG_KEY) or {}
+            self.state = GuidedState(load_guides(config, device) if config else GuideSet())
+
+        def is_argmax_invariant(self) -> bool:
+            return False
+
+        def update_state(self, batch_update: BatchUpdate | None) -> None:
+            if not batch_update:
+                return
+            for index in batch_update.removed:
+                self.state.remove(index)
+            for index, params, prompt, outputs in batch_update.added:
+                self.state.add(index, params.extra_args if params else None, prompt, outputs)
+            for a, b, direction in batch_update.moved:
+                self.state.move(a, b, direction == MoveDirectionality.SWAP)
+
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            return self.state.apply(logits)
+
+    RewardGuidedLogitsProcessor.__qualname__ = "RewardGuidedLogitsProcessor"
+    return RewardGuidedLogitsProcessor
+
+
+def __getattr__(name: str):
+    # `decoding.guided_processor.RewardGuidedLogitsProcessor` is what vLLM loads by name.
+    if name == "RewardGuidedLogitsProcessor":
+        cls = _load_processor_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)
