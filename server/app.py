@@ -52,7 +52,7 @@ def build_app(
     rewards = rewards if rewards is not None else RewardRegistry.with_builtins()
     profiles = profiles if profiles is not None else load_profiles(DEFAULT_PROFILES)
     admission = AdmissionController(config.admission)
-    metrics = ServerMetrics(engine, admission)
+    metrics = ServerMetrics(engine, admission, guides)
     rewards.observer = metrics.observe_reward
 
     @contextlib.asynccontextmanager

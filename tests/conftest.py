@@ -42,14 +42,91 @@ def tiny_reward_dir(tmp_path_factory) -> Path:
     return build_tiny_reward_model(tmp_path_factory.mktemp("tiny-rm") / "tiny")
 
 
+GUIDE_PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
+GENARM_TARGET = " banana"
+
+
+def _one_token(tokenizer, text: str) -> int:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) == 1, (text, ids)
+    return ids[0]
+
+
+def build_preference_guide(target: Path, kind: str, token_id: int) -> Path:
+    """A 1-layer guide whose preference is known by construction: its layers add nothing, so
+    the last hidden state is the normalised embedding of the current token.
+
+    - genarm (causal LM): every embedding is the same vector u and the LM head is zero except
+      the row of `token_id` (along u), so the guide always predicts `token_id`.
+    - args (reward model): the embedding of `token_id` is u, every other one -u, and the
+      score head reads along u, so prefix + `token_id` gets +10 and any other token -10.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from aligner.model_prep import prepare_default_model
+
+    tokenizer = AutoTokenizer.from_pretrained(prepare_default_model())
+    hidden = 32
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                         num_labels=1)
+    model = (LlamaForCausalLM if kind == "genarm" else LlamaForSequenceClassification)(config)
+    u = torch.ones(hidden) / hidden**0.5
+    with torch.no_grad():
+        layer = model.model.layers[0]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+        emb = model.model.embed_tokens.weight
+        if kind == "genarm":
+            emb.copy_(u.expand_as(emb))
+            model.lm_head.weight.zero_()
+            model.lm_head.weight[token_id] = 20.0 * u
+        else:
+            emb.copy_(-u.expand_as(emb))
+            emb[token_id] = u
+            model.score.weight.copy_(10.0 * u[None] / hidden**0.5)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
 @pytest.fixture(scope="session")
-def server(tmp_path_factory, tiny_reward_dir) -> Iterator[RunningServer]:
+def guide_targets() -> dict:
+    """Token ids the test guides prefer: for genarm an arbitrary word, for args the policy's
+    second most likely first token (inside its top-k, but not its greedy choice)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from aligner.model_prep import prepare_default_model
+
+    path = prepare_default_model()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    ids = tokenizer.apply_chat_template(GUIDE_PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        top = torch.topk(policy(**ids).logits[0, -1], 2).indices.tolist()
+    return {"genarm": _one_token(tokenizer, GENARM_TARGET), "args": top[1], "greedy": top[0]}
+
+
+@pytest.fixture(scope="session")
+def guide_dirs(tmp_path_factory, guide_targets) -> dict:
+    root = tmp_path_factory.mktemp("guides")
+    return {kind: build_preference_guide(root / kind, kind, guide_targets[kind]) for kind in ("genarm", "args")}
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, tiny_reward_dir, guide_dirs) -> Iterator[RunningServer]:
     running = start_server(
         tmp_path_factory.mktemp("server"),
         "--max-model-len", "2048",
         "--reward-model", f"tiny={tiny_reward_dir}",
         "--reward-model", "exclaim=regex:!",
         "--stream-keepalive-s", "0.1",
+        "--guide", f"prefers-banana={guide_dirs['genarm']}",
+        "--guide", f"prefers-second={guide_dirs['args']}",
+        "--guide-max-slots", "4",
     )
     yield running
     stop_server(running)

@@ -30,7 +30,7 @@ class NoneStrategy(Strategy):
 
     async def stream(self, ctx: StrategyContext, params: StrategyParams) -> AsyncIterator[StreamEvent]:
         n = ctx.n
-        texts, tokens = [""] * n, [[] for _ in range(n)]
+        texts, tokens, logprobs = [""] * n, [[] for _ in range(n)], [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
         prompt_tokens = len(ctx.prompt_ids)
         cached = 0
@@ -41,9 +41,11 @@ class NoneStrategy(Strategy):
                 for delta in chunk.sequences:
                     texts[delta.index] += delta.text
                     tokens[delta.index].extend(delta.token_ids)
+                    logprobs[delta.index].extend(delta.logprobs or ())
                     if delta.finish_reason is not None:
                         finish[delta.index] = delta.finish_reason
                     yield delta
         report = StageReport("generate", timer.seconds, prompt_tokens, sum(map(len, tokens)), cached)
-        choices = [Candidate(i, texts[i], tokens[i], finish[i]) for i in range(n)]
+        want = ctx.sampling.logprobs is not None
+        choices = [Candidate(i, texts[i], tokens[i], finish[i], logprobs[i] if want else None) for i in range(n)]
         yield StrategyResult(choices=choices, stages=[report])
