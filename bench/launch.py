@@ -40,7 +40,7 @@ class RunningServer:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
-def start_server(log_dir: Path, *extra_args: str, api_key: str | None = None) -> RunningServer:
+def start_server(log_dir: Path, *extra_args: str, api_key: str | None = None, env: dict | None = None) -> RunningServer:
     """Start the server on a free loopback port and wait until /ready says 200."""
     port = free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -48,9 +48,10 @@ def start_server(log_dir: Path, *extra_args: str, api_key: str | None = None) ->
     args = [sys.executable, "-m", "aligner.cli", "serve", "--port", str(port), *extra_args]
     if api_key:
         args += ["--api-key", api_key]
-    env = {k: v for k, v in os.environ.items() if k != "ALIGNER_API_KEY"}
+    environment = {k: v for k, v in os.environ.items() if k != "ALIGNER_API_KEY"}
+    environment.update(env or {})
     with open(log_path, "w") as log:
-        process = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=environment)
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path, api_key)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.candidate_attention import candidate_attention
+from kernels.reward_head import reward_head
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
@@ -195,5 +196,5 @@ class SlotDecoder:
                                        self.k_cache[i], self.v_cache[i], slot_t, lengths)
             x = x + layer.o(attn.reshape(batch * kc, -1))
             x = x + self._mlp(layer, x)
-        hidden = rms_norm(x, self.norm, self.eps)
-        return self.score_head(hidden).float().view(batch, kc)
+        # Final norm and the one-output head, fused.
+        return reward_head(x, self.norm, self.score_head.weight, self.eps).view(batch, kc)

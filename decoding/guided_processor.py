@@ -83,8 +83,11 @@ def load_guides(config: dict, device) -> GuideSet:
     from aligner.model_refs import load_causal_lm, load_sequence_classifier
     from decoding.guide_model import SlotDecoder
 
+    from kernels._dispatch import use_triton
+
     dtype = getattr(torch, config.get("dtype", "float32"))
     guides = GuideSet()
+    logger.info("guide kernels: %s", "triton" if use_triton(torch.empty(0, device=device)) else "torch")
     for name, spec in config.get("guides", {}).items():
         loader = load_sequence_classifier if spec["mode"] == "args" else load_causal_lm
         model, _ = loader(spec["path"], dtype=dtype)

@@ -11,6 +11,85 @@ import math
 
 import torch
 
+from kernels._dispatch import next_pow2, use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _candidate_attention_kernel(
+        q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, slot_ptr, len_ptr, out_ptr,
+        kc, group, head_dim, scale,
+        sq0, sq1, sq2, sn0, sn1, sn2, sc0, sc1, sc2, so0, so1, so2,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)  # key/value head
+        slot = tl.load(slot_ptr + b)
+        length = tl.load(len_ptr + b)
+        rows = tl.arange(0, BLOCK_M)  # row = candidate * group + query head in the group
+        cand = rows // group
+        qh = h * group + rows % group
+        rmask = rows < kc * group
+        ds = tl.arange(0, BLOCK_D)
+        dmask = ds < head_dim
+        q = tl.load(q_ptr + b * sq0 + cand[:, None] * sq1 + qh[:, None] * sq2 + ds[None, :],
+                    mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        cache = slot * sc0 + h * sc1
+        # The prefix is read once per key/value head, for all k candidates and query heads.
+        for start in range(0, length, BLOCK_T):
+            ts = start + tl.arange(0, BLOCK_T)
+            tmask = ts < length
+            keys = tl.load(kc_ptr + cache + ts[:, None] * sc2 + ds[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+            values = tl.load(vc_ptr + cache + ts[:, None] * sc2 + ds[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+            scores = tl.dot(q, tl.trans(keys)) * scale
+            scores = tl.where(tmask[None, :], scores, float("-inf"))
+            new_m = tl.maximum(m_i, tl.max(scores, axis=1))
+            p = tl.exp(scores - new_m[:, None])
+            correction = tl.exp(m_i - new_m)
+            l_i = l_i * correction + tl.sum(p, axis=1)
+            acc = acc * correction[:, None] + tl.dot(p, values)
+            m_i = new_m
+        # Each candidate also attends to its own key/value.
+        own = b * sn0 + cand[:, None] * sn1 + h * sn2 + ds[None, :]
+        k_self = tl.load(kn_ptr + own, mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        v_self = tl.load(vn_ptr + own, mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        s_self = tl.sum(q * k_self, axis=1) * scale
+        new_m = tl.maximum(m_i, s_self)
+        correction = tl.exp(m_i - new_m)
+        p_self = tl.exp(s_self - new_m)
+        l_i = l_i * correction + p_self
+        acc = acc * correction[:, None] + p_self[:, None] * v_self
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + b * so0 + cand[:, None] * so1 + qh[:, None] * so2 + ds[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+
+
+def candidate_attention_triton(q, k_new, v_new, k_cache, v_cache, slots, lengths):
+    """Same contract as `candidate_attention_torch`; one program per (request, kv head)."""
+    batch, kc, hq, d = q.shape
+    hkv = k_new.shape[2]
+    q, k_new, v_new = q.contiguous(), k_new.contiguous(), v_new.contiguous()
+    out = torch.empty_like(q)
+    if batch:
+        _candidate_attention_kernel[(batch, hkv)](
+            q, k_new, v_new, k_cache, v_cache, slots.to(torch.int64).contiguous(), lengths.to(torch.int64).contiguous(), out,
+            kc, hq // hkv, d, 1.0 / math.sqrt(d),
+            q.stride(0), q.stride(1), q.stride(2), k_new.stride(0), k_new.stride(1), k_new.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            BLOCK_M=next_pow2(kc * (hq // hkv)), BLOCK_D=next_pow2(d), BLOCK_T=32,
+        )
+    return out
+
 
 def candidate_attention_torch(
     q: torch.Tensor,
@@ -66,5 +145,6 @@ def candidate_attention_expanded_torch(q, k_new, v_new, k_cache, v_cache, slots,
 
 
 def candidate_attention(q, k_new, v_new, k_cache, v_cache, slots, lengths):
-    """Dispatcher: the torch reference everywhere for now (a Triton kernel is planned)."""
+    if triton is not None and use_triton(q):
+        return candidate_attention_triton(q, k_new, v_new, k_cache, v_cache, slots, lengths)
     return candidate_attention_torch(q, k_new, v_new, k_cache, v_cache, slots, lengths)

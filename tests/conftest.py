@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+
+import torch
+
+# Triton kernels run in Triton's interpreter on machines without a GPU; it must be set before
+# `kernels` is imported (the decorator reads it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path
 
-import httpx
-import pytest
+import httpx  # noqa: E402
+import pytest  # noqa: E402
 
 from bench.launch import RunningServer, start_server, stop_server
 
@@ -155,3 +164,12 @@ def engine_unfinished(server: RunningServer) -> float:
         if line.startswith("aligner_engine_unfinished_requests "):
             return float(line.split()[1])
     raise AssertionError("aligner_engine_unfinished_requests missing from /metrics")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

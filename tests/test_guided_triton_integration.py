@@ -1,0 +1,32 @@
+"""The guided-decoding integration tests again, with the Triton kernels switched on in the
+engine (Triton's interpreter on a CPU; compiled kernels on a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import start_server, stop_server
+from tests.test_guided_integration import (  # noqa: F401 - collected here against this module's server
+    test_args_reward_picks_the_preferred_candidate,
+    test_genarm_guide_moves_decoding_to_its_token,
+    test_zero_strength_reproduces_plain_greedy_decoding,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, guide_dirs):
+    running = start_server(
+        tmp_path_factory.mktemp("triton-server"),
+        "--max-model-len", "1024",
+        "--guide", f"prefers-banana={guide_dirs['genarm']}",
+        "--guide", f"prefers-second={guide_dirs['args']}",
+        env={"ALIGNER_KERNELS": "triton", "TRITON_INTERPRET": "1"},
+    )
+    yield running
+    stop_server(running)
+
+
+def test_the_engine_ran_the_triton_kernels(server):
+    assert "guide kernels: triton" in server.log_path.read_text()
