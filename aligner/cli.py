@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--guide-max-slots", type=int, default=16, help="guided sequences decoded at once")
     serve.add_argument("--guide-max-len", type=int, default=None, help="default: --max-model-len")
-    serve.add_argument("--guide-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument("--guide-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                       help="guide weights and cache (bf16 measured faster than fp32 on CPU)")
     serve.add_argument("--default-reward", default=None, help="reward used when a request names none")
     serve.add_argument("--reward-max-length", type=int, default=1024, help="tokens per scored pair")
     serve.add_argument("--reward-batch-size", type=int, default=16)

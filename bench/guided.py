@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--guide-dtype", default="bfloat16")
     parser.add_argument("--hf-max-tokens", type=int, default=None, help="shorter runs for the slow loop")
+    parser.add_argument("--no-hf", action="store_true", help="skip the per-request Hugging Face loop")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     from aligner.model_prep import prepare_default_model
@@ -143,7 +144,8 @@ def main() -> None:
                 results[name][c] = asyncio.run(server_tokens_per_s(f"{server.v1}/chat/completions", alignment, c, args.max_tokens))
     finally:
         stop_server(server)
-    hf = {c: hf_tokens_per_s(policy_dir, args_dir, c, args.hf_max_tokens or args.max_tokens, args.k) for c in levels}
+    hf = {c: float("nan") for c in levels} if args.no_hf else {
+        c: hf_tokens_per_s(policy_dir, args_dir, c, args.hf_max_tokens or args.max_tokens, args.k) for c in levels}
     results["HF per-request ARGS loop"] = hf
     print(f"tokens/s, {args.max_tokens} new tokens per request, guide dtype {args.guide_dtype}")
     print("arm | " + " | ".join(f"c={c}" for c in levels) + " | vs plain | vs HF loop (c=max)")

@@ -50,7 +50,7 @@ class VLLMEngineConfig:
     guides: dict[str, dict[str, str]] = field(default_factory=dict)
     guide_max_slots: int = 16
     guide_max_len: int = 2048
-    guide_dtype: str = "float32"
+    guide_dtype: str = "bfloat16"
 
     def engine_args(self, device: str):
         from vllm.engine.arg_utils import AsyncEngineArgs
