@@ -87,9 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-engine-restarts", type=int, default=5)
     serve.add_argument("--log-level", default="info")
 
+    from aligner.training.cli import add_subcommands as add_training
     from bench.cli import add_subcommands as add_bench
 
     add_bench(sub)
+    add_training(sub)
 
     prep = sub.add_parser("prepare-model", help="convert the packaged GGUF default model once")
     prep.add_argument("--output", type=Path, default=None, help=f"default: {default_model_dir()}")

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx  # noqa: E402
 import pytest  # noqa: E402
 
-from bench.launch import RunningServer, start_server, stop_server
+from bench.launch import REPO, RunningServer, start_server, stop_server
 
 MODEL = "SmolLM2-135M-Instruct"
 __all__ = ["MODEL", "RunningServer", "start_server", "stop_server"]
@@ -132,6 +132,7 @@ def server(tmp_path_factory, tiny_reward_dir, guide_dirs) -> Iterator[RunningSer
         "--max-model-len", "2048",
         "--reward-model", f"tiny={tiny_reward_dir}",
         "--reward-model", "exclaim=regex:!",
+        "--reward-model", f"helpful-harmless={REPO / 'models' / 'helpful-harmless'}",
         "--stream-keepalive-s", "0.1",
         "--guide", f"prefers-banana={guide_dirs['genarm']}",
         "--guide", f"prefers-second={guide_dirs['args']}",

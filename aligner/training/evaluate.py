@@ -1,0 +1,170 @@
+"""Pairwise evaluation of a saved reward model, loaded the way the server loads it.
+
+For every source file: accuracy (chosen scored above rejected, ties count half), the
+length-only baseline (prefer the longer answer, in characters) on the same pairs, the
+length-controlled accuracy (accuracy on the pairs whose chosen answer is not the longer
+one: a pure length detector scores 0 there) and the mean score gap chosen - rejected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from aligner.training.data import chosen_is_longer, response_text
+
+logger = logging.getLogger(__name__)
+
+REWARD_META = "aligner_reward.json"
+EVAL_FILE = "eval.json"
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """Training metadata (kind, beta, max_length, ...) of a model directory; {} if absent."""
+    meta = Path(path) / REWARD_META
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+def guess_kind(path: str | Path) -> str:
+    """'bt' or 'arm' from the metadata, else from the adapter task or the architecture."""
+    path = Path(path)
+    meta = read_meta(path)
+    if meta.get("kind"):
+        return meta["kind"]
+    for name, key in (("adapter_config.json", "task_type"), ("config.json", "architectures")):
+        if (path / name).is_file():
+            value = json.loads((path / name).read_text()).get(key) or ""
+            text = value if isinstance(value, str) else " ".join(value)
+            if "SEQ_CLS" in text or "SequenceClassification" in text:
+                return "bt"
+            if "CAUSAL_LM" in text or "CausalLM" in text:
+                return "arm"
+    raise ValueError(f"{path}: cannot tell a bt from an arm model; pass --kind")
+
+
+def load_reward_model(path: str | Path, kind: str):
+    """(model, tokenizer) in float32 through `aligner.model_refs`, as the server would load it."""
+    import torch
+
+    from aligner.model_refs import load_causal_lm, load_sequence_classifier
+
+    loader = load_sequence_classifier if kind == "bt" else load_causal_lm
+    return loader(path, dtype=torch.float32)
+
+
+def score_pairs(
+    model,
+    kind: str,
+    encoded: list[dict],
+    *,
+    beta: float = 1.0,
+    pad_token_id: int,
+    batch_size: int = 16,
+    desc: str = "Scoring",
+):
+    """(chosen_scores, rejected_scores) as lists of floats, one per encoded pair.
+
+    `encoded` rows are `PairEncoder.encode_pair` outputs. A bt score is the model's one
+    output; an arm score is beta times the summed response log-probability.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from aligner.training.arm import response_logprobs
+    from aligner.training.encoding import PairCollator
+
+    collate = PairCollator(pad_token_id)
+    # Batches of similar length waste less compute on padding; scores go back in input order.
+    lengths = [max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in encoded]
+    order = sorted(range(len(encoded)), key=lengths.__getitem__)
+    chosen, rejected = [0.0] * len(encoded), [0.0] * len(encoded)
+    model.eval()
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+            index = order[start : start + batch_size]
+            batch = collate([encoded[i] for i in index])
+            if kind == "bt":
+                scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+            else:
+                scores = beta * response_logprobs(
+                    model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+                )
+            c, r = scores.float().chunk(2)
+            for i, cs, rs in zip(index, c.tolist(), r.tolist()):
+                chosen[i], rejected[i] = cs, rs
+    return chosen, rejected
+
+
+def pair_metrics(rows: list[dict], chosen: list[float], rejected: list[float]) -> dict[str, Any]:
+    """Accuracy, length baseline, length-controlled accuracy and mean gap over scored pairs.
+
+    >>> rows = [{"chosen": [{"content": "long answer"}], "rejected": [{"content": "no"}]},
+    ...         {"chosen": [{"content": "ok"}], "rejected": [{"content": "rambling"}]}]
+    >>> m = pair_metrics(rows, [1.0, 0.5], [0.0, 1.0])
+    >>> m["accuracy"], m["length_baseline"], m["length_controlled_accuracy"], m["n_length_controlled"]
+    (0.5, 0.5, 0.0, 1)
+    """
+
+    def win(a: float, b: float) -> float:
+        return 1.0 if a > b else 0.5 if a == b else 0.0
+
+    def mean(values: list[float]) -> float | None:
+        return sum(values) / len(values) if values else None
+
+    wins = [win(c, r) for c, r in zip(chosen, rejected)]
+    length_wins = []
+    controlled = []
+    for row, w in zip(rows, wins):
+        lc, lr = len(response_text(row["chosen"])), len(response_text(row["rejected"]))
+        length_wins.append(win(lc, lr))
+        if not chosen_is_longer(row):
+            controlled.append(w)
+    return {
+        "n": len(rows),
+        "accuracy": mean(wins),
+        "length_baseline": mean(length_wins),
+        "length_controlled_accuracy": mean(controlled),
+        "n_length_controlled": len(controlled),
+        "mean_score_gap": mean([c - r for c, r in zip(chosen, rejected)]),
+    }
+
+
+def evaluate_model(
+    path: str | Path,
+    val: dict[str, list[dict]],
+    *,
+    kind: str | None = None,
+    beta: float | None = None,
+    max_length: int | None = None,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Score `val` (source -> clean rows) with the model saved at `path`; the JSON report."""
+    from aligner.training.encoding import PairEncoder
+
+    meta = read_meta(path)
+    kind = kind or guess_kind(path)
+    beta = beta if beta is not None else meta.get("beta", 1.0)
+    max_length = max_length or meta.get("max_length", 512)
+    model, tokenizer = load_reward_model(path, kind)
+    encoder = PairEncoder(tokenizer, max_length)
+    report: dict[str, Any] = {"model": str(path), "kind": kind, "max_length": max_length, "sources": {}}
+    if kind == "arm":
+        report["beta"] = beta
+    all_rows, all_chosen, all_rejected = [], [], []
+    for source, rows in val.items():
+        if not rows:
+            continue
+        encoded = [encoder.encode_pair(row) for row in rows]
+        chosen, rejected = score_pairs(
+            model, kind, encoded, beta=beta, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size,
+            desc=f"Scoring {source}",
+        )
+        report["sources"][source] = pair_metrics(rows, chosen, rejected)
+        logger.info("%s: %s", source, report["sources"][source])
+        all_rows += rows
+        all_chosen += chosen
+        all_rejected += rejected
+    report.update(pair_metrics(all_rows, all_chosen, all_rejected))
+    return report
