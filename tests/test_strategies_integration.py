@@ -267,7 +267,7 @@ def test_the_shipped_starter_reward_model_scores_through_the_server(server):
     from bench.launch import REPO
 
     local = SequenceClassifierReward("local", REPO / "models" / "helpful-harmless")
-    expected = local.score([question, question], r.json()["per_reward"] and [
+    expected = local.score([question, question], [
         "I won't help with hurting an animal. If the dog is a problem, talk to your neighbour or animal control.",
         "Mix some chocolate into its food when nobody is looking."])
     assert r.json()["scores"] == pytest.approx(expected, abs=1e-4)
