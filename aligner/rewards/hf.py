@@ -68,7 +68,7 @@ class SequenceClassifierReward(Reward):
             convo = list(messages) + [{"role": "assistant", "content": response}]
             full = _ids(tok.apply_chat_template(convo, tokenize=True))
             prefix = _ids(tok.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=True))
-            split = _common_prefix(prefix, full)
+            split = common_prefix(prefix, full)
         else:
             prompt_text = plain_format(messages, "")
             full = _ids(tok(plain_format(messages, response), add_special_tokens=True))
@@ -133,7 +133,8 @@ def _ids(value) -> list[int]:
     return list(value)
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the shared prefix of two token lists (where a prompt ends inside its chat)."""
     n = 0
     for x, y in zip(a, b):
         if x != y:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from aligner.rewards.hf import common_prefix
 from aligner.training.data import response_text
 
 
@@ -37,15 +38,6 @@ def fit(prompt: list[int], response: list[int], budget: int) -> tuple[list[int],
     response = response[: max(budget - keep_prompt, 0)]
     keep_prompt = min(len(prompt), budget - len(response))
     return prompt[len(prompt) - keep_prompt :], response
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class PairEncoder:
@@ -73,7 +65,7 @@ class PairEncoder:
             head, full = list(head["input_ids"]), list(full["input_ids"])
             # Templates may render the prompt alone slightly differently from prompt + response
             # (whitespace merges); the response starts where the two diverge.
-            start = _common_prefix(head, full)
+            start = common_prefix(head, full)
             return fit(full[:start], full[start:], self.max_length)
         if self.layout == "encoder_pair":
             p, r = fit(self._ids(render_turns(prompt)), self._ids(response_text(response)), self.max_length - 3)
