@@ -28,7 +28,8 @@ import torch
 from kernels.guide_combine import guide_combine
 from kernels.topk_combine import topk_reward_combine
 
-logger = logging.getLogger(__name__)
+# A child of vLLM's logger: inside the engine process only vLLM's logging is configured.
+logger = logging.getLogger("vllm.aligner.guided")
 
 from decoding.guide_spec import CONFIG_KEY, EXTRA_ARGS_KEY, MAX_ALPHA, MAX_K, MAX_WEIGHT, MODES
 

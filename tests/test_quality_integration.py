@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from aligner.rewards.rules import is_refusal
 from bench.quality import length_controlled_win_rate, win_rate_ci
 
 pytestmark = pytest.mark.integration
@@ -30,7 +31,7 @@ def run_cli(server, tmp_path, *args):
 def test_quality_report_with_a_rule_judge(server, tmp_path):
     out = tmp_path / "q.json"
     plot = tmp_path / "q.png"
-    proc = run_cli(server, tmp_path, "--judge", "rule:length_penalty",
+    proc = run_cli(server, tmp_path, "--judge", "rule:compliance",
                    "--strategy", 'bon={"strategy": "best_of_n", "n": 3, "reward": "refusal"}',
                    "--profile", "concise", "--output", str(out), "--plot", str(plot))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -40,8 +41,8 @@ def test_quality_report_with_a_rule_judge(server, tmp_path):
     assert len(data["answers"]) == 3 * 4
     for label, entry in summary.items():
         answers = [a for a in data["answers"] if a["strategy"] == label]
-        # The judge (length_penalty) is recomputed here, independently of the tool.
-        assert entry["mean_judge_reward"] == pytest.approx(np.mean([-len(a["text"].split()) / 100 for a in answers]))
+        # The judge (compliance: 1 unless the answer refuses) is recomputed here.
+        assert entry["mean_judge_reward"] == pytest.approx(np.mean([0.0 if is_refusal(a["text"]) else 1.0 for a in answers]))
         assert 0 <= entry["refusal_rate_harmful"] <= 1
     bon = summary["bon"]
     assert bon["win_rate_ci95"][0] <= bon["win_rate"] <= bon["win_rate_ci95"][1]
@@ -51,6 +52,8 @@ def test_quality_report_with_a_rule_judge(server, tmp_path):
 
 
 def test_refuses_to_judge_with_a_guiding_reward(server, tmp_path, tiny_reward_dir):
+    via_profile = run_cli(server, tmp_path, "--judge", "rule:length_penalty", "--profile", "concise")
+    assert via_profile.returncode == 2 and "also guides strategy 'profile:concise'" in via_profile.stderr
     by_name = run_cli(server, tmp_path, "--judge", "rule:length_penalty",
                       "--strategy", 'bon={"strategy": "best_of_n", "n": 2, "reward": "length_penalty"}')
     assert by_name.returncode == 2 and "also guides strategy 'bon'" in by_name.stderr
