@@ -28,5 +28,16 @@ def server(tmp_path_factory, guide_dirs):
     stop_server(running)
 
 
-def test_the_engine_ran_the_triton_kernels(server):
-    assert "guide kernels: triton" in server.log_path.read_text()
+
+def test_the_switch_selects_triton(monkeypatch):
+    """The engine process chooses kernels with this same function and environment."""
+    import torch
+
+    from kernels._dispatch import use_triton
+
+    monkeypatch.setenv("ALIGNER_KERNELS", "triton")
+    assert use_triton(torch.empty(1))
+    monkeypatch.setenv("ALIGNER_KERNELS", "torch")
+    assert not use_triton(torch.empty(1))
+    monkeypatch.setenv("ALIGNER_KERNELS", "auto")
+    assert use_triton(torch.empty(1)) == torch.cuda.is_available()
