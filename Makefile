@@ -27,11 +27,9 @@ $(STAMP): pyproject.toml
 model: $(STAMP)
 	$(VENV)/bin/aligner prepare-model > /dev/null
 
-# Starter reward models shipped in models/ are registered by default.
-STARTER_MODELS := $(foreach m,$(wildcard models/*/aligner_base.json),--reward-model $(notdir $(patsubst %/,%,$(dir $(m))))=$(dir $(m)))
 
 serve: setup
-	$(VENV)/bin/aligner serve --host $(HOST) --port $(PORT) $(STARTER_MODELS) $(SERVE_ARGS)
+	$(VENV)/bin/aligner serve --host $(HOST) --port $(PORT) --models-dir models $(SERVE_ARGS)
 
 test: setup
 	$(PY) -m pytest -q

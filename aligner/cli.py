@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -62,10 +63,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="register a token-level guide: a causal LM (genarm) or a causal reward model with a "
         "sequence-classification head (args), full checkpoint or adapter; repeatable",
     )
+    serve.add_argument(
+        "--models-dir",
+        default=None,
+        metavar="DIR",
+        help="register every model `aligner train` wrote under DIR, named after its folder: bt models "
+        "as rewards (and as ARGS guides on a causal backbone), arm models as GenARM guides",
+    )
     serve.add_argument("--guide-max-slots", type=int, default=16, help="guided sequences decoded at once")
     serve.add_argument("--guide-max-len", type=int, default=None, help="default: --max-model-len")
     serve.add_argument("--guide-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                        help="guide weights and cache (bf16 measured faster than fp32 on CPU)")
+    serve.add_argument(
+        "--helper-model",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="serve another causal LM (a Hugging Face directory) in its own vLLM engine, for the "
+        "rewrite strategy's `rewriter` and the correct strategy's `corrector`; repeatable",
+    )
+    serve.add_argument("--helper-kv-cache-gib", type=float, default=0.25, help="each helper's KV cache on CPU")
+    serve.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="GPU: the policy engine's share of device memory (default 0.9, less 0.1 per helper model, "
+        "each of which gets 0.1)",
+    )
     serve.add_argument("--default-reward", default=None, help="reward used when a request names none")
     serve.add_argument("--reward-max-length", type=int, default=1024, help="tokens per scored pair")
     serve.add_argument("--reward-batch-size", type=int, default=16)
@@ -122,8 +146,41 @@ def build_rewards(args):
     return rewards
 
 
+HELPER_GPU_SHARE = 0.1
+
+
+def build_helpers(args) -> dict:
+    """name -> VLLMEngine for every `--helper-model NAME=PATH` (not started yet)."""
+    from decoding.vllm_engine import VLLMEngine, VLLMEngineConfig
+
+    helpers = {}
+    for spec in args.helper_model:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"aligner: --helper-model expects NAME=PATH, got {spec!r}")
+        if name == "policy" or name in helpers:
+            raise SystemExit(f"aligner: helper model name {name!r} is taken")
+        if not (Path(path) / "config.json").is_file():
+            raise SystemExit(f"aligner: --helper-model {name}: {path} is not a Hugging Face model directory")
+        limit = json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings")
+        helpers[name] = VLLMEngine(VLLMEngineConfig(
+            model=str(Path(path).resolve()), served_model_name=name,
+            max_model_len=min(args.max_model_len, limit or args.max_model_len),
+            dtype=args.dtype, kv_cache_gib=args.helper_kv_cache_gib, max_num_seqs=16,
+            enforce_eager=args.enforce_eager, gpu_memory_utilization=HELPER_GPU_SHARE,
+        ))
+    return helpers
+
+
 def cmd_serve(args) -> int:
     import uvicorn
+
+    if args.models_dir is not None:
+        from aligner.model_refs import discover
+
+        found_rewards, found_guides = discover(args.models_dir)
+        args.reward_model = found_rewards + args.reward_model
+        args.guide = found_guides + args.guide
 
     from aligner.strategies import get_strategy
     from server.admission import AdmissionConfig
@@ -147,6 +204,7 @@ def cmd_serve(args) -> int:
         if not sep or not gname or not path:
             raise SystemExit(f"aligner: --guide expects NAME=PATH, got {spec!r}")
         guide_specs[gname] = {"path": str(Path(path).resolve()), "mode": guide_mode(path)}
+    helpers = build_helpers(args)
     guide_max_len = args.guide_max_len or args.max_model_len
     guides = GuideRegistry({n: g["mode"] for n, g in guide_specs.items()}, args.guide_max_slots, guide_max_len)
     engine = VLLMEngine(
@@ -162,6 +220,7 @@ def cmd_serve(args) -> int:
             guide_max_slots=args.guide_max_slots,
             guide_max_len=guide_max_len,
             guide_dtype=args.guide_dtype,
+            gpu_memory_utilization=args.gpu_memory_utilization or 0.9 - HELPER_GPU_SHARE * len(helpers),
         )
     )
     config = ServerConfig(
@@ -190,7 +249,7 @@ def cmd_serve(args) -> int:
     except ProfileError as exc:
         raise SystemExit(f"aligner: bad --profiles file: {exc}") from None
     rewards = build_rewards(args)
-    app = build_app(engine, config, rewards, profiles, guides)
+    app = build_app(engine, config, rewards, profiles, guides, helpers)
     print(f"aligner: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -108,3 +108,31 @@ def load_causal_lm(path: str | Path, dtype="auto"):
     from transformers import AutoModelForCausalLM
 
     return _load(path, AutoModelForCausalLM, dtype)
+
+
+REWARD_META_FILE = "aligner_reward.json"
+GUIDE_MODEL_TYPES = ("llama", "mistral", "qwen2")  # what decoding.guide_model.SlotDecoder runs
+
+
+def discover(models_dir: str | Path) -> tuple[list[str], list[str]]:
+    """`--reward-model` and `--guide` specs (NAME=PATH) for the trained models in `models_dir`.
+
+    Every subdirectory with an `aligner_reward.json` (what `aligner train` writes) counts, named
+    after the directory: a `bt` model is a reward, and also an ARGS guide when its backbone is a
+    causal decoder the guide runtime supports; an `arm` model is a GenARM guide.
+    """
+    rewards, guides = [], []
+    for meta_file in sorted(Path(models_dir).glob(f"*/{REWARD_META_FILE}")):
+        path = meta_file.parent
+        kind = json.loads(meta_file.read_text()).get("kind")
+        spec = f"{path.name}={path}"
+        if kind == "arm":
+            guides.append(spec)
+        elif kind == "bt":
+            rewards.append(spec)
+            base = base_of(path) or path
+            if json.loads((base / "config.json").read_text()).get("model_type") in GUIDE_MODEL_TYPES:
+                guides.append(spec)
+        else:
+            raise ValueError(f"{meta_file}: unknown model kind {kind!r}")
+    return rewards, guides

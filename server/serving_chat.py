@@ -50,11 +50,15 @@ def chat_logprobs(items: list[TokenLogprob] | None) -> ChatChoiceLogprobs | None
 
 
 class ServingChat(ServingBase):
-    def __init__(self, engine, config: ServerConfig, admission, metrics, rewards: RewardRegistry, profiles: ProfileStore, guides=None):
+    def __init__(
+        self, engine, config: ServerConfig, admission, metrics, rewards: RewardRegistry, profiles: ProfileStore,
+        guides=None, helpers: dict | None = None,
+    ):
         super().__init__(engine, config, admission, metrics)
         self.rewards = rewards
         self.profiles = profiles
         self.guides = guides
+        self.helpers = helpers or {}
 
     async def create_chat_completion(
         self, request: ChatCompletionRequest, strategy_header: str | None = None
@@ -79,6 +83,7 @@ class ServingChat(ServingBase):
             keepalive_s=self.config.stream_keepalive_s,
             templates=self.profiles.templates,
             guides=self.guides,
+            helpers=self.helpers,
         )
         _, alias = split_model(request.model)
         resolved = resolve_alignment(request.alignment, strategy_header, alias, self.config, ctx, self.profiles)

@@ -61,7 +61,7 @@ def _one_token(tokenizer, text: str) -> int:
     return ids[0]
 
 
-def build_preference_guide(target: Path, kind: str, token_id: int) -> Path:
+def build_preference_guide(target: Path, kind: str, token_id: int, hidden: int = 32, heads: int = 4) -> Path:
     """A 1-layer guide whose preference is known by construction: its layers add nothing, so
     the last hidden state is the normalised embedding of the current token.
 
@@ -76,9 +76,8 @@ def build_preference_guide(target: Path, kind: str, token_id: int) -> Path:
     from aligner.model_prep import prepare_default_model
 
     tokenizer = AutoTokenizer.from_pretrained(prepare_default_model())
-    hidden = 32
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=4096,
                          tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
                          num_labels=1)
     model = (LlamaForCausalLM if kind == "genarm" else LlamaForSequenceClassification)(config)
@@ -126,17 +125,27 @@ def guide_dirs(tmp_path_factory, guide_targets) -> dict:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory, tiny_reward_dir, guide_dirs) -> Iterator[RunningServer]:
+def banana_lm_dir(tmp_path_factory, guide_targets) -> Path:
+    """A causal LM that says " banana" forever, shaped so that vLLM serves it (64-wide heads):
+    the helper model the rewrite and correct strategies can be pointed at."""
+    return build_preference_guide(tmp_path_factory.mktemp("banana-lm") / "banana-lm", "genarm",
+                                  guide_targets["genarm"], hidden=128, heads=2)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, tiny_reward_dir, guide_dirs, banana_lm_dir) -> Iterator[RunningServer]:
     running = start_server(
         tmp_path_factory.mktemp("server"),
         "--max-model-len", "2048",
+        "--models-dir", str(REPO / "models"),  # the shipped starter models, as `make serve` has them
         "--reward-model", f"tiny={tiny_reward_dir}",
         "--reward-model", "exclaim=regex:!",
-        "--reward-model", f"helpful-harmless={REPO / 'models' / 'helpful-harmless'}",
+        "--reward-model", "banana=regex:banana",
         "--stream-keepalive-s", "0.1",
         "--guide", f"prefers-banana={guide_dirs['genarm']}",
         "--guide", f"prefers-second={guide_dirs['args']}",
         "--guide-max-slots", "4",
+        "--helper-model", f"banana-lm={banana_lm_dir}",
     )
     yield running
     stop_server(running)

@@ -104,6 +104,42 @@ def test_correct_is_accepted_only_if_it_scores_higher(server):
         assert answer != entry["correction"] or entry["corrected_score"] == entry["original_score"]
 
 
+BANANAS = " ".join(["banana"] * 12)
+
+
+def test_a_registered_helper_model_corrects_and_is_reward_gated(server):
+    """`corrector: banana-lm` is a second vLLM engine serving a model that only says " banana"."""
+    ready = httpx.get(f"{server.base_url}/ready", timeout=10).json()
+    assert ready["helper_models"] == ["banana-lm"]
+    kept = ok(server, {"strategy": "correct", "corrector": "banana-lm", "reward": "banana", "return_candidates": True})
+    (entry,) = kept["alignment"]["correct"]
+    assert entry["correction"].startswith(BANANAS)  # written by the helper, not the policy
+    assert entry["accepted"] and kept["choices"][0]["message"]["content"] == entry["correction"]
+    assert entry["corrected_score"] > entry["original_score"]
+    # A reward that dislikes the correction keeps the policy's answer.
+    refused = ok(server, {"strategy": "correct", "corrector": "banana-lm", "reward": "length_penalty",
+                          "return_candidates": True})
+    (entry,) = refused["alignment"]["correct"]
+    assert not entry["accepted"] and "banana" not in refused["choices"][0]["message"]["content"]
+
+
+def test_a_registered_helper_model_rewrites_the_prompt(server):
+    report = ok(server, {"strategy": "rewrite", "rewriter": "banana-lm"})["alignment"]
+    stage = report["prompt_stages"][0]
+    assert stage["original"] == MESSAGES[0]["content"] and stage["rewrite"].startswith(BANANAS)
+    assert report["params"]["rewriter"] == "banana-lm"
+
+
+@pytest.mark.parametrize("alignment, param", [
+    ({"strategy": "correct", "corrector": "gpt-5"}, "alignment.corrector"),
+    ({"strategy": "rewrite", "rewriter": "nobody"}, "alignment.rewriter"),
+])
+def test_unknown_helper_models_are_400(server, alignment, param):
+    r = post(server, alignment)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
+    assert "banana-lm" in r.json()["error"]["message"]  # the message lists what is served
+
+
 def test_three_stage_pipeline_reports_every_stage(server):
     alignment = {"pipeline": [{"strategy": "urial"}, {"strategy": "best_of_n", "n": 3, "reward": "tiny"},
                               {"strategy": "self_refine", "rounds": 1, "reward": "tiny", "max_critique_tokens": 16}]}

@@ -65,6 +65,9 @@ class StrategyContext:
     templates: dict[str, Any] = field(default_factory=dict)
     # Token-level guides the engine was built with (`guided.GuideRegistry`), if any.
     guides: Any = None
+    # Helper models registered at start (`--helper-model`): name -> Engine, for rewriters
+    # and correctors other than the policy.
+    helpers: dict[str, Engine] = field(default_factory=dict)
 
     @property
     def n(self) -> int:

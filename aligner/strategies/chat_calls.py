@@ -1,10 +1,27 @@
-"""One-off policy calls that strategies make for themselves (rewrites, critiques, revisions)."""
+"""One-off model calls that strategies make for themselves (rewrites, critiques, revisions),
+on the policy or on a helper model registered at start."""
 
 from __future__ import annotations
 
-from decoding.engine import SamplingConfig
+from decoding.engine import Engine, SamplingConfig
 
-from aligner.strategies.base import StageReport, StrategyContext, StrategyUnavailable, Timer
+from aligner.strategies.base import StageReport, StrategyContext, StrategyParamError, StrategyUnavailable, Timer
+
+POLICY = "policy"
+
+
+def model_names(ctx: StrategyContext) -> list[str]:
+    return [POLICY, *sorted(ctx.helpers)]
+
+
+def check_model(ctx: StrategyContext, name: str, param: str) -> None:
+    """A 400 naming `param` unless `name` is the policy or a registered helper model."""
+    if name != POLICY and name not in ctx.helpers:
+        raise StrategyParamError(f"unknown model {name!r}; this server has: {', '.join(model_names(ctx))}", param)
+
+
+def model_engine(ctx: StrategyContext, name: str) -> Engine:
+    return ctx.engine if name == POLICY else ctx.helpers[name]
 
 
 async def chat_once(
@@ -15,10 +32,14 @@ async def chat_once(
     max_tokens: int,
     temperature: float = 0.7,
     n: int = 1,
+    model: str = POLICY,
 ) -> tuple[list[str], StageReport]:
-    """Ask the policy `messages`, return n answers and the stage's usage."""
-    prompt_ids = ctx.engine.tokenizer.encode_chat(messages)
-    room = ctx.engine.max_model_len - len(prompt_ids)
+    """Ask `model` (the policy or a helper) `messages`; its n answers and the stage's usage."""
+    engine = model_engine(ctx, model)
+    if not engine.ready:
+        raise StrategyUnavailable(f"model {model!r} is not ready (loading, restarting or dead)")
+    prompt_ids = engine.tokenizer.encode_chat(messages)
+    room = engine.max_model_len - len(prompt_ids)
     if room < 1:
         raise StrategyUnavailable(f"the {stage} prompt is longer than the model's context")
     sampling = SamplingConfig(
@@ -32,7 +53,7 @@ async def chat_once(
     completion = cached = 0
     prompt_tokens = len(prompt_ids)
     with Timer() as timer:
-        async for chunk in ctx.engine.generate(f"{ctx.request_id}-{stage}", prompt_ids, sampling):
+        async for chunk in engine.generate(f"{ctx.request_id}-{stage}", prompt_ids, sampling):
             cached = max(cached, chunk.cached_tokens)
             for delta in chunk.sequences:
                 texts[delta.index] += delta.text

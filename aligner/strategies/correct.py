@@ -1,6 +1,6 @@
 """`correct` (Aligner-style): a corrector reads (question, answer) and writes an improved
 answer, accepted only if the reward scores it higher. The corrector is the policy with a
-correction prompt."""
+correction prompt, or a helper model registered at start (`--helper-model NAME=PATH`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pydantic import Field
 from aligner.rewards import RewardError
 from aligner.strategies.base import Candidate, StrategyContext, StrategyParams, StrategyResult, register
 from aligner.strategies.best_of_n import RewardField, resolve_reward
-from aligner.strategies.chat_calls import chat_once, question_of
+from aligner.strategies.chat_calls import POLICY, chat_once, check_model, question_of
 from aligner.strategies.pipeline import OutputStrategy
 from aligner.strategies.self_refine import gate_failed
 from aligner.strategies.templates import CORRECT_PROMPT
@@ -17,7 +17,7 @@ from aligner.strategies.templates import CORRECT_PROMPT
 
 class CorrectParams(StrategyParams):
     reward: str | dict[str, float] | None = RewardField
-    corrector: str = Field(default="policy", description="the corrector model; only the policy is served so far")
+    corrector: str = Field(default=POLICY, description="'policy' or a helper model registered at start")
 
 
 @register
@@ -27,10 +27,7 @@ class CorrectStrategy(OutputStrategy):
     Params = CorrectParams
 
     def check(self, params: CorrectParams, ctx: StrategyContext) -> CorrectParams:
-        from aligner.strategies.base import StrategyParamError
-
-        if params.corrector != "policy":
-            raise StrategyParamError("only corrector 'policy' is available on this server", "corrector")
+        check_model(ctx, params.corrector, "corrector")
         return params.model_copy(update={"reward": resolve_reward(params, ctx)})
 
     async def refine(self, ctx: StrategyContext, params: CorrectParams, result: StrategyResult) -> StrategyResult:
@@ -38,7 +35,10 @@ class CorrectStrategy(OutputStrategy):
         report = []
         for c, choice in enumerate(result.choices):
             ask = [{"role": "user", "content": CORRECT_PROMPT.format(question=question, answer=choice.text)}]
-            (corrected,), stage = await chat_once(ctx, ask, stage=f"correct-{c}", max_tokens=ctx.sampling.max_tokens, temperature=0.0)
+            (corrected,), stage = await chat_once(
+                ctx, ask, stage=f"correct-{c}", max_tokens=ctx.sampling.max_tokens, temperature=0.0,
+                model=params.corrector,
+            )
             result.stages.append(stage)
             try:
                 before, after = (await ctx.rewards.score(params.reward, ctx.messages, [choice.text, corrected])).total

@@ -1,5 +1,6 @@
-"""`rewrite`: black-box prompt optimisation (BPO-style). The policy, given a meta-prompt,
-rewrites the user's last message to be clearer and safer before the answer is generated.
+"""`rewrite`: black-box prompt optimisation (BPO-style). A rewriter, given a meta-prompt,
+rewrites the user's last message to be clearer and safer before the answer is generated. The
+rewriter is the policy, or a helper model registered at start (`--helper-model NAME=PATH`).
 
 With `candidates: m > 1`, m rewrites are drafted, each answered once, the answers scored by
 the reward against the *original* question, and the rewrite whose answer scored best is kept.
@@ -12,7 +13,7 @@ from pydantic import Field
 from aligner.rewards import RewardError
 from aligner.strategies.base import StrategyContext, StrategyParams, register
 from aligner.strategies.best_of_n import resolve_reward
-from aligner.strategies.chat_calls import chat_once, last_user_message
+from aligner.strategies.chat_calls import POLICY, chat_once, check_model, last_user_message
 from aligner.strategies.pipeline import PromptOutcome, PromptStrategy
 from aligner.strategies.templates import REWRITE_PROMPT
 
@@ -23,6 +24,7 @@ class RewriteParams(StrategyParams):
     candidates: int = Field(default=1, ge=1, le=MAX_REWRITE_CANDIDATES, description="rewrites to draft")
     max_rewrite_tokens: int = Field(default=128, ge=8, le=512)
     reward: str | dict[str, float] | None = Field(default=None, description="scores answers when candidates > 1")
+    rewriter: str = Field(default=POLICY, description="'policy' or a helper model registered at start")
 
 
 @register
@@ -32,6 +34,7 @@ class RewriteStrategy(PromptStrategy):
     Params = RewriteParams
 
     def check(self, params: RewriteParams, ctx: StrategyContext) -> RewriteParams:
+        check_model(ctx, params.rewriter, "rewriter")
         if params.candidates > 1:
             return params.model_copy(update={"reward": resolve_reward(params, ctx)})
         return params
@@ -45,7 +48,7 @@ class RewriteStrategy(PromptStrategy):
         ask = [{"role": "user", "content": REWRITE_PROMPT.format(question=original)}]
         rewrites, report = await chat_once(
             ctx, ask, stage="rewrite", max_tokens=params.max_rewrite_tokens, n=params.candidates,
-            temperature=0.7 if params.candidates > 1 else 0.0,
+            temperature=0.7 if params.candidates > 1 else 0.0, model=params.rewriter,
         )
         rewrites = [r or original for r in rewrites]
         stages = [report]

@@ -69,7 +69,9 @@ def write_model_card(
         "Validation holds out a seeded fraction of each file's distinct prompts (no validation "
         "prompt appears in training).",
         f"## Training\n\n- steps: {train_info.get('steps')}, pairs seen: {train_info.get('pairs_seen')}, "
-        f"time: {train_info.get('seconds', 0):.0f} s on {train_info.get('hardware')}\n"
+        f"time: {train_info.get('seconds', 0):.0f} s on {train_info.get('hardware')}"
+        + (f" (this run, resumed from {train_info['resumed_from']})" if train_info.get("resumed_from") else "")
+        + "\n"
         f"- trainable parameters: {train_info.get('trainable_params')}, final training loss: "
         f"{train_info.get('train_loss')}\n{hyper}",
     ]
@@ -78,9 +80,37 @@ def write_model_card(
             "## Validation\n\n" + accuracy_table(report) + "\n\nLength-controlled accuracy counts only "
             "the pairs whose chosen answer is not the longer one (in characters)."
         )
+        if "log_ratio" in report:
+            sections.append(
+                "### Scored by the log-probability ratio to the base\n\n" + accuracy_table(report["log_ratio"])
+                + f"\n\nScore: {config.beta} * sum_t (log p(y_t | x, y_<t) - log p_base(y_t | x, y_<t))."
+            )
     if notes:
         sections.append(f"## Notes\n\n{notes}")
     sections.append(f"## Command\n\n```\n{command}\n```")
     path = output / "README.md"
     path.write_text("\n\n".join(sections) + "\n")
     return path
+
+
+def rebuild_card(model_dir: str | Path, command: str | None = None, notes: list[str] | None = None) -> Path:
+    """Write README.md again from the `eval.json` a training run left (e.g. after editing notes)."""
+    import json
+
+    from aligner.training.evaluate import EVAL_FILE
+
+    model_dir = Path(model_dir)
+    saved = json.loads((model_dir / EVAL_FILE).read_text())
+    known = RewardTrainingConfig.__dataclass_fields__
+    config = RewardTrainingConfig(**{k: v for k, v in saved["config"].items() if k in known})
+    if notes is not None:
+        config.card_notes = notes
+    report = {k: v for k, v in saved.items() if k not in ("data", "train", "config", "command", "split")}
+    return write_model_card(
+        model_dir,
+        config,
+        stats=saved["data"],
+        train_info=saved["train"],
+        report=report if "accuracy" in report else None,
+        command=command or saved.get("command", ""),
+    )

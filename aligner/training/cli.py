@@ -127,6 +127,15 @@ def cmd_eval_rm(args: argparse.Namespace) -> int:
     print(text)
     if args.output:
         Path(args.output).write_text(text + "\n")
+    if args.save:
+        from aligner.training.train import write_record
+
+        previous = json.loads(eval_file.read_text()) if eval_file.is_file() else {}
+        kept = {k: previous[k] for k in ("data", "train", "config", "command") if k in previous}
+        if "config" in kept:
+            write_record(Path(args.model), {**report, **kept})
+        else:
+            eval_file.write_text(text + "\n")
     return 0
 
 
@@ -150,6 +159,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per scoring batch")
     parser.add_argument("--output", default=None, help="also write the JSON report here")
+    parser.add_argument(
+        "--save",
+        action="store_true",
+        help="store the report as the model's eval.json metrics and re-render its README.md "
+        "(meant for the training files' validation split, e.g. after an interrupted evaluation)",
+    )
 
 
 def add_subcommands(subparsers) -> None:

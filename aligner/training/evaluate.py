@@ -4,10 +4,16 @@ For every source file: accuracy (chosen scored above rejected, ties count half),
 length-only baseline (prefer the longer answer, in characters) on the same pairs, the
 length-controlled accuracy (accuracy on the pairs whose chosen answer is not the longer
 one: a pure length detector scores 0 there) and the mean score gap chosen - rejected.
+
+An `arm` model trained as an adapter is scored twice: by its own summed log-probability
+(the reward GenARM decoding adds) and by the summed log-probability *ratio* against its base
+(``beta * sum_t (log pi_r - log pi_base)``, under `log_ratio`), which cancels how likely the
+base finds an answer, its length above all, and shows what training added.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -152,19 +158,46 @@ def evaluate_model(
     report: dict[str, Any] = {"model": str(path), "kind": kind, "max_length": max_length, "sources": {}}
     if kind == "arm":
         report["beta"] = beta
-    all_rows, all_chosen, all_rejected = [], [], []
+    reference = _reference_model(path) if kind == "arm" else None
+    ratio: dict[str, Any] = {"sources": {}}
+    all_rows, scored, ratios = [], ([], []), ([], [])
     for source, rows in val.items():
         if not rows:
             continue
         encoded = [encoder.encode_pair(row) for row in rows]
-        chosen, rejected = score_pairs(
-            model, kind, encoded, beta=beta, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size,
-            desc=f"Scoring {source}",
+        score = functools.partial(
+            score_pairs, kind=kind, encoded=encoded, beta=beta, pad_token_id=tokenizer.pad_token_id,
+            batch_size=batch_size,
         )
+        chosen, rejected = score(model, desc=f"Scoring {source}")
         report["sources"][source] = pair_metrics(rows, chosen, rejected)
         logger.info("%s: %s", source, report["sources"][source])
         all_rows += rows
-        all_chosen += chosen
-        all_rejected += rejected
-    report.update(pair_metrics(all_rows, all_chosen, all_rejected))
+        scored[0].extend(chosen)
+        scored[1].extend(rejected)
+        if reference is not None:
+            ref_chosen, ref_rejected = score(reference, desc=f"Scoring {source} (base)")
+            chosen = [a - b for a, b in zip(chosen, ref_chosen)]
+            rejected = [a - b for a, b in zip(rejected, ref_rejected)]
+            ratio["sources"][source] = pair_metrics(rows, chosen, rejected)
+            logger.info("%s, log-ratio to the base: %s", source, ratio["sources"][source])
+            ratios[0].extend(chosen)
+            ratios[1].extend(rejected)
+    report.update(pair_metrics(all_rows, *scored))
+    if reference is not None:
+        ratio.update(pair_metrics(all_rows, *ratios))
+        report["log_ratio"] = ratio
     return report
+
+
+def _reference_model(path: str | Path):
+    """The base an `arm` adapter was trained on (float32), or None for a full checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from aligner.model_refs import base_of
+
+    base = base_of(Path(path))
+    if base is None:
+        return None
+    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()

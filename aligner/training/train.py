@@ -217,7 +217,6 @@ def train(config: RewardTrainingConfig, command: str = "") -> dict[str, Any]:
     from peft import LoraConfig
     from transformers import AutoTokenizer, set_seed
 
-    from aligner.training.card import write_model_card
     from aligner.training.data import load_preference_data
     from aligner.training.encoding import PairEncoder
     from aligner.training.evaluate import evaluate_model
@@ -276,8 +275,9 @@ def train(config: RewardTrainingConfig, command: str = "") -> dict[str, Any]:
         config.kind, config.base, len(train_dataset), trainable,
     )
 
+    resume_from = _resume_point(config)
     started = time.monotonic()
-    trainer.train(resume_from_checkpoint=_resume_point(config))
+    trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.monotonic() - started
     save_model(trainer, tokenizer, config, output, encoder.layout, max_length)
 
@@ -287,23 +287,27 @@ def train(config: RewardTrainingConfig, command: str = "") -> dict[str, Any]:
         "steps": steps,
         "pairs_seen": steps * config.batch_size * config.grad_accum,
         "seconds": seconds,
+        "resumed_from": Path(resume_from).name if resume_from else None,
         "hardware": _hardware(),
         "trainable_params": trainable,
         "train_loss": round(losses[-1], 4) if losses else None,
         "loss_history": [round(x, 4) for x in losses],
     }
     stats = {name: s.as_dict() for name, s in data.stats.items()}
+    record = {"data": stats, "train": train_info, "config": asdict(config), "command": command}
+    # Card and record first: an evaluation that is interrupted leaves a described model behind
+    # (`eval-rm --save` fills the numbers in later).
+    write_record(output, record)
     report: dict[str, Any] = {}
     if config.evaluate and any(data.val.values()):
         report = evaluate_model(output, data.val, batch_size=config.eval_batch_size)
-    (output / EVAL_FILE).write_text(
-        json.dumps(
-            {**report, "data": stats, "train": train_info, "config": asdict(config), "command": command},
-            indent=2,
-        )
-        + "\n"
-    )
-    write_model_card(
-        output, config, stats=stats, train_info=train_info, report=report or None, command=command
-    )
+        write_record(output, {**report, **record})
     return report
+
+
+def write_record(output: Path, record: dict[str, Any]) -> None:
+    """`eval.json` (metrics, data, training, config, command) and the README rendered from it."""
+    from aligner.training.card import rebuild_card
+
+    (output / EVAL_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    rebuild_card(output)
