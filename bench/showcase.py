@@ -53,12 +53,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     http = httpx.Client(timeout=900)
+    arms = strategies(args.reward)
+    # Every token-level guide the server registered (e.g. the shipped starter guides).
+    for entry in http.get(f"{args.base_url}/alignment/rewards").json()["data"]:
+        if entry["kind"] == "guide":
+            knobs = {"alpha": 1.0} if entry["mode"] == "genarm" else {"k": 10, "weight": 1.0}
+            label = ", ".join(f"{k}={v}" for k, v in knobs.items())
+            arms[f"guided {entry['mode']} ({entry['name']}, {label})"] = {
+                "strategy": "guided", "guide": entry["name"], "mode": entry["mode"], **knobs}
     for kind, prompt in default_prompts():
         messages = [{"role": "user", "content": prompt}]
         print(f"\n**{kind}**: {prompt}\n")
         print("| strategy | reward | latency s | generated tokens | answer (start) |")
         print("| --- | ---: | ---: | ---: | --- |")
-        for name, alignment in strategies(args.reward).items():
+        for name, alignment in arms.items():
             start = time.perf_counter()
             r = http.post(f"{args.base_url}/chat/completions", json={
                 "model": MODEL, "messages": messages, "max_tokens": args.max_tokens, "seed": args.seed,

@@ -31,14 +31,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
-def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding. x: (T, heads, D); positions: (T,) -> (T, heads, D)."""
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (T, 1, D) in `dtype`, for positions (T,): computed once per forward
+    and used by every layer (angles in float32, applied in the model's dtype, as Hugging Face does)."""
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
-    cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
+    return emb.cos()[:, None, :].to(dtype), emb.sin()[:, None, :].to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding. x: (T, heads, D); cos, sin from `rope_tables` -> (T, heads, D)."""
     x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class _Layer:
@@ -121,9 +125,10 @@ class SlotDecoder:
         slot_t = torch.tensor(slots, device=self.device)
         lengths = self.lengths[slots].to(self.device)
         x = self.embed[torch.tensor(tokens, device=self.device)]
+        rope = rope_tables(lengths, self.inv_freq, self.dtype)
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.ln1, self.eps)
-            q, k, v = self._qkv(layer, h, lengths)
+            q, k, v = self._qkv(layer, h, rope)
             attn = candidate_attention(q[:, None], k[:, None], v[:, None], self.k_cache[i], self.v_cache[i], slot_t, lengths)
             self.k_cache[i, slot_t, :, lengths] = k
             self.v_cache[i, slot_t, :, lengths] = v
@@ -140,9 +145,10 @@ class SlotDecoder:
         positions = torch.arange(start, start + count, device=self.device)
         x = self.embed[torch.tensor(tokens, device=self.device)]
         group = self.heads // self.kv_heads
+        rope = rope_tables(positions, self.inv_freq, self.dtype)
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.ln1, self.eps)
-            q, k, v = self._qkv(layer, h, positions)
+            q, k, v = self._qkv(layer, h, rope)
             self.k_cache[i, slot, :, start : start + count] = k.transpose(0, 1)
             self.v_cache[i, slot, :, start : start + count] = v.transpose(0, 1)
             keys = self.k_cache[i, slot, :, : start + count].repeat_interleave(group, dim=0)
@@ -157,12 +163,12 @@ class SlotDecoder:
         self.lengths[slot] += count
         return rms_norm(x[-1], self.norm, self.eps)
 
-    def _qkv(self, layer: _Layer, h: torch.Tensor, positions: torch.Tensor):
+    def _qkv(self, layer: _Layer, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         t = h.shape[0]
         q = layer.q(h).view(t, self.heads, self.head_dim)
         k = layer.k(h).view(t, self.kv_heads, self.head_dim)
         v = layer.v(h).view(t, self.kv_heads, self.head_dim)
-        return rotate(q, positions, self.inv_freq), rotate(k, positions, self.inv_freq), v
+        return rotate(q, *rope), rotate(k, *rope), v
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
         h = rms_norm(x, layer.ln2, self.eps)
@@ -187,9 +193,10 @@ class SlotDecoder:
         lengths = self.lengths[slots].to(self.device)
         positions = lengths.repeat_interleave(kc)
         x = self.embed[candidates.reshape(-1).to(self.device)]
+        rope = rope_tables(positions, self.inv_freq, self.dtype)
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.ln1, self.eps)
-            q, k, v = self._qkv(layer, h, positions)
+            q, k, v = self._qkv(layer, h, rope)
             shape = lambda t, heads: t.view(batch, kc, heads, self.head_dim)  # noqa: E731
             attn = candidate_attention(shape(q, self.heads), shape(k, self.kv_heads), shape(v, self.kv_heads),
                                        self.k_cache[i], self.v_cache[i], slot_t, lengths)

@@ -135,3 +135,18 @@ def test_guided_errors_are_400(server, alignment, extra, param):
     body = {"model": MODEL, "messages": GUIDE_PROMPT, "max_tokens": 4, "alignment": alignment, **extra}
     r = httpx.post(f"{server.v1}/chat/completions", json=body, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.parametrize("guide, mode, knobs", [
+    ("helpful-harmless-arm", "genarm", {"alpha": 3.0}),
+    ("helpful-harmless-causal", "args", {"k": 8, "weight": 20.0}),
+])
+def test_the_shipped_starter_guides_steer_decoding(server, guide, mode, knobs):
+    """`--models-dir models` registers the trained starter guides as `make serve` does."""
+    listed = httpx.get(f"{server.v1}/alignment/rewards", timeout=30).json()["data"]
+    assert {"name": guide, "kind": "guide", "mode": mode} in listed
+    harmful = [{"role": "user", "content": "How do I pick the lock on my neighbour's front door?"}]
+    plain = chat(server, messages=harmful, max_tokens=32)
+    guided = chat(server, {"strategy": "guided", "guide": guide, **knobs}, messages=harmful, max_tokens=32)
+    assert guided["alignment"]["guide"] == guide and guided["alignment"]["mode"] == mode
+    assert text(guided) and text(guided) != text(plain)

@@ -254,11 +254,13 @@ def test_score_endpoint_matches_independent_scores(server, tiny_rm):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "reward.nope"
 
 
-def test_the_shipped_starter_reward_model_scores_through_the_server(server):
-    """models/helpful-harmless (a LoRA adapter + head on the packaged MiniLM encoder)."""
+@pytest.mark.parametrize("name", ["helpful-harmless", "helpful-harmless-causal"])
+def test_the_shipped_starter_reward_models_score_through_the_server(server, name):
+    """models/helpful-harmless (LoRA + head on the packaged MiniLM encoder) and
+    models/helpful-harmless-causal (LoRA + head on the policy's own backbone)."""
     question = [{"role": "user", "content": "How can I hurt my neighbour's dog without anyone noticing?"}]
     r = httpx.post(f"{server.v1}/alignment/score", timeout=60, json={
-        "messages": question, "reward": "helpful-harmless",
+        "messages": question, "reward": name,
         "responses": ["I won't help with hurting an animal. If the dog is a problem, talk to your neighbour or animal control.",
                       "Mix some chocolate into its food when nobody is looking."]})
     assert r.status_code == 200, r.text
@@ -266,7 +268,7 @@ def test_the_shipped_starter_reward_model_scores_through_the_server(server):
     from aligner.rewards.hf import SequenceClassifierReward
     from bench.launch import REPO
 
-    local = SequenceClassifierReward("local", REPO / "models" / "helpful-harmless")
+    local = SequenceClassifierReward("local", REPO / "models" / name)
     expected = local.score([question, question], [
         "I won't help with hurting an animal. If the dog is a problem, talk to your neighbour or animal control.",
         "Mix some chocolate into its food when nobody is looking."])
@@ -274,5 +276,5 @@ def test_the_shipped_starter_reward_model_scores_through_the_server(server):
     assert len(set(r.json()["scores"])) == 2
     reply = httpx.post(f"{server.v1}/chat/completions", timeout=300, json={
         "model": MODEL, "messages": question, "max_tokens": 24, "seed": 0,
-        "alignment": {"strategy": "best_of_n", "n": 3, "reward": "helpful-harmless"}})
-    assert reply.status_code == 200 and reply.json()["alignment"]["params"]["reward"] == {"helpful-harmless": 1.0}
+        "alignment": {"strategy": "best_of_n", "n": 3, "reward": name}})
+    assert reply.status_code == 200 and reply.json()["alignment"]["params"]["reward"] == {name: 1.0}
