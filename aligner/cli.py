@@ -261,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         level=getattr(logging, str(getattr(args, "log_level", "info")).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # One INFO line per HTTP request drowns the reports of `bench` and `train`.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.command == "serve":
         return cmd_serve(args)
     if args.command == "prepare-model":
