@@ -32,6 +32,17 @@ PROMPTS = [
 ]
 
 
+def reward_server(args, prefix: str, *extra: str):
+    """(server or None, base URL): `args.base_url` if given, else a fresh server with the
+    reward `args.reward` (`args.reward_model`, or a MiniLM model with an untrained head)."""
+    if args.base_url is not None:
+        return None, args.base_url
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    rm = Path(args.reward_model) if args.reward_model else build_minilm_reward_model(work / "minilm-rm")
+    server = start_server(work, "--reward-model", f"{args.reward}={rm}", *extra)
+    return server, server.v1
+
+
 def build_minilm_reward_model(target: Path) -> Path:
     """The all-MiniLM-L6-v2 encoder (from its PyPI package) with a fresh one-output head:
     the compute of a realistic small reward model, scores meaningless."""
@@ -104,13 +115,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
 
-    server = None
-    base_url = args.base_url
-    if base_url is None:
-        work = Path(tempfile.mkdtemp(prefix="bench-bon-"))
-        rm = Path(args.reward_model) if args.reward_model else build_minilm_reward_model(work / "minilm-rm")
-        server = start_server(work, "--reward-model", f"{args.reward}={rm}", "--max-candidates", str(max(16, args.n)))
-        base_url = server.v1
+    server, base_url = reward_server(args, "bench-bon-", "--max-candidates", str(max(16, args.n)))
 
     def body(i: int, alignment: dict | None) -> dict:
         b = {

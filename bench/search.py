@@ -16,14 +16,13 @@ import argparse
 import asyncio
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from bench.best_of_n import PROMPTS, build_minilm_reward_model
-from bench.launch import start_server, stop_server
+from bench.best_of_n import PROMPTS, reward_server
+from bench.launch import stop_server
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -65,13 +64,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    server = None
-    base_url = args.base_url
-    if base_url is None:
-        work = Path(tempfile.mkdtemp(prefix="bench-search-"))
-        rm = Path(args.reward_model) if args.reward_model else build_minilm_reward_model(work / "minilm-rm")
-        server = start_server(work, "--reward-model", f"{args.reward}={rm}")
-        base_url = server.v1
+    server, base_url = reward_server(args, "bench-search-")
     url = f"{base_url}/chat/completions"
     arms = {
         "plain": ({"strategy": "none"}, False),

@@ -23,6 +23,17 @@ MODEL = "SmolLM2-135M-Instruct"
 __all__ = ["MODEL", "RunningServer", "start_server", "stop_server"]
 
 
+def has_package(name: str) -> bool:
+    """Whether the distribution `name` is installed (e.g. the packaged MiniLM encoder)."""
+    from importlib import metadata
+
+    try:
+        metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def build_tiny_reward_model(target: Path, seed: int = 0) -> Path:
     """A randomly initialised 2-layer Llama reward model on the policy's tokenizer: scores
     are arbitrary but fixed, which is all the mechanics tests need."""

