@@ -175,6 +175,22 @@ def test_arm_through_the_cli(tiny_llama, tmp_path, capsys):
     assert 0.0 <= report["accuracy"] <= 1.0 and "length_baseline" in report
 
 
+def test_arm_adapters_are_also_scored_against_their_base(tiny_llama, tmp_path, capsys):
+    """The log-probability ratio to the base shows what training added; `eval-rm --save`
+    stores the report and re-renders the card without losing the training record."""
+    output = tmp_path / "arm"
+    train(_config("arm", tiny_llama, output))
+    ratio = evaluate_model(output, _training_rows())["log_ratio"]
+    assert ratio["sources"]["train"]["n"] == PAIRS
+    assert ratio["accuracy"] == 1.0 and ratio["mean_score_gap"] > 0  # training widened every pair's gap
+    before = json.loads((output / "eval.json").read_text())
+    assert main(["eval-rm", "--model", str(output), "--data", str(FIXTURE), "--split", "all", "--save"]) == 0
+    saved = json.loads((output / "eval.json").read_text())
+    assert saved["log_ratio"]["sources"]["tiny_prefs"]["n"] == 12 and saved["split"]["split"] == "all"
+    assert saved["train"] == before["train"] and saved["command"] == before["command"]
+    assert "### Scored by the log-probability ratio to the base" in (output / "README.md").read_text()
+
+
 def test_resume_continues_from_the_last_checkpoint(tiny_bert, tmp_path):
     config = _config("bt", tiny_bert, tmp_path / "rm", max_steps=2, save_steps=2, evaluate=False)
     train(config)
