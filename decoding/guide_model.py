@@ -12,6 +12,7 @@ dispatchers in `kernels/`, so Triton kernels can replace the torch references.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,11 +46,40 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def _onednn():
+    """vLLM's CPU GEMM ops when this build has them, else None."""
+    try:
+        import vllm._custom_ops as ops
+    except ImportError:  # pragma: no cover - vLLM is a dependency; kept importable without it
+        return None
+    return ops if getattr(ops, "_supports_onednn", False) else None
+
+
+def fused_linear(projections: list[torch.nn.Linear]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One GEMM for several projections of the same input (q/k/v, gate/up): their weights
+    concatenated along the outputs, the result split by the caller. On CPU the weight is
+    prepacked for vLLM's oneDNN GEMM, the kernel the engine's own linears use (about twice
+    `F.linear` at decode batch sizes); elsewhere it is `F.linear`."""
+    weight = torch.cat([p.weight.detach() for p in projections])
+    biases = [p.bias for p in projections]
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [b.detach() if b is not None else weight.new_zeros(p.out_features) for b, p in zip(biases, projections)])
+    ops = _onednn() if weight.device.type == "cpu" else None
+    if ops is None:
+        return lambda x: F.linear(x, weight, bias)
+    handle = ops.create_onednn_mm(weight.t(), 32)  # packs its own copy of the weight
+    if bias is None:
+        return lambda x: ops.onednn_mm(handle, x.contiguous(), None)
+    return lambda x: ops.onednn_mm(handle, x.contiguous(), None) + bias  # bias added in the model's dtype, like F.linear
+
+
 class _Layer:
     def __init__(self, layer):
         attn, mlp = layer.self_attn, layer.mlp
-        self.q, self.k, self.v, self.o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-        self.gate, self.up, self.down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.qkv = fused_linear([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o = fused_linear([attn.o_proj])
+        self.gate_up = fused_linear([mlp.gate_proj, mlp.up_proj])
+        self.down = fused_linear([mlp.down_proj])
         self.ln1, self.ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
 
 
@@ -64,7 +94,8 @@ class SlotDecoder:
         self.layers = [_Layer(layer) for layer in base.layers]
         self.norm = base.norm.weight
         self.eps = config.rms_norm_eps
-        self.lm_head = getattr(hf_model, "lm_head", None)
+        lm_head = getattr(hf_model, "lm_head", None)  # GenARM guides; ARGS reward models have `score`
+        self.lm_head = fused_linear([lm_head]) if lm_head is not None else None
         self.score_head = getattr(hf_model, "score", None)
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -103,42 +134,72 @@ class SlotDecoder:
     def append(self, new_tokens: dict[int, list[int]]) -> dict[int, torch.Tensor]:
         """Write the new tokens of each slot into its cache; returns each slot's final hidden
         state (after the last norm), (H,), for the last appended token."""
-        singles = {s: t for s, t in new_tokens.items() if len(t) == 1}
-        out = {}
-        if singles:
-            slots = list(singles)
-            hidden = self._decode(slots, [singles[s][0] for s in slots])
-            out.update(zip(slots, hidden))
-        for slot, tokens in new_tokens.items():
-            if len(tokens) > 1:
-                out[slot] = self._prefill(slot, tokens)
-        return out
+        slots, last = self._prefill_all_but_last(new_tokens)
+        hidden, _ = self._step(slots, last)
+        return dict(zip(slots, rms_norm(hidden, self.norm, self.eps)))
+
+    @torch.inference_mode()
+    def append_and_score(self, new_tokens: dict[int, list[int]], candidates: torch.Tensor) -> torch.Tensor:
+        """Write the new tokens of each slot into its cache and, in the same forward, score k
+        candidate next tokens per slot: the reward of (prefix + new tokens + candidate), the
+        candidates never written. candidates: (batch, k) token ids, rows in `new_tokens`'
+        order -> (batch, k) rewards."""
+        if self.score_head is None:
+            raise ValueError("this guide has no reward head: use it in genarm mode")
+        slots, last = self._prefill_all_but_last(new_tokens)
+        _, scored = self._step(slots, last, candidates.to(self.device))
+        # Final norm and the one-output head, fused.
+        return reward_head(scored, self.norm, self.score_head.weight, self.eps).view(candidates.shape)
 
     def _check_room(self, slot: int, count: int) -> None:
         if int(self.lengths[slot]) + count > self.max_len:
             raise SlotsFull(f"guide slot {slot} would exceed {self.max_len} tokens")
 
-    def _decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
-        """One new token per slot, batched. -> (batch, H) final hidden states."""
-        for s in slots:
-            self._check_room(s, 1)
+    def _prefill_all_but_last(self, new_tokens: dict[int, list[int]]) -> tuple[list[int], list[int]]:
+        """Prefill each slot's new tokens but the last, which the batched step then appends for
+        all slots together. -> (slots, last token of each)."""
+        for slot, tokens in new_tokens.items():
+            self._check_room(slot, len(tokens))
+            if len(tokens) > 1:
+                self._prefill(slot, tokens[:-1])
+        return list(new_tokens), [tokens[-1] for tokens in new_tokens.values()]
+
+    def _step(self, slots: list[int], tokens: list[int], candidates: torch.Tensor | None = None):
+        """One batched forward: a new token per slot, written to its cache, and optionally k
+        candidates per slot placed after it (reading the cache, never written).
+        -> (new tokens' hidden (batch, H), candidates' hidden (batch * k, H) or None), before
+        the final norm. One pass over the weights for both: ARGS pays one forward per step."""
+        batch = len(slots)
+        kc = 0 if candidates is None else candidates.shape[1]
         slot_t = torch.tensor(slots, device=self.device)
         lengths = self.lengths[slots].to(self.device)
-        x = self.embed[torch.tensor(tokens, device=self.device)]
-        rope = rope_tables(lengths, self.inv_freq, self.dtype)
+        ids = torch.tensor(tokens, device=self.device)
+        positions = lengths
+        if kc:
+            ids = torch.cat([ids, candidates.reshape(-1)])
+            positions = torch.cat([lengths, (lengths + 1).repeat_interleave(kc)])
+        x = self.embed[ids]
+        rope = rope_tables(positions, self.inv_freq, self.dtype)
+        rows = lambda t, heads, k: t.view(batch, k, heads, self.head_dim)  # noqa: E731
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.ln1, self.eps)
             q, k, v = self._qkv(layer, h, rope)
-            attn = candidate_attention(q[:, None], k[:, None], v[:, None], self.k_cache[i], self.v_cache[i], slot_t, lengths)
-            self.k_cache[i, slot_t, :, lengths] = k
-            self.v_cache[i, slot_t, :, lengths] = v
-            x = x + layer.o(attn[:, 0].reshape(len(slots), -1))
+            qn, kn, vn = rows(q[:batch], self.heads, 1), rows(k[:batch], self.kv_heads, 1), rows(v[:batch], self.kv_heads, 1)
+            attn = candidate_attention(qn, kn, vn, self.k_cache[i], self.v_cache[i], slot_t, lengths).reshape(batch, -1)
+            self.k_cache[i, slot_t, :, lengths] = kn[:, 0]
+            self.v_cache[i, slot_t, :, lengths] = vn[:, 0]
+            if kc:
+                scored = candidate_attention(rows(q[batch:], self.heads, kc), rows(k[batch:], self.kv_heads, kc),
+                                             rows(v[batch:], self.kv_heads, kc), self.k_cache[i], self.v_cache[i],
+                                             slot_t, lengths + 1)
+                attn = torch.cat([attn, scored.reshape(batch * kc, -1)])
+            x = x + layer.o(attn)
             x = x + self._mlp(layer, x)
         self.lengths[slots] += 1
-        return rms_norm(x, self.norm, self.eps)
+        return x[:batch], (x[batch:] if kc else None)
 
-    def _prefill(self, slot: int, tokens: list[int]) -> torch.Tensor:
-        """Several new tokens for one slot (a prompt, or a catch-up). -> (H,) last hidden."""
+    def _prefill(self, slot: int, tokens: list[int]) -> None:
+        """Several new tokens for one slot (a prompt, or a catch-up), written to its cache."""
         self._check_room(slot, len(tokens))
         start = int(self.lengths[slot])
         count = len(tokens)
@@ -161,46 +222,25 @@ class SlotDecoder:
             x = x + layer.o(attn.transpose(0, 1).reshape(count, -1))
             x = x + self._mlp(layer, x)
         self.lengths[slot] += count
-        return rms_norm(x[-1], self.norm, self.eps)
 
     def _qkv(self, layer: _Layer, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         t = h.shape[0]
-        q = layer.q(h).view(t, self.heads, self.head_dim)
-        k = layer.k(h).view(t, self.kv_heads, self.head_dim)
-        v = layer.v(h).view(t, self.kv_heads, self.head_dim)
+        q, k, v = layer.qkv(h).split([self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], -1)
+        q = q.view(t, self.heads, self.head_dim)
+        k = k.view(t, self.kv_heads, self.head_dim)
+        v = v.view(t, self.kv_heads, self.head_dim)
         return rotate(q, *rope), rotate(k, *rope), v
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
         h = rms_norm(x, layer.ln2, self.eps)
-        return layer.down(F.silu(layer.gate(h)) * layer.up(h))
+        gate, up = layer.gate_up(h).chunk(2, -1)
+        return layer.down(F.silu(gate) * up)
 
     # ------------------------------------------------------------------ heads
 
     @torch.inference_mode()
     def next_token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(batch, H) -> (batch, vocab); tied embeddings when the model has no lm_head."""
-        weight = self.lm_head.weight if self.lm_head is not None else self.embed
-        return (hidden @ weight.T).float()
-
-    @torch.inference_mode()
-    def score_candidates(self, slots: list[int], candidates: torch.Tensor) -> torch.Tensor:
-        """Reward of (cached prefix + candidate) for k candidates per slot, without writing
-        the cache. candidates: (batch, k) token ids -> (batch, k) rewards."""
-        if self.score_head is None:
-            raise ValueError("this guide has no reward head: use it in genarm mode")
-        batch, kc = candidates.shape
-        slot_t = torch.tensor(slots, device=self.device)
-        lengths = self.lengths[slots].to(self.device)
-        positions = lengths.repeat_interleave(kc)
-        x = self.embed[candidates.reshape(-1).to(self.device)]
-        rope = rope_tables(positions, self.inv_freq, self.dtype)
-        for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.ln1, self.eps)
-            q, k, v = self._qkv(layer, h, rope)
-            shape = lambda t, heads: t.view(batch, kc, heads, self.head_dim)  # noqa: E731
-            attn = candidate_attention(shape(q, self.heads), shape(k, self.kv_heads), shape(v, self.kv_heads),
-                                       self.k_cache[i], self.v_cache[i], slot_t, lengths)
-            x = x + layer.o(attn.reshape(batch * kc, -1))
-            x = x + self._mlp(layer, x)
-        # Final norm and the one-output head, fused.
-        return reward_head(x, self.norm, self.score_head.weight, self.eps).view(batch, kc)
+        """(batch, H) -> (batch, vocab)."""
+        if self.lm_head is None:
+            raise ValueError("this guide has no language-model head: use it in args mode")
+        return self.lm_head(hidden).float()

@@ -88,7 +88,7 @@ def load_guides(config: dict, device) -> GuideSet:
 
     dtype = getattr(torch, config.get("dtype", "float32"))
     guides = GuideSet()
-    logger.info("guide kernels: %s", "triton" if use_triton(torch.empty(0, device=device)) else "torch")
+    logger.info("guide kernels: %s (%d torch threads)", "triton" if use_triton(torch.empty(0, device=device)) else "torch", torch.get_num_threads())
     for name, spec in config.get("guides", {}).items():
         loader = load_sequence_classifier if spec["mode"] == "args" else load_causal_lm
         model, _ = loader(spec["path"], dtype=dtype)
@@ -151,9 +151,10 @@ class GuidedState:
             new = self._catch_up(decoder, rows)
             if not new:
                 continue
-            hidden = decoder.append({rows[i].slot: tokens for i, tokens in new.items()})
             index = sorted(new)
+            appended = {rows[i].slot: new[i] for i in index}
             if self.guides.modes[name] == "genarm":
+                hidden = decoder.append(appended)
                 guided = [i for i in index if rows[i].alpha > 0]
                 if guided:
                     h = torch.stack([hidden[rows[i].slot] for i in guided])
@@ -166,7 +167,8 @@ class GuidedState:
                 rows_t = torch.tensor(index, device=logits.device)
                 base = logits[rows_t]
                 candidates = torch.topk(base, k, dim=-1).indices
-                rewards = decoder.score_candidates([rows[i].slot for i in index], candidates.cpu()).to(logits.device)
+                # The accepted tokens are appended and the candidates scored in one guide forward.
+                rewards = decoder.append_and_score(appended, candidates.cpu()).to(logits.device)
                 # Rows asking for fewer candidates drop their extra ones.
                 keep = torch.arange(k, device=logits.device)[None, :] < torch.tensor([rows[i].k for i in index], device=logits.device)[:, None]
                 rewards = rewards.masked_fill(~keep, 0.0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from kernels._dispatch import next_pow2, use_triton
 
@@ -104,30 +105,25 @@ def candidate_attention_torch(
     k_cache, v_cache: (slots_total, Hkv, max_len, D); slots, lengths: (batch,) ->
     (batch, k, Hq, D). Reads each prefix once for all k candidates.
 
-    Products run in the inputs' dtype (bf16 on CPU uses its matrix units), the softmax in
-    float32. The prefix is a view of the cache when the slots are consecutive (the usual
-    case), else a gather; query heads are grouped over their key head, never repeated.
+    One fused attention call (PyTorch's SDPA, in float32: its CPU kernel is faster there than
+    in bf16) over [prefix | the k new keys], each candidate masked to the valid prefix and its
+    own key. The prefix is a view of the cache when the slots are consecutive (the usual
+    case), else a gather; grouped query heads share their key head, never repeated.
     """
     batch, kc, hq, d = q.shape
-    hkv = k_new.shape[2]
-    group = hq // hkv
-    scale = 1.0 / math.sqrt(d)
     width = int(lengths.max().item()) if batch else 0
     first = int(slots[0]) if batch else 0
     if batch and bool((slots == torch.arange(first, first + batch, device=slots.device)).all()):
         keys, values = k_cache[first : first + batch, :, :width], v_cache[first : first + batch, :, :width]
     else:
         keys, values = k_cache[slots, :, :width], v_cache[slots, :, :width]  # (batch, Hkv, width, D)
-    qg = q.view(batch, kc, hkv, group, d).to(keys.dtype)
-    # Scores against the shared prefix: (batch, Hkv, k, group, width).
-    prefix_scores = torch.einsum("bkhgd,bhtd->bhkgt", qg, keys).float() * scale
-    valid = torch.arange(width, device=q.device)[None, :] < lengths[:, None]  # (batch, width)
-    prefix_scores = prefix_scores.masked_fill(~valid[:, None, None, None, :], float("-inf"))
-    self_scores = torch.einsum("bkhgd,bkhd->bhkg", qg, k_new.to(keys.dtype)).float().unsqueeze(-1) * scale
-    probs = torch.softmax(torch.cat([prefix_scores, self_scores], dim=-1), dim=-1).to(values.dtype)
-    out = torch.einsum("bhkgt,bhtd->bkhgd", probs[..., :width], values)
-    out = out + probs[..., width].permute(0, 2, 1, 3).unsqueeze(-1) * v_new.to(values.dtype).unsqueeze(3)
-    return out.reshape(batch, kc, hq, d).to(q.dtype)
+    keys = torch.cat([keys, k_new.transpose(1, 2).to(keys.dtype)], dim=2).float()
+    values = torch.cat([values, v_new.transpose(1, 2).to(values.dtype)], dim=2).float()
+    valid = torch.arange(width, device=q.device)[None, :] < lengths[:, None]
+    own = torch.eye(kc, dtype=torch.bool, device=q.device)
+    mask = torch.cat([valid[:, None, :].expand(batch, kc, width), own.expand(batch, kc, kc)], -1)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2).float(), keys, values, attn_mask=mask[:, None], enable_gqa=True)
+    return out.transpose(1, 2).to(q.dtype)
 
 
 def candidate_attention_expanded_torch(q, k_new, v_new, k_cache, v_cache, slots, lengths):

@@ -169,3 +169,18 @@ def test_guide_combine_samples_at_reduced_temperature():
     expected = 2.5 * (base + 1.5 * torch.log_softmax(guide, -1))
     torch.testing.assert_close(out, expected)
     assert math.isfinite(float(out.sum()))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_projections_equal_the_separate_linears(monkeypatch, bias):
+    """q/k/v (or gate/up) as one GEMM - vLLM's prepacked oneDNN one on CPU, `F.linear` where
+    that is missing - gives what each projection gives on its own."""
+    import decoding.guide_model as guide_model
+
+    torch.manual_seed(0)
+    projections = [torch.nn.Linear(16, n, bias=bias) for n in (16, 8, 8)]
+    x = torch.randn(5, 16)
+    expected = torch.cat([p(x) for p in projections], -1).detach()
+    torch.testing.assert_close(guide_model.fused_linear(projections)(x), expected, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(guide_model, "_onednn", lambda: None)
+    torch.testing.assert_close(guide_model.fused_linear(projections)(x), expected, rtol=1e-5, atol=1e-5)
