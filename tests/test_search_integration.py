@@ -94,13 +94,34 @@ def test_speculative_rejection_stops_the_rejected_candidates(server):
                          "reward": "keyword:sea", "return_candidates": True}, max_tokens=max_tokens, ignore_eos=True)
     report = result["alignment"]
     alive = [r["alive"] for r in report["rounds"]]
-    assert alive[0] == 8 and alive[1] == 4 and alive[2] == 2  # half stopped each round
-    assert report["stopped_early"] >= 6
-    # Far fewer tokens than best-of-8 at the same length would generate.
-    assert result["usage"]["completion_tokens"] < 0.5 * 8 * max_tokens
-    finalists = [c for c in report["candidates"] if c["completion_tokens"] == max(
-        c["completion_tokens"] for c in report["candidates"])]
+    # Half stopped each round down to min_survivors (2), which then run to the end.
+    assert alive == [8, 4, 2]
+    assert report["stopped_early"] == 6
+    candidates = report["candidates"]
+    lengths = sorted(c["completion_tokens"] for c in candidates)
+    assert lengths == [8] * 4 + [16] * 2 + [max_tokens] * 2
+    assert result["usage"]["completion_tokens"] == sum(lengths) < 0.5 * 8 * max_tokens
+    # Each round kept the best-scoring of the partial answers it scored.
+    for r in report["rounds"][:-1]:
+        scores = dict(zip(r["candidates"], r["scores"]))
+        rejected = set(r["candidates"]) - set(r["kept"]) - set(r["finished"])
+        assert rejected and min(scores[i] for i in r["kept"]) >= max(scores[i] for i in rejected)
+    finalists = [c for c in candidates if c["completion_tokens"] == max_tokens]
     assert report["scores"][0] == max(c["score"] for c in finalists)
+
+
+def test_speculative_rejection_keeps_searching_after_one_candidate_finishes(server):
+    # "." ends an answer: some candidates finish in the first chunks, others go on.
+    result = ok(server, {"strategy": "speculative_rejection", "n": 8, "chunk_tokens": 8, "rejection_rate": 0.5,
+                         "reward": "keyword:sea", "return_candidates": True}, max_tokens=48, stop=["."])
+    report = result["alignment"]
+    rounds = report["rounds"]
+    early = [r for r in rounds[:-1] if r["finished"]]
+    assert early and all(r["kept"] for r in early), rounds  # a finished answer did not end the search
+    finished = {i for r in rounds for i in r["finished"]}
+    by_index = {c["index"]: c for c in report["candidates"]}
+    assert report["selected"][0] in finished
+    assert report["scores"][0] == max(by_index[i]["score"] for i in finished)
 
 
 def test_disconnect_aborts_every_sub_request_of_blockwise(server):
@@ -136,6 +157,7 @@ def test_disconnect_aborts_every_sub_request_of_blockwise(server):
         ({"strategy": "blockwise", "max_retries": 50, "reward": "length_penalty"}, {}, "alignment.max_retries"),
         ({"strategy": "speculative_rejection", "n": 99, "reward": "length_penalty"}, {}, "alignment.n"),
         ({"strategy": "speculative_rejection", "rejection_rate": 1.0, "reward": "length_penalty"}, {}, "alignment.rejection_rate"),
+        ({"strategy": "speculative_rejection", "n": 4, "min_survivors": 5, "reward": "length_penalty"}, {}, "alignment.min_survivors"),
     ],
 )
 def test_search_limits_are_400(server, alignment, extra, param):
