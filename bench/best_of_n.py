@@ -32,6 +32,28 @@ PROMPTS = [
 ]
 
 
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    """--base-url, --reward, --reward-model: what `reward_server` reads."""
+    parser.add_argument("--base-url", default=None, help="use a running server instead of starting one")
+    parser.add_argument("--reward", default="bench-rm", help="reward name registered on the server")
+    parser.add_argument("--reward-model", default=None, help="PATH to register as --reward when starting a server")
+
+
+def add_prompt_args(parser: argparse.ArgumentParser, count: int = 8) -> None:
+    """--prompts, --prompt-file: what `load_prompts` reads."""
+    parser.add_argument("--prompts", type=int, default=count, help="how many (the pool repeats, with new seeds)")
+    parser.add_argument("--prompt-file", type=Path, default=None,
+                        help="JSONL prompts ({'prompt': ...} or MT-Bench's {'turns': [...]}) instead of the built-in four")
+
+
+def load_prompts(args) -> list[str]:
+    pool = PROMPTS
+    if args.prompt_file:
+        rows = [json.loads(line) for line in args.prompt_file.read_text().splitlines() if line.strip()]
+        pool = [row.get("prompt") or row["turns"][0] for row in rows]
+    return [pool[i % len(pool)] for i in range(args.prompts)]
+
+
 def reward_server(args, prefix: str, *extra: str):
     """(server or None, base URL): `args.base_url` if given, else a fresh server with the
     reward `args.reward` (`args.reward_model`, or a MiniLM model with an untrained head)."""
@@ -104,9 +126,7 @@ def merge(runs: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-url", default=None, help="use a running server instead of starting one")
-    parser.add_argument("--reward", default="bench-rm", help="reward name registered on the server")
-    parser.add_argument("--reward-model", default=None, help="PATH to register as --reward when starting a server")
+    add_server_args(parser)
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--requests", type=int, default=8, help="requests per arm per round")

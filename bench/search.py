@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.best_of_n import PROMPTS, reward_server
+from bench.best_of_n import add_prompt_args, add_server_args, load_prompts, reward_server
 from bench.launch import stop_server
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -57,15 +57,11 @@ async def run_once(http, url, prompt, alignment, max_tokens, seed, stream):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-url", default=None)
-    parser.add_argument("--reward", default="bench-rm")
-    parser.add_argument("--reward-model", default=None)
+    add_server_args(parser)
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--prompt-file", type=Path, default=None,
-                        help="JSONL prompts ({'prompt': ...} or MT-Bench's {'turns': [...]}) instead of the built-in four")
+    add_prompt_args(parser)
     parser.add_argument("--sr", default="{}", help="speculative rejection parameters beyond n and reward, as JSON "
                         "(default: the strategy's defaults), e.g. '{\"chunk_tokens\": 8, \"min_survivors\": 3}'")
     parser.add_argument("--json", type=Path, default=None)
@@ -80,10 +76,7 @@ def main() -> None:
                                    **json.loads(args.sr)}, False),
         "blockwise": ({"strategy": "blockwise", "k": args.k, "block_tokens": 16, "reward": args.reward}, True),
     }
-    pool = PROMPTS
-    if args.prompt_file:
-        pool = [(row.get("prompt") or row["turns"][0]) for row in map(json.loads, args.prompt_file.read_text().splitlines()) if row]
-    prompts = [pool[i % len(pool)] for i in range(args.prompts)]
+    prompts = load_prompts(args)
     rows = {name: [] for name in arms}
 
     async def go():

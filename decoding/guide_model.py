@@ -2,11 +2,13 @@
 
 `SlotDecoder` holds a Llama-family decoder's weights (taken from a Hugging Face model:
 `*ForCausalLM` for GenARM guides, `*ForSequenceClassification` for ARGS reward models) and a
-preallocated cache of `max_slots` x `max_len` tokens. Each engine step it appends the tokens
+preallocated cache of `max_slots` x `max_len` tokens. Each engine step it appends the token
 the engine accepted for every active slot in one batched forward (ragged lengths, per-row
-positions), then either returns next-token logits (GenARM) or scores k candidate next tokens
-per slot against the cached prefix without copying it (ARGS). Attention goes through the
-dispatchers in `kernels/`, so Triton kernels can replace the torch references.
+positions) and returns next-token logits (GenARM), or - in that same forward - scores k
+candidate next tokens per slot against the cached prefix without copying it (ARGS). The
+projections are fused (q/k/v, gate/up) and, on CPU, run on vLLM's prepacked oneDNN GEMM.
+Attention goes through the dispatchers in `kernels/`, so Triton kernels can replace the
+torch references.
 """
 
 from __future__ import annotations
