@@ -62,11 +62,17 @@ def replay(samples: list[Sample], chunk: int, rate: float, survivors: int, budge
 
 
 def spearman(a: list[float], b: list[float]) -> float | None:
-    def ranks(xs):
+    def ranks(xs):  # average ranks for ties
         order = sorted(range(len(xs)), key=xs.__getitem__)
         r = [0.0] * len(xs)
-        for rank, i in enumerate(order):
-            r[i] = float(rank)
+        start = 0
+        while start < len(order):
+            end = start
+            while end + 1 < len(order) and xs[order[end + 1]] == xs[order[start]]:
+                end += 1
+            for i in order[start : end + 1]:
+                r[i] = (start + end) / 2
+            start = end + 1
         return r
 
     ra, rb = ranks(a), ranks(b)
