@@ -69,7 +69,10 @@ def fused_linear(projections: list[torch.nn.Linear]) -> Callable[[torch.Tensor],
     ops = _onednn() if weight.device.type == "cpu" else None
     if ops is None:
         return lambda x: F.linear(x, weight, bias)
-    handle = ops.create_onednn_mm(weight.t(), 32)  # packs its own copy of the weight
+    try:
+        handle = ops.create_onednn_mm(weight.t(), 32)  # packs its own copy of the weight
+    except RuntimeError:  # a dtype oneDNN does not pack: vLLM falls back the same way
+        return lambda x: F.linear(x, weight, bias)
     if bias is None:
         return lambda x: ops.onednn_mm(handle, x.contiguous(), None)
     return lambda x: ops.onednn_mm(handle, x.contiguous(), None) + bias  # bias added in the model's dtype, like F.linear
