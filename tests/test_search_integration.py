@@ -47,7 +47,7 @@ def test_blockwise_keeps_the_best_scoring_block_each_step(server):
 
 
 def test_blockwise_streams_each_block_as_it_is_chosen(server):
-    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 32, "seed": 7, "stream": True,
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 32, "seed": 7, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True},
             "alignment": {"strategy": "blockwise", "k": 3, "block_tokens": 8, "reward": "keyword:sea",
                           "return_candidates": True}}
@@ -63,7 +63,9 @@ def test_blockwise_streams_each_block_as_it_is_chosen(server):
               if e["choices"] and e["choices"][0]["delta"].get("content")]
     chosen = [s["candidates"][s["selected"]]["text"] for s in report["steps"]]
     assert [b for _, b in blocks] == [c for c in chosen if c]
-    assert blocks[0][0] < arrivals[-1] - 0.5  # the first block arrived well before the end
+    # Streamed as chosen, not buffered: the first block arrives well before the last one
+    # (relative, so a slow or busy machine does not matter; buffered blocks arrive together).
+    assert len(blocks) >= 3 and blocks[0][0] < 0.75 * blocks[-1][0]
 
 
 def test_blockwise_cards_threshold_accepts_the_first_clearing_block_or_retries(server):
