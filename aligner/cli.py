@@ -149,15 +149,21 @@ def build_rewards(args):
 HELPER_GPU_SHARE = 0.1
 
 
+def named_path(spec: str, flag: str) -> tuple[str, str]:
+    """`NAME=PATH` -> (NAME, PATH), or exit with a message naming `flag`."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise SystemExit(f"aligner: {flag} expects NAME=PATH, got {spec!r}")
+    return name, path
+
+
 def build_helpers(args) -> dict:
     """name -> VLLMEngine for every `--helper-model NAME=PATH` (not started yet)."""
     from decoding.vllm_engine import VLLMEngine, VLLMEngineConfig
 
     helpers = {}
     for spec in args.helper_model:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"aligner: --helper-model expects NAME=PATH, got {spec!r}")
+        name, path = named_path(spec, "--helper-model")
         if name == "policy" or name in helpers:
             raise SystemExit(f"aligner: helper model name {name!r} is taken")
         if not (Path(path) / "config.json").is_file():
@@ -200,9 +206,7 @@ def cmd_serve(args) -> int:
 
     guide_specs = {}
     for spec in args.guide:
-        gname, sep, path = spec.partition("=")
-        if not sep or not gname or not path:
-            raise SystemExit(f"aligner: --guide expects NAME=PATH, got {spec!r}")
+        gname, path = named_path(spec, "--guide")
         guide_specs[gname] = {"path": str(Path(path).resolve()), "mode": guide_mode(path)}
     helpers = build_helpers(args)
     guide_max_len = args.guide_max_len or args.max_model_len

@@ -204,8 +204,8 @@ class SlotDecoder:
         return x[:batch], (x[batch:] if kc else None)
 
     def _prefill(self, slot: int, tokens: list[int]) -> None:
-        """Several new tokens for one slot (a prompt, or a catch-up), written to its cache."""
-        self._check_room(slot, len(tokens))
+        """Several new tokens for one slot (a prompt, or a catch-up), written to its cache; the
+        caller (`_prefill_all_but_last`) has checked that they fit."""
         start = int(self.lengths[slot])
         count = len(tokens)
         positions = torch.arange(start, start + count, device=self.device)

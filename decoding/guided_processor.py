@@ -88,7 +88,8 @@ def load_guides(config: dict, device) -> GuideSet:
 
     dtype = getattr(torch, config.get("dtype", "float32"))
     guides = GuideSet()
-    logger.info("guide kernels: %s (%d torch threads)", "triton" if use_triton(torch.empty(0, device=device)) else "torch", torch.get_num_threads())
+    kernels = "triton" if use_triton(torch.empty(0, device=device)) else "torch"
+    logger.info("guide kernels: %s (%d torch threads)", kernels, torch.get_num_threads())
     for name, spec in config.get("guides", {}).items():
         loader = load_sequence_classifier if spec["mode"] == "args" else load_causal_lm
         model, _ = loader(spec["path"], dtype=dtype)

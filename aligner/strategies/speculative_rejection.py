@@ -77,10 +77,11 @@ class SpeculativeRejectionStrategy(Strategy):
                 stages.append(await score_candidates(ctx, params.reward, alive, stage=f"score-{step}"))
             except RewardError as exc:
                 return fallback_result(ctx, params, everyone, stages, exc)
+            ended = {c.index for c in alive if done(c)}
             record = {"round": step, "alive": len(alive), "candidates": [c.index for c in alive],
-                      "scores": [c.score for c in alive], "finished": [c.index for c in alive if done(c)]}
-            finished += [c for c in alive if done(c)]
-            alive = [c for c in alive if not done(c)]
+                      "scores": [c.score for c in alive], "finished": sorted(ended)}
+            finished += [c for c in alive if c.index in ended]
+            alive = [c for c in alive if c.index not in ended]
             if len(alive) > params.min_survivors:
                 order = rank([c.score for c in alive])
                 keep = max(params.min_survivors, len(alive) - math.floor(params.rejection_rate * len(alive)))

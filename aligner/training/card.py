@@ -100,17 +100,21 @@ def rebuild_card(model_dir: str | Path, command: str | None = None, notes: list[
     from aligner.training.evaluate import EVAL_FILE
 
     model_dir = Path(model_dir)
-    saved = json.loads((model_dir / EVAL_FILE).read_text())
+    return render_card(model_dir, json.loads((model_dir / EVAL_FILE).read_text()), command=command, notes=notes)
+
+
+def render_card(model_dir: Path, record: dict[str, Any], command: str | None = None, notes: list[str] | None = None) -> Path:
+    """README.md from a training record (what `eval.json` holds: metrics, data, train, config, command)."""
     known = RewardTrainingConfig.__dataclass_fields__
-    config = RewardTrainingConfig(**{k: v for k, v in saved["config"].items() if k in known})
+    config = RewardTrainingConfig(**{k: v for k, v in record["config"].items() if k in known})
     if notes is not None:
         config.card_notes = notes
-    report = {k: v for k, v in saved.items() if k not in ("data", "train", "config", "command", "split")}
+    report = {k: v for k, v in record.items() if k not in ("data", "train", "config", "command", "split")}
     return write_model_card(
         model_dir,
         config,
-        stats=saved["data"],
-        train_info=saved["train"],
+        stats=record["data"],
+        train_info=record["train"],
         report=report if "accuracy" in report else None,
-        command=command or saved.get("command", ""),
+        command=command or record.get("command", ""),
     )

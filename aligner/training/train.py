@@ -307,7 +307,7 @@ def train(config: RewardTrainingConfig, command: str = "") -> dict[str, Any]:
 
 def write_record(output: Path, record: dict[str, Any]) -> None:
     """`eval.json` (metrics, data, training, config, command) and the README rendered from it."""
-    from aligner.training.card import rebuild_card
+    from aligner.training.card import render_card
 
     (output / EVAL_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    rebuild_card(output)
+    render_card(output, record)
