@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -125,6 +126,9 @@ def main() -> None:
     parser.add_argument("--guide-dtype", default="bfloat16")
     parser.add_argument("--hf-max-tokens", type=int, default=None, help="shorter runs for the slow loop")
     parser.add_argument("--no-hf", action="store_true", help="skip the per-request Hugging Face loop")
+    parser.add_argument("--arms", default="plain,genarm,args", help="which of plain, genarm, args to run")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the arms this many times, interleaved, and report each arm's median")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     from aligner.model_prep import prepare_default_model
@@ -133,27 +137,34 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-guided-"))
     args_dir = build_args_guide(work / "args-guide", policy_dir)
     levels = [int(c) for c in args.concurrency.split(",")]
-    arms = {"plain": None, "genarm": {"strategy": "guided", "guide": "arm", "alpha": 1.0},
-            f"args k={args.k}": {"strategy": "guided", "guide": "rm", "k": args.k}}
-    results: dict[str, dict[int, float]] = {name: {} for name in arms}
+    every = {"plain": ("plain", None), "genarm": ("genarm", {"strategy": "guided", "guide": "arm", "alpha": 1.0}),
+             "args": (f"args k={args.k}", {"strategy": "guided", "guide": "rm", "k": args.k})}
+    arms = dict(every[name.strip()] for name in args.arms.split(","))
+    runs: dict[str, dict[int, list[float]]] = {name: {c: [] for c in levels} for name in arms}
     server = start_server(work, "--guide", f"arm={policy_dir}", "--guide", f"rm={args_dir}",
                           "--guide-dtype", args.guide_dtype, "--guide-max-slots", str(max(levels)))
     try:
-        for c in levels:
-            for name, alignment in arms.items():
-                results[name][c] = asyncio.run(server_tokens_per_s(f"{server.v1}/chat/completions", alignment, c, args.max_tokens))
+        for _ in range(args.repeats):
+            for c in levels:
+                for name, alignment in arms.items():
+                    runs[name][c].append(asyncio.run(server_tokens_per_s(f"{server.v1}/chat/completions", alignment, c, args.max_tokens)))
     finally:
         stop_server(server)
+    results = {name: {c: statistics.median(values) for c, values in row.items()} for name, row in runs.items()}
     hf = {c: float("nan") for c in levels} if args.no_hf else {
         c: hf_tokens_per_s(policy_dir, args_dir, c, args.hf_max_tokens or args.max_tokens, args.k) for c in levels}
     results["HF per-request ARGS loop"] = hf
-    print(f"tokens/s, {args.max_tokens} new tokens per request, guide dtype {args.guide_dtype}")
+    print(f"tokens/s, {args.max_tokens} new tokens per request, guide dtype {args.guide_dtype}"
+          + (f", median of {args.repeats} interleaved runs" if args.repeats > 1 else ""))
     print("arm | " + " | ".join(f"c={c}" for c in levels) + " | vs plain | vs HF loop (c=max)")
     top = max(levels)
     for name, row in results.items():
-        ratio_plain = row[top] / results["plain"][top]
+        ratio_plain = row[top] / results["plain"][top] if "plain" in results else float("nan")
         ratio_hf = row[top] / hf[top]
         print(f"{name} | " + " | ".join(f"{row[c]:.1f}" for c in levels) + f" | {ratio_plain:.2f} | {ratio_hf:.1f}x")
+    if args.repeats > 1:
+        for name, row in runs.items():
+            print(f"{name} runs at c={top}: " + ", ".join(f"{v:.1f}" for v in row[top]))
     if args.json:
         args.json.write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
 

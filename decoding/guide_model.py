@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from aligner.model_refs import GUIDE_MODEL_TYPES as SUPPORTED_TYPES
+from decoding.guide_spec import MAX_K
 from kernels.candidate_attention import candidate_attention
 from kernels.reward_head import reward_head
 
@@ -114,6 +115,14 @@ class SlotDecoder:
         self.lengths = torch.zeros(max_slots, dtype=torch.long)
         self._free = list(range(max_slots - 1, -1, -1))
         self.device, self.dtype = device, dtype
+        # ARGS: the keys/values of the candidates last scored for each slot, at every layer, so
+        # that the one the engine then accepts is copied into the cache, not computed again.
+        self._scored: dict[int, list[int]] = {}  # slot -> candidate ids at position lengths[slot]
+        self.copied_tokens = 0
+        if self.score_head is not None:
+            shape = (len(self.layers), max_slots, MAX_K, self.kv_heads, self.head_dim)
+            self.cand_k = torch.zeros(shape, dtype=dtype, device=device)
+            self.cand_v = torch.zeros(shape, dtype=dtype, device=device)
 
     # ------------------------------------------------------------------ slots
 
@@ -126,11 +135,13 @@ class SlotDecoder:
             raise SlotsFull(f"all {self.max_slots} guide slots are in use")
         slot = self._free.pop()
         self.lengths[slot] = 0
+        self._scored.pop(slot, None)
         return slot
 
     def release(self, slot: int) -> None:
         if slot not in self._free:
             self.lengths[slot] = 0
+            self._scored.pop(slot, None)
             self._free.append(slot)
 
     # ------------------------------------------------------------------ forward
@@ -151,10 +162,33 @@ class SlotDecoder:
         order -> (batch, k) rewards."""
         if self.score_head is None:
             raise ValueError("this guide has no reward head: use it in genarm mode")
-        slots, last = self._prefill_all_but_last(new_tokens)
-        _, scored = self._step(slots, last, candidates.to(self.device))
+        copied = self._copy_accepted(new_tokens)
+        slots, last = self._prefill_all_but_last({s: t for s, t in new_tokens.items() if s not in copied})
+        _, scored = self._step(slots, last, candidates.to(self.device), scored_slots=list(new_tokens))
         # Final norm and the one-output head, fused.
         return reward_head(scored, self.norm, self.score_head.weight, self.eps).view(candidates.shape)
+
+    def _copy_accepted(self, new_tokens: dict[int, list[int]]) -> set[int]:
+        """Append, without a forward, each slot's one new token that was among the candidates
+        scored for it at the previous step: their keys/values, kept from that pass, are exactly
+        what appending it would compute (same prefix, same position). -> the slots done."""
+        picks = [(slot, self._scored[slot].index(tokens[0])) for slot, tokens in new_tokens.items()
+                 if len(tokens) == 1 and tokens[0] in self._scored.get(slot, ())]
+        if not picks:
+            return set()
+        slots = [slot for slot, _ in picks]
+        for slot in slots:
+            self._check_room(slot, 1)
+            del self._scored[slot]
+        slot_t = torch.tensor(slots, device=self.device)
+        which = torch.tensor([j for _, j in picks], device=self.device)
+        at = self.lengths[slots].to(self.device)
+        # (layers, n, Hkv, D) from the side buffers into (n, layers, Hkv, D) cache positions.
+        self.k_cache[:, slot_t, :, at] = self.cand_k[:, slot_t, which].transpose(0, 1)
+        self.v_cache[:, slot_t, :, at] = self.cand_v[:, slot_t, which].transpose(0, 1)
+        self.lengths[slots] += 1
+        self.copied_tokens += len(slots)
+        return set(slots)
 
     def _check_room(self, slot: int, count: int) -> None:
         if int(self.lengths[slot]) + count > self.max_len:
@@ -169,45 +203,61 @@ class SlotDecoder:
                 self._prefill(slot, tokens[:-1])
         return list(new_tokens), [tokens[-1] for tokens in new_tokens.values()]
 
-    def _step(self, slots: list[int], tokens: list[int], candidates: torch.Tensor | None = None):
-        """One batched forward: a new token per slot, written to its cache, and optionally k
-        candidates per slot placed after it (reading the cache, never written).
-        -> (new tokens' hidden (batch, H), candidates' hidden (batch * k, H) or None), before
-        the final norm. One pass over the weights for both: ARGS pays one forward per step."""
-        batch = len(slots)
+    def _step(self, slots: list[int], tokens: list[int], candidates: torch.Tensor | None = None,
+              scored_slots: list[int] | None = None):
+        """One batched forward: a new token for each of `slots`, written to its cache, and
+        optionally k candidates for each of `scored_slots` (default `slots`; rows of
+        `candidates`) placed after that slot's last token, reading the cache, never written.
+        -> (new tokens' hidden (len(slots), H), candidates' hidden (len(scored_slots) * k, H)
+        or None), before the final norm. One pass over the weights for both."""
+        n = len(slots)
         kc = 0 if candidates is None else candidates.shape[1]
-        slot_t = torch.tensor(slots, device=self.device)
+        slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
         lengths = self.lengths[slots].to(self.device)
-        ids = torch.tensor(tokens, device=self.device)
-        positions = lengths
+        ids, positions = [torch.tensor(tokens, dtype=torch.long, device=self.device)], [lengths]
+        for slot in slots:
+            self._scored.pop(slot, None)
         if kc:
-            ids = torch.cat([ids, candidates.reshape(-1)])
-            positions = torch.cat([lengths, (lengths + 1).repeat_interleave(kc)])
-        x = self.embed[ids]
-        rope = rope_tables(positions, self.inv_freq, self.dtype)
-        rows = lambda t, heads, k: t.view(batch, k, heads, self.head_dim)  # noqa: E731
+            scored_slots = slots if scored_slots is None else scored_slots
+            scored_t = torch.tensor(scored_slots, device=self.device)
+            after = self.lengths[scored_slots].to(self.device) + torch.isin(scored_t, slot_t)  # the candidates' position
+            keep = kc <= MAX_K and hasattr(self, "cand_k")  # keys/values kept for the next step's copy
+            ids.append(candidates.reshape(-1))
+            positions.append(after.repeat_interleave(kc))
+        x = self.embed[torch.cat(ids)]
+        rope = rope_tables(torch.cat(positions), self.inv_freq, self.dtype)
+        rows = lambda t, heads, k: t.view(-1, k, heads, self.head_dim)  # noqa: E731
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.ln1, self.eps)
             q, k, v = self._qkv(layer, h, rope)
-            qn, kn, vn = rows(q[:batch], self.heads, 1), rows(k[:batch], self.kv_heads, 1), rows(v[:batch], self.kv_heads, 1)
-            attn = candidate_attention(qn, kn, vn, self.k_cache[i], self.v_cache[i], slot_t, lengths).reshape(batch, -1)
-            self.k_cache[i, slot_t, :, lengths] = kn[:, 0]
-            self.v_cache[i, slot_t, :, lengths] = vn[:, 0]
+            parts = []
+            if n:
+                kn, vn = rows(k[:n], self.kv_heads, 1), rows(v[:n], self.kv_heads, 1)
+                parts.append(candidate_attention(rows(q[:n], self.heads, 1), kn, vn, self.k_cache[i], self.v_cache[i],
+                                                 slot_t, lengths).reshape(n, -1))
+                self.k_cache[i, slot_t, :, lengths] = kn[:, 0]
+                self.v_cache[i, slot_t, :, lengths] = vn[:, 0]
             if kc:
-                scored = candidate_attention(rows(q[batch:], self.heads, kc), rows(k[batch:], self.kv_heads, kc),
-                                             rows(v[batch:], self.kv_heads, kc), self.k_cache[i], self.v_cache[i],
-                                             slot_t, lengths + 1)
-                attn = torch.cat([attn, scored.reshape(batch * kc, -1)])
+                kn, vn = rows(k[n:], self.kv_heads, kc), rows(v[n:], self.kv_heads, kc)
+                parts.append(candidate_attention(rows(q[n:], self.heads, kc), kn, vn, self.k_cache[i], self.v_cache[i],
+                                                 scored_t, after).reshape(-1, self.heads * self.head_dim))
+                if keep:
+                    self.cand_k[i, scored_t, :kc] = kn
+                    self.cand_v[i, scored_t, :kc] = vn
+            attn = parts[0] if len(parts) == 1 else torch.cat(parts)
             x = x + layer.o(attn)
             x = x + self._mlp(layer, x)
         self.lengths[slots] += 1
-        return x[:batch], (x[batch:] if kc else None)
+        if kc and keep:
+            self._scored.update(zip(scored_slots, candidates.tolist()))
+        return x[:n], (x[n:] if kc else None)
 
     def _prefill(self, slot: int, tokens: list[int]) -> None:
         """Several new tokens for one slot (a prompt, or a catch-up), written to its cache; the
         caller (`_prefill_all_but_last`) has checked that they fit."""
         start = int(self.lengths[slot])
         count = len(tokens)
+        self._scored.pop(slot, None)
         positions = torch.arange(start, start + count, device=self.device)
         x = self.embed[torch.tensor(tokens, device=self.device)]
         group = self.heads // self.kv_heads

@@ -148,6 +148,40 @@ def test_decoder_refuses_sequences_past_its_limit(models):
         decoder.allocate()
 
 
+def test_an_accepted_candidate_is_copied_from_its_scoring_pass(models):
+    """ARGS: the token the engine accepts was scored as a candidate the step before; its
+    keys/values are copied from that pass instead of a new forward, and every later reward
+    still equals the reward recomputed from scratch. A token that was not a candidate (or a
+    catch-up of several) takes the forward."""
+    _, rm = models
+    decoder = SlotDecoder(rm, max_slots=3, max_len=32)
+    slots = [decoder.allocate(), decoder.allocate()]
+    sequences = {slots[0]: [5, 7, 9], slots[1]: [11, 2]}
+    new = dict(sequences)
+    steps = [{slots[0]: 1, slots[1]: 0}, {slots[0]: 2, slots[1]: None}, {slots[0]: 0, slots[1]: 3}]
+    offered = 0  # accepted tokens that were candidates, so far
+    for step, picks in enumerate(steps):
+        candidates = torch.tensor([[3 + step, 8, 13 + step, 21], [4, 6 + step, 10, 40]])
+        rewards = decoder.append_and_score(new, candidates)
+        assert decoder.copied_tokens == offered
+        for row, slot in enumerate(slots):
+            with torch.no_grad():
+                expected = torch.stack([rm.score(rm.model(torch.tensor([sequences[slot] + [int(c)]])).last_hidden_state[0, -1])[0]
+                                        for c in candidates[row]])
+            torch.testing.assert_close(rewards[row], expected, rtol=1e-4, atol=1e-4, msg=f"step {step} slot {slot}")
+        new = {}
+        for row, slot in enumerate(slots):
+            pick = picks[slot]
+            # None: the engine's token was not a candidate (two tokens arrive, as after a lag).
+            tokens = [int(candidates[row, pick])] if pick is not None else [50, 51]
+            offered += pick is not None
+            sequences[slot] = sequences[slot] + tokens
+            new[slot] = tokens
+    decoder.append_and_score(new, torch.tensor([[1], [2]]))
+    assert decoder.copied_tokens == offered == 5
+    assert decoder.lengths[slots].tolist() == [len(sequences[s]) for s in slots]
+
+
 @pytest.mark.parametrize("k, heads, kv_heads, lengths", [(1, 4, 4, [0, 1, 7]), (10, 6, 2, [3]), (3, 4, 1, [0, 0])])
 def test_candidate_attention_matches_the_expanded_reference(k, heads, kv_heads, lengths):
     torch.manual_seed(k)
