@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--guide-max-len", type=int, default=None, help="default: --max-model-len")
     serve.add_argument("--guide-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                        help="guide weights and cache (bf16 measured faster than fp32 on CPU)")
+    serve.add_argument("--guide-quantization", default=None, choices=["int8"],
+                       help="int8: the guides' projections as W8A8 int8 GEMMs (per-channel weights, per-token "
+                       "activations; CPU, vLLM's oneDNN kernels), about 1.8x faster than bf16 there")
     serve.add_argument(
         "--helper-model",
         action="append",
@@ -224,6 +227,7 @@ def cmd_serve(args) -> int:
             guide_max_slots=args.guide_max_slots,
             guide_max_len=guide_max_len,
             guide_dtype=args.guide_dtype,
+            guide_quantization=args.guide_quantization,
             gpu_memory_utilization=args.gpu_memory_utilization or 0.9 - HELPER_GPU_SHARE * len(helpers),
         )
     )

@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--guide-dtype", default="bfloat16")
+    parser.add_argument("--guide-quantization", default=None, choices=["int8"])
     parser.add_argument("--hf-max-tokens", type=int, default=None, help="shorter runs for the slow loop")
     parser.add_argument("--no-hf", action="store_true", help="skip the per-request Hugging Face loop")
     parser.add_argument("--arms", default="plain,genarm,args", help="which of plain, genarm, args to run")
@@ -142,7 +143,8 @@ def main() -> None:
     arms = dict(every[name.strip()] for name in args.arms.split(","))
     runs: dict[str, dict[int, list[float]]] = {name: {c: [] for c in levels} for name in arms}
     server = start_server(work, "--guide", f"arm={policy_dir}", "--guide", f"rm={args_dir}",
-                          "--guide-dtype", args.guide_dtype, "--guide-max-slots", str(max(levels)))
+                          "--guide-dtype", args.guide_dtype, "--guide-max-slots", str(max(levels)),
+                          *(["--guide-quantization", args.guide_quantization] if args.guide_quantization else []))
     try:
         for _ in range(args.repeats):
             for c in levels:
@@ -155,6 +157,7 @@ def main() -> None:
         c: hf_tokens_per_s(policy_dir, args_dir, c, args.hf_max_tokens or args.max_tokens, args.k) for c in levels}
     results["HF per-request ARGS loop"] = hf
     print(f"tokens/s, {args.max_tokens} new tokens per request, guide dtype {args.guide_dtype}"
+          + (f", projections {args.guide_quantization}" if args.guide_quantization else "")
           + (f", median of {args.repeats} interleaved runs" if args.repeats > 1 else ""))
     print("arm | " + " | ".join(f"c={c}" for c in levels) + " | vs plain | vs HF loop (c=max)")
     top = max(levels)

@@ -80,7 +80,7 @@ class GuideSet:
 
 
 def load_guides(config: dict, device) -> GuideSet:
-    """`config`: {"guides": {name: {"path", "mode"}}, "max_slots", "max_len", "dtype"}."""
+    """`config`: {"guides": {name: {"path", "mode"}}, "max_slots", "max_len", "dtype", "quantization"}."""
     from aligner.model_refs import load_causal_lm, load_sequence_classifier
     from decoding.guide_model import SlotDecoder
 
@@ -90,12 +90,15 @@ def load_guides(config: dict, device) -> GuideSet:
     guides = GuideSet()
     kernels = "triton" if use_triton(torch.empty(0, device=device)) else "torch"
     logger.info("guide kernels: %s (%d torch threads)", kernels, torch.get_num_threads())
+    quantize = config.get("quantization") == "int8"
     for name, spec in config.get("guides", {}).items():
         loader = load_sequence_classifier if spec["mode"] == "args" else load_causal_lm
         model, _ = loader(spec["path"], dtype=dtype)
-        guides.decoders[name] = SlotDecoder(model, config.get("max_slots", 16), config.get("max_len", 2048), dtype, str(device))
+        guides.decoders[name] = SlotDecoder(model, config.get("max_slots", 16), config.get("max_len", 2048), dtype,
+                                            str(device), quantize=quantize)
         guides.modes[name] = spec["mode"]
-        logger.info("guide %s (%s) loaded from %s", name, spec["mode"], spec["path"])
+        logger.info("guide %s (%s%s) loaded from %s", name, spec["mode"], ", int8 projections" if quantize else "",
+                    spec["path"])
     return guides
 
 

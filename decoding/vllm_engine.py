@@ -52,6 +52,7 @@ class VLLMEngineConfig:
     guide_max_slots: int = 16
     guide_max_len: int = 2048
     guide_dtype: str = "bfloat16"
+    guide_quantization: str | None = None  # "int8": W8A8 projections (CPU)
 
     def engine_args(self, device: str):
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -75,6 +76,7 @@ class VLLMEngineConfig:
             kwargs["additional_config"] = {CONFIG_KEY: {
                 "guides": self.guides, "max_slots": self.guide_max_slots,
                 "max_len": self.guide_max_len, "dtype": self.guide_dtype,
+                "quantization": self.guide_quantization,
             }}
             # The guide appends the engine's accepted tokens each step; async scheduling
             # would show it output lists one step late.

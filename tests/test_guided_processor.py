@@ -218,3 +218,33 @@ def test_fused_projections_equal_the_separate_linears(monkeypatch, bias):
     torch.testing.assert_close(guide_model.fused_linear(projections)(x), expected, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(guide_model, "_onednn", lambda: None)
     torch.testing.assert_close(guide_model.fused_linear(projections)(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 80])
+def test_int8_projections_stay_close_to_the_exact_ones(rows):
+    """W8A8: per-channel int8 weights, per-row int8 activations, on vLLM's oneDNN int8 GEMM.
+    The error is the quantisation's (about 1% of the output's range), for any batch size, and
+    the GEMM keeps working after everything but itself is gone (its scales must outlive it)."""
+    import gc
+
+    import decoding.guide_model as guide_model
+
+    if guide_model._onednn() is None:
+        pytest.skip("this vLLM build has no oneDNN CPU kernels")
+    torch.manual_seed(rows)
+    projections = [torch.nn.Linear(64, n, bias=True, dtype=torch.bfloat16) for n in (64, 32)]
+    x = torch.randn(rows, 64, dtype=torch.bfloat16)
+    expected = torch.cat([p(x) for p in projections], -1).detach().float()
+    gemm = guide_model.fused_linear(projections, quantize=True)
+    del projections
+    gc.collect()
+    error = (gemm(x).float() - expected).abs().max() / expected.abs().max()
+    assert 0 < error < 0.03
+
+
+def test_int8_projections_need_the_onednn_kernels(monkeypatch):
+    import decoding.guide_model as guide_model
+
+    monkeypatch.setattr(guide_model, "_onednn", lambda: None)
+    with pytest.raises(ValueError, match="int8"):
+        guide_model.fused_linear([torch.nn.Linear(8, 8)], quantize=True)

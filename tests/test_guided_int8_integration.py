@@ -1,0 +1,34 @@
+"""The guided-decoding integration tests again, with the guides' projections in int8
+(`--guide-quantization int8`, vLLM's oneDNN int8 GEMM in the engine process)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import start_server, stop_server
+from tests.test_guided_integration import (  # noqa: F401 - collected here against this module's server
+    test_args_reward_picks_the_preferred_candidate,
+    test_genarm_guide_moves_decoding_to_its_token,
+    test_zero_strength_reproduces_plain_greedy_decoding,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, guide_dirs):
+    running = start_server(
+        tmp_path_factory.mktemp("int8-server"),
+        "--max-model-len", "1024",
+        "--guide", f"prefers-banana={guide_dirs['genarm']}",
+        "--guide", f"prefers-second={guide_dirs['args']}",
+        "--guide-quantization", "int8",
+    )
+    yield running
+    stop_server(running)
+
+
+def test_the_engine_runs_the_int8_guides(server):
+    log = server.log_path.read_text()
+    assert "guide prefers-second (args, int8 projections) loaded" in log
+    assert "guide prefers-banana (genarm, int8 projections) loaded" in log
