@@ -254,7 +254,7 @@ class SlotDecoder:
             scored_slots = slots if scored_slots is None else scored_slots
             scored_t = torch.tensor(scored_slots, device=self.device)
             after = self.lengths[scored_slots].to(self.device) + torch.isin(scored_t, slot_t)  # the candidates' position
-            keep = kc <= MAX_K and hasattr(self, "cand_k")  # keys/values kept for the next step's copy
+            keep = kc <= MAX_K  # keys/values kept for the next step's copy (ARGS guides have the buffers)
             ids.append(candidates.reshape(-1))
             positions.append(after.repeat_interleave(kc))
         x = self.embed[torch.cat(ids)]
