@@ -115,6 +115,29 @@ def test_balance_by_length():
     assert sum(data_mod.chosen_is_longer(r) for r in balanced) == 2
 
 
+def test_balance_by_generator_equalises_four_cells(tmp_path):
+    """AlpacaEval-style rows: every pair has the reference's answer on one side. Balancing by
+    that generator keeps as many pairs with it chosen as rejected, and as many with the longer
+    answer chosen as not, in each; rows without generators are balanced by length alone, and
+    the generator fields never reach the training dataset."""
+    rows = []
+    for i in range(40):
+        ref_wins, longer_wins = i % 4 != 0, i % 3 != 0  # skewed like the real data
+        row = _pair(i, "a", chosen_len=10 if longer_wins else 2, rejected_len=5)
+        row["chosen_generator"], row["rejected_generator"] = ("ref", f"m{i}") if ref_wins else (f"m{i}", "ref")
+        rows.append(row)
+    rows += [_pair(100 + i, "h", chosen_len=10 if i < 6 else 2) for i in range(8)]
+    clean = [data_mod.clean_row(r, "s")[0] for r in rows]
+    balanced = balance_by_length(clean, seed=0, generator="ref")
+    cells = {}
+    for r in balanced:
+        kind = (data_mod.chosen_is_longer(r), r.get("chosen_generator") == "ref") if "chosen_generator" in r else "plain"
+        cells[kind] = cells.get(kind, 0) + 1
+    assert cells == {(True, True): 4, (True, False): 4, (False, True): 4, (False, False): 4, "plain": 4}
+    data = load_preference_data([str(_write(tmp_path / "a.jsonl", rows))], val_fraction=0, balance_generator="ref")
+    assert len(data.train) == 20 and "chosen_generator" not in data.train.column_names
+
+
 def test_weighted_mix_follows_weights_and_max_pairs(tmp_path):
     a = _write(tmp_path / "a.jsonl", [_pair(i, "a") for i in range(400)])
     b = _write(tmp_path / "b.jsonl", [_pair(i, "b") for i in range(400)])

@@ -46,6 +46,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     _flag(data, "val_fraction", type=float)
     _flag(data, "max_val_pairs", type=int)
     _flag(data, "balance_length", action=argparse.BooleanOptionalAction)
+    _flag(data, "balance_generator", metavar="NAME")
     _flag(data, "min_strength", type=float)
     _flag(data, "margin_scale", type=float)
     _flag(data, "seed", type=int)

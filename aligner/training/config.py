@@ -70,6 +70,14 @@ class RewardTrainingConfig:
             "chosen as not: judges that favour long answers otherwise teach a length detector."
         },
     )
+    balance_generator: str | None = field(
+        default=None,
+        metadata={
+            "help": "Also balance, with the length, the pairs that include this generator's answer "
+            "(rows with `chosen_generator`/`rejected_generator`): as many with it chosen as rejected. "
+            "For AlpacaEval pairs, whose reference (gpt4_1106_preview) the judge mostly prefers."
+        },
+    )
     min_strength: float = field(
         default=0.0,
         metadata={

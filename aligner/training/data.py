@@ -159,6 +159,9 @@ def clean_row(row: dict | None, source: str) -> tuple[dict | None, str | None]:
         "source": source,
         "strength": strength,
     }
+    for side in ("chosen_generator", "rejected_generator"):  # AlpacaEval-style: who wrote each answer
+        if isinstance(row.get(side), str):
+            clean[side] = row[side]
     return clean, None
 
 
@@ -216,20 +219,37 @@ def chosen_is_longer(row: dict) -> bool:
     return len(response_text(row["chosen"])) > len(response_text(row["rejected"]))
 
 
-def balance_by_length(rows: list[dict], seed: int) -> list[dict]:
-    """Keep as many pairs whose chosen answer is the longer one as pairs where it is not."""
-    longer = [r for r in rows if chosen_is_longer(r)]
-    other = [r for r in rows if not chosen_is_longer(r)]
-    keep = min(len(longer), len(other))
-    if keep == 0:
-        logger.warning("cannot balance by length: every pair has the %s answer chosen",
-                       "longer" if longer else "shorter or equal")
+def balance_by_length(rows: list[dict], seed: int, generator: str | None = None) -> list[dict]:
+    """Keep as many pairs whose chosen answer is the longer one as pairs where it is not.
+
+    `generator` (rows carrying `chosen_generator`/`rejected_generator`): among the pairs that
+    include that generator's answer, also as many where it is chosen as where it is rejected,
+    in four equal cells with the length. AlpacaEval compares every model with one reference
+    whose answers the judge prefers in most pairs, so a model can score well by recognising the
+    reference's style; balancing takes that shortcut away too. Other pairs: length only.
+    """
+    if generator is None:
+        return _balance(rows, chosen_is_longer, 2, seed)
+    includes = lambda r: generator in (r.get("chosen_generator"), r.get("rejected_generator"))  # noqa: E731
+    involved, others = [r for r in rows if includes(r)], [r for r in rows if not includes(r)]
+    if not involved:
+        logger.warning("no pair includes an answer by %r: balancing by length only", generator)
+    cell = lambda r: (chosen_is_longer(r), r.get("chosen_generator") == generator)  # noqa: E731
+    return _balance(others, chosen_is_longer, 2, seed) + _balance(involved, cell, 4, seed)
+
+
+def _balance(rows: list[dict], cell, kinds: int, seed: int) -> list[dict]:
+    """As many rows of each of the `kinds` values of `cell(row)` (a seeded choice)."""
+    cells: dict[Any, list[dict]] = {}
+    for r in rows:
+        cells.setdefault(cell(r), []).append(r)
+    if len(cells) < kinds:
+        if rows:
+            logger.warning("cannot balance %d pairs: only %d of the %d kinds of pair occur", len(rows), len(cells), kinds)
         return rows
-
-    def first(part: list[dict]) -> list[dict]:
-        return sorted(part, key=lambda r: _key(seed, "balance", r["prompt"], r["chosen"], r["rejected"]))[:keep]
-
-    return first(longer) + first(other)
+    keep = min(len(part) for part in cells.values())
+    key = lambda r: _key(seed, "balance", r["prompt"], r["chosen"], r["rejected"])  # noqa: E731
+    return [r for kind in sorted(cells, reverse=True) for r in sorted(cells[kind], key=key)[:keep]]
 
 
 def _features():
@@ -257,7 +277,9 @@ def mix(sources: list[list[dict]], weights: list[float | None], max_pairs: int |
     """
     from datasets import Dataset, concatenate_datasets, interleave_datasets
 
-    parts = [Dataset.from_list(rows, features=_features()).shuffle(seed=seed) for rows in sources if rows]
+    features = _features()
+    parts = [Dataset.from_list([{k: r.get(k) for k in features} for r in rows], features=features).shuffle(seed=seed)
+             for rows in sources if rows]
     part_weights = [w for rows, w in zip(sources, weights) if rows]
     if not parts:
         raise ValueError("no training pairs left after the split and filters")
@@ -280,6 +302,7 @@ def load_preference_data(
     max_val_pairs: int = 500,
     max_pairs: int | None = None,
     balance_length: bool = False,
+    balance_generator: str | None = None,
     min_strength: float = 0.0,
 ) -> PreferenceData:
     """Load every `FILE[:WEIGHT]`, split each file, filter and balance train, then mix."""
@@ -293,8 +316,8 @@ def load_preference_data(
         train, val_rows = split_by_prompt(rows, val_fraction, max_val_pairs, seed)
         if min_strength > 0:
             train = [r for r in train if r["strength"] is None or r["strength"] >= min_strength]
-        if balance_length:
-            train = balance_by_length(train, seed)
+        if balance_length or balance_generator:
+            train = balance_by_length(train, seed, balance_generator)
         train_parts.append(train)
         val[spec.name] = val_rows
         stats[spec.name] = source_stats

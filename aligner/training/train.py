@@ -229,6 +229,7 @@ def train(config: RewardTrainingConfig, command: str = "") -> dict[str, Any]:
         max_val_pairs=config.max_val_pairs,
         max_pairs=config.max_pairs,
         balance_length=config.balance_length,
+        balance_generator=config.balance_generator,
         min_strength=config.min_strength,
     )
     for name, s in data.stats.items():
