@@ -135,6 +135,19 @@ def guide_dirs(tmp_path_factory, guide_targets) -> dict:
     return {kind: build_preference_guide(root / kind, kind, guide_targets[kind]) for kind in ("genarm", "args")}
 
 
+def start_guide_server(tmp_path_factory, guide_dirs: dict, name: str, *extra: str, env: dict | None = None) -> RunningServer:
+    """A server with only the two test guides: the guided integration tests rerun under other
+    settings (`extra` arguments, `env`)."""
+    return start_server(
+        tmp_path_factory.mktemp(name),
+        "--max-model-len", "1024",
+        "--guide", f"prefers-banana={guide_dirs['genarm']}",
+        "--guide", f"prefers-second={guide_dirs['args']}",
+        *extra,
+        env=env,
+    )
+
+
 @pytest.fixture(scope="session")
 def banana_lm_dir(tmp_path_factory, guide_targets) -> Path:
     """A causal LM that says " banana" forever, shaped so that vLLM serves it (64-wide heads):

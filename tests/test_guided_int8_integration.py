@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import start_server, stop_server
+from tests.conftest import start_guide_server, stop_server
 from tests.test_guided_integration import (  # noqa: F401 - collected here against this module's server
     test_args_reward_picks_the_preferred_candidate,
     test_genarm_guide_moves_decoding_to_its_token,
@@ -17,13 +17,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, guide_dirs):
-    running = start_server(
-        tmp_path_factory.mktemp("int8-server"),
-        "--max-model-len", "1024",
-        "--guide", f"prefers-banana={guide_dirs['genarm']}",
-        "--guide", f"prefers-second={guide_dirs['args']}",
-        "--guide-quantization", "int8",
-    )
+    running = start_guide_server(tmp_path_factory, guide_dirs, "int8-server", "--guide-quantization", "int8")
     yield running
     stop_server(running)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import start_server, stop_server
+from tests.conftest import start_guide_server, stop_server
 from tests.test_guided_integration import (  # noqa: F401 - collected here against this module's server
     test_args_reward_picks_the_preferred_candidate,
     test_genarm_guide_moves_decoding_to_its_token,
@@ -17,13 +17,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, guide_dirs):
-    running = start_server(
-        tmp_path_factory.mktemp("triton-server"),
-        "--max-model-len", "1024",
-        "--guide", f"prefers-banana={guide_dirs['genarm']}",
-        "--guide", f"prefers-second={guide_dirs['args']}",
-        env={"ALIGNER_KERNELS": "triton", "TRITON_INTERPRET": "1"},
-    )
+    running = start_guide_server(tmp_path_factory, guide_dirs, "triton-server",
+                                 env={"ALIGNER_KERNELS": "triton", "TRITON_INTERPRET": "1"})
     yield running
     stop_server(running)
 
