@@ -194,7 +194,7 @@ def cmd_serve(args) -> int:
     from aligner.strategies import get_strategy
     from server.admission import AdmissionConfig
 
-    from decoding.vllm_engine import VLLMEngine, VLLMEngineConfig
+    from decoding.vllm_engine import VLLMEngine, VLLMEngineConfig, detect_device
     from server.app import build_app
     from server.config import ServerConfig
 
@@ -211,6 +211,8 @@ def cmd_serve(args) -> int:
     for spec in args.guide:
         gname, path = named_path(spec, "--guide")
         guide_specs[gname] = {"path": str(Path(path).resolve()), "mode": guide_mode(path)}
+    if args.guide_quantization and detect_device() != "cpu":
+        raise SystemExit("aligner: --guide-quantization int8 runs on vLLM's CPU kernels only; drop it on a GPU")
     helpers = build_helpers(args)
     guide_max_len = args.guide_max_len or args.max_model_len
     guides = GuideRegistry({n: g["mode"] for n, g in guide_specs.items()}, args.guide_max_slots, guide_max_len)
