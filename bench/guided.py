@@ -140,6 +140,9 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     every = {"plain": ("plain", None), "genarm": ("genarm", {"strategy": "guided", "guide": "arm", "alpha": 1.0}),
              "args": (f"args k={args.k}", {"strategy": "guided", "guide": "rm", "k": args.k})}
+    unknown = sorted({name.strip() for name in args.arms.split(",")} - set(every))
+    if unknown:
+        parser.error(f"--arms: unknown {', '.join(unknown)} (choose from {', '.join(every)})")
     arms = dict(every[name.strip()] for name in args.arms.split(","))
     runs: dict[str, dict[int, list[float]]] = {name: {c: [] for c in levels} for name in arms}
     server = start_server(work, "--guide", f"arm={policy_dir}", "--guide", f"rm={args_dir}",
