@@ -132,18 +132,18 @@ def main() -> None:
                         help="run the arms this many times, interleaved, and report each arm's median")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    from aligner.model_prep import prepare_default_model
-
-    policy_dir = prepare_default_model()
-    work = Path(tempfile.mkdtemp(prefix="bench-guided-"))
-    args_dir = build_args_guide(work / "args-guide", policy_dir)
-    levels = [int(c) for c in args.concurrency.split(",")]
     every = {"plain": ("plain", None), "genarm": ("genarm", {"strategy": "guided", "guide": "arm", "alpha": 1.0}),
              "args": (f"args k={args.k}", {"strategy": "guided", "guide": "rm", "k": args.k})}
     unknown = sorted({name.strip() for name in args.arms.split(",")} - set(every))
     if unknown:
         parser.error(f"--arms: unknown {', '.join(unknown)} (choose from {', '.join(every)})")
     arms = dict(every[name.strip()] for name in args.arms.split(","))
+    from aligner.model_prep import prepare_default_model
+
+    policy_dir = prepare_default_model()
+    work = Path(tempfile.mkdtemp(prefix="bench-guided-"))
+    args_dir = build_args_guide(work / "args-guide", policy_dir)
+    levels = [int(c) for c in args.concurrency.split(",")]
     runs: dict[str, dict[int, list[float]]] = {name: {c: [] for c in levels} for name in arms}
     server = start_server(work, "--guide", f"arm={policy_dir}", "--guide", f"rm={args_dir}",
                           "--guide-dtype", args.guide_dtype, "--guide-max-slots", str(max(levels)),
