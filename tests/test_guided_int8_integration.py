@@ -17,7 +17,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, guide_dirs):
-    running = start_guide_server(tmp_path_factory, guide_dirs, "int8-server", "--guide-quantization", "int8")
+    # Unbuffered, so that the engine process's log lines are in the file when the test reads it.
+    running = start_guide_server(tmp_path_factory, guide_dirs, "int8-server", "--guide-quantization", "int8",
+                                 env={"PYTHONUNBUFFERED": "1"})
     yield running
     stop_server(running)
 
