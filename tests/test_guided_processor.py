@@ -248,3 +248,30 @@ def test_int8_projections_need_the_onednn_kernels(monkeypatch):
     monkeypatch.setattr(guide_model, "_onednn", lambda: None)
     with pytest.raises(ValueError, match="int8"):
         guide_model.fused_linear([torch.nn.Linear(8, 8)], quantize=True)
+
+
+def test_int8_reaches_the_guide_runners(models, tmp_path):
+    """`--guide-quantization int8` -> the engine's additional config -> `load_guides`, which is
+    what the logits processor calls in the engine process: every projection is an int8 GEMM."""
+    import decoding.guide_model as guide_model
+    from decoding.guide_spec import CONFIG_KEY
+    from decoding.guided_processor import load_guides
+    from decoding.vllm_engine import VLLMEngineConfig
+
+    if guide_model._onednn() is None:
+        pytest.skip("this vLLM build has no oneDNN CPU kernels")
+    from transformers import AutoTokenizer
+
+    from aligner.model_prep import prepare_default_model
+
+    models[1].save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(prepare_default_model()).save_pretrained(tmp_path / "rm")  # the loader reads one
+    guides = {"rm": {"path": str(tmp_path / "rm"), "mode": "args"}}
+    engine = VLLMEngineConfig(model="unused", guides=guides, guide_quantization="int8").engine_args("cpu")
+    config = engine.additional_config[CONFIG_KEY]
+    assert config["quantization"] == "int8"
+    decoder = load_guides(config, "cpu").decoders["rm"]
+    for layer in decoder.layers:
+        assert all(isinstance(p, guide_model._Int8Gemm) for p in (layer.qkv, layer.o, layer.gate_up, layer.down))
+    plain = load_guides({**config, "quantization": None}, "cpu").decoders["rm"]
+    assert not isinstance(plain.layers[0].qkv, guide_model._Int8Gemm)
