@@ -1,5 +1,9 @@
-"""The guided-decoding integration tests again, with the Triton kernels switched on in the
-engine (Triton's interpreter on a CPU; compiled kernels on a GPU)."""
+"""The guided-decoding integration tests again, on servers whose guides run differently:
+- `triton`: the Triton kernels switched on in the engine (Triton's interpreter on a CPU,
+  compiled kernels on a GPU);
+- `int8`: the guides' projections in int8 (`--guide-quantization int8`, vLLM's oneDNN int8
+  GEMM; that the flag reaches the guide runners is checked in-process by
+  `tests/test_guided_processor.py::test_int8_reaches_the_guide_runners`)."""
 
 from __future__ import annotations
 
@@ -15,13 +19,18 @@ from tests.test_guided_integration import (  # noqa: F401 - collected here again
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, guide_dirs):
-    running = start_guide_server(tmp_path_factory, guide_dirs, "triton-server",
-                                 env={"ALIGNER_KERNELS": "triton", "TRITON_INTERPRET": "1"})
+VARIANTS = {
+    "triton": ((), {"ALIGNER_KERNELS": "triton", "TRITON_INTERPRET": "1"}),
+    "int8": (("--guide-quantization", "int8"), None),
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def server(request, tmp_path_factory, guide_dirs):
+    extra, env = VARIANTS[request.param]
+    running = start_guide_server(tmp_path_factory, guide_dirs, f"{request.param}-server", *extra, env=env)
     yield running
     stop_server(running)
-
 
 
 def test_the_switch_selects_triton(monkeypatch):
