@@ -138,6 +138,50 @@ def test_balance_by_generator_equalises_four_cells(tmp_path):
     assert len(data.train) == 20 and "chosen_generator" not in data.train.column_names
 
 
+def _anchored(prompt: int, model: str, won: bool, strength: float | None) -> dict:
+    """An AlpacaEval-style row: `model`'s answer against the reference's answer."""
+    mine = {"role": "assistant", "content": f"answer by {model}"}
+    ref = {"role": "assistant", "content": f"reference answer {prompt}"}
+    row = _pair(prompt, "a", strength=strength)
+    row["chosen"], row["rejected"] = ([mine], [ref]) if won else ([ref], [mine])
+    row["chosen_generator"], row["rejected_generator"] = (model, "ref") if won else ("ref", model)
+    return row
+
+
+def test_pairs_via_anchor_rank_the_answers_compared_with_it(tmp_path):
+    """Each answer scores +strength against the anchor when it won, -strength when it lost; two
+    answers to one prompt pair up when their scores differ by more than the margin. The
+    anchor's answers leave training, pairs never cross prompts, other rows pass through, and
+    validation keeps the original comparisons."""
+    rows = [
+        _anchored(0, "m1", True, 0.9),   # +0.9
+        _anchored(0, "m2", False, 0.8),  # -0.8
+        _anchored(0, "m3", False, 0.1),  # -0.1
+        _anchored(0, "m4", False, None),  # no strength: counts as certain, -1.0
+        _anchored(1, "m5", True, 0.2),   # another prompt: nothing to pair with
+        _pair(7, "h"),
+    ]
+    clean = [data_mod.clean_row(r, "s")[0] for r in rows]
+
+    def ranked(margin):
+        out = data_mod.pairs_via_anchor(clean, "ref", margin)
+        return out, {(r["chosen_generator"], r["rejected_generator"]): r["strength"] for r in out if "chosen_generator" in r}
+
+    out, derived = ranked(0.5)
+    assert derived == pytest.approx({("m1", "m2"): 0.85, ("m1", "m3"): 0.5, ("m1", "m4"): 0.95, ("m3", "m2"): 0.35, ("m3", "m4"): 0.45})
+    assert [r["prompt"] for r in out if "chosen_generator" not in r] == [clean[-1]["prompt"]]
+    assert all(r["prompt"] == clean[0]["prompt"] for r in out if "chosen_generator" in r)
+    assert all("reference" not in data_mod.response_text(r[side]) for r in out for side in ("chosen", "rejected"))
+    assert set(ranked(1.0)[1]) == {("m1", "m2"), ("m1", "m4")}
+
+    path = _write(tmp_path / "a.jsonl", rows)
+    data = load_preference_data([str(path)], val_fraction=0, anchor_generator="ref", anchor_margin=0.5)
+    assert len(data.train) == 6 and "chosen_generator" not in data.train.column_names
+    split = load_preference_data([str(path)], val_fraction=0.5, anchor_generator="ref")
+    original = [(r["prompt"], r["chosen"], r["rejected"]) for r in clean]
+    assert split.val["a"] and all((r["prompt"], r["chosen"], r["rejected"]) in original for r in split.val["a"])
+
+
 def test_weighted_mix_follows_weights_and_max_pairs(tmp_path):
     a = _write(tmp_path / "a.jsonl", [_pair(i, "a") for i in range(400)])
     b = _write(tmp_path / "b.jsonl", [_pair(i, "b") for i in range(400)])

@@ -10,10 +10,19 @@ from aligner.training.config import RewardTrainingConfig
 
 _HYPER = (
     "max_steps", "epochs", "batch_size", "grad_accum", "learning_rate", "lr_scheduler", "warmup_ratio",
-    "weight_decay", "max_length", "max_pairs", "balance_length", "min_strength", "margin_scale", "beta",
-    "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_layers", "seed", "val_fraction",
-    "max_val_pairs",
+    "weight_decay", "max_length", "max_pairs", "balance_length", "balance_generator", "anchor_generator",
+    "anchor_margin", "min_strength", "margin_scale", "beta", "lora", "lora_r", "lora_alpha", "lora_dropout",
+    "lora_targets", "lora_layers", "seed", "val_fraction", "max_val_pairs",
 )
+
+
+def _applies(key: str, config: RewardTrainingConfig) -> bool:
+    """Settings that mean nothing for this run stay off the card."""
+    if key == "beta":
+        return config.kind == "arm"
+    if key == "anchor_margin":
+        return config.anchor_generator is not None
+    return True
 
 
 def _pct(value: float | None) -> str:
@@ -51,7 +60,7 @@ def write_model_card(
         "arm": f"autoregressive reward model (GenARM): r(x, y) = {config.beta} * sum_t log p(y_t | x, y_<t)",
     }[config.kind]
     settings = asdict(config)
-    hyper = "\n".join(f"- `{k}`: {settings[k]}" for k in _HYPER if k != "beta" or config.kind == "arm")
+    hyper = "\n".join(f"- `{k}`: {settings[k]}" for k in _HYPER if _applies(k, config))
     data = "\n".join(
         f"- `{name}` ({s['path']}): {s['rows']} rows, {s['usable']} usable, "
         f"{s['train']} train pairs, {s['val']} validation pairs"

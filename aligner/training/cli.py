@@ -47,6 +47,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     _flag(data, "max_val_pairs", type=int)
     _flag(data, "balance_length", action=argparse.BooleanOptionalAction)
     _flag(data, "balance_generator", metavar="NAME")
+    _flag(data, "anchor_generator", metavar="NAME")
+    _flag(data, "anchor_margin", type=float)
     _flag(data, "min_strength", type=float)
     _flag(data, "margin_scale", type=float)
     _flag(data, "seed", type=int)

@@ -78,6 +78,22 @@ class RewardTrainingConfig:
             "For AlpacaEval pairs, whose reference (gpt4_1106_preview) the judge mostly prefers."
         },
     )
+    anchor_generator: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train on pairs between the answers that were each compared with this "
+            "generator's answer (the anchor), ranked by their preference strength against it, "
+            "instead of on the comparisons with the anchor. For AlpacaEval pairs "
+            "(gpt4_1106_preview): the model cannot learn the reference's style."
+        },
+    )
+    anchor_margin: float = field(
+        default=0.5,
+        metadata={
+            "help": "With --anchor-generator: two answers make a pair when their signed strengths "
+            "against the anchor (+ chosen, - rejected; from -1 to 1) differ by more than this."
+        },
+    )
     min_strength: float = field(
         default=0.0,
         metadata={

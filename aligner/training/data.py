@@ -238,6 +238,45 @@ def balance_by_length(rows: list[dict], seed: int, generator: str | None = None)
     return _balance(others, chosen_is_longer, 2, seed) + _balance(involved, cell, 4, seed)
 
 
+def pairs_via_anchor(rows: list[dict], anchor: str, margin: float) -> list[dict]:
+    """Replace the pairs that include `anchor`'s answer by pairs of the answers compared with it.
+
+    AlpacaEval-style data compares every model's answer to one prompt with the same anchor
+    answer. Each of those answers gets a score against the anchor (+strength when it was
+    chosen, -strength when the anchor was; a pair without a strength counts 1), and two answers
+    to the same prompt whose scores differ by more than `margin` make a pair, the higher chosen,
+    with strength half the difference. The anchor's own answers leave training: a model then
+    cannot score by recognising the anchor's style, and one prompt with n compared answers
+    yields up to n(n-1)/2 pairs instead of n. Rows without the anchor pass through unchanged.
+    """
+    scored: dict[str, list[tuple[float, list[dict], str | None, dict]]] = {}
+    others = []
+    for row in rows:
+        if anchor == row.get("chosen_generator"):
+            side, sign = "rejected", -1.0
+        elif anchor == row.get("rejected_generator"):
+            side, sign = "chosen", 1.0
+        else:
+            others.append(row)
+            continue
+        strength = 1.0 if row["strength"] is None else row["strength"]
+        answer = (sign * strength, row[side], row.get(f"{side}_generator"), row)
+        scored.setdefault(_key(0, row["prompt"]), []).append(answer)
+    if not scored:
+        logger.warning("no pair includes an answer by %r: no pairs derived", anchor)
+    derived = []
+    for answers in scored.values():
+        for high, chosen, chosen_by, row in answers:
+            for low, rejected, rejected_by, _ in answers:
+                if high - low > margin and response_text(chosen).strip() != response_text(rejected).strip():
+                    derived.append({
+                        "prompt": row["prompt"], "chosen": chosen, "rejected": rejected,
+                        "source": row["source"], "strength": (high - low) / 2,
+                        "chosen_generator": chosen_by, "rejected_generator": rejected_by,
+                    })
+    return others + derived
+
+
 def _balance(rows: list[dict], cell, kinds: int, seed: int) -> list[dict]:
     """As many rows of each of the `kinds` values of `cell(row)` (a seeded choice)."""
     cells: dict[Any, list[dict]] = {}
@@ -304,6 +343,8 @@ def load_preference_data(
     balance_length: bool = False,
     balance_generator: str | None = None,
     min_strength: float = 0.0,
+    anchor_generator: str | None = None,
+    anchor_margin: float = 0.5,
 ) -> PreferenceData:
     """Load every `FILE[:WEIGHT]`, split each file, filter and balance train, then mix."""
     specs = [DataSpec.parse(item) for item in data]
@@ -316,6 +357,8 @@ def load_preference_data(
         train, val_rows = split_by_prompt(rows, val_fraction, max_val_pairs, seed)
         if min_strength > 0:
             train = [r for r in train if r["strength"] is None or r["strength"] >= min_strength]
+        if anchor_generator:
+            train = pairs_via_anchor(train, anchor_generator, anchor_margin)
         if balance_length or balance_generator:
             train = balance_by_length(train, seed, balance_generator)
         train_parts.append(train)

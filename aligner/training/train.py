@@ -231,6 +231,8 @@ def train(config: RewardTrainingConfig, command: str = "") -> dict[str, Any]:
         balance_length=config.balance_length,
         balance_generator=config.balance_generator,
         min_strength=config.min_strength,
+        anchor_generator=config.anchor_generator,
+        anchor_margin=config.anchor_margin,
     )
     for name, s in data.stats.items():
         logger.info("%s: %d usable rows, %d train pairs, %d validation pairs", name, s.usable, s.train, s.val)
