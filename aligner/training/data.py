@@ -249,7 +249,7 @@ def pairs_via_anchor(rows: list[dict], anchor: str, margin: float) -> list[dict]
     cannot score by recognising the anchor's style, and one prompt with n compared answers
     yields up to n(n-1)/2 pairs instead of n. Rows without the anchor pass through unchanged.
     """
-    scored: dict[str, list[tuple[float, list[dict], str | None, dict]]] = {}
+    scored: dict[str, list[tuple[float, list[dict], str, str | None, dict]]] = {}
     others = []
     for row in rows:
         if anchor == row.get("chosen_generator"):
@@ -260,15 +260,15 @@ def pairs_via_anchor(rows: list[dict], anchor: str, margin: float) -> list[dict]
             others.append(row)
             continue
         strength = 1.0 if row["strength"] is None else row["strength"]
-        answer = (sign * strength, row[side], row.get(f"{side}_generator"), row)
+        answer = (sign * strength, row[side], response_text(row[side]).strip(), row.get(f"{side}_generator"), row)
         scored.setdefault(_key(0, row["prompt"]), []).append(answer)
     if not scored:
         logger.warning("no pair includes an answer by %r: no pairs derived", anchor)
     derived = []
     for answers in scored.values():
-        for high, chosen, chosen_by, row in answers:
-            for low, rejected, rejected_by, _ in answers:
-                if high - low > margin and response_text(chosen).strip() != response_text(rejected).strip():
+        for high, chosen, chosen_text, chosen_by, row in answers:
+            for low, rejected, rejected_text, rejected_by, _ in answers:
+                if high - low > margin and chosen_text != rejected_text:
                     derived.append({
                         "prompt": row["prompt"], "chosen": chosen, "rejected": rejected,
                         "source": row["source"], "strength": (high - low) / 2,
