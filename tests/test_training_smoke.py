@@ -23,7 +23,8 @@ from aligner.model_prep import default_model_dir  # noqa: E402
 from aligner.training.cli import main  # noqa: E402
 from aligner.training.config import RewardTrainingConfig  # noqa: E402
 from aligner.training.data import load_preference_data  # noqa: E402
-from aligner.training.evaluate import evaluate_model  # noqa: E402
+from aligner.training.encoding import PairEncoder  # noqa: E402
+from aligner.training.evaluate import evaluate_model, score_pairs  # noqa: E402
 from aligner.training.train import train  # noqa: E402
 from tests.conftest import has_package  # noqa: E402
 
@@ -221,3 +222,37 @@ def test_lora_targets_skip_heads_and_can_keep_only_the_last_layers(tiny_llama, t
     pattern = re.compile(lora_target_modules(bert, "all-linear", ["classifier", "pooler"]))
     picked = [n for n, _ in bert.named_modules() if pattern.fullmatch(n)]
     assert len(picked) == 2 * 6 and not any("pooler" in n or "classifier" in n for n in picked)
+
+
+@pytest.mark.parametrize("kind", ["bt", "arm"])
+def test_score_pairs_scores_a_recurring_answer_once(tiny_llama, kind):
+    """AlpacaEval pairs share a reference answer: it goes through the model once, and every
+    pair gets the score its sequences get when scored alone."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    cls, extra = (AutoModelForSequenceClassification, {"num_labels": 1}) if kind == "bt" else (AutoModelForCausalLM, {})
+    model = cls.from_pretrained(tiny_llama, dtype=torch.float32, **extra)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    row = _training_rows()["train"][0]
+    others = [[{"role": "assistant", "content": text}] for text in ("Boil it.", "Nine minutes.", "Ask someone.")]
+    # The same chosen answer against three rejected ones, one of them twice, swapped once.
+    rows = [dict(row, rejected=r) for r in others] + [dict(row, rejected=others[0])]
+    rows.append(dict(row, chosen=others[1], rejected=row["chosen"]))
+    encoded = [PairEncoder(tokenizer, 64).encode_pair(r) for r in rows]
+
+    seen = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+    kwargs = dict(kind=kind, pad_token_id=tokenizer.pad_token_id, batch_size=2)
+    chosen, rejected = score_pairs(model, encoded=encoded, **kwargs)
+    hook.remove()
+    assert seen == [4]  # 4 distinct sequences in 10, one batch of 2 pairs' worth
+
+    alone = {}
+    for e in encoded:
+        for side in ("chosen", "rejected"):
+            one = dict(e, chosen_ids=e[f"{side}_ids"], chosen_start=e[f"{side}_start"])
+            alone[side, len(alone)] = score_pairs(model, encoded=[one], **kwargs)[0][0]
+    expected = list(alone.values())
+    assert chosen == pytest.approx(expected[0::2], abs=1e-4)
+    assert rejected == pytest.approx(expected[1::2], abs=1e-4)
+    assert (chosen[4], rejected[4]) == (rejected[1], chosen[0]) and chosen[0] == chosen[1] == chosen[3]

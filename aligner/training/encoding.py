@@ -128,15 +128,22 @@ class PairCollator:
 
         seqs = [(e["chosen_ids"], e["chosen_start"]) for e in examples]
         seqs += [(e["rejected_ids"], e["rejected_start"]) for e in examples]
-        width = max(len(ids) for ids, _ in seqs)
-        input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        completion_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, (ids, start) in enumerate(seqs):
-            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[i, : len(ids)] = 1
-            completion_mask[i, start : len(ids)] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+        batch = pad_sequences(seqs, self.pad_token_id)
         if "margin" in examples[0]:
             batch["margin"] = torch.tensor([float(e["margin"]) for e in examples], dtype=torch.float)
         return batch
+
+
+def pad_sequences(seqs: list[tuple[list[int], int]], pad_token_id: int) -> dict[str, Any]:
+    """Right-padded `input_ids`, `attention_mask` and `completion_mask` of (ids, response_start) rows."""
+    import torch
+
+    width = max(len(ids) for ids, _ in seqs)
+    input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (ids, start) in enumerate(seqs):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, : len(ids)] = 1
+        completion_mask[i, start : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}

@@ -73,34 +73,36 @@ def score_pairs(
     """(chosen_scores, rejected_scores) as lists of floats, one per encoded pair.
 
     `encoded` rows are `PairEncoder.encode_pair` outputs. A bt score is the model's one
-    output; an arm score is beta times the summed response log-probability.
+    output; an arm score is beta times the summed response log-probability. A sequence that
+    recurs (AlpacaEval's reference answer is one side of every pair on its prompt) is scored
+    once; a batch holds `batch_size` pairs' worth, 2 * `batch_size` sequences.
     """
     import torch
     from tqdm.auto import tqdm
 
     from aligner.training.arm import response_logprobs
-    from aligner.training.encoding import PairCollator
+    from aligner.training.encoding import pad_sequences
 
-    collate = PairCollator(pad_token_id)
-    # Batches of similar length waste less compute on padding; scores go back in input order.
-    lengths = [max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in encoded]
-    order = sorted(range(len(encoded)), key=lengths.__getitem__)
-    chosen, rejected = [0.0] * len(encoded), [0.0] * len(encoded)
+    def key(e: dict, side: str) -> tuple:
+        return tuple(e[f"{side}_ids"]), e[f"{side}_start"]
+
+    unique = {key(e, side): None for e in encoded for side in ("chosen", "rejected")}
+    # Batches of similar length waste less compute on padding.
+    seqs = sorted(unique, key=lambda seq: len(seq[0]))
+    scores: dict[tuple, float] = {}
     model.eval()
     with torch.inference_mode():
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
-            index = order[start : start + batch_size]
-            batch = collate([encoded[i] for i in index])
+        for start in tqdm(range(0, len(seqs), 2 * batch_size), desc=desc, unit="batch"):
+            chunk = seqs[start : start + 2 * batch_size]
+            batch = pad_sequences(chunk, pad_token_id)
             if kind == "bt":
-                scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
             else:
-                scores = beta * response_logprobs(
+                out = beta * response_logprobs(
                     model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
                 )
-            c, r = scores.float().chunk(2)
-            for i, cs, rs in zip(index, c.tolist(), r.tolist()):
-                chosen[i], rejected[i] = cs, rs
-    return chosen, rejected
+            scores.update(zip(chunk, out.float().tolist()))
+    return [scores[key(e, "chosen")] for e in encoded], [scores[key(e, "rejected")] for e in encoded]
 
 
 def pair_metrics(rows: list[dict], chosen: list[float], rejected: list[float]) -> dict[str, Any]:
