@@ -148,7 +148,7 @@ def _anchored(prompt: int, model: str, won: bool, strength: float | None) -> dic
     return row
 
 
-def test_pairs_via_anchor_rank_the_answers_compared_with_it(tmp_path):
+def test_pairs_via_anchor_rank_the_answers_compared_with_it(tmp_path, caplog):
     """Each answer scores +strength against the anchor when it won, -strength when it lost; two
     answers to one prompt pair up when their scores differ by more than the margin. The
     anchor's answers leave training, pairs never cross prompts, other rows pass through, and
@@ -180,6 +180,10 @@ def test_pairs_via_anchor_rank_the_answers_compared_with_it(tmp_path):
     split = load_preference_data([str(path)], val_fraction=0.5, anchor_generator="ref")
     original = [(r["prompt"], r["chosen"], r["rejected"]) for r in clean]
     assert split.val["a"] and all((r["prompt"], r["chosen"], r["rejected"]) in original for r in split.val["a"])
+    # A file without the anchor (HH mixed with AlpacaEval) trains as it is, and the warning says which.
+    with caplog.at_level(logging.WARNING):
+        assert data_mod.pairs_via_anchor(clean[-1:], "ref", 0.5) == clean[-1:]
+    assert "s: no pair includes an answer by 'ref'" in caplog.text
 
 
 def test_weighted_mix_follows_weights_and_max_pairs(tmp_path):

@@ -232,8 +232,8 @@ def balance_by_length(rows: list[dict], seed: int, generator: str | None = None)
         return _balance(rows, chosen_is_longer, 2, seed)
     includes = lambda r: generator in (r.get("chosen_generator"), r.get("rejected_generator"))  # noqa: E731
     involved, others = [r for r in rows if includes(r)], [r for r in rows if not includes(r)]
-    if not involved:
-        logger.warning("no pair includes an answer by %r: balancing by length only", generator)
+    if not involved and rows:
+        logger.warning("%s: no pair includes an answer by %r: balancing by length only", rows[0]["source"], generator)
     cell = lambda r: (chosen_is_longer(r), r.get("chosen_generator") == generator)  # noqa: E731
     return _balance(others, chosen_is_longer, 2, seed) + _balance(involved, cell, 4, seed)
 
@@ -262,8 +262,8 @@ def pairs_via_anchor(rows: list[dict], anchor: str, margin: float) -> list[dict]
         strength = 1.0 if row["strength"] is None else row["strength"]
         answer = (sign * strength, row[side], response_text(row[side]).strip(), row.get(f"{side}_generator"), row)
         scored.setdefault(_key(0, row["prompt"]), []).append(answer)
-    if not scored:
-        logger.warning("no pair includes an answer by %r: no pairs derived", anchor)
+    if not scored and rows:
+        logger.warning("%s: no pair includes an answer by %r: its pairs train as they are", rows[0]["source"], anchor)
     derived = []
     for answers in scored.values():
         for high, chosen, chosen_text, chosen_by, row in answers:
