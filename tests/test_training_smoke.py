@@ -189,7 +189,9 @@ def test_arm_adapters_are_also_scored_against_their_base(tiny_llama, tmp_path, c
     saved = json.loads((output / "eval.json").read_text())
     assert saved["log_ratio"]["sources"]["tiny_prefs"]["n"] == 12 and saved["split"]["split"] == "all"
     assert saved["train"] == before["train"] and saved["command"] == before["command"]
-    assert "### Scored by the log-probability ratio to the base" in (output / "README.md").read_text()
+    card = (output / "README.md").read_text()
+    assert "### Scored by the log-probability ratio to the base" in card
+    assert "Scored again after training by `aligner eval-rm --split all` (seed 0, fraction 0.25" in card
 
 
 def test_resume_continues_from_the_last_checkpoint(tiny_bert, tmp_path):

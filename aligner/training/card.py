@@ -54,6 +54,7 @@ def write_model_card(
     train_info: dict[str, Any],
     report: dict[str, Any] | None,
     command: str,
+    split: dict[str, Any] | None = None,
 ) -> Path:
     kind = {
         "bt": "sequence reward model (one output, Bradley-Terry loss)",
@@ -88,6 +89,11 @@ def write_model_card(
         sections.append(
             "## Validation\n\n" + accuracy_table(report) + "\n\nLength-controlled accuracy counts only "
             "the pairs whose chosen answer is not the longer one (in characters)."
+            + (
+                f" Scored again after training by `aligner eval-rm --split {split['split']}` (seed {split['seed']}, "
+                f"fraction {split['val_fraction']}, up to {split['max_val_pairs']} pairs per file)."
+                if split else ""
+            )
         )
         if "log_ratio" in report:
             sections.append(
@@ -126,4 +132,5 @@ def render_card(model_dir: Path, record: dict[str, Any], command: str | None = N
         train_info=record["train"],
         report=report if "accuracy" in report else None,
         command=command or record.get("command", ""),
+        split=record.get("split"),
     )
