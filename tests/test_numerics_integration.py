@@ -1,0 +1,65 @@
+"""The start-up self-check through the real server: a kernel broken in bf16 (injected by the
+plugin's test fault, which rotates the logits of bf16 models in every engine process) is caught
+before /ready turns 200 and the server rebuilds in float32; broken in every dtype, it stays not
+ready with the reason, and never serves."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from bench.launch import start_server, stop_server
+from decoding.vllm_plugin import CORRUPT_LOGITS_ENV
+from tests.conftest import MODEL
+
+pytestmark = pytest.mark.integration
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _self_check(response: httpx.Response) -> dict | None:
+    policy = (response.json().get("numerics") or {}).get("policy") or {}
+    return policy.get("self_check")
+
+
+def test_a_kernel_broken_in_bf16_is_caught_and_the_server_serves_float32(tmp_path_factory):
+    server = start_server(tmp_path_factory.mktemp("numerics-fallback"), "--max-model-len", "512",
+                          env={CORRUPT_LOGITS_ENV: "bfloat16"})
+    try:
+        ready = httpx.get(f"{server.base_url}/ready", timeout=10)
+        assert ready.status_code == 200
+        numerics = ready.json()["numerics"]["policy"]
+        assert numerics["configuration"] == "safe" and numerics["dtype"] == "float32"
+        check = numerics["self_check"]
+        assert check["status"] == "passed" and check["fallback"] is True
+        assert check["engine"]["agreement"] >= 0.9 and check["engine"]["configuration"] == "float32"
+        log = server.log_path.read_text(errors="replace")
+        assert "FAILED in bfloat16" in log and "rebuilding in float32" in log
+        reply = httpx.post(f"{server.v1}/chat/completions", timeout=120, json={
+            "model": MODEL, "messages": QUESTION, "max_tokens": 12, "temperature": 0})
+        assert reply.status_code == 200 and "Paris" in reply.json()["choices"][0]["message"]["content"]
+    finally:
+        stop_server(server)
+
+
+def test_a_kernel_broken_everywhere_keeps_the_server_not_ready(tmp_path_factory):
+    server = start_server(tmp_path_factory.mktemp("numerics-broken"), "--max-model-len", "512",
+                          env={CORRUPT_LOGITS_ENV: "all"},
+                          ready_when=lambda r: (_self_check(r) or {}).get("status") == "failed")
+    try:
+        ready = httpx.get(f"{server.base_url}/ready", timeout=10)
+        assert ready.status_code == 503
+        message = ready.json()["error"]["message"]
+        assert "self-check failed" in message and "FAILED in float32" in message
+        assert ready.json()["numerics"]["policy"]["self_check"]["engine"]["agreement"] < 0.5
+        assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200  # alive, not ready
+        reply = httpx.post(f"{server.v1}/chat/completions", timeout=60, json={
+            "model": MODEL, "messages": QUESTION, "max_tokens": 4})
+        assert reply.status_code == 503 and reply.json()["error"]["code"] == "engine_unavailable"
+        time.sleep(3)  # the supervisor must not rebuild the same wrong engine again and again
+        assert httpx.get(f"{server.base_url}/ready", timeout=10).status_code == 503
+        assert "restarted" not in server.log_path.read_text(errors="replace")
+    finally:
+        stop_server(server)
