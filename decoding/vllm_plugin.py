@@ -21,6 +21,7 @@ Both only wrap functions; importing this module does nothing.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -91,15 +92,15 @@ def _avoid_amx_attention() -> None:
     from vllm.v1.attention.backends import cpu_attn
 
     original = cpu_attn._get_attn_isa
-    if getattr(original, "_aligner_wrapped", False):
+    if hasattr(original, "__wrapped__"):  # already ours
         return
 
+    @functools.wraps(original)
     def _safe_attn_isa(*args, **kwargs) -> str:
         isa = original(*args, **kwargs)
         # "vec" is what vLLM itself picks for these block sizes on x86 without AMX.
         return "vec" if isa == "amx" else isa
 
-    _safe_attn_isa._aligner_wrapped = True
     cpu_attn._get_attn_isa = _safe_attn_isa
 
 
@@ -108,17 +109,17 @@ def _corrupt_logits(dtypes: set[str]) -> None:
     from vllm.model_executor.layers.logits_processor import LogitsProcessor
 
     original = LogitsProcessor.forward
-    if getattr(original, "_aligner_wrapped", False):
+    if hasattr(original, "__wrapped__"):
         return
     names = {getattr(torch, name) for name in dtypes if isinstance(getattr(torch, name, None), torch.dtype)}
 
+    @functools.wraps(original)
     def forward(self, lm_head, hidden_states, *args, **kwargs):
         logits = original(self, lm_head, hidden_states, *args, **kwargs)
         if logits is not None and hidden_states.dtype in names:
             logits = logits.roll(1, dims=-1)
         return logits
 
-    forward._aligner_wrapped = True
     LogitsProcessor.forward = forward
     logger.warning("aligner: %s=%s: logits of models in %s are corrupted (test fault)",
                    CORRUPT_LOGITS_ENV, os.environ.get(CORRUPT_LOGITS_ENV), sorted(dtypes))

@@ -19,10 +19,14 @@ STARTER_CAUSAL = REPO / "models" / "helpful-harmless-causal"
 
 @pytest.fixture
 def cpu_attn(monkeypatch):
-    """vLLM's CPU attention module, its ISA choice restored after the test."""
+    """vLLM's CPU attention module with vLLM's own ISA choice (the plugin may already have
+    wrapped it in this process: anything that built vLLM's config loads plugins), restored after."""
     from vllm.v1.attention.backends import cpu_attn
 
-    monkeypatch.setattr(cpu_attn, "_get_attn_isa", cpu_attn._get_attn_isa)
+    vllms = cpu_attn._get_attn_isa
+    while hasattr(vllms, "__wrapped__"):
+        vllms = vllms.__wrapped__
+    monkeypatch.setattr(cpu_attn, "_get_attn_isa", vllms)
     monkeypatch.delenv(vllm_plugin.AMX_ATTENTION_ENV, raising=False)
     return cpu_attn
 
@@ -35,8 +39,9 @@ def test_plugin_turns_vllms_amx_attention_into_vec_on_an_amx_cpu(cpu_attn, monke
     # Only that choice changes: float32 and 16-token blocks never took the AMX kernel.
     assert cpu_attn._get_attn_isa(torch.float32, 32, 64) == "vec"
     assert cpu_attn._get_attn_isa(torch.bfloat16, 16, 64) == "vec16"
+    wrapper = cpu_attn._get_attn_isa
     vllm_plugin._avoid_amx_attention()  # registered twice in one process: still one wrapper
-    assert getattr(cpu_attn._get_attn_isa, "_aligner_wrapped", False)
+    assert cpu_attn._get_attn_isa is wrapper and not hasattr(wrapper.__wrapped__, "__wrapped__")
 
 
 def test_plugin_leaves_vllms_choice_when_asked(cpu_attn, monkeypatch):
