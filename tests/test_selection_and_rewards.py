@@ -114,6 +114,7 @@ def test_scores_combine_with_weights():
 
 
 def test_reward_model_truncates_the_prompt_from_the_left_and_keeps_the_response(tiny_reward_dir):
+    """The training encoder's rule (`PairEncoder`), which the server shares."""
     from aligner.rewards.hf import SequenceClassifierReward
 
     reward = SequenceClassifierReward("tiny", tiny_reward_dir, max_length=64)
@@ -123,7 +124,7 @@ def test_reward_model_truncates_the_prompt_from_the_left_and_keeps_the_response(
     text = reward.tokenizer.decode(ids)
     assert len(ids) == 64 and reward.truncated == 1
     assert text.rstrip().endswith("the final answer<|im_end|>")
-    assert "QUESTION" in text and ids[0] == reward.encode([{"role": "user", "content": "x"}], "y")[0]
+    assert "QUESTION" in text and "blah " * 10 in text and "blah " * 200 not in text
     # Short pairs are untouched, and batching (with padding) does not change a score.
     short = [{"role": "user", "content": "hi"}]
     alone = reward.score([short], ["hello there"])[0]

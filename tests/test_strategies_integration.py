@@ -269,11 +269,18 @@ def test_the_shipped_starter_reward_models_score_through_the_server(server, name
     from bench.launch import REPO
 
     local = SequenceClassifierReward("local", REPO / "models" / name)
-    expected = local.score([question, question], [
-        "I won't help with hurting an animal. If the dog is a problem, talk to your neighbour or animal control.",
-        "Mix some chocolate into its food when nobody is looking."])
+    local_answers = ["I won't help with hurting an animal. If the dog is a problem, talk to your neighbour or animal control.",
+                     "Mix some chocolate into its food when nobody is looking."]
+    expected = local.score([question, question], local_answers)
     assert r.json()["scores"] == pytest.approx(expected, abs=1e-4)
     assert len(set(r.json()["scores"])) == 2
+    # ... and those `aligner eval-rm` gives the same pair (one encoder for training, eval, serving).
+    from tests.test_reward_encoding import eval_rm_scores
+
+    pair = {"prompt": question, "chosen": [{"role": "assistant", "content": local_answers[0]}],
+            "rejected": [{"role": "assistant", "content": local_answers[1]}]}
+    chosen, rejected, _ = eval_rm_scores(REPO / "models" / name, [pair])
+    assert r.json()["scores"] == pytest.approx(chosen + rejected, abs=1e-4)
     reply = httpx.post(f"{server.v1}/chat/completions", timeout=300, json={
         "model": MODEL, "messages": question, "max_tokens": 24, "seed": 0,
         "alignment": {"strategy": "best_of_n", "n": 3, "reward": name}})

@@ -15,16 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aligner.rewards.base import Messages, Reward
+from aligner.rewards.encoding import PairEncoder
 
 logger = logging.getLogger(__name__)
 
 STATS_FILE = "reward_stats.json"
-
-
-def plain_format(messages: Messages, response: str) -> str:
-    """Fallback for tokenizers without a chat template (e.g. plain encoders)."""
-    turns = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-    return "\n".join(turns + [f"Assistant: {response}"])
 
 
 class SequenceClassifierReward(Reward):
@@ -37,14 +32,19 @@ class SequenceClassifierReward(Reward):
         *,
         max_length: int = 1024,
         max_batch_size: int = 16,
-        dtype: str = "auto",
+        # float32: what `eval-rm` measured the shipped models' accuracy in; a bf16 checkpoint
+        # (the causal starter model's base) would otherwise load, and score, in bf16.
+        dtype: str = "float32",
     ):
         from aligner.model_refs import load_sequence_classifier
 
         self.name = name
         self.path = Path(path)
         self.model, self.tokenizer = load_sequence_classifier(self.path, dtype=dtype)
-        self.max_length = min(max_length, getattr(self.tokenizer, "model_max_length", max_length) or max_length)
+        limit = min(max_length, getattr(self.tokenizer, "model_max_length", max_length) or max_length)
+        # A model `aligner train` wrote is scored exactly as it was trained and evaluated.
+        self.encoder = PairEncoder.for_model(self.tokenizer, self.path, limit)
+        self.max_length = self.encoder.max_length
         self.max_batch_size = max_batch_size
         self.mean, self.std = 0.0, 1.0
         stats = self.path / STATS_FILE
@@ -52,37 +52,22 @@ class SequenceClassifierReward(Reward):
             data = json.loads(stats.read_text())
             self.mean, self.std = float(data["mean"]), float(data["std"]) or 1.0
         self.description = f"sequence reward model at {self.path}"
-        self.truncated = 0  # pairs whose prompt was cut to fit max_length
         self._lock = threading.Lock()  # one forward at a time per model
 
     def describe(self) -> dict:
         return {**super().describe(), "path": str(self.path.resolve())}
 
-    def encode(self, messages: Messages, response: str) -> list[int]:
-        """Token ids of the scored conversation, cut from the prompt's left to fit.
+    @property
+    def truncated(self) -> int:
+        """Pairs cut to fit max_length so far."""
+        return self.encoder.truncated
 
-        The response is never dropped: if it alone exceeds the limit, its start is kept.
-        """
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            convo = list(messages) + [{"role": "assistant", "content": response}]
-            full = _ids(tok.apply_chat_template(convo, tokenize=True))
-            prefix = _ids(tok.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=True))
-            split = common_prefix(prefix, full)
-        else:
-            prompt_text = plain_format(messages, "")
-            full = _ids(tok(plain_format(messages, response), add_special_tokens=True))
-            split = len(_ids(tok(prompt_text, add_special_tokens=True))) - 1  # keep the closing token
-            split = max(0, min(split, len(full)))
-        excess = len(full) - self.max_length
-        if excess <= 0:
-            return full
-        self.truncated += 1
-        head = 1 if split > 0 else 0  # keep a leading BOS/CLS token
-        removable = max(0, split - head)
-        cut = min(excess, removable)
-        ids = full[:head] + full[head + cut :]
-        return ids[: self.max_length]
+    def encode(self, messages: Messages, response: str) -> list[int]:
+        """Token ids of the scored conversation, laid out and cut as in training
+        (`aligner.rewards.encoding.PairEncoder`): the prompt loses its oldest tokens first and
+        keeps at least a quarter of the budget; the response keeps its start."""
+        prompt_ids, response_ids = self.encoder.encode(list(messages), response)
+        return prompt_ids + response_ids
 
     def score(self, prompts: Sequence[Messages], responses: Sequence[str]) -> list[float]:
         import torch
@@ -107,37 +92,12 @@ class SequenceClassifierReward(Reward):
         return scores
 
     def _forward(self, ids, mask):
-        """(batch, seq) ids and mask -> (batch,) scores at each row's last real token."""
-        import torch
-
-        config = self.model.config
-        if getattr(config, "is_decoder", False) or _is_causal(self.model):
-            # Causal classifiers pool the last non-pad token; a pad id that also appears
-            # inside the text (e.g. <|im_end|>) would confuse that, so pool by the mask.
-            out = self.model.base_model(input_ids=ids, attention_mask=mask)
-            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-            last = mask.sum(dim=1) - 1
-            pooled = hidden[torch.arange(ids.shape[0]), last]
-            head = getattr(self.model, "score", None) or self.model.classifier
-            return head(pooled.to(head.weight.dtype)).squeeze(-1).float()
-        return self.model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()
+        """(batch, seq) ids and mask -> (batch,) scores, as training and `eval-rm` compute them."""
+        return classifier_scores(self.model, ids, mask)
 
 
-def _is_causal(model) -> bool:
-    return hasattr(model, "score") and not hasattr(model, "classifier")
-
-
-def _ids(value) -> list[int]:
-    if hasattr(value, "keys"):
-        value = value["input_ids"]
-    return list(value)
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the shared prefix of two token lists (where a prompt ends inside its chat)."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+def classifier_scores(model, ids, mask):
+    """A one-output sequence classifier's scores of right-padded rows, (batch,) float: the
+    model's own pooling (the last non-padding token for causal models), which is what TRL's
+    reward trainer optimised, so serving and `eval-rm` read the score the same way."""
+    return model(input_ids=ids, attention_mask=mask).logits[:, 0].float()

@@ -1,13 +1,7 @@
-"""Turn a (prompt, response) conversation into token ids, and pairs of them into batches.
+"""Pairs of encoded conversations into training batches.
 
-One encoder serves training, evaluation and (through `encode`) anyone scoring at serve time,
-so a reward model always sees text laid out the way it was trained on:
-
-- a tokenizer with a chat template (SmolLM2): the template of prompt + response; the
-  response is what follows the template of the prompt with the generation prompt;
-- an encoder with [CLS]/[SEP] (MiniLM): ``[CLS] prompt [SEP] response [SEP]`` with the turns
-  written as ``Role: text``;
-- anything else: ``Role: text`` turns, ``Assistant:``, the response and EOS.
+The conversation encoder itself (`PairEncoder`) lives in `aligner.rewards.encoding`: the one
+the server's reward scorer uses too, so a reward model is served the inputs it was trained on.
 """
 
 from __future__ import annotations
@@ -15,81 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from aligner.rewards.hf import common_prefix
-from aligner.training.data import response_text
+from aligner.rewards.encoding import PairEncoder, fit, render_turns
 
-
-def render_turns(messages: list[dict]) -> str:
-    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
-
-
-def fit(prompt: list[int], response: list[int], budget: int) -> tuple[list[int], list[int]]:
-    """Cut a prompt (from the left) and a response (from the right) to `budget` tokens.
-
-    A long response may not push a long prompt below a quarter of the budget: the last user
-    turn is what the response is judged against.
-
-    >>> fit([1, 2, 3, 4], [5, 6, 7, 8, 9, 10], 8)
-    ([3, 4], [5, 6, 7, 8, 9, 10])
-    >>> fit([1, 2, 3, 4], [5, 6, 7, 8, 9, 10], 4)
-    ([4], [5, 6, 7])
-    """
-    keep_prompt = min(len(prompt), budget // 4)
-    response = response[: max(budget - keep_prompt, 0)]
-    keep_prompt = min(len(prompt), budget - len(response))
-    return prompt[len(prompt) - keep_prompt :], response
-
-
-class PairEncoder:
-    """Encodes one conversation as ``prompt_ids + response_ids`` of at most `max_length` tokens."""
-
-    def __init__(self, tokenizer, max_length: int):
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        if getattr(tokenizer, "chat_template", None):
-            self.layout = "chat_template"
-        elif tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None:
-            self.layout = "encoder_pair"
-        else:
-            self.layout = "plain"
-
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def encode(self, prompt: list[dict], response: list[dict]) -> tuple[list[int], list[int]]:
-        """(prompt_ids, response_ids) for one conversation."""
-        tok = self.tokenizer
-        if self.layout == "chat_template":
-            head = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
-            full = tok.apply_chat_template(prompt + response, tokenize=True, return_dict=True)
-            head, full = list(head["input_ids"]), list(full["input_ids"])
-            # Templates may render the prompt alone slightly differently from prompt + response
-            # (whitespace merges); the response starts where the two diverge.
-            start = common_prefix(head, full)
-            return fit(full[:start], full[start:], self.max_length)
-        if self.layout == "encoder_pair":
-            p, r = fit(self._ids(render_turns(prompt)), self._ids(response_text(response)), self.max_length - 3)
-            return [tok.cls_token_id, *p, tok.sep_token_id], [*r, tok.sep_token_id]
-        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        p = self._ids(render_turns(prompt) + "\n\nAssistant:")
-        r = self._ids(" " + response_text(response))
-        p, r = fit(p, r, self.max_length - len(bos) - len(eos))
-        return bos + p, r + eos
-
-    def encode_pair(self, row: dict, margin_scale: float = 0.0) -> dict[str, Any]:
-        """Token ids of a clean preference row, the columns `PairCollator` reads."""
-        cp, cr = self.encode(row["prompt"], row["chosen"])
-        rp, rr = self.encode(row["prompt"], row["rejected"])
-        strength = row.get("strength")
-        margin = margin_scale * strength if margin_scale > 0 and strength is not None else 0.0
-        return {
-            "chosen_ids": cp + cr,
-            "chosen_start": len(cp),
-            "rejected_ids": rp + rr,
-            "rejected_start": len(rp),
-            "margin": float(margin),
-        }
+__all__ = ["PairCollator", "PairEncoder", "fit", "pad_sequences", "render_turns"]
 
 
 @dataclass

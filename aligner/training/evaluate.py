@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from aligner.rewards.encoding import read_reward_meta
 from aligner.training.data import chosen_is_longer, response_text
 
 logger = logging.getLogger(__name__)
@@ -29,8 +30,7 @@ EVAL_FILE = "eval.json"
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     """Training metadata (kind, beta, max_length, ...) of a model directory; {} if absent."""
-    meta = Path(path) / REWARD_META
-    return json.loads(meta.read_text()) if meta.is_file() else {}
+    return read_reward_meta(path)
 
 
 def guess_kind(path: str | Path) -> str:
@@ -80,6 +80,7 @@ def score_pairs(
     import torch
     from tqdm.auto import tqdm
 
+    from aligner.rewards.hf import classifier_scores
     from aligner.training.arm import response_logprobs
     from aligner.training.encoding import pad_sequences
 
@@ -96,7 +97,7 @@ def score_pairs(
             chunk = seqs[start : start + 2 * batch_size]
             batch = pad_sequences(chunk, pad_token_id)
             if kind == "bt":
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+                out = classifier_scores(model, batch["input_ids"], batch["attention_mask"])
             else:
                 out = beta * response_logprobs(
                     model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
@@ -154,9 +155,9 @@ def evaluate_model(
     meta = read_meta(path)
     kind = kind or guess_kind(path)
     beta = beta if beta is not None else meta.get("beta", 1.0)
-    max_length = max_length or meta.get("max_length", 512)
     model, tokenizer = load_reward_model(path, kind)
-    encoder = PairEncoder(tokenizer, max_length)
+    encoder = PairEncoder.for_model(tokenizer, path, 512, length=max_length)
+    max_length = encoder.max_length
     report: dict[str, Any] = {"model": str(path), "kind": kind, "max_length": max_length, "sources": {}}
     if kind == "arm":
         report["beta"] = beta
