@@ -102,8 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         "each of which gets 0.1)",
     )
     serve.add_argument("--default-reward", default=None, help="reward used when a request names none")
-    serve.add_argument("--reward-max-length", type=int, default=1024, help="tokens per scored pair")
+    serve.add_argument("--reward-max-length", type=int, default=1024,
+                       help="tokens per scored pair (models `aligner train` wrote keep the length they were trained with)")
     serve.add_argument("--reward-batch-size", type=int, default=16)
+    serve.add_argument("--reward-dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+                       help="reward models' weights (float32: as `eval-rm` scored them; auto: the checkpoint's)")
     serve.add_argument(
         "--default-strategy", default="none", help="strategy when the request names none"
     )
@@ -147,7 +150,7 @@ def build_rewards(args):
     rewards.timeout_s = args.reward_timeout_s
     for spec in args.reward_model:
         reward = rewards.add_from_spec(
-            spec, max_length=args.reward_max_length, max_batch_size=args.reward_batch_size
+            spec, max_length=args.reward_max_length, max_batch_size=args.reward_batch_size, dtype=args.reward_dtype
         )
         print(f"aligner: reward {reward.name!r} ({reward.kind}) registered", file=sys.stderr)
     if args.default_reward is not None:
