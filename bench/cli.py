@@ -136,7 +136,7 @@ def cmd_load(args) -> int:
         results = run_levels(args, args.base_url)
         finish(args, {"levels": results})
         return 0
-    from aligner.model_prep import prepare_default_model
+    from decoding.model_prep import prepare_default_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-compare-"))
     model_dir = str(prepare_default_model())

@@ -72,8 +72,8 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from aligner.model_prep import prepare_default_model
-    from aligner.model_refs import load_sequence_classifier
+    from decoding.model_prep import prepare_default_model
+    from decoding.model_refs import load_sequence_classifier
     from decoding.guide_model import SlotDecoder
 
     policy_dir = prepare_default_model()

@@ -138,7 +138,7 @@ def main() -> None:
     if unknown:
         parser.error(f"--arms: unknown {', '.join(unknown)} (choose from {', '.join(every)})")
     arms = dict(every[name.strip()] for name in args.arms.split(","))
-    from aligner.model_prep import prepare_default_model
+    from decoding.model_prep import prepare_default_model
 
     policy_dir = prepare_default_model()
     work = Path(tempfile.mkdtemp(prefix="bench-guided-"))

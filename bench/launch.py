@@ -48,7 +48,7 @@ def start_server(log_dir: Path, *extra_args: str, api_key: str | None = None, en
     port = free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{port}.log"
-    args = [sys.executable, "-m", "aligner.cli", "serve", "--port", str(port), *extra_args]
+    args = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), *extra_args]
     if api_key:
         args += ["--api-key", api_key]
     environment = {k: v for k, v in os.environ.items() if k != "ALIGNER_API_KEY"}

@@ -125,7 +125,7 @@ def main() -> None:
     else:
         from transformers import AutoTokenizer
 
-        from aligner.model_prep import prepare_default_model
+        from decoding.model_prep import prepare_default_model
 
         tokenizer = AutoTokenizer.from_pretrained(prepare_default_model())
         prompts = load_prompts(args)

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from aligner.model_refs import GUIDE_MODEL_TYPES as SUPPORTED_TYPES
+from decoding.model_refs import GUIDE_MODEL_TYPES as SUPPORTED_TYPES
 from decoding.guide_spec import MAX_K
 from kernels.candidate_attention import candidate_attention
 from kernels.reward_head import reward_head

@@ -148,7 +148,7 @@ def check_guide(path: str, mode: str, dtype: str, quantization: str | None) -> C
     scores highest at ARGS_POSITIONS positions."""
     import torch
 
-    from aligner.model_refs import load_causal_lm, load_sequence_classifier
+    from decoding.model_refs import load_causal_lm, load_sequence_classifier
     from decoding.guide_model import SlotDecoder
 
     loader = load_sequence_classifier if mode == "args" else load_causal_lm

@@ -14,7 +14,7 @@ def main() -> None:
     import torch
     from vllm import LLM, SamplingParams
 
-    from aligner.model_prep import prepare_default_model
+    from decoding.model_prep import prepare_default_model
 
     llm = LLM(model=str(prepare_default_model()), dtype="bfloat16", enforce_eager=True, block_size=32,
               enable_chunked_prefill=False, max_model_len=512, kv_cache_memory_bytes=256 << 20, seed=0)

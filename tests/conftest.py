@@ -40,7 +40,7 @@ def build_tiny_reward_model(target: Path, seed: int = 0) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-    from aligner.model_prep import prepare_default_model
+    from decoding.model_prep import prepare_default_model
 
     tokenizer = AutoTokenizer.from_pretrained(prepare_default_model())
     config = LlamaConfig(
@@ -84,7 +84,7 @@ def build_preference_guide(target: Path, kind: str, token_id: int, hidden: int =
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-    from aligner.model_prep import prepare_default_model
+    from decoding.model_prep import prepare_default_model
 
     tokenizer = AutoTokenizer.from_pretrained(prepare_default_model())
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=64, num_hidden_layers=1,
@@ -119,7 +119,7 @@ def guide_targets() -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from aligner.model_prep import prepare_default_model
+    from decoding.model_prep import prepare_default_model
 
     path = prepare_default_model()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -187,7 +187,7 @@ def client(server):
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from aligner.model_prep import default_model_dir
+    from decoding.model_prep import default_model_dir
 
     return AutoTokenizer.from_pretrained(default_model_dir())
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from aligner.model_refs import discover
+from decoding.model_refs import discover
 
 
 def _model(root, name, kind, model_type):

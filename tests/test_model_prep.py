@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from aligner import model_prep
+from decoding import model_prep
 
 
 @pytest.fixture(scope="module")

@@ -199,7 +199,7 @@ def test_a_malformed_profiles_file_fails_at_start_naming_the_line(tmp_path):
     bad = tmp_path / "profiles.yaml"
     bad.write_text("profiles:\n  ok:\n    - version: 1\n      alignment: {strategy: none}\n"
                    "  broken:\n    - version: 1\n      alignment: {strategy: best_of_n, n: 0}\n")
-    proc = subprocess.run([sys.executable, "-m", "aligner.cli", "serve", "--profiles", str(bad), "--port", "1"],
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--profiles", str(bad), "--port", "1"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert f"{bad}:6:" in proc.stderr and "broken@1" in proc.stderr

@@ -26,7 +26,7 @@ def build_faulty_reward_model(target):
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from aligner.model_prep import prepare_default_model
+    from decoding.model_prep import prepare_default_model
 
     tokenizer = AutoTokenizer.from_pretrained(prepare_default_model())
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,

@@ -65,7 +65,7 @@ def test_server_scorer_equals_eval_rm_on_the_shipped_models(name):
 def test_a_recorded_layout_that_the_tokenizer_cannot_give_is_refused(tmp_path):
     from transformers import AutoTokenizer
 
-    from aligner.model_prep import default_model_dir
+    from decoding.model_prep import default_model_dir
     from aligner.rewards.encoding import PairEncoder
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())

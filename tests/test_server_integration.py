@@ -45,7 +45,7 @@ def test_greedy_output_is_transformers_float32_choice_at_every_step(client, toke
     import torch
     from transformers import AutoModelForCausalLM
 
-    from aligner.model_prep import default_model_dir
+    from decoding.model_prep import default_model_dir
 
     near_tie = 0.5
     model = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()

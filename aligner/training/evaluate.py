@@ -51,10 +51,10 @@ def guess_kind(path: str | Path) -> str:
 
 
 def load_reward_model(path: str | Path, kind: str):
-    """(model, tokenizer) in float32 through `aligner.model_refs`, as the server would load it."""
+    """(model, tokenizer) in float32 through `decoding.model_refs`, as the server would load it."""
     import torch
 
-    from aligner.model_refs import load_causal_lm, load_sequence_classifier
+    from decoding.model_refs import load_causal_lm, load_sequence_classifier
 
     loader = load_sequence_classifier if kind == "bt" else load_causal_lm
     return loader(path, dtype=torch.float32)
@@ -198,7 +198,7 @@ def _reference_model(path: str | Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from aligner.model_refs import base_of
+    from decoding.model_refs import base_of
 
     base = base_of(Path(path))
     if base is None:

@@ -2,7 +2,7 @@
 
 `bt` runs TRL's `RewardTrainer` on pre-tokenized pairs (our encoder decides truncation and
 layout, TRL the loss, margin, loop and checkpoints); `arm` runs `ARMTrainer`. The saved
-directory loads back through `aligner.model_refs` with nothing downloaded.
+directory loads back through `decoding.model_refs` with nothing downloaded.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from aligner.model_refs import ADAPTER_CONFIG, BASE_REF_FILE, resolve_base
+from decoding.model_refs import ADAPTER_CONFIG, BASE_REF_FILE, resolve_base
 from aligner.training.config import RewardTrainingConfig
 from aligner.training.evaluate import EVAL_FILE, REWARD_META
 

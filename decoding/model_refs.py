@@ -37,7 +37,7 @@ def _package_model_dir(package: str) -> Path:
 
 def resolve_base(ref: str, relative_to: Path | None = None) -> Path:
     if ref == "default-policy":
-        from aligner.model_prep import prepare_default_model
+        from decoding.model_prep import prepare_default_model
 
         return prepare_default_model()
     if ref.startswith("package:"):

@@ -1,0 +1,165 @@
+"""The `aligner` command: serve, prepare-model, train, eval-rm, and the commands other
+packages plug in (the `aligner.commands` entry points: `bench`).
+
+The layers import downward only (server -> aligner -> decoding -> kernels), so this top
+module never imports `bench`: bench registers its subcommands through an entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from decoding.model_prep import default_model_dir, prepare_default_model
+
+COMMANDS_ENTRY_POINTS = "aligner.commands"
+
+
+def _env(name: str, default=None):
+    return os.environ.get(name, default)
+
+
+def add_http_arguments(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group("model and HTTP")
+    group.add_argument("--model", default=None,
+                       help="Hugging Face model directory (default: the prepared SmolLM2-135M-Instruct)")
+    group.add_argument("--served-model-name", default=None, help="name clients send as `model`")
+    group.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    group.add_argument("--port", type=int, default=int(_env("PORT", "8000")))
+    group.add_argument("--api-key", default=_env("ALIGNER_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' (also ALIGNER_API_KEY)")
+    group.add_argument("--log-level", default="info")
+
+
+def add_engine_arguments(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group("policy engine (vLLM)")
+    group.add_argument("--max-model-len", type=int, default=2048)
+    group.add_argument("--dtype", default="auto")
+    group.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size on CPU, in GiB of host RAM")
+    group.add_argument("--max-num-seqs", type=int, default=64)
+    group.add_argument("--enforce-eager", action="store_true", default=None,
+                       help="skip torch.compile and CUDA graphs on GPU (CPU always runs eager)")
+    group.add_argument("--gpu-memory-utilization", type=float, default=None,
+                       help="GPU: the policy engine's share of device memory (default 0.9, less 0.1 per helper "
+                       "model, each of which gets 0.1)")
+    group.add_argument(
+        "--self-check", default="auto", choices=["auto", "on", "off"],
+        help="before /ready turns 200, compare the engine's (and each guide's) top-1 tokens over a fixed text "
+        "with Hugging Face's float32 forward; on disagreement rebuild in float32, and if that disagrees too, "
+        "stay not ready. auto: on for checkpoints up to 1 GiB (the default model)",
+    )
+
+
+def add_model_arguments(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group("reward models, guides and helper models")
+    group.add_argument(
+        "--reward-model", action="append", default=[], metavar="NAME=PATH",
+        help="register a reward: NAME=PATH (sequence-classification checkpoint or adapter) or "
+        "NAME=regex:PATTERN (a rule); repeatable. Built-in rules need no flag.",
+    )
+    group.add_argument("--default-reward", default=None, help="reward used when a request names none")
+    group.add_argument("--reward-max-length", type=int, default=1024,
+                       help="tokens per scored pair (models `aligner train` wrote keep the length they were trained with)")
+    group.add_argument("--reward-batch-size", type=int, default=16)
+    group.add_argument("--reward-dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+                       help="reward models' weights (float32: as `eval-rm` scored them; auto: the checkpoint's)")
+    group.add_argument("--reward-timeout-s", type=float, default=30.0, help="then the request falls back")
+    group.add_argument(
+        "--guide", action="append", default=[], metavar="NAME=PATH",
+        help="register a token-level guide: a causal LM (genarm) or a causal reward model with a "
+        "sequence-classification head (args), full checkpoint or adapter; repeatable",
+    )
+    group.add_argument("--guide-max-slots", type=int, default=16,
+                       help="guided sequences decoded at once (more wait in the admission queue)")
+    group.add_argument("--guide-max-len", type=int, default=None, help="default: --max-model-len")
+    group.add_argument("--guide-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                       help="guide weights and cache (bf16 measured faster than fp32 on CPU)")
+    group.add_argument("--guide-quantization", default=None, choices=["int8"],
+                       help="int8: the guides' projections as W8A8 int8 GEMMs (per-channel weights, per-token "
+                       "activations; CPU, vLLM's oneDNN kernels), about 1.8x faster than bf16 there")
+    group.add_argument(
+        "--models-dir", default=None, metavar="DIR",
+        help="register every model `aligner train` wrote under DIR, named after its folder: bt models "
+        "as rewards (and as ARGS guides on a causal backbone), arm models as GenARM guides",
+    )
+    group.add_argument(
+        "--helper-model", action="append", default=[], metavar="NAME=PATH",
+        help="serve another causal LM (a Hugging Face directory) in its own vLLM engine, for the "
+        "rewrite strategy's `rewriter` and the correct strategy's `corrector`; repeatable",
+    )
+    group.add_argument("--helper-kv-cache-gib", type=float, default=0.25, help="each helper's KV cache on CPU")
+
+
+def add_alignment_arguments(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group("alignment")
+    group.add_argument("--default-strategy", default="none", help="strategy when the request names none")
+    group.add_argument("--profiles", default=None,
+                       help="versioned alignment profiles (YAML); default: the shipped file")
+    group.add_argument("--max-n", type=int, default=8, help="largest `n` a request may ask for")
+    group.add_argument("--max-candidates", type=int, default=16, help="largest N for multi-sample strategies")
+    group.add_argument("--stream-keepalive-s", type=float, default=2.0)
+
+
+def add_limit_arguments(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group("overload protection (beyond these: 429 with Retry-After)")
+    group.add_argument("--max-running-requests", type=int, default=16)
+    group.add_argument("--max-running-sequences", type=int, default=64, help="n x candidates, summed")
+    group.add_argument("--max-queued-requests", type=int, default=64)
+    group.add_argument("--max-queue-wait-s", type=float, default=60.0)
+    group.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413")
+    group.add_argument("--max-engine-restarts", type=int, default=5)
+
+
+def add_plugged_commands(sub) -> None:
+    """Subcommands other packages register under the `aligner.commands` entry points."""
+    for entry in sorted(metadata.entry_points(group=COMMANDS_ENTRY_POINTS), key=lambda e: e.name):
+        entry.load()(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from aligner.training.cli import add_subcommands as add_training
+
+    parser = argparse.ArgumentParser(prog="aligner", description="Inference-time alignment server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible server")
+    for add in (add_http_arguments, add_engine_arguments, add_model_arguments, add_alignment_arguments,
+                add_limit_arguments):
+        add(serve)
+    serve.set_defaults(func=cmd_serve)
+    prep = sub.add_parser("prepare-model", help="convert the packaged GGUF default model once")
+    prep.add_argument("--output", type=Path, default=None, help=f"default: {default_model_dir()}")
+    prep.add_argument("--force", action="store_true", help="convert again even if present")
+    prep.set_defaults(func=cmd_prepare_model)
+    add_training(sub)
+    add_plugged_commands(sub)
+    return parser
+
+
+def cmd_prepare_model(args) -> int:
+    print(prepare_default_model(args.output, force=args.force))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from server.serve import serve
+
+    return serve(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(getattr(args, "log_level", "info")).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # One INFO line per HTTP request drowns the reports of `bench` and `train`.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""`aligner serve`: build the engines, rewards, guides and profiles the flags name, then the app."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from aligner.profiles import DEFAULT_PROFILES, ProfileError
+from aligner.rewards import RewardRegistry
+from aligner.strategies import get_strategy
+from decoding.guide_spec import GuideCatalog
+from decoding.model_prep import DEFAULT_MODEL_NAME, prepare_default_model
+from decoding.model_refs import discover
+from server.admission import AdmissionConfig
+from server.config import ServerConfig
+
+HELPER_GPU_SHARE = 0.1
+
+
+def named_path(spec: str, flag: str) -> tuple[str, str]:
+    """`NAME=PATH` -> (NAME, PATH), or exit with a message naming `flag`."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise SystemExit(f"aligner: {flag} expects NAME=PATH, got {spec!r}")
+    return name, path
+
+
+def build_rewards(args) -> RewardRegistry:
+    rewards = RewardRegistry.with_builtins()
+    rewards.timeout_s = args.reward_timeout_s
+    for spec in args.reward_model:
+        reward = rewards.add_from_spec(
+            spec, max_length=args.reward_max_length, max_batch_size=args.reward_batch_size, dtype=args.reward_dtype
+        )
+        print(f"aligner: reward {reward.name!r} ({reward.kind}) registered", file=sys.stderr)
+    if args.default_reward is not None:
+        if rewards.get(args.default_reward) is None:
+            raise SystemExit(f"aligner: unknown --default-reward {args.default_reward!r}")
+        rewards.default = args.default_reward
+    return rewards
+
+
+def build_guides(args) -> GuideCatalog:
+    paths = dict(named_path(spec, "--guide") for spec in args.guide)
+    return GuideCatalog.from_paths(paths, args.guide_max_slots, args.guide_max_len or args.max_model_len)
+
+
+def build_helpers(args) -> dict:
+    """name -> VLLMEngine for every `--helper-model NAME=PATH` (not started yet)."""
+    from decoding.vllm_engine import VLLMEngine, VLLMEngineConfig
+
+    helpers = {}
+    for spec in args.helper_model:
+        name, path = named_path(spec, "--helper-model")
+        if name == "policy" or name in helpers:
+            raise SystemExit(f"aligner: helper model name {name!r} is taken")
+        if not (Path(path) / "config.json").is_file():
+            raise SystemExit(f"aligner: --helper-model {name}: {path} is not a Hugging Face model directory")
+        limit = json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings")
+        helpers[name] = VLLMEngine(VLLMEngineConfig(
+            model=str(Path(path).resolve()), served_model_name=name,
+            max_model_len=min(args.max_model_len, limit or args.max_model_len),
+            dtype=args.dtype, kv_cache_gib=args.helper_kv_cache_gib, max_num_seqs=16,
+            enforce_eager=args.enforce_eager, gpu_memory_utilization=HELPER_GPU_SHARE,
+            self_check=args.self_check,
+        ))
+    return helpers
+
+
+def build_policy(args, model: str, name: str, guides: GuideCatalog, helpers: int):
+    from decoding.vllm_engine import VLLMEngine, VLLMEngineConfig, detect_device
+
+    if args.guide_quantization and detect_device() != "cpu":
+        raise SystemExit("aligner: --guide-quantization int8 runs on vLLM's CPU kernels only; drop it on a GPU")
+    return VLLMEngine(VLLMEngineConfig(
+        model=model, served_model_name=name, max_model_len=args.max_model_len, dtype=args.dtype,
+        kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager,
+        guides=guides, guide_dtype=args.guide_dtype, guide_quantization=args.guide_quantization,
+        gpu_memory_utilization=args.gpu_memory_utilization or 0.9 - HELPER_GPU_SHARE * helpers,
+        self_check=args.self_check,
+    ))
+
+
+def server_config(args, name: str) -> ServerConfig:
+    if get_strategy(args.default_strategy) is None:
+        raise SystemExit(f"aligner: unknown --default-strategy {args.default_strategy!r}")
+    return ServerConfig(
+        served_model_name=name,
+        api_key=args.api_key or None,
+        max_n=args.max_n,
+        default_strategy=args.default_strategy,
+        max_candidates=args.max_candidates,
+        stream_keepalive_s=args.stream_keepalive_s,
+        max_body_bytes=args.max_body_bytes,
+        max_engine_restarts=args.max_engine_restarts,
+        admission=AdmissionConfig(
+            max_running_requests=args.max_running_requests,
+            max_running_sequences=args.max_running_sequences,
+            max_queued_requests=args.max_queued_requests,
+            max_queue_wait_s=args.max_queue_wait_s,
+        ),
+    )
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    from server.app import build_app, load_profiles
+
+    if args.models_dir is not None:
+        found_rewards, found_guides = discover(args.models_dir)
+        args.reward_model = found_rewards + args.reward_model
+        args.guide = found_guides + args.guide
+    if args.model is None:
+        model, name = str(prepare_default_model()), args.served_model_name or DEFAULT_MODEL_NAME
+    else:
+        model, name = args.model, args.served_model_name or Path(args.model.rstrip("/")).name
+    guides = build_guides(args)
+    config = server_config(args, name)
+    try:
+        profiles = load_profiles(args.profiles or DEFAULT_PROFILES)
+    except ProfileError as exc:
+        raise SystemExit(f"aligner: bad --profiles file: {exc}") from None
+    helpers = build_helpers(args)
+    engine = build_policy(args, model, name, guides, len(helpers))
+    app = build_app(engine, config, build_rewards(args), profiles, guides, helpers)
+    print(f"aligner: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
