@@ -1,9 +1,23 @@
-"""How a request asks the engine for token-level guidance (no torch, no vLLM: the server
-imports it)."""
+"""The guides a server runs and how a request asks the engine for token-level guidance
+(no torch, no vLLM: the server and the strategies import it).
+
+One concept, `GuideCatalog`: which guides the engine was built with, in which mode, how long
+a guided sequence may be, and how many guided sequences decode at once. The slot budget is
+counted in one place, the server's admission controller, which holds a request until its
+sequences have slots; the engine's slot pool (`guide_model.SlotDecoder`) is sized to the same
+budget, so a guided request never finds the pool full.
+
+The engine tells what it could not guide through small report files: the logits processor
+runs in vLLM's engine process, where nothing flows back with the tokens but the tokens.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 CONFIG_KEY = "aligner_guides"  # in vllm_config.additional_config
@@ -12,6 +26,54 @@ MODES = ("genarm", "args")
 MAX_ALPHA = 20.0
 MAX_K = 64
 MAX_WEIGHT = 100.0
+REPORT_KEY = "report"  # in the request's guide spec: the prefix of its report files
+
+
+@dataclass
+class GuideCatalog:
+    """Guides the engine was built with: name -> {"path", "mode"}, plus the limits."""
+
+    specs: dict[str, dict[str, str]] = field(default_factory=dict)
+    max_slots: int = 16  # guided sequences decoded at once, server-wide
+    max_len: int = 2048  # prompt + answer tokens of a guided sequence
+    report_dir: str | None = None  # where the engine writes what it could not guide
+
+    @property
+    def modes(self) -> dict[str, str]:
+        return {name: spec["mode"] for name, spec in self.specs.items()}
+
+    @property
+    def default(self) -> str | None:
+        return next(iter(self.specs), None)
+
+    @classmethod
+    def from_paths(cls, paths: dict[str, str], max_slots: int, max_len: int) -> GuideCatalog:
+        specs = {name: {"path": str(Path(p).resolve()), "mode": guide_mode(p)} for name, p in paths.items()}
+        report_dir = tempfile.mkdtemp(prefix="aligner-guide-reports-") if specs else None
+        return cls(specs, max_slots, max_len, report_dir)
+
+
+def write_guide_report(report_dir: str, key: str, report: dict) -> None:
+    """One row's report (`{"guided_steps", "unguided_steps", "reason"}`), written atomically;
+    a row rewrites its own file, rows of one request (n > 1) write files of their own."""
+    path = Path(report_dir) / f"{key}.json"
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(report))
+    os.replace(tmp, path)
+
+
+def read_guide_reports(report_dir: str | None, prefix: str) -> list[dict]:
+    """The reports the engine wrote for a request's rows, removed once read."""
+    if report_dir is None:
+        return []
+    reports = []
+    for path in sorted(Path(report_dir).glob(f"{prefix}-*.json")):
+        try:
+            reports.append(json.loads(path.read_text()))
+            path.unlink()
+        except (OSError, ValueError):
+            continue
+    return reports
 
 
 def guide_mode(path: str | Path) -> str:

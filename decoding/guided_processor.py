@@ -21,6 +21,7 @@ detected and left unguided for that step rather than guided wrongly.
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -31,30 +32,11 @@ from kernels.topk_combine import topk_reward_combine
 # A child of vLLM's logger: inside the engine process only vLLM's logging is configured.
 logger = logging.getLogger("vllm.aligner.guided")
 
-from decoding.guide_spec import CONFIG_KEY, EXTRA_ARGS_KEY, MAX_ALPHA, MAX_K, MAX_WEIGHT, MODES
+from decoding.guide_spec import CONFIG_KEY, EXTRA_ARGS_KEY, REPORT_KEY, write_guide_report
 
 
 def guide_request(extra_args: dict | None) -> dict | None:
     return (extra_args or {}).get(EXTRA_ARGS_KEY)
-
-
-def check_guide_request(spec: dict, guides: dict[str, str]) -> None:
-    """Raise ValueError for a malformed or out-of-range guide request.
-    `guides` maps guide name -> the modes it supports ("genarm" or "args")."""
-    if not isinstance(spec, dict):
-        raise ValueError("aligner_guide must be an object")
-    name, mode = spec.get("guide"), spec.get("mode")
-    if name not in guides:
-        raise ValueError(f"unknown guide {name!r}")
-    if mode not in MODES or mode != guides[name]:
-        raise ValueError(f"guide {name!r} supports mode {guides[name]!r}, not {mode!r}")
-    alpha, k, weight = spec.get("alpha", 1.0), spec.get("k", 10), spec.get("weight", 1.0)
-    if not 0 <= float(alpha) <= MAX_ALPHA:
-        raise ValueError(f"alpha must be in [0, {MAX_ALPHA:g}]")
-    if not (isinstance(k, int) and 1 <= k <= MAX_K):
-        raise ValueError(f"k must be an integer in [1, {MAX_K}]")
-    if not 0 <= float(weight) <= MAX_WEIGHT:
-        raise ValueError(f"weight must be in [0, {MAX_WEIGHT:g}]")
 
 
 @dataclass
@@ -69,6 +51,8 @@ class RowState:
     slot: int | None = None
     consumed: int = 0  # tokens of prompt + outputs already in the guide cache
     disabled: str | None = None  # why guidance was dropped for this request
+    report: str | None = None  # this row's report file (None: the request asked for none)
+    lagged_steps: int = 0  # steps left unguided because the output list lagged
 
 
 @dataclass
@@ -81,7 +65,7 @@ class GuideSet:
 
 def load_guides(config: dict, device) -> GuideSet:
     """`config`: {"guides": {name: {"path", "mode"}}, "max_slots", "max_len", "dtype", "quantization"}."""
-    from aligner.model_refs import load_causal_lm, load_sequence_classifier
+    from decoding.model_refs import load_causal_lm, load_sequence_classifier
     from decoding.guide_model import SlotDecoder
 
     from kernels._dispatch import use_triton
@@ -106,9 +90,28 @@ class GuidedState:
     """Batch bookkeeping and the per-step guide computation, independent of vLLM so that
     tests can drive it with fake logits and simulated batch updates."""
 
-    def __init__(self, guides: GuideSet):
+    def __init__(self, guides: GuideSet, report_dir: str | None = None):
         self.guides = guides
+        self.report_dir = report_dir
         self.rows: dict[int, RowState] = {}
+
+    def _unguided(self, index: int, row: RowState, reason: str, stop: bool) -> None:
+        """Record a step (or, with `stop`, the rest of the answer) decoded without the guide,
+        and tell the server: its response must not claim steps that were not guided."""
+        if stop:
+            row.disabled = reason
+            logger.error("guided request at row %d runs unguided: %s", index, reason)
+        else:
+            row.lagged_steps += 1
+            logger.warning("guided request at row %d: %s; this step is unguided", index, reason)
+        if row.report is None or self.report_dir is None:
+            return
+        report = {"lagged_steps": row.lagged_steps, "reason": reason, "stopped": row.disabled is not None,
+                  "outputs_at_stop": list(row.outputs) if row.disabled is not None else None}
+        try:
+            write_guide_report(self.report_dir, row.report, report)
+        except OSError as exc:  # a full disk must not take the engine down
+            logger.error("cannot write guide report %s: %s", row.report, exc)
 
     # ------------------------------------------------------------------ batch updates
 
@@ -125,13 +128,15 @@ class GuidedState:
         spec = guide_request(extra_args)
         if spec is None:
             return
-        if spec.get("guide") not in self.guides.decoders:
-            logger.error("request asks for unknown guide %r; decoding it unguided", spec.get("guide"))
-            return
-        self.rows[index] = RowState(
-            guide=spec["guide"], mode=spec["mode"], alpha=float(spec.get("alpha", 1.0)), k=int(spec.get("k", 10)),
-            weight=float(spec.get("weight", 1.0)), prompt=list(prompt or []), outputs=outputs,
+        report = spec.get(REPORT_KEY)
+        row = RowState(
+            guide=spec.get("guide"), mode=spec.get("mode"), alpha=float(spec.get("alpha", 1.0)),
+            k=int(spec.get("k", 10)), weight=float(spec.get("weight", 1.0)), prompt=list(prompt or []),
+            outputs=outputs, report=f"{report}-{uuid.uuid4().hex[:12]}" if isinstance(report, str) else None,
         )
+        self.rows[index] = row
+        if row.guide not in self.guides.decoders:
+            self._unguided(index, row, f"unknown guide {row.guide!r}", stop=True)
 
     def move(self, a: int, b: int, swap: bool) -> None:
         row_a, row_b = self.rows.pop(a, None), self.rows.pop(b, None)
@@ -197,17 +202,15 @@ class GuidedState:
                 try:
                     row.slot = decoder.allocate()
                 except SlotsFull as exc:
-                    row.disabled = str(exc)
-                    logger.error("guided request at row %d runs unguided: %s", i, exc)
+                    self._unguided(i, row, str(exc), stop=True)
                     continue
             sequence = row.prompt + list(row.outputs)
             if len(sequence) == row.consumed:
                 if row.consumed:  # the output list did not grow: it lags (async scheduling)
-                    logger.warning("guide state lags the engine at row %d; this step is unguided", i)
+                    self._unguided(i, row, "the guide state lags the engine", stop=False)
                 continue
             if len(sequence) > decoder.max_len:
-                row.disabled = f"sequence exceeds the guide's {decoder.max_len} tokens"
-                logger.error("guided request at row %d runs unguided: %s", i, row.disabled)
+                self._unguided(i, row, f"sequence exceeds the guide's {decoder.max_len} tokens", stop=True)
                 continue
             new[i] = sequence[row.consumed :]
             row.consumed = len(sequence)
@@ -224,7 +227,7 @@ def _load_processor_class():
 
         def __init__(self, vllm_config, device, is_pin_memory: bool):
             config = (vllm_config.additional_config or {}).get(CONFIG_KEY) or {}
-            self.state = GuidedState(load_guides(config, device) if config else GuideSet())
+            self.state = GuidedState(load_guides(config, device) if config else GuideSet(), config.get("report_dir"))
 
         def is_argmax_invariant(self) -> bool:
             return False

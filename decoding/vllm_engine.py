@@ -25,6 +25,7 @@ from decoding.engine import (
     TokenLogprob,
     TopLogprob,
 )
+from decoding.guide_spec import CONFIG_KEY, GuideCatalog
 from decoding.self_check import SelfCheckFailed
 
 logger = logging.getLogger(__name__)
@@ -50,10 +51,8 @@ class VLLMEngineConfig:
     seed: int = 0
     # vLLM V1 logits processors (classes or fully qualified names), fixed at engine build.
     logits_processors: list[Any] = field(default_factory=list)
-    # Token-level guides: name -> {"path": checkpoint dir, "mode": "genarm" | "args"}.
-    guides: dict[str, dict[str, str]] = field(default_factory=dict)
-    guide_max_slots: int = 16
-    guide_max_len: int = 2048
+    # Token-level guides (names, modes, paths, slot budget, length limit, report folder).
+    guides: GuideCatalog = field(default_factory=GuideCatalog)
     guide_dtype: str = "bfloat16"
     guide_quantization: str | None = None  # "int8": W8A8 projections (CPU)
     # Start-up numerics check against Hugging Face float32 (decoding.self_check): on, off or
@@ -89,14 +88,12 @@ class VLLMEngineConfig:
             disable_log_stats=True,
             logits_processors=list(self.logits_processors) or None,
         )
-        if self.guides:
-            from decoding.guide_spec import CONFIG_KEY
-
+        if self.guides.specs:
             kwargs["logits_processors"] = (kwargs["logits_processors"] or []) + [GUIDED_PROCESSOR]
             kwargs["additional_config"] = {CONFIG_KEY: {
-                "guides": self.guides, "max_slots": self.guide_max_slots,
-                "max_len": self.guide_max_len, "dtype": self.effective_guide_dtype,
-                "quantization": self.effective_guide_quantization,
+                "guides": self.guides.specs, "max_slots": self.guides.max_slots,
+                "max_len": self.guides.max_len, "report_dir": self.guides.report_dir,
+                "dtype": self.effective_guide_dtype, "quantization": self.effective_guide_quantization,
             }}
             # The guide appends the engine's accepted tokens each step; async scheduling
             # would show it output lists one step late.
@@ -118,7 +115,8 @@ class VLLMEngineConfig:
 
 
 class HFChatTokenizer:
-    """`ChatTokenizer` over a Hugging Face tokenizer (the one vLLM itself loads)."""
+    """`ChatTokenizer` over a Hugging Face tokenizer, loaded here from the model directory
+    vLLM serves (its own copy: vLLM's tokenizer lives in its engine process)."""
 
     def __init__(self, hf_tokenizer):
         self._tok = hf_tokenizer
@@ -251,7 +249,7 @@ class VLLMEngine:
 
     def _safe_is_same(self) -> bool:
         c = self.config
-        return c.dtype == "float32" and (not c.guides or (c.guide_dtype == "float32" and not c.guide_quantization))
+        return c.dtype == "float32" and (not c.guides.specs or (c.guide_dtype == "float32" and not c.guide_quantization))
 
     def _record_check(self, status: str, results: dict) -> None:
         self.numerics = dict(self.numerics or {}, configuration=self.config.numerics)
@@ -275,7 +273,7 @@ class VLLMEngine:
         from decoding import self_check
 
         results = {}
-        for name, spec in self.config.guides.items():
+        for name, spec in self.config.guides.specs.items():
             started = time.monotonic()
             results[f"guide {name}"] = result = await asyncio.to_thread(
                 self_check.check_guide, spec["path"], spec["mode"], self.config.effective_guide_dtype,

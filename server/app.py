@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 
 from fastapi import FastAPI
@@ -12,11 +13,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
+from aligner.alignment import check_profile_alignment
 from aligner.profiles import DEFAULT_PROFILES, ProfileStore
 from aligner.rewards import RewardRegistry
 from decoding.engine import Engine
 from server.admission import AdmissionController
-from server.alignment import check_profile_alignment
 from server.config import ServerConfig
 from server.errors import from_validation_errors, make_error
 from server.metrics import ServerMetrics
@@ -53,8 +54,11 @@ def build_app(
     helpers = dict(helpers or {})
     rewards = rewards if rewards is not None else RewardRegistry.with_builtins()
     profiles = profiles if profiles is not None else load_profiles(DEFAULT_PROFILES)
-    admission = AdmissionController(config.admission)
-    metrics = ServerMetrics(engine, admission, guides)
+    # The guide slot budget is the engine's pool size, counted by admission only.
+    admission = AdmissionController(
+        dataclasses.replace(config.admission, max_guide_slots=guides.max_slots) if guides else config.admission
+    )
+    metrics = ServerMetrics(engine, admission)
     rewards.observer = metrics.observe_reward
 
     @contextlib.asynccontextmanager

@@ -10,7 +10,7 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class ServerMetrics:
-    def __init__(self, engine: Engine, admission=None, guides=None):
+    def __init__(self, engine: Engine, admission=None):
         r = self.registry = CollectorRegistry()
         self.requests = Counter("aligner_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=r)
         self.errors = Counter("aligner_errors", "Error responses by OpenAI error type.", ["type"], registry=r)
@@ -29,9 +29,8 @@ class ServerMetrics:
             Gauge("aligner_running_requests", "Admitted requests in progress.", registry=r).set_function(lambda: admission.running_requests)
             Gauge("aligner_running_sequences", "Sequences decoded by admitted requests.", registry=r).set_function(lambda: admission.running_sequences)
             Gauge("aligner_queued_requests", "Requests waiting for admission.", registry=r).set_function(lambda: admission.queued_requests)
-
-        if guides is not None:
-            Gauge("aligner_guide_slots_in_use", "Token-level guide slots held by requests.", registry=r).set_function(lambda: guides.in_use)
+            Gauge("aligner_guide_slots_in_use", "Token-level guide slots held by admitted requests.",
+                  registry=r).set_function(lambda: admission.guide_slots_in_use)
 
     def observe_reward(self, name: str, seconds: float, ok: bool) -> None:
         self.reward_calls.labels(name, "ok" if ok else "error").inc()

@@ -97,7 +97,16 @@ def slots_in_use(server) -> float:
     raise AssertionError("aligner_guide_slots_in_use missing")
 
 
-def test_cancellation_frees_the_slot_and_a_full_guide_answers_503(server):
+def metric(server, name: str) -> float:
+    for line in httpx.get(f"{server.base_url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} missing")
+
+
+def test_a_full_guide_queues_the_next_request_and_cancellation_frees_the_slots(server):
+    """Guide slots are an admission budget: a guided request that finds them all held waits
+    in the queue (it is not refused, and never decoded unguided) and runs once they free."""
     body = {"model": MODEL, "messages": GUIDE_PROMPT, "max_tokens": 1000, "ignore_eos": True, "n": 4,
             "temperature": 1.0, "stream": True, "alignment": {"strategy": "guided", "guide": "prefers-banana"}}
 
@@ -107,21 +116,34 @@ def test_cancellation_frees_the_slot_and_a_full_guide_answers_503(server):
                 lines = r.aiter_lines()  # kept referenced: dropping it would close the stream
                 await anext(lines)
                 held = slots_in_use(server)
-                extra = await http.post(f"{server.v1}/chat/completions", json={
-                    "model": MODEL, "messages": GUIDE_PROMPT, "max_tokens": 4,
-                    "alignment": {"strategy": "guided", "guide": "prefers-banana"}})
+                extra = asyncio.ensure_future(http.post(f"{server.v1}/chat/completions", json={
+                    "model": MODEL, "messages": GUIDE_PROMPT, "max_tokens": 4, "temperature": 0,
+                    "alignment": {"strategy": "guided", "guide": "prefers-banana"}}))
+                for _ in range(100):
+                    if metric(server, "aligner_queued_requests") == 1:
+                        break
+                    await asyncio.sleep(0.1)
+                queued, answered_early = metric(server, "aligner_queued_requests"), extra.done()
                 await lines.aclose()
-        return held, extra
+            return held, queued, answered_early, await extra
 
-    held, extra = asyncio.run(go())
-    assert held == 4
-    assert extra.status_code == 503 and "guide slots" in extra.json()["error"]["message"]
+    held, queued, answered_early, extra = asyncio.run(go())
+    assert held == 4 and queued == 1 and not answered_early
+    assert extra.status_code == 200, extra.text
+    reply = extra.json()
+    assert reply["alignment"]["guided_steps"] == reply["usage"]["completion_tokens"] > 0
     for _ in range(100):
         if slots_in_use(server) == 0 and engine_unfinished(server) == 0:
             break
         asyncio.run(asyncio.sleep(0.2))
     assert slots_in_use(server) == 0 and engine_unfinished(server) == 0
-    assert text(chat(server, {"strategy": "guided", "guide": "prefers-banana", "alpha": 0.0}))
+
+
+def test_every_step_of_a_guided_answer_is_reported_guided(server):
+    reply = chat(server, {"strategy": "guided", "guide": "prefers-second", "k": 4}, max_tokens=8, n=2,
+                 temperature=1.0, seed=3)
+    assert reply["alignment"]["guided_steps"] == reply["usage"]["completion_tokens"] > 0
+    assert "unguided_reasons" not in reply["alignment"]
 
 
 @pytest.mark.parametrize(

@@ -139,6 +139,40 @@ def test_a_lagging_output_list_is_left_unguided_that_step(models):
     assert torch.equal(state.apply(base.clone()), base)  # no new token arrived
 
 
+def test_unguided_steps_are_reported_to_the_server(models, tmp_path):
+    """What the engine could not guide reaches the server as report files, and the response
+    counts only the steps that were guided."""
+    from dataclasses import dataclass
+
+    from aligner.strategies.guided import guided_steps
+    from decoding.guide_spec import read_guide_reports
+
+    @dataclass
+    class Choice:
+        token_ids: list
+
+    state = GuidedState(guide_set(models, max_slots=1), str(tmp_path))
+    outputs = [[], []]
+    for i in range(2):  # one slot for two rows of one request (n=2): the second runs unguided
+        state.add(i, {"aligner_guide": {"guide": "arm", "mode": "genarm", "alpha": 1.0, "report": "req-a"}},
+                  [1, 2], outputs[i])
+    state.add(2, {"aligner_guide": {"guide": "arm", "mode": "genarm", "report": "req-b"}}, [1], [])
+    for step in range(3):
+        state.apply(torch.randn(3, VOCAB))
+        outputs[0].append(7)
+        outputs[1].append(8 + step)
+    reports = read_guide_reports(str(tmp_path), "req-a")
+    assert len(reports) == 1 and reports[0]["stopped"] and "slot" in reports[0]["reason"]
+    assert read_guide_reports(str(tmp_path), "req-a") == []  # read once
+    # Row 1 (tokens 8, 9, 10) never got a slot: only row 0's three steps were guided.
+    assert guided_steps([Choice([7, 7, 7]), Choice([8, 9, 10])], reports) == 3
+    state.remove(0)
+    state.add(0, {"aligner_guide": {"guide": "arm", "mode": "genarm", "report": "req-c"}}, [1], [])
+    state.apply(torch.randn(3, VOCAB))
+    assert read_guide_reports(str(tmp_path), "req-c") == []  # guided throughout: nothing to report
+    assert guided_steps([Choice([7, 7, 7])], []) == 3
+
+
 def test_decoder_refuses_sequences_past_its_limit(models):
     decoder = SlotDecoder(models[0], max_slots=1, max_len=4)
     slot = decoder.allocate()
@@ -255,7 +289,7 @@ def test_int8_reaches_the_guide_runners(models, tmp_path):
     """`--guide-quantization int8` -> the engine's additional config -> `load_guides`, which is
     what the logits processor calls in the engine process: every projection is an int8 GEMM."""
     import decoding.guide_model as guide_model
-    from decoding.guide_spec import CONFIG_KEY
+    from decoding.guide_spec import CONFIG_KEY, GuideCatalog
     from decoding.guided_processor import load_guides
     from decoding.vllm_engine import VLLMEngineConfig
 
@@ -263,11 +297,11 @@ def test_int8_reaches_the_guide_runners(models, tmp_path):
         pytest.skip("this vLLM build has no oneDNN CPU kernels")
     from transformers import AutoTokenizer
 
-    from aligner.model_prep import prepare_default_model
+    from decoding.model_prep import prepare_default_model
 
     models[1].save_pretrained(tmp_path / "rm")
     AutoTokenizer.from_pretrained(prepare_default_model()).save_pretrained(tmp_path / "rm")  # the loader reads one
-    guides = {"rm": {"path": str(tmp_path / "rm"), "mode": "args"}}
+    guides = GuideCatalog({"rm": {"path": str(tmp_path / "rm"), "mode": "args"}})
     engine = VLLMEngineConfig(model="unused", guides=guides, guide_quantization="int8").engine_args("cpu")
     config = engine.additional_config[CONFIG_KEY]
     assert config["quantization"] == "int8"
