@@ -65,6 +65,54 @@ class GenerationChunk:
     cached_tokens: int = 0  # prompt tokens served from the engine's prefix cache
 
 
+@dataclass
+class SequenceOutput:
+    """Everything one sample produced, accumulated from its deltas."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class Generation:
+    """An engine request's samples, and what its prompt cost."""
+
+    sequences: list[SequenceOutput]
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.sequences)
+
+    def add(self, chunk: GenerationChunk) -> None:
+        """Fold one chunk of the stream in (the only place deltas are accumulated)."""
+        self.prompt_tokens = chunk.prompt_tokens or self.prompt_tokens
+        self.cached_tokens = max(self.cached_tokens, chunk.cached_tokens)
+        for delta in chunk.sequences:
+            seq = self.sequences[delta.index]
+            seq.text += delta.text
+            seq.token_ids.extend(delta.token_ids)
+            seq.logprobs.extend(delta.logprobs or ())
+            if delta.finish_reason is not None:
+                seq.finish_reason = delta.finish_reason
+
+    @classmethod
+    def empty(cls, n: int, prompt_tokens: int = 0) -> Generation:
+        return cls([SequenceOutput(i) for i in range(n)], prompt_tokens)
+
+
+async def collect(stream: AsyncIterator[GenerationChunk], n: int, prompt_tokens: int = 0) -> Generation:
+    """Drain an engine stream into one output per sample."""
+    generation = Generation.empty(n, prompt_tokens)
+    async for chunk in stream:
+        generation.add(chunk)
+    return generation
+
+
 class ChatTokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 

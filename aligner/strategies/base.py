@@ -63,7 +63,7 @@ class StrategyContext:
     keepalive_s: float = 2.0
     # Named prompt templates (URIAL prefixes, meta-prompts) from the profiles file.
     templates: dict[str, Any] = field(default_factory=dict)
-    # Token-level guides the engine was built with (`guided.GuideRegistry`), if any.
+    # Token-level guides the engine was built with (`decoding.guide_spec.GuideCatalog`), if any.
     guides: Any = None
     # Helper models registered at start (`--helper-model`): name -> Engine, for rewriters
     # and correctors other than the policy.
@@ -175,15 +175,29 @@ class Strategy(ABC):
         """How many sequences the engine decodes at once for this request (admission weight)."""
         return ctx.n
 
+    def guide_slots(self, params: StrategyParams, ctx: StrategyContext) -> int:
+        """Token-level guide slots the request holds while it runs (admission's second budget)."""
+        return 0
+
     @abstractmethod
     async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult: ...
+
+    async def run_from_stream(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
+        """`run` of a strategy whose stream is its primary path: the stream's final result."""
+        result = None
+        async with contextlib.aclosing(self.stream(ctx, params)) as events:
+            async for event in events:
+                if isinstance(event, StrategyResult):
+                    result = event
+        return result
 
     async def stream(self, ctx: StrategyContext, params: StrategyParams) -> AsyncIterator[StreamEvent]:
         """Default for strategies that decide at the end: keep-alives until `run` finishes,
         then each chosen answer as one delta, then the result."""
         task = asyncio.ensure_future(self.run(ctx, params))
-        async for keepalive in keepalive_until(task, ctx.keepalive_s):
-            yield keepalive
+        async with contextlib.aclosing(keepalive_until(task, ctx.keepalive_s)) as keepalives:
+            async for keepalive in keepalives:
+                yield keepalive
         result = task.result()
         for i, choice in enumerate(result.choices):
             yield SequenceDelta(i, choice.text, list(choice.token_ids), choice.logprobs, choice.finish_reason)

@@ -9,6 +9,7 @@ block streams to the client as soon as it is chosen. Works with any sequence rew
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import AsyncIterator
 from typing import Literal
@@ -24,12 +25,10 @@ from aligner.strategies.base import (
     StrategyParamError,
     StrategyParams,
     StrategyResult,
-    StrategyUnavailable,
     StreamEvent,
     register,
 )
-from aligner.strategies.best_of_n import RewardField, resolve_reward
-from aligner.strategies.candidates import generate_candidates, score_candidates
+from aligner.strategies.common import RewardField, generate_candidates, resolve_reward, reward_failed, score_candidates
 from aligner.strategies.selection import rank
 from decoding.engine import SequenceDelta
 
@@ -68,6 +67,118 @@ def entropy_cut(candidate: Candidate, threshold: float, minimum: int) -> int:
     return len(candidate.token_ids)
 
 
+class BlockSearch:
+    """One request's search: the answer accepted so far and what each step decided."""
+
+    def __init__(self, ctx: StrategyContext, params: BlockwiseParams):
+        self.ctx, self.params = ctx, params
+        self.accepted: list[int] = []
+        self.text = ""
+        self.stages: list[StageReport] = []
+        self.steps: list[dict] = []
+        self.fallback: dict | None = None
+        self.finish = "length"
+        self.limit = min(ctx.sampling.max_tokens, ctx.engine.max_model_len - len(ctx.prompt_ids))
+
+    def threshold(self) -> float | None:
+        p = self.params
+        if p.accept_threshold is None:
+            return None
+        return p.accept_threshold + p.threshold_growth * len(self.accepted) / self.ctx.sampling.max_tokens
+
+    async def sample(self, step: int, attempt: int) -> list[Candidate]:
+        """k blocks continuing the answer, cut at high entropy if asked, as text after it."""
+        ctx, p = self.ctx, self.params
+        seed = None if ctx.sampling.seed is None else ctx.sampling.seed + 1009 * step + attempt
+        candidates, generated = await generate_candidates(
+            ctx, p.k, stage=f"block-{step}" + (f"-retry{attempt}" if attempt else ""),
+            prompt_ids=ctx.prompt_ids + self.accepted, seed=seed,
+            max_tokens=min(p.block_tokens, self.limit - len(self.accepted)),
+            logprobs=ENTROPY_TOP_K if p.segment == "entropy" else None,
+        )
+        self.stages.append(generated)
+        for c in candidates:
+            if p.segment == "entropy":
+                keep = entropy_cut(c, p.entropy_threshold, p.min_block_tokens)
+                if keep < len(c.token_ids):
+                    c.token_ids, c.finish_reason = c.token_ids[:keep], None
+            c.text = ctx.engine.tokenizer.decode(self.accepted + c.token_ids)[len(self.text):]
+        return candidates
+
+    async def step(self, step: int) -> Candidate:
+        """Sample, score and pick this step's block (resampling while none clears the threshold)."""
+        threshold = self.threshold()
+        for attempt in range(self.params.max_retries + 1):
+            candidates = await self.sample(step, attempt)
+            try:
+                self.stages.append(await score_candidates(
+                    self.ctx, self.params.reward, candidates, [self.text + c.text for c in candidates],
+                    stage=f"score-{step}"))
+            except RewardError as exc:
+                self.fallback = reward_failed(self.params, exc, f"score-{step}")
+                pick = 0  # no scores: keep a plain sample
+                break
+            order = rank([c.score for c in candidates])
+            pick = order[0]
+            if threshold is None:
+                break
+            clearing = [i for i, c in enumerate(candidates) if c.score >= threshold]
+            if clearing:
+                pick = clearing[0]
+                break
+            # Nothing cleared: resample, or settle for the best after the last retry.
+        self.steps.append({
+            "step": step, "selected": pick, "threshold": threshold, "retries": attempt,
+            "candidates": [c.public() for c in candidates] if self.params.return_candidates else None,
+        })
+        return candidates[pick]
+
+    def accept(self, tokens: list[int], text: str) -> None:
+        self.accepted += tokens
+        self.text += text
+
+    async def blocks(self) -> AsyncIterator[SequenceDelta]:
+        step = 0
+        while len(self.accepted) < self.limit:
+            chosen = await self.step(step)
+            self.accept(chosen.token_ids, chosen.text)
+            if chosen.text:
+                yield SequenceDelta(0, chosen.text, list(chosen.token_ids), None, None)
+            step += 1
+            if chosen.finish_reason == "stop" or not chosen.token_ids:
+                self.finish = "stop"
+                return
+            if self.fallback:
+                return
+
+    async def finish_plainly(self) -> AsyncIterator[SequenceDelta]:
+        """The reward failed mid-answer: finish the answer with plain decoding."""
+        tail, generated = await generate_candidates(
+            self.ctx, 1, stage="fallback", prompt_ids=self.ctx.prompt_ids + self.accepted,
+            max_tokens=max(1, self.limit - len(self.accepted)),
+        )
+        self.stages.append(generated)
+        rest = self.ctx.engine.tokenizer.decode(self.accepted + tail[0].token_ids)[len(self.text):]
+        self.accept(tail[0].token_ids, rest)
+        self.finish = tail[0].finish_reason or "length"
+        if rest:
+            yield SequenceDelta(0, rest, list(tail[0].token_ids), None, None)
+
+    def result(self) -> StrategyResult:
+        generated = [s for s in self.stages if s.stage.startswith("block-")]
+        prompt = sum(s.prompt_tokens for s in generated)
+        info = {
+            "steps": self.steps,
+            "blocks": len(self.steps),
+            # Share of block prompts (chat prompt + answer so far) served from the prefix cache.
+            "prefix_cache_hit_rate": round(sum(s.cached_tokens for s in generated) / prompt, 4) if prompt else 0.0,
+        }
+        if self.fallback:
+            info["fallback"] = self.fallback
+        return StrategyResult(choices=[Candidate(0, self.text, self.accepted, self.finish)], stages=self.stages,
+                              info=info)
+
+
 @register
 class BlockwiseStrategy(Strategy):
     name = "blockwise"
@@ -90,103 +201,16 @@ class BlockwiseStrategy(Strategy):
         return params.k
 
     async def run(self, ctx: StrategyContext, params: BlockwiseParams) -> StrategyResult:
-        result = None
-        async for event in self.stream(ctx, params):
-            if isinstance(event, StrategyResult):
-                result = event
-        return result
+        return await self.run_from_stream(ctx, params)
 
     async def stream(self, ctx: StrategyContext, params: BlockwiseParams) -> AsyncIterator[StreamEvent]:
-        tokenizer = ctx.engine.tokenizer
-        accepted: list[int] = []
-        text = ""
-        stages: list[StageReport] = []
-        steps: list[dict] = []
-        budget = ctx.sampling.max_tokens
-        room = ctx.engine.max_model_len - len(ctx.prompt_ids)
-        finish = "length"
-        fallback = None
-        step = 0
-        while len(accepted) < budget and len(accepted) < room:
-            limit = min(params.block_tokens, budget - len(accepted), room - len(accepted))
-            threshold = None
-            if params.accept_threshold is not None:
-                threshold = params.accept_threshold + params.threshold_growth * len(accepted) / budget
-            for attempt in range(params.max_retries + 1):
-                seed = None if ctx.sampling.seed is None else ctx.sampling.seed + 1009 * step + attempt
-                candidates, generated = await generate_candidates(
-                    ctx, params.k, stage=f"block-{step}" + (f"-retry{attempt}" if attempt else ""),
-                    prompt_ids=ctx.prompt_ids + accepted, max_tokens=limit, seed=seed,
-                    logprobs=ENTROPY_TOP_K if params.segment == "entropy" else None,
-                )
-                stages.append(generated)
-                if params.segment == "entropy":
-                    for c in candidates:
-                        keep = entropy_cut(c, params.entropy_threshold, params.min_block_tokens)
-                        if keep < len(c.token_ids):
-                            c.token_ids, c.finish_reason = c.token_ids[:keep], None
-                for c in candidates:
-                    c.text = tokenizer.decode(accepted + c.token_ids)[len(text):]
-                try:
-                    stages.append(await score_candidates(
-                        ctx, params.reward, candidates, [text + c.text for c in candidates], stage=f"score-{step}"))
-                except RewardError as exc:
-                    # No scores: keep a plain sample (or fail when fallback is off).
-                    if not params.fallback:
-                        raise StrategyUnavailable(f"{exc}; the request set fallback=false") from exc
-                    fallback = {"reason": str(exc), "reward": exc.name}
-                    pick = 0
-                    break
-                order = rank([c.score for c in candidates])
-                clearing = [i for i in range(len(candidates)) if threshold is None or candidates[i].score >= threshold]
-                if threshold is None:
-                    pick = order[0]
-                    break
-                if clearing:
-                    pick = clearing[0]
-                    break
-                pick = order[0]  # nothing cleared: resample, or settle for the best
-            chosen = candidates[pick]
-            steps.append({
-                "step": step,
-                "selected": pick,
-                "threshold": threshold,
-                "retries": attempt,
-                "candidates": [c.public() for c in candidates] if params.return_candidates else None,
-            })
-            accepted += chosen.token_ids
-            if chosen.text:
-                text += chosen.text
-                yield SequenceDelta(0, chosen.text, list(chosen.token_ids), None, None)
-            step += 1
-            if chosen.finish_reason == "stop" or not chosen.token_ids:
-                finish = "stop"
-                break
-            if fallback:
-                break
-        if fallback and finish != "stop":
-            # The reward failed mid-answer: finish the answer with plain decoding.
-            tail, generated = await generate_candidates(
-                ctx, 1, stage="fallback", prompt_ids=ctx.prompt_ids + accepted,
-                max_tokens=max(1, min(budget, room) - len(accepted)),
-            )
-            stages.append(generated)
-            rest = tokenizer.decode(accepted + tail[0].token_ids)[len(text):]
-            accepted += tail[0].token_ids
-            text += rest
-            finish = tail[0].finish_reason or "length"
-            if rest:
-                yield SequenceDelta(0, rest, list(tail[0].token_ids), None, None)
-        yield SequenceDelta(0, "", [], None, finish)
-        generated = [s for s in stages if s.stage.startswith("block-")]
-        prompt = sum(s.prompt_tokens for s in generated)
-        info = {
-            "steps": steps,
-            "blocks": len(steps),
-            # Share of block prompts (chat prompt + answer so far) served from the prefix cache.
-            "prefix_cache_hit_rate": round(sum(s.cached_tokens for s in generated) / prompt, 4) if prompt else 0.0,
-        }
-        if fallback:
-            info["fallback"] = fallback
-        final = Candidate(0, text, accepted, finish)
-        yield StrategyResult(choices=[final], stages=stages, info=info)
+        search = BlockSearch(ctx, params)
+        async with contextlib.aclosing(search.blocks()) as blocks:
+            async for delta in blocks:
+                yield delta
+        if search.fallback and search.finish != "stop":
+            async with contextlib.aclosing(search.finish_plainly()) as rest:
+                async for delta in rest:
+                    yield delta
+        yield SequenceDelta(0, "", [], None, search.finish)
+        yield search.result()

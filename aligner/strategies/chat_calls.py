@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from decoding.engine import Engine, SamplingConfig
+from decoding.engine import Engine, SamplingConfig, collect
 
 from aligner.strategies.base import StageReport, StrategyContext, StrategyParamError, StrategyUnavailable, Timer
 
@@ -53,16 +53,12 @@ async def chat_once(
         top_p=ctx.sampling.top_p,
         seed=ctx.sampling.seed,
     )
-    texts = [""] * n
-    completion = cached = 0
-    prompt_tokens = len(prompt_ids)
     with Timer() as timer:
-        async for chunk in engine.generate(f"{ctx.request_id}-{stage}", prompt_ids, sampling):
-            cached = max(cached, chunk.cached_tokens)
-            for delta in chunk.sequences:
-                texts[delta.index] += delta.text
-                completion += len(delta.token_ids)
-    return [t.strip() for t in texts], StageReport(stage, timer.seconds, prompt_tokens, completion, cached)
+        generation = await collect(engine.generate(f"{ctx.request_id}-{stage}", prompt_ids, sampling), n,
+                                   len(prompt_ids))
+    report = StageReport(stage, timer.seconds, generation.prompt_tokens, generation.completion_tokens,
+                         generation.cached_tokens)
+    return [s.text.strip() for s in generation.sequences], report
 
 
 def last_user_message(messages: list[dict[str, str]]) -> int:

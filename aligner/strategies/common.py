@@ -1,19 +1,58 @@
-"""Generate N candidates in one engine request and score them: shared by the best-of-N family."""
+"""What several strategies share: reward parameters and their checks, sampling N candidates
+in one engine request, scoring them, and the one policy for a reward that fails."""
 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
-from aligner.rewards import RewardError
+from pydantic import Field
+
+from aligner.rewards import RewardError, RewardSpecError
 from aligner.strategies.base import (
     Candidate,
     StageReport,
     StrategyContext,
+    StrategyParamError,
     StrategyParams,
     StrategyResult,
     StrategyUnavailable,
     Timer,
 )
+from decoding.engine import collect
+
+RewardField = Field(
+    default=None,
+    description="reward name, or {name: weight} (weights >= 0); default: the server's default reward model",
+)
+
+
+def resolve_reward(params, ctx: StrategyContext) -> dict[str, float]:
+    """The request's `reward` field -> {name: weight}, as a parameter error if invalid."""
+    try:
+        return ctx.rewards.resolve(params.reward, "reward")
+    except RewardSpecError as exc:
+        raise StrategyParamError(str(exc), exc.param) from exc
+
+
+def check_candidates(params, ctx: StrategyContext) -> dict[str, float]:
+    """Checks of the best-of-N family (`n` candidates); returns the resolved reward weights."""
+    if params.n > ctx.limits.max_candidates:
+        raise StrategyParamError(f"n must be at most {ctx.limits.max_candidates} on this server", "n")
+    if params.n < ctx.n:
+        raise StrategyParamError(f"n ({params.n}) must be at least the number of returned choices ({ctx.n})", "n")
+    if params.n > 1 and ctx.sampling.temperature == 0:
+        raise StrategyParamError("sampling N candidates needs temperature > 0", "n")
+    return resolve_reward(params, ctx)
+
+
+def reward_failed(params: StrategyParams, error: RewardError, stage: str) -> dict[str, Any]:
+    """The one policy for a reward that fails: with `fallback` on, the strategy carries on
+    without scores and reports this value as `info["fallback"]` (the server counts it);
+    with `fallback` off, the request fails with 503."""
+    if not params.fallback:
+        raise StrategyUnavailable(f"{error}; the request set fallback=false") from error
+    return {"reason": str(error), "reward": error.name, "stage": stage}
 
 
 async def generate_candidates(
@@ -31,30 +70,22 @@ async def generate_candidates(
     """
     sampling = replace(ctx.sampling, n=count, **sampling_overrides)
     prompt_ids = ctx.prompt_ids if prompt_ids is None else prompt_ids
-    texts = [""] * count
-    tokens: list[list[int]] = [[] for _ in range(count)]
-    logprobs: list[list] = [[] for _ in range(count)]
-    finish: list[str | None] = [None] * count
-    prompt_tokens = len(prompt_ids)
-    cached = 0
     with Timer() as timer:
-        async for chunk in ctx.engine.generate(f"{ctx.request_id}-{stage}", prompt_ids, sampling):
-            prompt_tokens = chunk.prompt_tokens or prompt_tokens
-            cached = max(cached, chunk.cached_tokens)
-            for delta in chunk.sequences:
-                texts[delta.index] += delta.text
-                tokens[delta.index].extend(delta.token_ids)
-                if delta.logprobs:
-                    logprobs[delta.index].extend(delta.logprobs)
-                if delta.finish_reason is not None:
-                    finish[delta.index] = delta.finish_reason
-    want_logprobs = sampling.logprobs is not None
-    candidates = [
-        Candidate(i, texts[i], tokens[i], finish[i], logprobs[i] if want_logprobs else None)
-        for i in range(count)
+        generation = await collect(ctx.engine.generate(f"{ctx.request_id}-{stage}", prompt_ids, sampling),
+                                   count, len(prompt_ids))
+    return candidates_of(generation, sampling.logprobs is not None), stage_report(stage, timer.seconds, generation)
+
+
+def candidates_of(generation, with_logprobs: bool) -> list[Candidate]:
+    return [
+        Candidate(s.index, s.text, s.token_ids, s.finish_reason, s.logprobs if with_logprobs else None)
+        for s in generation.sequences
     ]
-    report = StageReport(stage, timer.seconds, prompt_tokens, sum(len(t) for t in tokens), cached)
-    return candidates, report
+
+
+def stage_report(stage: str, seconds: float, generation) -> StageReport:
+    return StageReport(stage, seconds, generation.prompt_tokens, generation.completion_tokens,
+                       generation.cached_tokens)
 
 
 async def score_candidates(
@@ -77,14 +108,14 @@ def fallback_result(
     candidates: list[Candidate],
     stages: list[StageReport],
     error: RewardError,
+    stage: str = "score",
 ) -> StrategyResult:
     """The reward failed: answer with plain samples (already generated), and say why."""
-    if not params.fallback:
-        raise StrategyUnavailable(f"{error}; the request set fallback=false") from error
+    fallback = reward_failed(params, error, stage)
     picked = list(range(min(ctx.n, len(candidates))))
     return StrategyResult(
         choices=[candidates[i] for i in picked],
         stages=stages,
         candidates=candidates,
-        info={"selected": picked, "scores": None, "fallback": {"reason": str(error), "reward": error.name}},
+        info={"selected": picked, "scores": None, "fallback": fallback},
     )

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from aligner.rewards import RewardError
 from aligner.strategies.base import Candidate, StrategyContext, StrategyParams, StrategyResult, register
-from aligner.strategies.best_of_n import RewardField, resolve_reward
 from aligner.strategies.chat_calls import ModelField, chat_once, check_model, question_of
-from aligner.strategies.pipeline import OutputStrategy
-from aligner.strategies.self_refine import gate_failed
+from aligner.strategies.common import RewardField, resolve_reward
+from aligner.strategies.pipeline import OutputStrategy, gate_failed
 from aligner.strategies.templates import CORRECT_PROMPT
 
 
@@ -41,6 +40,8 @@ class CorrectStrategy(OutputStrategy):
             try:
                 before, after = (await ctx.rewards.score(params.reward, ctx.messages, [choice.text, corrected])).total
             except RewardError as exc:
+                # Corrections accepted so far stay; the report says how far it got.
+                result.info = {**result.info, self.name: report}
                 return gate_failed(result, params, exc, self.name)
             accepted = after > before
             report.append({"original_score": before, "corrected_score": after, "accepted": accepted,

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 from aligner.strategies.base import (
-    Candidate,
-    StageReport,
     Strategy,
     StrategyContext,
     StrategyParams,
@@ -15,7 +14,8 @@ from aligner.strategies.base import (
     Timer,
     register,
 )
-from aligner.strategies.candidates import generate_candidates
+from aligner.strategies.common import candidates_of, generate_candidates, stage_report
+from decoding.engine import Generation
 
 
 @register
@@ -29,23 +29,13 @@ class NoneStrategy(Strategy):
         return StrategyResult(choices=candidates, stages=[report])
 
     async def stream(self, ctx: StrategyContext, params: StrategyParams) -> AsyncIterator[StreamEvent]:
-        n = ctx.n
-        texts, tokens, logprobs = [""] * n, [[] for _ in range(n)], [[] for _ in range(n)]
-        finish: list[str | None] = [None] * n
-        prompt_tokens = len(ctx.prompt_ids)
-        cached = 0
+        generation = Generation.empty(ctx.n, len(ctx.prompt_ids))
+        stream = ctx.engine.generate(f"{ctx.request_id}-generate", ctx.prompt_ids, ctx.sampling)
         with Timer() as timer:
-            async for chunk in ctx.engine.generate(f"{ctx.request_id}-generate", ctx.prompt_ids, ctx.sampling):
-                prompt_tokens = chunk.prompt_tokens or prompt_tokens
-                cached = max(cached, chunk.cached_tokens)
-                for delta in chunk.sequences:
-                    texts[delta.index] += delta.text
-                    tokens[delta.index].extend(delta.token_ids)
-                    logprobs[delta.index].extend(delta.logprobs or ())
-                    if delta.finish_reason is not None:
-                        finish[delta.index] = delta.finish_reason
-                    yield delta
-        report = StageReport("generate", timer.seconds, prompt_tokens, sum(map(len, tokens)), cached)
-        want = ctx.sampling.logprobs is not None
-        choices = [Candidate(i, texts[i], tokens[i], finish[i], logprobs[i] if want else None) for i in range(n)]
-        yield StrategyResult(choices=choices, stages=[report])
+            async with contextlib.aclosing(stream) as chunks:  # closed early: the engine aborts it
+                async for chunk in chunks:
+                    generation.add(chunk)
+                    for delta in chunk.sequences:
+                        yield delta
+        choices = candidates_of(generation, ctx.sampling.logprobs is not None)
+        yield StrategyResult(choices=choices, stages=[stage_report("generate", timer.seconds, generation)])

@@ -7,6 +7,7 @@ decoding; used alone, each runs as a two-stage pipeline around plain decoding (`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from abc import abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from aligner.strategies.base import (
     get_strategy,
     keepalive_until,
 )
+from aligner.strategies.common import reward_failed
 
 Stage = tuple[Strategy, StrategyParams]
 ORDER = {"prompt": 0, "decode": 1, "output": 2}
@@ -56,6 +58,13 @@ class OutputStrategy(Strategy):
 
     async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
         return await Pipeline([plain_stage(), (self, params)]).run(ctx, PipelineParams())
+
+
+def gate_failed(result: StrategyResult, params: StrategyParams, exc, stage: str) -> StrategyResult:
+    """An output stage's reward gate failed: keep the answers as they are (the one reward
+    failure policy decides whether that is allowed)."""
+    result.info = {**result.info, "fallback": reward_failed(params, exc, stage)}
+    return result
 
 
 def plain_stage() -> Stage:
@@ -100,6 +109,9 @@ class Pipeline(Strategy):
     def sequences(self, params, ctx: StrategyContext) -> int:
         return max(strategy.sequences(p, ctx) for strategy, p in self.stages)
 
+    def guide_slots(self, params, ctx: StrategyContext) -> int:
+        return max(strategy.guide_slots(p, ctx) for strategy, p in self.stages)
+
     def describe(self) -> list[dict[str, Any]]:
         return [{"strategy": s.name, **p.model_dump(by_alias=True)} for s, p in self.stages]
 
@@ -131,19 +143,22 @@ class Pipeline(Strategy):
     async def stream(self, ctx: StrategyContext, params: StrategyParams) -> AsyncIterator[StreamEvent]:
         if any(s.kind == "output" for s, _ in self.stages):
             # Output stages change the answer after decoding: nothing can be sent early.
-            async for event in super().stream(ctx, params):
-                yield event
+            async with contextlib.aclosing(super().stream(ctx, params)) as events:
+                async for event in events:
+                    yield event
             return
         # Prompt stages first (keep-alives meanwhile), then the decode stage's own stream.
         task = asyncio.ensure_future(self._prompt_stages(ctx))
-        async for keepalive in keepalive_until(task, ctx.keepalive_s):
-            yield keepalive
+        async with contextlib.aclosing(keepalive_until(task, ctx.keepalive_s)) as keepalives:
+            async for keepalive in keepalives:
+                yield keepalive
         staged_ctx, reports, infos = task.result()
         decode, decode_params = self._decode()
-        async for event in decode.stream(staged_ctx, decode_params):
-            if isinstance(event, StrategyResult):
-                event = merge_prompt_stages(event, reports, infos, decode.name)
-            yield event
+        async with contextlib.aclosing(decode.stream(staged_ctx, decode_params)) as events:
+            async for event in events:
+                if isinstance(event, StrategyResult):
+                    event = merge_prompt_stages(event, reports, infos, decode.name)
+                yield event
 
 
 def merge_prompt_stages(result: StrategyResult, reports, infos, decode_name: str) -> StrategyResult:
@@ -151,4 +166,8 @@ def merge_prompt_stages(result: StrategyResult, reports, infos, decode_name: str
         return result
     result.stages = list(reports) + result.stages
     result.info = {**result.info, "prompt_stages": infos, "decode_stage": decode_name}
+    # A prompt stage that fell back is reported (and counted) like any other fallback.
+    fell_back = next((info["fallback"] for info in infos if "fallback" in info), None)
+    if fell_back is not None and "fallback" not in result.info:
+        result.info["fallback"] = fell_back
     return result

@@ -11,9 +11,9 @@ from __future__ import annotations
 from pydantic import Field
 
 from aligner.rewards import RewardError
-from aligner.strategies.base import StrategyContext, StrategyParams, register
-from aligner.strategies.best_of_n import resolve_reward
+from aligner.strategies.base import StrategyContext, StrategyParamError, StrategyParams, register
 from aligner.strategies.chat_calls import ModelField, chat_once, check_model, last_user_message
+from aligner.strategies.common import resolve_reward, reward_failed
 from aligner.strategies.pipeline import PromptOutcome, PromptStrategy
 from aligner.strategies.templates import REWRITE_PROMPT
 
@@ -35,6 +35,9 @@ class RewriteStrategy(PromptStrategy):
 
     def check(self, params: RewriteParams, ctx: StrategyContext) -> RewriteParams:
         check_model(ctx, params.rewriter, "rewriter")
+        if params.candidates > ctx.limits.max_candidates:
+            raise StrategyParamError(f"candidates must be at most {ctx.limits.max_candidates} on this server",
+                                     "candidates")
         if params.candidates > 1:
             return params.model_copy(update={"reward": resolve_reward(params, ctx)})
         return params
@@ -68,7 +71,7 @@ class RewriteStrategy(PromptStrategy):
                 info["scores"] = scored.total
                 info["selected"] = max(range(len(answers)), key=lambda k: (scored.total[k], -k))
             except RewardError as exc:
-                info["fallback"] = {"reason": str(exc), "reward": exc.name}
+                info["fallback"] = reward_failed(params, exc, self.name)
         info["rewrite"] = rewrites[info["selected"]]
         return PromptOutcome(_replace(ctx.messages, i, info["rewrite"]), stages, info)
 

@@ -12,8 +12,8 @@ from pydantic import Field
 from aligner.rewards import RewardError
 
 from aligner.strategies.base import Strategy, StrategyContext, StrategyResult, register
-from aligner.strategies.best_of_n import BestOfNParams, check_candidates
-from aligner.strategies.candidates import fallback_result, generate_candidates, score_candidates
+from aligner.strategies.best_of_n import BestOfNParams
+from aligner.strategies.common import check_candidates, fallback_result, generate_candidates, score_candidates
 from aligner.strategies.selection import soft_sample
 
 

@@ -27,8 +27,13 @@ from aligner.strategies.base import (
     StrategyResult,
     register,
 )
-from aligner.strategies.best_of_n import RewardField, check_candidates
-from aligner.strategies.candidates import fallback_result, generate_candidates, score_candidates
+from aligner.strategies.common import (
+    RewardField,
+    check_candidates,
+    fallback_result,
+    generate_candidates,
+    score_candidates,
+)
 from aligner.strategies.selection import rank
 
 
