@@ -1,4 +1,8 @@
-"""HTTP routes: map a request to a serving call and its result to a response. No logic."""
+"""HTTP routes: map a request to a serving call and its result to a response.
+
+Beyond that mapping, only what every route shares lives here: cancelling a call when its
+client disconnects, counting responses by status, and the health and readiness probes.
+"""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from server.protocol import (
     ErrorResponse,
     random_id,
 )
-from server.serving_common import ENGINE_ERRORS, SSE_DONE, ServingBase, engine_error, sse, usage
+from server.serving_common import ENGINE_ERRORS, SSE_DONE, ServingBase, engine_error, holding, once, prime, sse, usage
 
 SSE_KEEPALIVE = ": keep-alive\n\n"
 
@@ -89,30 +89,27 @@ class ServingChat(ServingBase):
         resolved = resolve_alignment(request.alignment, strategy_header, alias, self.config, ctx, self.profiles)
         if isinstance(resolved, ErrorResponse):
             return resolved
-        sequences = resolved.strategy.sequences(resolved.params, ctx)
-        ticket = await self.admit(sequences)
+        strategy, params = resolved.strategy, resolved.params
+        sequences = strategy.sequences(params, ctx)
+        ticket = await self.admit(sequences, strategy.guide_slots(params, ctx))
         if isinstance(ticket, ErrorResponse):
             return ticket
-        name = resolved.strategy.name
-        self.metrics.candidates.labels(name).observe(sequences)
+        self.metrics.candidates.labels(strategy.name).observe(sequences)
         if request.stream:
-            events = resolved.strategy.stream(ctx, resolved.params)
-            try:
-                first = await self._first_event(events)
-            except BaseException:  # e.g. cancelled by a client disconnect
-                ticket.release()
-                raise
-            if isinstance(first, ErrorResponse):
-                ticket.release()
-                return first
-            return self._stream(request, request_id, resolved, first, events, ticket, started)
+            events = await prime(holding(ticket, strategy.stream(ctx, params)))
+            if isinstance(events, ErrorResponse):
+                return events
+            return self._stream(request, request_id, resolved, events, started)
         try:
-            result = await resolved.strategy.run(ctx, resolved.params)
+            async for result in holding(ticket, once(strategy.run(ctx, params))):
+                pass
         except ENGINE_ERRORS as exc:
             return engine_error(exc)
-        finally:
-            ticket.release()
-        self._record(name, result, started)
+        self._record(strategy.name, result, started)
+        return self._response(request, request_id, resolved, result)
+
+    @staticmethod
+    def _response(request, request_id: str, resolved: ResolvedAlignment, result: StrategyResult) -> ChatCompletionResponse:
         return ChatCompletionResponse(
             id=request_id,
             model=request.model,
@@ -135,51 +132,19 @@ class ServingChat(ServingBase):
         if "fallback" in result.info:
             self.metrics.fallbacks.labels(strategy).inc()
 
-    @staticmethod
-    async def _first_event(events):
-        """Admission errors surface before the first event: answer them with a status code."""
-        try:
-            return await anext(events)
-        except ENGINE_ERRORS as exc:
-            await events.aclose()
-            return engine_error(exc)
-
     async def _stream(
-        self,
-        request: ChatCompletionRequest,
-        request_id: str,
-        resolved: ResolvedAlignment,
-        first,
-        events: AsyncIterator,
-        ticket,
+        self, request: ChatCompletionRequest, request_id: str, resolved: ResolvedAlignment, events: AsyncIterator,
         started: float,
     ) -> AsyncIterator[str]:
-        created = int(time.time())
+        chunk = ChunkWriter(request, request_id)
         first_token_seen = False
-        include_usage = request.include_usage_in_stream
-
-        def chunk(choices, usage_info=None, alignment=None) -> str:
-            body = ChatCompletionChunk(
-                id=request_id,
-                created=created,
-                model=request.model,
-                choices=choices,
-                usage=usage_info,
-                alignment=alignment,
-            )
-            exclude = {"usage"} if not include_usage else set()
-            if alignment is None:
-                exclude.add("alignment")
-            return sse(body.model_dump_json(exclude=exclude or None))
-
         # Finish reasons are held back until the strategy's result arrives, so that the
         # `alignment` report rides on the last finish chunk (clients index choices[0]).
         finish: dict[int, str | None] = {}
         try:
             for i in range(request.n):
                 yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-            event = first
-            while True:
+            async for event in events:
                 if isinstance(event, KeepAlive):
                     yield SSE_KEEPALIVE
                 elif isinstance(event, SequenceDelta):
@@ -189,32 +154,46 @@ class ServingChat(ServingBase):
                         if not first_token_seen:
                             first_token_seen = True
                             self.metrics.ttft.labels(resolved.strategy.name).observe(time.perf_counter() - started)
-                        yield chunk([
-                            ChatCompletionStreamChoice(
-                                index=event.index,
-                                delta=DeltaMessage(content=event.text),
-                                logprobs=chat_logprobs(event.logprobs) if request.logprobs else None,
-                            )
-                        ])
+                        logprobs = chat_logprobs(event.logprobs) if request.logprobs else None
+                        yield chunk([ChatCompletionStreamChoice(
+                            index=event.index, delta=DeltaMessage(content=event.text), logprobs=logprobs)])
                 elif isinstance(event, StrategyResult):
                     self._record(resolved.strategy.name, event, started)
-                    report = alignment_report(resolved, event)
-                    for i in range(request.n):
-                        reason = finish.get(i) or (event.choices[i].finish_reason if i < len(event.choices) else None)
-                        last = i == request.n - 1
-                        yield chunk(
-                            [ChatCompletionStreamChoice(index=i, delta=DeltaMessage(), finish_reason=reason)],
-                            alignment=report if last and not include_usage else None,
-                        )
-                    if include_usage:
-                        yield chunk([], usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens), alignment=report)
+                    for line in chunk.final(event, finish, alignment_report(resolved, event)):
+                        yield line
                     break
-                event = await anext(events)
         except ENGINE_ERRORS as exc:
             yield sse(engine_error(exc).model_dump_json())
-        except StopAsyncIteration:
-            pass
         finally:
-            ticket.release()
             await events.aclose()
         yield SSE_DONE
+
+
+class ChunkWriter:
+    """One request's `chat.completion.chunk` lines."""
+
+    def __init__(self, request: ChatCompletionRequest, request_id: str):
+        self.request, self.request_id, self.created = request, request_id, int(time.time())
+
+    def __call__(self, choices, usage_info=None, alignment=None) -> str:
+        body = ChatCompletionChunk(id=self.request_id, created=self.created, model=self.request.model,
+                                   choices=choices, usage=usage_info, alignment=alignment)
+        exclude = {"usage"} if not self.request.include_usage_in_stream else set()
+        if alignment is None:
+            exclude.add("alignment")
+        return sse(body.model_dump_json(exclude=exclude or None))
+
+    def final(self, result: StrategyResult, finish: dict[int, str | None], report: dict) -> list[str]:
+        """The finish chunk of every choice, the report on the last one (or on the usage chunk)."""
+        n, include_usage = self.request.n, self.request.include_usage_in_stream
+        lines = []
+        for i in range(n):
+            reason = finish.get(i) or (result.choices[i].finish_reason if i < len(result.choices) else None)
+            lines.append(self(
+                [ChatCompletionStreamChoice(index=i, delta=DeltaMessage(), finish_reason=reason)],
+                alignment=report if i == n - 1 and not include_usage else None,
+            ))
+        if include_usage:
+            lines.append(self([], usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
+                              alignment=report))
+        return lines

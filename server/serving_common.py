@@ -2,43 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+import contextlib
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
-from aligner.strategies import StrategyUnavailable
-from decoding.engine import (
-    Engine,
-    EngineDeadError,
-    EngineError,
-    GenerationChunk,
-    InvalidRequestError,
-    TokenLogprob,
-)
+from aligner.strategies import StrategyParamError, StrategyUnavailable
+from decoding.engine import Engine, EngineDeadError, EngineError, InvalidRequestError
 from server.alignment import split_model
 from server.admission import AdmissionController, Overloaded, Ticket
 from server.config import ServerConfig
 from server.metrics import ServerMetrics
 from server.errors import engine_unavailable, invalid_request, make_error, overloaded
 from server.protocol import ErrorResponse, PromptTokensDetails, SamplingFields, UsageInfo
-
-
-@dataclass
-class SequenceResult:
-    index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
-
-
-@dataclass
-class GenerationResult:
-    prompt_tokens: int
-    sequences: list[SequenceResult]
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(len(s.token_ids) for s in self.sequences)
 
 
 class ServingBase:
@@ -48,9 +23,9 @@ class ServingBase:
         self.admission = admission
         self.metrics = metrics
 
-    async def admit(self, weight: int) -> Ticket | ErrorResponse:
+    async def admit(self, weight: int, guide_slots: int = 0) -> Ticket | ErrorResponse:
         try:
-            return await self.admission.acquire(weight)
+            return await self.admission.acquire(weight, guide_slots)
         except Overloaded as exc:
             self.metrics.admission_rejections.labels("capacity").inc()
             return overloaded(exc.reason, exc.retry_after_s)
@@ -105,6 +80,8 @@ class ServingBase:
 def engine_error(exc: Exception) -> ErrorResponse:
     if isinstance(exc, InvalidRequestError):
         return invalid_request(str(exc), exc.param)
+    if isinstance(exc, StrategyParamError):  # found only once the request ran (after a prompt stage)
+        return invalid_request(str(exc), f"alignment.{exc.param}")
     if isinstance(exc, StrategyUnavailable):
         return make_error(str(exc), 503, code="strategy_unavailable")
     if isinstance(exc, EngineDeadError):
@@ -113,24 +90,57 @@ def engine_error(exc: Exception) -> ErrorResponse:
 
 
 # Failures a request can meet after admission that map to an error envelope, not a 500.
-ENGINE_ERRORS = (EngineError, InvalidRequestError, StrategyUnavailable)
+ENGINE_ERRORS = (EngineError, InvalidRequestError, StrategyUnavailable, StrategyParamError)
+
+T = TypeVar("T")
 
 
-async def collect(stream: AsyncIterator[GenerationChunk], n: int) -> GenerationResult:
-    """Drain an engine stream into one result per sample."""
-    sequences = [SequenceResult(index=i) for i in range(n)]
-    prompt_tokens = 0
-    async for chunk in stream:
-        prompt_tokens = chunk.prompt_tokens
-        for delta in chunk.sequences:
-            seq = sequences[delta.index]
-            seq.text += delta.text
-            seq.token_ids.extend(delta.token_ids)
-            if delta.logprobs:
-                seq.logprobs.extend(delta.logprobs)
-            if delta.finish_reason is not None:
-                seq.finish_reason = delta.finish_reason
-    return GenerationResult(prompt_tokens=prompt_tokens, sequences=sequences)
+async def holding(ticket: Ticket, events: AsyncIterator[T]) -> AsyncIterator[T]:
+    """`events`, with the request's admission ticket held until they end, fail or are closed:
+    the one place a request gives its admission back."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        ticket.release()
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def once(result: Awaitable[T]) -> AsyncIterator[T]:
+    """A one-event stream of an awaited result (a strategy's `run`)."""
+    yield await result
+
+
+async def replay(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    async with contextlib.aclosing(rest):
+        yield first
+        async for event in rest:
+            yield event
+
+
+async def prime(events: AsyncIterator[T]) -> AsyncIterator[T] | ErrorResponse:
+    """Wait for the first event, so that failures at the start (the engine refusing the
+    request, a strategy unavailable) are still answered with a status code, not inside a
+    200 stream. Returns the events with the first one replayed, or the error (the events
+    closed, which gives the admission back)."""
+    try:
+        first = await anext(events)
+    except StopAsyncIteration:
+        return _empty()
+    except ENGINE_ERRORS as exc:
+        await events.aclose()
+        return engine_error(exc)
+    except BaseException:  # e.g. cancelled by a client disconnect
+        await events.aclose()
+        raise
+    return replay(first, events)
+
+
+async def _empty() -> AsyncIterator:
+    return
+    yield
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> UsageInfo:
@@ -147,29 +157,3 @@ def sse(payload: str) -> str:
 
 
 SSE_DONE = sse("[DONE]")
-
-
-async def prime(
-    stream: AsyncIterator[GenerationChunk],
-) -> tuple[AsyncIterator[GenerationChunk] | None, ErrorResponse | None]:
-    """Wait for the first chunk so that admission errors still become HTTP errors.
-
-    Returns an iterator that replays the first chunk, or the error to send instead.
-    """
-    try:
-        first = await anext(stream)
-    except StopAsyncIteration:
-        first = None
-    except ENGINE_ERRORS as exc:
-        return None, engine_error(exc)
-
-    async def replay() -> AsyncIterator[GenerationChunk]:
-        try:
-            if first is not None:
-                yield first
-            async for chunk in stream:
-                yield chunk
-        finally:
-            await stream.aclose()
-
-    return replay(), None

@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-from decoding.engine import GenerationChunk, TokenLogprob
+from decoding.engine import Generation, GenerationChunk, TokenLogprob
 from server.alignment import split_model
 from server.errors import invalid_request
 from server.protocol import (
@@ -17,16 +17,7 @@ from server.protocol import (
     ErrorResponse,
     random_id,
 )
-from server.serving_common import (
-    ENGINE_ERRORS,
-    SSE_DONE,
-    ServingBase,
-    collect,
-    engine_error,
-    prime,
-    sse,
-    usage,
-)
+from server.serving_common import ENGINE_ERRORS, SSE_DONE, ServingBase, engine_error, holding, prime, sse, usage
 
 
 def completion_logprobs(items: list[TokenLogprob], start_offset: int = 0) -> CompletionLogprobs:
@@ -110,64 +101,50 @@ class ServingCompletion(ServingBase):
         ticket = await self.admit(request.n * len(prompt_ids))
         if isinstance(ticket, ErrorResponse):
             return ticket
-        try:
-            return await self._generate(request, prompts, prompt_ids, budgets, ticket)
-        except BaseException:
-            ticket.release()
-            raise
-
-    async def _generate(self, request, prompts, prompt_ids, budgets, ticket):
-        tokenizer = self.engine.tokenizer
         request_id = random_id("cmpl")
-        k = request.logprobs
-        streams = [
-            self.engine.generate(
-                f"{request_id}-{i}", ids, request.to_sampling_config(budget, k)
-            )
-            for i, (ids, budget) in enumerate(zip(prompt_ids, budgets))
-        ]
+        events = holding(ticket, self._events(request, request_id, prompt_ids, budgets))
         if request.stream:
-            primed = []
-            for stream in streams:
-                stream, error = await prime(stream)
-                if error:
-                    for s in primed:
-                        await s.aclose()
-                    ticket.release()
-                    return error
-                primed.append(stream)
-            return self._stream(request, request_id, primed, sum(map(len, prompt_ids)), ticket)
-        tasks = [asyncio.ensure_future(collect(s, request.n)) for s in streams]
+            events = await prime(events)
+            if isinstance(events, ErrorResponse):
+                return events
+            return self._stream(request, request_id, events, sum(map(len, prompt_ids)))
+        generations = [Generation.empty(request.n, len(ids)) for ids in prompt_ids]
         try:
-            results = await asyncio.gather(*tasks)
+            async for p, chunk in events:
+                generations[p].add(chunk)
         except ENGINE_ERRORS as exc:
             return engine_error(exc)
-        finally:
-            ticket.release()
-            for task in tasks:  # a failed sibling must not leave the others generating
-                task.cancel()
+        return self._response(request, request_id, prompts, prompt_ids, generations)
 
+    def _events(self, request, request_id: str, prompt_ids, budgets) -> AsyncIterator[tuple[int, GenerationChunk]]:
+        """Every prompt's engine stream, interleaved and tagged with the prompt's position."""
+        k = request.logprobs
+        return merge([
+            self.engine.generate(f"{request_id}-{i}", ids, request.to_sampling_config(budget, k))
+            for i, (ids, budget) in enumerate(zip(prompt_ids, budgets))
+        ])
+
+    def _response(self, request, request_id, prompts, prompt_ids, generations) -> CompletionResponse:
+        tokenizer = self.engine.tokenizer
         choices = []
-        for p, (prompt, ids, result) in enumerate(zip(prompts, prompt_ids, results)):
+        for p, (prompt, ids, generation) in enumerate(zip(prompts, prompt_ids, generations)):
             echo = (prompt if isinstance(prompt, str) else tokenizer.decode(ids)) if request.echo else ""
-            for seq in result.sequences:
-                choices.append(
-                    CompletionChoice(
-                        index=p * request.n + seq.index,
-                        text=echo + seq.text,
-                        logprobs=completion_logprobs(seq.logprobs, len(echo)) if k is not None else None,
-                        finish_reason=seq.finish_reason,
-                    )
-                )
+            for seq in generation.sequences:
+                choices.append(CompletionChoice(
+                    index=p * request.n + seq.index,
+                    text=echo + seq.text,
+                    logprobs=completion_logprobs(seq.logprobs, len(echo)) if request.logprobs is not None else None,
+                    finish_reason=seq.finish_reason,
+                ))
         return CompletionResponse(
             id=request_id,
             model=request.model,
             choices=choices,
-            usage=usage(sum(map(len, prompt_ids)), sum(r.completion_tokens for r in results)),
+            usage=usage(sum(map(len, prompt_ids)), sum(g.completion_tokens for g in generations)),
         )
 
     async def _stream(
-        self, request: CompletionRequest, request_id: str, streams, prompt_tokens: int, ticket
+        self, request: CompletionRequest, request_id: str, events, prompt_tokens: int
     ) -> AsyncIterator[str]:
         created = int(time.time())
         completion_tokens = 0
@@ -181,7 +158,7 @@ class ServingCompletion(ServingBase):
             return sse(body.model_dump_json(exclude=exclude))
 
         try:
-            async for p, out in merge(streams):
+            async for p, out in events:
                 choices = []
                 for delta in out.sequences:
                     completion_tokens += len(delta.token_ids)
@@ -204,5 +181,5 @@ class ServingCompletion(ServingBase):
         except ENGINE_ERRORS as exc:
             yield sse(engine_error(exc).model_dump_json())
         finally:
-            ticket.release()
+            await events.aclose()
         yield SSE_DONE
