@@ -10,8 +10,9 @@
         - version: 2
           alignment: {pipeline: [{strategy: urial}, {strategy: best_of_n, n: 4}]}
 
-A request names `{"profile": "harmless@2"}` (a bare name means the latest version); its own
-alignment fields override the profile's. The file is checked completely at start, and an
+Every profile names a `strategy` or a `pipeline`, each stage with its `strategy`. A request
+names `{"profile": "harmless@2"}` (a bare name means the latest version); its own alignment
+fields override the profile's. The file is checked completely at start, and an
 error names the file and line.
 """
 
@@ -67,8 +68,9 @@ class ProfileStore:
 
     @classmethod
     def load(cls, path: str | Path, validate_alignment=None) -> ProfileStore:
-        """Parse and check the file. `validate_alignment(dict) -> str | None` checks each
-        profile's alignment object (strategies, parameters, pipeline order)."""
+        """Parse and check the file. `validate_alignment(alignment, store) -> str | None` says
+        why a profile's alignment object cannot run (`aligner.alignment.check_profile_alignment`
+        runs a request's checks, less those that need a request)."""
         path = Path(path)
         try:
             raw = yaml.load(path.read_text(), Loader=_LineLoader) or {}
@@ -108,6 +110,10 @@ class ProfileStore:
                     raise ProfileError(f"{path}:{line}: profile {name!r} repeats version {version.version}")
                 if "profile" in version.alignment:
                     raise ProfileError(f"{path}:{line}: profile {name!r}: a profile cannot name another profile")
+                if version.alignment.get("strategy") is None and "pipeline" not in version.alignment:
+                    # A profile is a complete recipe: it never falls back to a header, alias or default.
+                    where = f"{path}:{line}: profile {name}@{version.version}"
+                    raise ProfileError(f"{where}: name a 'strategy' or a 'pipeline'")
                 if validate_alignment is not None and (problem := validate_alignment(version.alignment, store)):
                     raise ProfileError(f"{path}:{line}: profile {name}@{version.version}: {problem}")
                 store.profiles[name][version.version] = version
