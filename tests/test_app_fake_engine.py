@@ -194,3 +194,30 @@ def test_streamed_best_of_n_sends_keepalives_while_deciding():
     events = sse_events(r.text)
     assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == "w2_0 w2_1 w2_2 w2_3 "
     assert events[-1]["alignment"]["selected"] == [2]
+
+
+def test_the_guide_length_limit_is_checked_on_the_prompt_a_prompt_stage_wrote():
+    """A URIAL stage lengthens the prompt after the request was checked: the guided stage
+    re-checks on the prompt it decodes, cutting the answer budget to the guide's limit, or
+    refusing with 400 when the prompt alone is too long (never decoding it unguided)."""
+    from decoding.guide_spec import GuideCatalog
+
+    def ask(max_len: int):
+        engine = FakeEngine(max_model_len=100_000)
+        guides = GuideCatalog({"g": {"path": "unused", "mode": "genarm"}}, max_slots=2, max_len=max_len)
+        app = build_app(engine, ServerConfig(served_model_name="fake-model"), guides=guides, start_engine=False)
+        alignment = {"pipeline": [{"strategy": "urial"}, {"strategy": "guided"}]}
+        body = {"model": "fake-model", "messages": MESSAGES, "max_tokens": 8, "alignment": alignment}
+        return TestClient(app).post("/v1/chat/completions", json=body), engine
+
+    r, engine = ask(max_len=10_000)
+    assert r.status_code == 200, r.text
+    (_, staged_prompt, sampling), = engine.calls
+    assert sampling.max_tokens == 8 and sampling.extra_args["aligner_guide"]["guide"] == "g"
+    assert r.json()["alignment"]["guided_steps"] == 8
+    # Room for 3 answer tokens after the URIAL prompt: the budget shrinks to fit the guide.
+    r, engine = ask(max_len=len(staged_prompt) + 3)
+    assert r.status_code == 200 and engine.calls[0][2].max_tokens == 3
+    r, engine = ask(max_len=len(staged_prompt) - 1)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "alignment.guide"
+    assert "guide" in r.json()["error"]["message"] and not engine.calls
