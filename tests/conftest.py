@@ -1,4 +1,10 @@
-"""Shared fixtures. The real server (vLLM on CPU, default model) starts once per session."""
+"""Shared fixtures. The real server (vLLM on CPU, default model) starts once per session.
+
+Where a test goes: `tests/unit/<layer>/` for a test of one layer (kernels, decoding, aligner,
+server, bench), fakes allowed (`tests/fakes.py`), seconds per file; `tests/integration/` for a
+test through the real server. Everything under `tests/integration/` carries the `integration`
+mark, and a unit test that asks for the real server is refused at collection.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +27,16 @@ from bench.launch import REPO, RunningServer, start_server, stop_server
 
 MODEL = "SmolLM2-135M-Instruct"
 __all__ = ["MODEL", "RunningServer", "start_server", "stop_server"]
+INTEGRATION = Path(__file__).parent / "integration"
+REAL_SERVER_FIXTURES = {"server", "client"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.integration)
+        elif REAL_SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            raise pytest.UsageError(f"{item.nodeid} uses the real server: move it to tests/integration/")
 
 
 def has_package(name: str) -> bool:

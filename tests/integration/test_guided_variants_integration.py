@@ -3,14 +3,14 @@
   compiled kernels on a GPU);
 - `int8`: the guides' projections in int8 (`--guide-quantization int8`, vLLM's oneDNN int8
   GEMM; that the flag reaches the guide runners is checked in-process by
-  `tests/test_guided_processor.py::test_int8_reaches_the_guide_runners`)."""
+  `tests/unit/decoding/test_guided_processor.py::test_int8_reaches_the_guide_runners`)."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests.conftest import start_guide_server, stop_server
-from tests.test_guided_integration import (  # noqa: F401 - collected here against this module's server
+from tests.integration.test_guided_integration import (  # noqa: F401 - collected here against this module's server
     test_args_reward_picks_the_preferred_candidate,
     test_genarm_guide_moves_decoding_to_its_token,
     test_zero_strength_reproduces_plain_greedy_decoding,
@@ -31,17 +31,3 @@ def server(request, tmp_path_factory, guide_dirs):
     running = start_guide_server(tmp_path_factory, guide_dirs, f"{request.param}-server", *extra, env=env)
     yield running
     stop_server(running)
-
-
-def test_the_switch_selects_triton(monkeypatch):
-    """The engine process chooses kernels with this same function and environment."""
-    import torch
-
-    from kernels._dispatch import use_triton
-
-    monkeypatch.setenv("ALIGNER_KERNELS", "triton")
-    assert use_triton(torch.empty(1))
-    monkeypatch.setenv("ALIGNER_KERNELS", "torch")
-    assert not use_triton(torch.empty(1))
-    monkeypatch.setenv("ALIGNER_KERNELS", "auto")
-    assert use_triton(torch.empty(1)) == torch.cuda.is_available()

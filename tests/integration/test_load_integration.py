@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from bench.load import LoadConfig, load_prompts, plot_sweep, run_load
+from bench.load import LoadConfig, plot_sweep, run_load
 from tests.conftest import MODEL
 
 pytestmark = pytest.mark.integration
@@ -63,11 +63,3 @@ def test_sweep_plot_is_written(server, tmp_path):
     plot_sweep(levels, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [lv["results"]["all"]["requests"] for lv in levels] == [3, 3]
-
-
-def test_prompt_files_in_both_formats(tmp_path):
-    jsonl = tmp_path / "p.jsonl"
-    jsonl.write_text('{"prompt": "a"}\n{"turns": ["b", "c"]}\n')
-    sharegpt = tmp_path / "p.json"
-    sharegpt.write_text('[{"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]}]')
-    assert load_prompts(jsonl) == ["a", "b"] and load_prompts(sharegpt) == ["x"]

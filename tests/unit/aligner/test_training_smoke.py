@@ -28,7 +28,7 @@ from aligner.training.evaluate import evaluate_model, score_pairs  # noqa: E402
 from aligner.training.train import train  # noqa: E402
 from tests.conftest import has_package  # noqa: E402
 
-FIXTURE = Path(__file__).parent / "data" / "tiny_prefs.jsonl"
+FIXTURE = Path(__file__).resolve().parents[2] / "data" / "tiny_prefs.jsonl"
 PAIRS = 4
 SPLIT = {"seed": 0, "val_fraction": 0.25, "max_pairs": PAIRS}
 

@@ -81,3 +81,17 @@ def test_kernels_in_half_precision_on_large_shapes(dtype):
     slots, lens = torch.arange(32, device="cuda"), torch.randint(1, 4096, (32,), device="cuda")
     torch.testing.assert_close(candidate_attention_triton(q, kn, vn, kc, vc, slots, lens).float(),
                                candidate_attention_torch(q, kn, vn, kc, vc, slots, lens).float(), **TOL[dtype])
+
+
+def test_the_switch_selects_triton(monkeypatch):
+    """The engine process chooses kernels with this same function and environment."""
+    import torch
+
+    from kernels._dispatch import use_triton
+
+    monkeypatch.setenv("ALIGNER_KERNELS", "triton")
+    assert use_triton(torch.empty(1))
+    monkeypatch.setenv("ALIGNER_KERNELS", "torch")
+    assert not use_triton(torch.empty(1))
+    monkeypatch.setenv("ALIGNER_KERNELS", "auto")
+    assert use_triton(torch.empty(1)) == torch.cuda.is_available()

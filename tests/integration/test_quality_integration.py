@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from aligner.rewards.rules import is_refusal
-from bench.quality import length_controlled_win_rate, win_rate_ci
 
 pytestmark = pytest.mark.integration
 
@@ -60,15 +59,3 @@ def test_refuses_to_judge_with_a_guiding_reward(server, tmp_path, tiny_reward_di
     by_path = run_cli(server, tmp_path, "--judge", str(tiny_reward_dir),
                       "--strategy", 'bon={"strategy": "best_of_n", "n": 2, "reward": {"tiny": 1.0}}')
     assert by_path.returncode == 2 and "also guides" in by_path.stderr
-
-
-def test_statistics():
-    assert win_rate_ci(np.array([0.0, 1.0] * 50))[0] == 0.5
-    low, high = win_rate_ci(np.array([0.0, 1.0] * 50))[1:]
-    assert 0.35 < low < 0.5 < high < 0.65
-    # Wins explained entirely by length: at equal length, a coin flip.
-    diff = np.array([30.0, 25.0, 40.0, -30.0, -25.0, -40.0, 28.0, -28.0])
-    wins = (diff > 0).astype(float)
-    assert length_controlled_win_rate(wins, diff) == pytest.approx(0.5, abs=0.05)
-    # Wins regardless of length: stays high.
-    assert length_controlled_win_rate(np.ones(8), diff) > 0.9

@@ -15,7 +15,7 @@ from aligner.training import encoding, evaluate
 from aligner.training.data import DataSpec, balance_by_length, load_preference_data, load_source, split_by_prompt
 from tests.conftest import has_package
 
-FIXTURE = Path(__file__).parent / "data" / "tiny_prefs.jsonl"
+FIXTURE = Path(__file__).resolve().parents[2] / "data" / "tiny_prefs.jsonl"
 
 
 def _pair(i: int, source: str = "s", chosen_len: int = 10, rejected_len: int = 5, strength=None) -> dict:

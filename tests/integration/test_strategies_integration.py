@@ -275,7 +275,7 @@ def test_the_shipped_starter_reward_models_score_through_the_server(server, name
     assert r.json()["scores"] == pytest.approx(expected, abs=1e-4)
     assert len(set(r.json()["scores"])) == 2
     # ... and those `aligner eval-rm` gives the same pair (one encoder for training, eval, serving).
-    from tests.test_reward_encoding import eval_rm_scores
+    from tests.unit.aligner.test_reward_encoding import eval_rm_scores
 
     pair = {"prompt": question, "chosen": [{"role": "assistant", "content": local_answers[0]}],
             "rejected": [{"role": "assistant", "content": local_answers[1]}]}
