@@ -233,7 +233,7 @@ def _parse_pipeline(fields: dict, templates: Mapping[str, Any]) -> tuple[Pipelin
         spec.setdefault("return_candidates", top.return_candidates)
         spec.setdefault("fallback", top.fallback)
         stages.append((strategy, _params(strategy, spec, where, templates)))
-    if problem := order_error([s.kind for s, _ in stages]):
+    if problem := order_error([s.phase for s, _ in stages]):
         raise AlignmentError(problem, loc, "invalid_pipeline")
     return Pipeline(stages), top
 

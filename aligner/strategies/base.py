@@ -70,7 +70,8 @@ class StrategyContext:
     helpers: dict[str, Engine] = field(default_factory=dict)
 
     @property
-    def n(self) -> int:
+    def num_choices(self) -> int:
+        """Answers the request returns (its `n`), not candidates sampled (a strategy's `n`)."""
         return self.sampling.n
 
     def with_messages(self, messages: list[dict[str, str]], suffix: str) -> StrategyContext:
@@ -165,7 +166,7 @@ class Strategy(ABC):
     description: ClassVar[str]
     Params: ClassVar[type[StrategyParams]] = StrategyParams
     # Where it sits in a pipeline: "prompt" stages, then one "decode", then "output" stages.
-    kind: ClassVar[str] = "decode"
+    phase: ClassVar[str] = "decode"
 
     def check(self, params: StrategyParams, ctx: StrategyContext) -> StrategyParams:
         """Server-dependent validation (limits, reward names); may return resolved params."""
@@ -173,7 +174,7 @@ class Strategy(ABC):
 
     def sequences(self, params: StrategyParams, ctx: StrategyContext) -> int:
         """How many sequences the engine decodes at once for this request (admission weight)."""
-        return ctx.n
+        return ctx.num_choices
 
     def guide_slots(self, params: StrategyParams, ctx: StrategyContext) -> int:
         """Token-level guide slots the request holds while it runs (admission's second budget)."""
@@ -240,7 +241,7 @@ def describe_strategies() -> list[dict[str, Any]]:
     return [
         {
             "name": name,
-            "kind": _REGISTRY[name].kind,
+            "phase": _REGISTRY[name].phase,
             "description": _REGISTRY[name].description,
             "parameters": _REGISTRY[name].Params.model_json_schema(by_alias=True),
         }

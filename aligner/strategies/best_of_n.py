@@ -48,7 +48,7 @@ class BestOfNStrategy(Strategy):
             scored = await score_candidates(ctx, params.reward, candidates)
         except RewardError as exc:
             return fallback_result(ctx, params, candidates, [generated], exc)
-        picked = top_distinct([c.score for c in candidates], [c.text for c in candidates], ctx.n)
+        picked = top_distinct([c.score for c in candidates], [c.text for c in candidates], ctx.num_choices)
         return StrategyResult(
             choices=[candidates[i] for i in picked],
             stages=[generated, scored],

@@ -191,7 +191,7 @@ class BlockwiseStrategy(Strategy):
     def check(self, params: BlockwiseParams, ctx: StrategyContext) -> BlockwiseParams:
         if params.k > ctx.limits.max_candidates:
             raise StrategyParamError(f"k must be at most {ctx.limits.max_candidates} on this server", "k")
-        if ctx.n != 1:
+        if ctx.num_choices != 1:
             raise StrategyParamError("blockwise search returns one answer: use n=1", "n")
         if params.k > 1 and ctx.sampling.temperature == 0:
             raise StrategyParamError("sampling k blocks needs temperature > 0", "k")

@@ -39,8 +39,8 @@ def check_candidates(params, ctx: StrategyContext) -> dict[str, float]:
     """Checks of the best-of-N family (`n` candidates); returns the resolved reward weights."""
     if params.n > ctx.limits.max_candidates:
         raise StrategyParamError(f"n must be at most {ctx.limits.max_candidates} on this server", "n")
-    if params.n < ctx.n:
-        raise StrategyParamError(f"n ({params.n}) must be at least the number of returned choices ({ctx.n})", "n")
+    if params.n < ctx.num_choices:
+        raise StrategyParamError(f"n ({params.n}) must be at least the number of returned choices ({ctx.num_choices})", "n")
     if params.n > 1 and ctx.sampling.temperature == 0:
         raise StrategyParamError("sampling N candidates needs temperature > 0", "n")
     return resolve_reward(params, ctx)
@@ -112,7 +112,7 @@ def fallback_result(
 ) -> StrategyResult:
     """The reward failed: answer with plain samples (already generated), and say why."""
     fallback = reward_failed(params, error, stage)
-    picked = list(range(min(ctx.n, len(candidates))))
+    picked = list(range(min(ctx.num_choices, len(candidates))))
     return StrategyResult(
         choices=[candidates[i] for i in picked],
         stages=stages,

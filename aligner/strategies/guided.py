@@ -89,7 +89,7 @@ class GuidedStrategy(Strategy):
         mode = params.mode or guides.modes[name]
         if mode != guides.modes[name]:
             raise StrategyParamError(f"guide {name!r} supports mode {guides.modes[name]!r}", "mode")
-        if ctx.n > guides.max_slots:
+        if ctx.num_choices > guides.max_slots:
             raise StrategyParamError(f"n must be at most {guides.max_slots} (the server's guide slots)", "n")
         needed = len(ctx.prompt_ids) + ctx.sampling.max_tokens
         if needed > guides.max_len:
@@ -99,7 +99,7 @@ class GuidedStrategy(Strategy):
         return params.model_copy(update={"guide": name, "mode": mode})
 
     def guide_slots(self, params: GuidedParams, ctx: StrategyContext) -> int:
-        return ctx.n
+        return ctx.num_choices
 
     async def run(self, ctx: StrategyContext, params: GuidedParams) -> StrategyResult:
         return await self.run_from_stream(ctx, params)

@@ -25,11 +25,11 @@ class NoneStrategy(Strategy):
     Params = StrategyParams
 
     async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
-        candidates, report = await generate_candidates(ctx, ctx.n)
+        candidates, report = await generate_candidates(ctx, ctx.num_choices)
         return StrategyResult(choices=candidates, stages=[report])
 
     async def stream(self, ctx: StrategyContext, params: StrategyParams) -> AsyncIterator[StreamEvent]:
-        generation = Generation.empty(ctx.n, len(ctx.prompt_ids))
+        generation = Generation.empty(ctx.num_choices, len(ctx.prompt_ids))
         stream = ctx.engine.generate(f"{ctx.request_id}-generate", ctx.prompt_ids, ctx.sampling)
         with Timer() as timer:
             async with contextlib.aclosing(stream) as chunks:  # closed early: the engine aborts it

@@ -37,7 +37,7 @@ class PromptOutcome:
 
 
 class PromptStrategy(Strategy):
-    kind = "prompt"
+    phase = "prompt"
 
     @abstractmethod
     async def transform(self, ctx: StrategyContext, params: StrategyParams) -> PromptOutcome: ...
@@ -50,7 +50,7 @@ class PromptStrategy(Strategy):
 
 
 class OutputStrategy(Strategy):
-    kind = "output"
+    phase = "output"
 
     @abstractmethod
     async def refine(self, ctx: StrategyContext, params: StrategyParams, result: StrategyResult) -> StrategyResult:
@@ -72,8 +72,8 @@ def plain_stage() -> Stage:
     return none, none.Params()
 
 
-def order_error(kinds: list[str]) -> str | None:
-    """Why a sequence of stage kinds is not a valid pipeline, or None.
+def order_error(phases: list[str]) -> str | None:
+    """Why a sequence of stage phases is not a valid pipeline, or None.
 
     >>> order_error(["prompt", "decode", "output"]) is None
     True
@@ -82,13 +82,13 @@ def order_error(kinds: list[str]) -> str | None:
     >>> order_error(["prompt", "decode", "decode"])
     'a pipeline needs exactly one decode stage, this one has 2'
     """
-    decodes = [i for i, kind in enumerate(kinds) if kind == "decode"]
+    decodes = [i for i, phase in enumerate(phases) if phase == "decode"]
     if len(decodes) != 1:
         return f"a pipeline needs exactly one decode stage, this one has {len(decodes)}"
-    for i in range(1, len(kinds)):
-        if ORDER[kinds[i]] < ORDER[kinds[i - 1]]:
+    for i in range(1, len(phases)):
+        if ORDER[phases[i]] < ORDER[phases[i - 1]]:
             return (
-                f"stage {i} ('{kinds[i]}') comes after an '{kinds[i - 1]}' stage; "
+                f"stage {i} ('{phases[i]}') comes after an '{phases[i - 1]}' stage; "
                 "the order is prompt*, decode, output*"
             )
     return None
@@ -119,7 +119,7 @@ class Pipeline(Strategy):
         reports: list[StageReport] = []
         infos: list[dict] = []
         for i, (strategy, params) in enumerate(self.stages):
-            if strategy.kind != "prompt":
+            if strategy.phase != "prompt":
                 break
             outcome = await strategy.transform(ctx, params)
             ctx = ctx.with_messages(outcome.messages, f"s{i}")
@@ -128,7 +128,7 @@ class Pipeline(Strategy):
         return ctx, reports, infos
 
     def _decode(self) -> Stage:
-        return next((s, p) for s, p in self.stages if s.kind == "decode")
+        return next((s, p) for s, p in self.stages if s.phase == "decode")
 
     async def run(self, ctx: StrategyContext, params: StrategyParams) -> StrategyResult:
         ctx, reports, infos = await self._prompt_stages(ctx)
@@ -136,12 +136,12 @@ class Pipeline(Strategy):
         result = await decode.run(ctx, decode_params)
         result = merge_prompt_stages(result, reports, infos, decode.name)
         for strategy, stage_params in self.stages:
-            if strategy.kind == "output":
+            if strategy.phase == "output":
                 result = await strategy.refine(ctx, stage_params, result)
         return result
 
     async def stream(self, ctx: StrategyContext, params: StrategyParams) -> AsyncIterator[StreamEvent]:
-        if any(s.kind == "output" for s, _ in self.stages):
+        if any(s.phase == "output" for s, _ in self.stages):
             # Output stages change the answer after decoding: nothing can be sent early.
             async with contextlib.aclosing(super().stream(ctx, params)) as events:
                 async for event in events:

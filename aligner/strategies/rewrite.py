@@ -43,7 +43,7 @@ class RewriteStrategy(PromptStrategy):
         return params
 
     def sequences(self, params: RewriteParams, ctx: StrategyContext) -> int:
-        return max(params.candidates, ctx.n)
+        return max(params.candidates, ctx.num_choices)
 
     async def transform(self, ctx: StrategyContext, params: RewriteParams) -> PromptOutcome:
         i = last_user_message(ctx.messages)

@@ -46,7 +46,7 @@ class SoftBestOfNStrategy(Strategy):
             return fallback_result(ctx, params, candidates, [generated], exc)
         seed = ctx.sampling.seed
         rng = random.Random(seed) if seed is not None else random.SystemRandom()
-        picked = soft_sample([c.score for c in candidates], params.lambda_, ctx.n, rng)
+        picked = soft_sample([c.score for c in candidates], params.lambda_, ctx.num_choices, rng)
         return StrategyResult(
             choices=[candidates[i] for i in picked],
             stages=[generated, scored],

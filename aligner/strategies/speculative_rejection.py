@@ -55,7 +55,7 @@ class SpeculativeRejectionStrategy(Strategy):
     Params = SpeculativeRejectionParams
 
     def check(self, params: SpeculativeRejectionParams, ctx: StrategyContext) -> SpeculativeRejectionParams:
-        if ctx.n != 1:
+        if ctx.num_choices != 1:
             raise StrategyParamError("speculative rejection returns one answer: use n=1", "n")
         if params.min_survivors > params.n:
             raise StrategyParamError(f"min_survivors ({params.min_survivors}) cannot exceed n ({params.n})", "min_survivors")

@@ -546,7 +546,7 @@ async def test_pipeline_runs_prompt_then_decode_then_output_stages(stream):
     stages = [checked("urial", world, {"template": "default"}),
               checked("best_of_n", world, {"n": 2, **REWARD}),
               checked("self_refine", world, {"rounds": 1, **REWARD})]
-    assert order_error([s.kind for s, _ in stages]) is None
+    assert order_error([s.phase for s, _ in stages]) is None
     pipeline = Pipeline(stages)
     if stream:
         result = assert_stream(await drain(pipeline.stream(world.ctx, PipelineParams())), 1)
