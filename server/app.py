@@ -61,6 +61,33 @@ def build_app(
     metrics = ServerMetrics(engine, admission)
     rewards.observer = metrics.observe_reward
 
+    app = FastAPI(title="aligner", version="0.1.0",
+                  lifespan=engines_lifespan(engine, helpers, rewards, config, metrics, start_engine))
+    app.state.engine = engine
+    app.state.config = config
+    app.state.rewards = rewards
+    app.state.admission = admission
+    app.state.metrics = metrics
+    app.state.profiles = profiles
+    app.state.guides = guides
+    app.state.helpers = helpers
+    app.state.chat = ServingChat(engine, config, admission, metrics, rewards, profiles, guides, helpers)
+    app.state.completion = ServingCompletion(engine, config, admission, metrics)
+    app.include_router(router)
+    add_error_handlers(app)
+    # Outermost first: ids and access logs see everything, the key check runs before any
+    # body is read, and the body limit applies to what routes read.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_body_bytes)
+    if config.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+def engines_lifespan(engine: Engine, helpers: dict[str, Engine], rewards: RewardRegistry, config: ServerConfig,
+                     metrics: ServerMetrics, start_engine: bool):
+    """Start the engines (and their supervisors) with the app, stop them with it."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         tasks = []
@@ -80,18 +107,11 @@ def build_app(
                     await each.shutdown()
             rewards.close()
 
-    app = FastAPI(title="aligner", version="0.1.0", lifespan=lifespan)
-    app.state.engine = engine
-    app.state.config = config
-    app.state.rewards = rewards
-    app.state.admission = admission
-    app.state.metrics = metrics
-    app.state.profiles = profiles
-    app.state.guides = guides
-    app.state.helpers = helpers
-    app.state.chat = ServingChat(engine, config, admission, metrics, rewards, profiles, guides, helpers)
-    app.state.completion = ServingCompletion(engine, config, admission, metrics)
-    app.include_router(router)
+    return lifespan
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as an OpenAI error envelope, counted by type."""
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -105,14 +125,6 @@ def build_app(
     async def _unexpected(request: Request, exc: Exception):
         logger.exception("unhandled error")
         return error_json(request.app, make_error(f"internal error: {type(exc).__name__}", 500))
-
-    # Outermost first: ids and access logs see everything, the key check runs before any
-    # body is read, and the body limit applies to what routes read.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_body_bytes)
-    if config.api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
-    app.add_middleware(RequestIdMiddleware)
-    return app
 
 
 def load_profiles(path) -> ProfileStore:
