@@ -212,16 +212,10 @@ def save_model(
     (output / REWARD_META).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def train(config: RewardTrainingConfig, command: str = "") -> dict[str, Any]:
-    """Run one training job; returns the evaluation report (or {} when evaluation is off)."""
-    from peft import LoraConfig
-    from transformers import AutoTokenizer, set_seed
-
+def load_data(config: RewardTrainingConfig):
+    """The preference pairs, split, filtered and balanced as the config asks."""
     from aligner.training.data import load_preference_data
-    from aligner.training.encoding import PairEncoder
-    from aligner.training.evaluate import evaluate_model
 
-    output = Path(config.output)
     data = load_preference_data(
         config.data,
         seed=config.seed,
@@ -236,6 +230,12 @@ def train(config: RewardTrainingConfig, command: str = "") -> dict[str, Any]:
     )
     for name, s in data.stats.items():
         logger.info("%s: %d usable rows, %d train pairs, %d validation pairs", name, s.usable, s.train, s.val)
+    return data
+
+
+def load_model(config: RewardTrainingConfig):
+    """(model, tokenizer, new head modules, max_length) from the base the config names."""
+    from transformers import AutoTokenizer, set_seed
 
     base_dir = resolve_base(config.base)
     set_seed(config.seed)  # the new head's initialisation
@@ -248,30 +248,44 @@ def train(config: RewardTrainingConfig, command: str = "") -> dict[str, Any]:
     max_length = min(config.max_length, getattr(model.config, "max_position_embeddings", config.max_length))
     if max_length < config.max_length:
         logger.warning("max_length %d exceeds the model's %d positions", config.max_length, max_length)
+    return model, tokenizer, new_modules, max_length
 
+
+def peft_config_for(config: RewardTrainingConfig, model, new_modules):
+    """The LoRA adapter's configuration (None: full fine-tuning)."""
+    from peft import LoraConfig
+
+    if not config.lora:
+        return None
+    save = modules_to_save(model, new_modules) if config.kind == "bt" else []
+    return LoraConfig(
+        task_type="SEQ_CLS" if config.kind == "bt" else "CAUSAL_LM",
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=lora_target_modules(model, config.lora_targets, save, config.lora_layers),
+        modules_to_save=save or None,
+    )
+
+
+def train(config: RewardTrainingConfig, command: str = "") -> dict[str, Any]:
+    """Run one training job; returns the evaluation report (or {} when evaluation is off)."""
+    from aligner.training.encoding import PairEncoder
+    from aligner.training.evaluate import evaluate_model
+
+    output = Path(config.output)
+    data = load_data(config)
+    model, tokenizer, new_modules, max_length = load_model(config)
     encoder = PairEncoder(tokenizer, max_length)
-    columns = data.train.column_names
     train_dataset = data.train.map(
         encoder.encode_pair,
         fn_kwargs={"margin_scale": config.margin_scale},
-        remove_columns=columns,
+        remove_columns=data.train.column_names,
         desc="Tokenizing",
     )
     if config.margin_scale <= 0:
         train_dataset = train_dataset.remove_columns("margin")
-
-    peft_config = None
-    if config.lora:
-        save = modules_to_save(model, new_modules) if config.kind == "bt" else []
-        peft_config = LoraConfig(
-            task_type="SEQ_CLS" if config.kind == "bt" else "CAUSAL_LM",
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=lora_target_modules(model, config.lora_targets, save, config.lora_layers),
-            modules_to_save=save or None,
-        )
-    trainer = build_trainer(config, model, tokenizer, train_dataset, peft_config)
+    trainer = build_trainer(config, model, tokenizer, train_dataset, peft_config_for(config, model, new_modules))
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     logger.info(
         "training %s on %s: %d pairs, %d trainable parameters",
