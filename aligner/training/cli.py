@@ -98,25 +98,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_rm(args: argparse.Namespace) -> int:
-    from aligner.training.data import DataSpec, load_source, split_by_prompt
-    from aligner.training.evaluate import EVAL_FILE, evaluate_model, read_meta
+    from aligner.training.evaluate import EVAL_FILE, evaluate_model, read_meta, validation_rows
 
-    # Reuse the model's own split settings so "val" means the pairs it never trained on.
-    trained = {}
     eval_file = Path(args.model) / EVAL_FILE
-    if eval_file.is_file():
-        trained = json.loads(eval_file.read_text()).get("config", {})
-    seed = args.seed if args.seed is not None else trained.get("seed", 0)
-    fraction = args.val_fraction if args.val_fraction is not None else trained.get("val_fraction", 0.05)
-    cap = args.max_val_pairs if args.max_val_pairs is not None else trained.get("max_val_pairs", 500)
-    val = {}
-    for item in args.data:
-        spec = DataSpec.parse(item)
-        rows, _ = load_source(spec)
-        if args.split == "all":
-            val[spec.name] = rows if args.max_val_pairs is None else rows[: args.max_val_pairs]
-        else:
-            val[spec.name] = split_by_prompt(rows, fraction, cap, seed)[1 if args.split == "val" else 0]
+    val, split = validation_rows(args.model, args.data, split=args.split, seed=args.seed,
+                                 val_fraction=args.val_fraction, max_val_pairs=args.max_val_pairs)
     report = evaluate_model(
         args.model,
         val,
@@ -125,7 +111,7 @@ def cmd_eval_rm(args: argparse.Namespace) -> int:
         max_length=args.max_length or read_meta(args.model).get("max_length"),
         batch_size=args.batch_size,
     )
-    report["split"] = {"split": args.split, "seed": seed, "val_fraction": fraction, "max_val_pairs": cap}
+    report["split"] = split
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:

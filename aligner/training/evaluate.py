@@ -60,6 +60,31 @@ def load_reward_model(path: str | Path, kind: str):
     return loader(path, dtype=torch.float32)
 
 
+def validation_rows(model: str | Path, data: list[str], *, split: str = "val", seed: int | None = None,
+                    val_fraction: float | None = None, max_val_pairs: int | None = None):
+    """(source -> rows, split settings) for `eval-rm`: by default the model's own validation
+    split (its seed, fraction and cap from `eval.json`), so "val" means pairs it never trained on.
+    `data` items are `FILE[:WEIGHT]` as for training; `split` is "val", "train" or "all"."""
+    from aligner.training.data import DataSpec, load_source, split_by_prompt
+
+    trained = {}
+    eval_file = Path(model) / EVAL_FILE
+    if eval_file.is_file():
+        trained = json.loads(eval_file.read_text()).get("config", {})
+    seed = seed if seed is not None else trained.get("seed", 0)
+    fraction = val_fraction if val_fraction is not None else trained.get("val_fraction", 0.05)
+    cap = max_val_pairs if max_val_pairs is not None else trained.get("max_val_pairs", 500)
+    val = {}
+    for item in data:
+        spec = DataSpec.parse(item)
+        rows, _ = load_source(spec)
+        if split == "all":
+            val[spec.name] = rows if max_val_pairs is None else rows[:max_val_pairs]
+        else:
+            val[spec.name] = split_by_prompt(rows, fraction, cap, seed)[1 if split == "val" else 0]
+    return val, {"split": split, "seed": seed, "val_fraction": fraction, "max_val_pairs": cap}
+
+
 def score_pairs(
     model,
     kind: str,
