@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -51,6 +52,11 @@ class GuideCatalog:
         specs = {name: {"path": str(Path(p).resolve()), "mode": guide_mode(p)} for name, p in paths.items()}
         report_dir = tempfile.mkdtemp(prefix="aligner-guide-reports-") if specs else None
         return cls(specs, max_slots, max_len, report_dir)
+
+    def close(self) -> None:
+        """Remove the report folder (reports of requests cut off by a disconnect stay there)."""
+        if self.report_dir is not None:
+            shutil.rmtree(self.report_dir, ignore_errors=True)
 
 
 def write_guide_report(report_dir: str, key: str, report: dict) -> None:

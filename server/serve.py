@@ -126,5 +126,8 @@ def serve(args) -> int:
     engine = build_policy(args, model, name, guides, len(helpers))
     app = build_app(engine, config, build_rewards(args), profiles, guides, helpers)
     print(f"aligner: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        guides.close()
     return 0
