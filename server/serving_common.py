@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import TypeVar
 
 from aligner.strategies import StrategyParamError, StrategyUnavailable
@@ -95,7 +95,7 @@ ENGINE_ERRORS = (EngineError, InvalidRequestError, StrategyUnavailable, Strategy
 T = TypeVar("T")
 
 
-async def holding(ticket: Ticket, events: AsyncIterator[T]) -> AsyncIterator[T]:
+async def holding(ticket: Ticket, events: AsyncGenerator[T, None]) -> AsyncIterator[T]:
     """`events`, with the request's admission ticket held until they end, fail or are closed:
     the one place a request gives its admission back."""
     try:
@@ -103,9 +103,7 @@ async def holding(ticket: Ticket, events: AsyncIterator[T]) -> AsyncIterator[T]:
             yield event
     finally:
         ticket.release()
-        aclose = getattr(events, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await events.aclose()
 
 
 async def once(result: Awaitable[T]) -> AsyncIterator[T]:

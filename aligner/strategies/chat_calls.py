@@ -8,6 +8,7 @@ from pydantic import Field
 from decoding.engine import Engine, SamplingConfig, collect
 
 from aligner.strategies.base import StageReport, StrategyContext, StrategyParamError, StrategyUnavailable, Timer
+from aligner.strategies.common import stage_report
 
 POLICY = "policy"
 # A strategy parameter naming the model that makes a call (`rewriter`, `corrector`).
@@ -56,9 +57,7 @@ async def chat_once(
     with Timer() as timer:
         generation = await collect(engine.generate(f"{ctx.request_id}-{stage}", prompt_ids, sampling), n,
                                    len(prompt_ids))
-    report = StageReport(stage, timer.seconds, generation.prompt_tokens, generation.completion_tokens,
-                         generation.cached_tokens)
-    return [s.text.strip() for s in generation.sequences], report
+    return [s.text.strip() for s in generation.sequences], stage_report(stage, timer.seconds, generation)
 
 
 def last_user_message(messages: list[dict[str, str]]) -> int:
