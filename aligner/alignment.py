@@ -32,6 +32,7 @@ from aligner.strategies import (
     get_strategy,
     strategy_names,
 )
+from aligner.strategies.base import sampling_conflicts
 from aligner.strategies.pipeline import Pipeline, order_error
 from aligner.strategies.templates import BUILTIN_TEMPLATES
 
@@ -249,6 +250,9 @@ def _check(resolved: ResolvedAlignment, ctx: StrategyContext) -> None:
 
 
 def _checked(strategy: Strategy, params: StrategyParams, loc: tuple, ctx: StrategyContext) -> StrategyParams:
+    for param, message in sampling_conflicts(strategy, ctx.sampling):
+        # The request's own parameter is at fault (or the strategy chosen for it): name it.
+        raise AlignmentError(message, (param,), "unsupported_combination")
     try:
         return strategy.check(params, ctx)
     except StrategyParamError as exc:

@@ -14,6 +14,25 @@ FinishReason = Literal["stop", "length", "abort"]
 
 
 @dataclass(frozen=True)
+class StructuredOutput:
+    """A grammar every sampled answer must follow (vLLM's structured outputs); exactly one
+    of the forms is set. `param` names the request field it came from, for error messages."""
+
+    json: dict[str, Any] | None = None  # a JSON schema
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None  # EBNF / Lark, as vLLM's backends read it
+    param: str = "response_format"
+
+    def __post_init__(self):
+        forms = [self.json is not None, self.json_object, self.regex is not None, self.choice is not None,
+                 self.grammar is not None]
+        if sum(forms) != 1:
+            raise ValueError("a structured output takes exactly one of json, json_object, regex, choice, grammar")
+
+
+@dataclass(frozen=True)
 class SamplingConfig:
     """Engine-neutral sampling settings; `decoding.vllm_engine` maps them to vLLM's."""
 
@@ -30,6 +49,14 @@ class SamplingConfig:
     ignore_eos: bool = False
     # Per-request settings for logits processors registered at engine build.
     extra_args: dict[str, Any] | None = None
+    structured: StructuredOutput | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit
+    min_tokens: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -22,6 +23,7 @@ from decoding.engine import (
     InvalidRequestError,
     SamplingConfig,
     SequenceDelta,
+    StructuredOutput,
     TokenLogprob,
     TopLogprob,
 )
@@ -340,7 +342,8 @@ class VLLMEngine:
         # The engine stream runs in its own task: a consumer cancelled by a disconnect (anyio
         # re-cancels at every await) then cancels it exactly once, and AsyncLLM's own
         # cancellation handler gets to send the abort to the engine core undisturbed.
-        pump = asyncio.create_task(self._pump(prompt, params, request_id, queue))
+        pump = asyncio.create_task(self._pump(prompt, params, request_id, queue,
+                                              sampling.structured.param if sampling.structured else None))
         try:
             while True:
                 item = await queue.get()
@@ -353,7 +356,8 @@ class VLLMEngine:
             if not pump.done():
                 pump.cancel()
 
-    async def _pump(self, prompt, params, request_id: str, queue: asyncio.Queue) -> None:
+    async def _pump(self, prompt, params, request_id: str, queue: asyncio.Queue,
+                    structured_param: str | None = None) -> None:
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead
 
@@ -366,13 +370,17 @@ class VLLMEngine:
         except VLLMEngineDead as exc:
             queue.put_nowait(EngineDeadError(str(exc) or "engine is dead"))
         except VLLMClientError as exc:
-            queue.put_nowait(InvalidRequestError(str(exc), getattr(exc, "parameter", None)))
+            param = getattr(exc, "parameter", None)
+            if param is None and params.structured_outputs is not None and _GRAMMAR_WORDS.search(str(exc)):
+                param = structured_param  # vLLM's grammar compilers name no parameter
+            queue.put_nowait(InvalidRequestError(str(exc), param))
         except Exception as exc:  # noqa: BLE001 - surfaced to the request, not the loop
             logger.exception("engine request %s failed", request_id)
             queue.put_nowait(EngineError(f"{type(exc).__name__}: {exc}"))
 
 
 _END = object()
+_GRAMMAR_WORDS = re.compile(r"grammar|schema|regex|structured|choice", re.IGNORECASE)
 
 
 def to_sampling_params(sampling: SamplingConfig):
@@ -394,10 +402,28 @@ def to_sampling_params(sampling: SamplingConfig):
             logprobs=sampling.logprobs,
             ignore_eos=sampling.ignore_eos,
             extra_args=sampling.extra_args,
+            structured_outputs=_structured_outputs(sampling.structured),
+            logit_bias=dict(sampling.logit_bias) if sampling.logit_bias else None,
+            min_tokens=sampling.min_tokens,
+            min_p=sampling.min_p,
+            repetition_penalty=sampling.repetition_penalty,
+            stop_token_ids=list(sampling.stop_token_ids) or None,
+            include_stop_str_in_output=sampling.include_stop_str_in_output,
             output_kind=RequestOutputKind.DELTA,
         )
     except (VLLMValidationError, ValueError) as exc:
         raise InvalidRequestError(str(exc), getattr(exc, "parameter", None)) from exc
+
+
+def _structured_outputs(structured: StructuredOutput | None):
+    if structured is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return StructuredOutputsParams(
+        json=structured.json, json_object=structured.json_object or None, regex=structured.regex,
+        choice=list(structured.choice) if structured.choice is not None else None, grammar=structured.grammar,
+    )
 
 
 def to_chunk(out, *, top_k: int | None) -> GenerationChunk:

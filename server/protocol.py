@@ -6,15 +6,17 @@ and convert themselves to an engine-neutral `SamplingConfig`.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from decoding.engine import SamplingConfig
+from decoding.engine import SamplingConfig, StructuredOutput
 
 MAX_STOP_SEQUENCES = 16
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
 
@@ -63,6 +65,40 @@ class UsageInfo(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class StructuredOutputsOptions(OpenAIModel):
+    """vLLM's `structured_outputs` extension: exactly one constraint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = Field(default=None, min_length=1)
+    grammar: str | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self):
+        forms = [name for name in ("json_", "json_object", "regex", "choice", "grammar")
+                 if getattr(self, name) not in (None, False)]
+        if len(forms) != 1:
+            raise ValueError("structured_outputs takes exactly one of json, json_object, regex, choice, grammar")
+        if isinstance(self.json_, str):
+            try:
+                self.json_ = json.loads(self.json_)
+            except ValueError:
+                raise ValueError("structured_outputs.json must be a JSON schema (an object or its JSON text)") from None
+            if not isinstance(self.json_, dict):
+                raise ValueError("structured_outputs.json must be a JSON schema object")
+        return self
+
+    def to_structured(self) -> StructuredOutput:
+        return StructuredOutput(
+            json=self.json_, json_object=bool(self.json_object), regex=self.regex,
+            choice=tuple(self.choice) if self.choice is not None else None, grammar=self.grammar,
+            param="structured_outputs",
+        )
+
+
 class SamplingFields(OpenAIModel):
     """Fields shared by chat and text completions."""
 
@@ -79,6 +115,35 @@ class SamplingFields(OpenAIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM extension, handy for load tests
+    logit_bias: dict[str, float] | None = None
+    # vLLM's extensions.
+    min_tokens: int = Field(default=0, ge=0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
+    include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsOptions | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, value):
+        if value is None:
+            return value
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens")
+        for token, bias in value.items():
+            if not token.lstrip("-").isdigit() or int(token) < 0:
+                raise ValueError(f"logit_bias keys are token ids; {token!r} is not one")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values lie in [-100, 100]; token {token} has {bias}")
+        return value
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _check_stop_token_ids(cls, value):
+        if value and any(t < 0 for t in value):
+            raise ValueError("stop_token_ids are non-negative token ids")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -109,6 +174,13 @@ class SamplingFields(OpenAIModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    def structured(self) -> StructuredOutput | None:
+        return self.structured_outputs.to_structured() if self.structured_outputs else None
+
+    def token_ids_in(self) -> dict[str, list[int]]:
+        """Token ids the request names, by parameter (checked against the vocabulary)."""
+        return {"logit_bias": [int(t) for t in self.logit_bias or ()], "stop_token_ids": list(self.stop_token_ids or ())}
+
     def to_sampling_config(self, max_tokens: int, logprobs: int | None) -> SamplingConfig:
         return SamplingConfig(
             max_tokens=max_tokens,
@@ -122,6 +194,13 @@ class SamplingFields(OpenAIModel):
             frequency_penalty=self.frequency_penalty,
             logprobs=logprobs,
             ignore_eos=self.ignore_eos,
+            structured=self.structured(),
+            logit_bias={int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None,
+            min_tokens=self.min_tokens,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            include_stop_str_in_output=self.include_stop_str_in_output,
         )
 
 
@@ -154,15 +233,43 @@ class ChatMessage(OpenAIModel):
         return {"role": role, "content": text}
 
 
+class JsonSchemaFormat(OpenAIModel):
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    # The grammar enforces the schema whether or not `strict` is set.
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check_schema(self):
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("response_format of type json_schema needs json_schema.schema")
+        return self
+
+    def to_structured(self) -> StructuredOutput | None:
+        if self.type == "json_object":
+            return StructuredOutput(json_object=True)
+        if self.type == "json_schema":
+            return StructuredOutput(json=self.json_schema.schema_)
+        return None
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    # Tools and structured output are not served; refuse them instead of ignoring them.
+    # Tools are not served yet; refuse them instead of ignoring them.
     tools: list[Any] | None = None
     functions: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     # Extension: every alignment option lives in this one object ({"strategy": ..., params}).
     alignment: dict[str, Any] | None = None
 
@@ -170,8 +277,9 @@ class ChatCompletionRequest(SamplingFields):
     def _check_unsupported(self):
         if self.tools or self.functions:
             raise ValueError("tools and function calling are not supported by this server")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("only response_format {'type': 'text'} is supported")
+        if self.structured_outputs is not None and self.response_format is not None \
+                and self.response_format.type != "text":
+            raise ValueError("give either response_format or structured_outputs, not both")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
@@ -179,6 +287,11 @@ class ChatCompletionRequest(SamplingFields):
     def requested_max_tokens(self) -> int | None:
         # max_completion_tokens is OpenAI's newer name; it wins when both are given.
         return self.max_completion_tokens or self.max_tokens
+
+    def structured(self) -> StructuredOutput | None:
+        if self.response_format is not None and self.response_format.type != "text":
+            return self.response_format.to_structured()
+        return super().structured()
 
     def logprobs_k(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None

@@ -50,6 +50,11 @@ class ServingBase:
             return engine_unavailable(
                 "the engine is dead and must be restarted" if self.engine.dead else "the engine is still loading"
             )
+        vocab = self.engine.tokenizer.vocab_size
+        for param, ids in request.token_ids_in().items():
+            if outside := sorted({t for t in ids if t >= vocab}):
+                return invalid_request(f"token ids {outside[:5]} are outside this model's vocabulary (0..{vocab - 1})",
+                                       param)
         return None
 
     def resolve_max_tokens(

@@ -264,6 +264,11 @@ class FakeEngine:
         prefix = record.prompt_ids + out
         draw = Draw(prefix, i, step, len(prefix) - answer_start, salt and salt + struct.pack("<q", i))
         word = self.lm.next_token(draw)
+        if sampling.structured is not None and sampling.structured.choice:
+            # The one grammar this engine knows: a single word among the choices, then the end.
+            choices = sampling.structured.choice
+            word = choices[int.from_bytes(hashlib.sha256(repr((prefix, i)).encode() + salt).digest()[:4], "little")
+                           % len(choices)] if not out else None
         if word is None and sampling.ignore_eos:
             word = "eos"
         token_id = EOS_ID if word is None else self.tokenizer._id(word)

@@ -167,6 +167,9 @@ class Strategy(ABC):
     Params: ClassVar[type[StrategyParams]] = StrategyParams
     # Where it sits in a pipeline: "prompt" stages, then one "decode", then "output" stages.
     phase: ClassVar[str] = "decode"
+    # Request sampling settings (`SamplingConfig` fields) this strategy cannot honour, with
+    # why: a request using one is refused (400) rather than answered without it.
+    refuses: ClassVar[dict[str, str]] = {}
 
     def check(self, params: StrategyParams, ctx: StrategyContext) -> StrategyParams:
         """Server-dependent validation (limits, reward names); may return resolved params."""
@@ -219,6 +222,27 @@ async def keepalive_until(task: asyncio.Future, interval: float) -> AsyncIterato
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+
+
+# Said by strategies that restart decoding from a partial answer.
+RESTARTS = {
+    "structured": "restarts decoding from the accepted part of the answer, where a structured output's grammar "
+                  "cannot resume; use none, best_of_n, soft_best_of_n or guided",
+    "logprobs": "assembles its answer from separate engine requests and does not return logprobs",
+    "min_tokens": "decodes in pieces, so min_tokens would apply to each piece instead of the answer",
+}
+
+
+def sampling_conflicts(strategy: Strategy, sampling: SamplingConfig) -> list[tuple[str, str]]:
+    """(request parameter, why) for each setting of `sampling` that `strategy` refuses."""
+    defaults = SamplingConfig(max_tokens=1)
+    conflicts = []
+    for name, why in strategy.refuses.items():
+        value = getattr(sampling, name)
+        if value != getattr(defaults, name):
+            param = value.param if name == "structured" else name
+            conflicts.append((param, f"{param} is not supported by strategy {strategy.name!r}: it {why}"))
+    return conflicts
 
 
 def register(cls: type[Strategy]) -> type[Strategy]:

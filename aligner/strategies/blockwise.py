@@ -18,6 +18,7 @@ from pydantic import Field
 
 from aligner.rewards import RewardError
 from aligner.strategies.base import (
+    RESTARTS,
     Candidate,
     StageReport,
     Strategy,
@@ -187,6 +188,7 @@ class BlockwiseStrategy(Strategy):
         "that clears a rising threshold), repeat; streams each accepted block."
     )
     Params = BlockwiseParams
+    refuses = RESTARTS
 
     def check(self, params: BlockwiseParams, ctx: StrategyContext) -> BlockwiseParams:
         if params.k > ctx.limits.max_candidates:

@@ -3,6 +3,8 @@ on the policy or on a helper model registered at start."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pydantic import Field
 
 from decoding.engine import Engine, SamplingConfig, collect
@@ -25,6 +27,15 @@ def check_model(ctx: StrategyContext, name: str, param: str) -> None:
         raise StrategyParamError(f"unknown model {name!r}; this server has: {', '.join(model_names(ctx))}", param)
 
 
+def check_vocabulary(ctx: StrategyContext, name: str, param: str) -> None:
+    """Token ids in the request (logit_bias, stop_token_ids) are the policy's: a helper model
+    with its own vocabulary cannot honour them when it writes the answer."""
+    if name != POLICY and (ctx.sampling.logit_bias or ctx.sampling.stop_token_ids):
+        raise StrategyParamError(
+            f"logit_bias and stop_token_ids name the policy's token ids; helper model {name!r} writes this answer "
+            "with its own vocabulary. Use the policy or drop them", param)
+
+
 def model_engine(ctx: StrategyContext, name: str) -> Engine:
     return ctx.engine if name == POLICY else ctx.helpers[name]
 
@@ -38,8 +49,13 @@ async def chat_once(
     temperature: float = 0.7,
     n: int = 1,
     model: str = POLICY,
+    answer: bool = False,
 ) -> tuple[list[str], StageReport]:
-    """Ask `model` (the policy or a helper) `messages`; its n answers and the stage's usage."""
+    """Ask `model` (the policy or a helper) `messages`; its n answers and the stage's usage.
+
+    `answer`: the call writes an answer to the request (a revision, a correction), so the
+    request's own settings that shape an answer (structured output, stops, biases, penalties)
+    apply to it too; otherwise (a critique, a rewrite) only its temperature, top_p and seed."""
     engine = model_engine(ctx, model)
     if not engine.ready:
         raise StrategyUnavailable(f"model {model!r} is not ready (loading, restarting or dead)")
@@ -47,17 +63,18 @@ async def chat_once(
     room = engine.max_model_len - len(prompt_ids)
     if room < 1:
         raise StrategyUnavailable(f"the {stage} prompt is longer than the model's context")
-    sampling = SamplingConfig(
-        max_tokens=min(max_tokens, room),
-        n=n,
-        temperature=temperature,
-        top_p=ctx.sampling.top_p,
-        seed=ctx.sampling.seed,
-    )
+    if answer:
+        sampling = replace(ctx.sampling, max_tokens=min(max_tokens, room), n=n, temperature=temperature,
+                           logprobs=None, extra_args=None)
+    else:
+        sampling = SamplingConfig(max_tokens=min(max_tokens, room), n=n, temperature=temperature,
+                                  top_p=ctx.sampling.top_p, seed=ctx.sampling.seed)
     with Timer() as timer:
         generation = await collect(engine.generate(f"{ctx.request_id}-{stage}", prompt_ids, sampling), n,
                                    len(prompt_ids))
-    return [s.text.strip() for s in generation.sequences], stage_report(stage, timer.seconds, generation)
+    # A grammar may own the surrounding whitespace; free text loses it.
+    texts = [s.text if sampling.structured else s.text.strip() for s in generation.sequences]
+    return texts, stage_report(stage, timer.seconds, generation)
 
 
 def last_user_message(messages: list[dict[str, str]]) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from aligner.rewards import RewardError
 from aligner.strategies.base import Candidate, StrategyContext, StrategyParams, StrategyResult, register
-from aligner.strategies.chat_calls import ModelField, chat_once, check_model, question_of
+from aligner.strategies.chat_calls import ModelField, chat_once, check_model, check_vocabulary, question_of
 from aligner.strategies.common import RewardField, resolve_reward
 from aligner.strategies.pipeline import OutputStrategy, gate_failed
 from aligner.strategies.templates import CORRECT_PROMPT
@@ -22,9 +22,12 @@ class CorrectStrategy(OutputStrategy):
     name = "correct"
     description = "Rewrite the answer with a correction prompt; keep the correction only if it scores higher."
     Params = CorrectParams
+    # A kept revision is a new answer from a separate call, without the original's logprobs.
+    refuses = {"logprobs": "replaces answers with revisions that carry no logprobs"}
 
     def check(self, params: CorrectParams, ctx: StrategyContext) -> CorrectParams:
         check_model(ctx, params.corrector, "corrector")
+        check_vocabulary(ctx, params.corrector, "corrector")
         return params.model_copy(update={"reward": resolve_reward(params, ctx)})
 
     async def refine(self, ctx: StrategyContext, params: CorrectParams, result: StrategyResult) -> StrategyResult:
@@ -34,7 +37,7 @@ class CorrectStrategy(OutputStrategy):
             ask = [{"role": "user", "content": CORRECT_PROMPT.format(question=question, answer=choice.text)}]
             (corrected,), stage = await chat_once(
                 ctx, ask, stage=f"correct-{c}", max_tokens=ctx.sampling.max_tokens, temperature=0.0,
-                model=params.corrector,
+                model=params.corrector, answer=True,
             )
             result.stages.append(stage)
             try:

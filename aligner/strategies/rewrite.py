@@ -62,7 +62,7 @@ class RewriteStrategy(PromptStrategy):
                 asked = _replace(ctx.messages, i, rewrite)
                 (answer,), answered = await chat_once(
                     ctx, asked, stage=f"rewrite-answer-{k}", max_tokens=ctx.sampling.max_tokens,
-                    temperature=ctx.sampling.temperature,
+                    temperature=ctx.sampling.temperature, answer=True,
                 )
                 answers.append(answer)
                 stages.append(answered)

@@ -28,6 +28,8 @@ class SelfRefineStrategy(OutputStrategy):
     name = "self_refine"
     description = "Critique and revise the answer up to `rounds` times, keeping a revision only if it scores higher."
     Params = SelfRefineParams
+    # A kept revision is a new answer from a separate call, without the original's logprobs.
+    refuses = {"logprobs": "replaces answers with revisions that carry no logprobs"}
 
     def check(self, params: SelfRefineParams, ctx: StrategyContext) -> SelfRefineParams:
         return params.model_copy(update={"reward": resolve_reward(params, ctx)})
@@ -62,7 +64,7 @@ class SelfRefineStrategy(OutputStrategy):
             ask = [{"role": "user", "content": CRITIQUE_PROMPT.format(question=question, answer=choice.text, principles=principles)}]
             (critique,), critiqued = await chat_once(ctx, ask, stage=f"critique-{c}-{r}", max_tokens=params.max_critique_tokens, temperature=0.0)
             ask = [{"role": "user", "content": REVISE_PROMPT.format(question=question, answer=choice.text, critique=critique)}]
-            (revision,), revised = await chat_once(ctx, ask, stage=f"revise-{c}-{r}", max_tokens=ctx.sampling.max_tokens, temperature=ctx.sampling.temperature)
+            (revision,), revised = await chat_once(ctx, ask, stage=f"revise-{c}-{r}", max_tokens=ctx.sampling.max_tokens, temperature=ctx.sampling.temperature, answer=True)
             result.stages += [critiqued, revised]
             try:
                 score = (await ctx.rewards.score(params.reward, ctx.messages, [revision])).total[0]

@@ -18,6 +18,7 @@ from pydantic import Field
 
 from aligner.rewards import RewardError
 from aligner.strategies.base import (
+    RESTARTS,
     Candidate,
     StageReport,
     Strategy,
@@ -53,6 +54,7 @@ class SpeculativeRejectionStrategy(Strategy):
         "until min_survivors remain; those run to the end; return the best finished answer."
     )
     Params = SpeculativeRejectionParams
+    refuses = RESTARTS
 
     def check(self, params: SpeculativeRejectionParams, ctx: StrategyContext) -> SpeculativeRejectionParams:
         if ctx.num_choices != 1:

@@ -12,7 +12,7 @@ import asyncio
 import inspect
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 from pydantic import ValidationError
@@ -28,10 +28,11 @@ from aligner.strategies import (
     get_strategy,
     strategy_names,
 )
+from aligner.strategies.base import sampling_conflicts
 from aligner.strategies.pipeline import Pipeline, PipelineParams, order_error
 from aligner.strategies.templates import DEFAULT_IN_CONTEXT
 from decoding import guide_spec
-from decoding.engine import SamplingConfig, SequenceDelta
+from decoding.engine import SamplingConfig, SequenceDelta, StructuredOutput
 from tests.fakes import EOS_ID, FakeEngine, PrefixLM
 
 REQUEST_ID = "chatcmpl-contract"
@@ -655,3 +656,54 @@ def test_fake_tokenizer_decodes_what_the_engine_streams():
     engine = FakeEngine(lm=PrefixLM())
     ids = engine.tokenizer.encode("a b c") + [EOS_ID]
     assert engine.tokenizer.decode(ids) == "a b c "
+
+
+CHOICES = ("alpha", "beta", "gamma")
+
+
+class EagerReward(Reward):
+    """Scores every answer higher than any before it, so every revision and correction is kept."""
+
+    name = "eager"
+    kind = "rule"
+    description = "later is better"
+
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, prompts, responses):
+        self.calls += 1
+        return [self.calls * 1000.0 + i for i in range(len(responses))]
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+async def test_a_structured_output_is_honoured_by_every_answer_or_refused(name):
+    """The fake engine knows one grammar (a choice of words): every answer a strategy returns
+    (revisions and corrections included) obeys it, or the strategy refuses the request."""
+    setup = setup_for(name)
+    world = World(n=2 if setup.multi else 1)
+    world.ctx.sampling = replace(world.ctx.sampling, structured=StructuredOutput(choice=CHOICES))
+    strategy = get_strategy(name)
+    if conflicts := sampling_conflicts(strategy, world.ctx.sampling):
+        assert [param for param, _ in conflicts] == ["response_format"]
+        assert "structured" in strategy.refuses
+        return
+    world.rewards.add(EagerReward())
+    _, params = checked(name, world, {**setup.params, **({"reward": "eager"} if takes_reward(name) else {})})
+    result = await strategy.run(world.ctx, params)
+    assert [c.text.strip() in CHOICES for c in result.choices] == [True] * len(result.choices), result.choices
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+async def test_logprobs_are_returned_for_every_answer_token_or_refused(name):
+    setup = setup_for(name)
+    world = World(n=2 if setup.multi else 1)
+    world.ctx.sampling = replace(world.ctx.sampling, logprobs=2)
+    strategy = get_strategy(name)
+    if conflicts := sampling_conflicts(strategy, world.ctx.sampling):
+        assert [param for param, _ in conflicts] == ["logprobs"]
+        return
+    _, params = checked(name, world, setup.params)
+    result = await strategy.run(world.ctx, params)
+    for choice in result.choices:
+        assert choice.logprobs is not None and [lp.token_id for lp in choice.logprobs] == choice.token_ids, choice

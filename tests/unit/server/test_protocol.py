@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
+from decoding.engine import StructuredOutput
 from server.protocol import ChatCompletionRequest, CompletionRequest
 
 
@@ -63,7 +66,23 @@ def test_developer_role_and_content_parts_become_template_messages():
         {"stop": [""]},
         {"stop": ["x"] * 17},
         {"tools": [{"type": "function"}]},
-        {"response_format": {"type": "json_object"}},
+        {"response_format": {"type": "json_schema"}},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+        {"response_format": {"type": "structural_tag"}},
+        {"response_format": {"type": "json_object", "extra": 1}},
+        {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a+"}},
+        {"structured_outputs": {"regex": "a", "choice": ["b"]}},
+        {"structured_outputs": {}},
+        {"structured_outputs": {"choice": []}},
+        {"structured_outputs": {"json": "not json"}},
+        {"structured_outputs": {"structural_tag": "x"}},
+        {"logit_bias": {"abc": 1}},
+        {"logit_bias": {"5": 101}},
+        {"logit_bias": {str(i): 1 for i in range(301)}},
+        {"min_p": 1.5},
+        {"min_tokens": -1},
+        {"repetition_penalty": 0},
+        {"stop_token_ids": [-1]},
         {"frequency_penalty": 3},
     ],
 )
@@ -71,6 +90,31 @@ def test_invalid_chat_requests_are_rejected(kwargs):
     base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     with pytest.raises(ValidationError):
         ChatCompletionRequest(**{**base, **kwargs})
+
+
+def test_structured_outputs_become_one_engine_constraint():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    as_schema = chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema,
+                                                                          "strict": True}})
+    assert as_schema.to_sampling_config(8, None).structured == StructuredOutput(json=schema)
+    assert chat(response_format={"type": "json_object"}).to_sampling_config(8, None).structured == \
+        StructuredOutput(json_object=True)
+    assert chat(response_format={"type": "text"}).to_sampling_config(8, None).structured is None
+    regex = chat(structured_outputs={"regex": "[ab]+"}).to_sampling_config(8, None).structured
+    assert (regex.regex, regex.param) == ("[ab]+", "structured_outputs")
+    # vLLM accepts the schema as JSON text too.
+    text = chat(structured_outputs={"json": json.dumps(schema)}).to_sampling_config(8, None).structured
+    assert text.json == schema
+    assert chat(structured_outputs={"choice": ["yes", "no"]}).to_sampling_config(8, None).structured.choice == \
+        ("yes", "no")
+
+
+def test_sampling_extensions_reach_the_sampling_config():
+    config = chat(logit_bias={"42": -100, "7": 5.5}, min_tokens=3, min_p=0.1, repetition_penalty=1.2,
+                  stop_token_ids=[2, 2, 9], include_stop_str_in_output=True).to_sampling_config(8, None)
+    assert config.logit_bias == {42: -100.0, 7: 5.5}
+    assert (config.min_tokens, config.min_p, config.repetition_penalty) == (3, 0.1, 1.2)
+    assert config.stop_token_ids == (2, 2, 9) and config.include_stop_str_in_output
 
 
 def test_logprobs_k():
