@@ -143,8 +143,9 @@ async def collect(stream: AsyncIterator[GenerationChunk], n: int, prompt_tokens:
 class ChatTokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
-    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Apply the model's chat template with a generation prompt, return token ids."""
+    def encode_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict] | None = None) -> list[int]:
+        """Apply the model's chat template with a generation prompt (and the tools the answer
+        may call, OpenAI's layout), return token ids."""
         ...
 
     def decode(self, token_ids: Sequence[int]) -> str: ...

@@ -27,6 +27,7 @@ from decoding.engine import (
     TokenLogprob,
     TopLogprob,
 )
+from decoding.chat_format import fold_tools, template_knows_tools
 from decoding.guide_spec import CONFIG_KEY, GuideCatalog
 from decoding.self_check import SelfCheckFailed
 
@@ -126,9 +127,11 @@ class HFChatTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False))
 
-    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict] | None = None) -> list[int]:
+        if not template_knows_tools(self._tok.chat_template):
+            messages, tools = fold_tools(messages, tools), None
         ids = self._tok.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=True
+            list(messages), tools=list(tools) if tools else None, add_generation_prompt=True, tokenize=True
         )
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]

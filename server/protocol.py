@@ -212,25 +212,87 @@ class TextContentPart(OpenAIModel):
     text: str
 
 
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+def tool_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+class ToolCall(OpenAIModel):
+    id: str = Field(default_factory=tool_call_id)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIModel):
     # "developer" is OpenAI's newer name for "system".
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     @model_validator(mode="after")
     def _check_content(self):
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
         return self
 
-    def as_template_message(self) -> dict[str, str]:
+    def as_template_message(self) -> dict[str, Any]:
         if isinstance(self.content, list):
             text = "".join(part.text for part in self.content)
         else:
             text = self.content or ""
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": text}
+        message: dict[str, Any] = {"role": role, "content": text}
+        if self.tool_calls:
+            # Hugging Face chat templates take arguments as an object.
+            message["tool_calls"] = [
+                {"id": call.id, "type": "function",
+                 "function": {"name": call.function.name, "arguments": _arguments(call.function.arguments)}}
+                for call in self.tool_calls
+            ]
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class FunctionDefinition(OpenAIModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    def schema_or_empty(self) -> dict[str, Any]:
+        return self.parameters or {"type": "object", "properties": {}}
+
+
+class ChatTool(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class JsonSchemaFormat(OpenAIModel):
@@ -266,20 +328,32 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    # Tools are not served yet; refuse them instead of ignoring them.
-    tools: list[Any] | None = None
+    tools: list[ChatTool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # OpenAI's deprecated function calling: refused, with a pointer to `tools`.
     functions: list[Any] | None = None
+    function_call: Any = None
     response_format: ResponseFormat | None = None
     # Extension: every alignment option lives in this one object ({"strategy": ..., params}).
     alignment: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check_unsupported(self):
-        if self.tools or self.functions:
-            raise ValueError("tools and function calling are not supported by this server")
-        if self.structured_outputs is not None and self.response_format is not None \
-                and self.response_format.type != "text":
-            raise ValueError("give either response_format or structured_outputs, not both")
+        if self.functions or self.function_call is not None:
+            raise ValueError("functions and function_call are deprecated by OpenAI; send tools and tool_choice")
+        constraints = [name for name, given in (
+            ("response_format", self.response_format is not None and self.response_format.type != "text"),
+            ("structured_outputs", self.structured_outputs is not None),
+            ("tool_choice", self.tool_kind in ("named", "required"))) if given]
+        if len(constraints) > 1:
+            raise ValueError(f"{' and '.join(constraints)} each constrain the answer: give one of them")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in self.tool_names:
+            raise ValueError(f"tool_choice names function {self.tool_choice.function.name!r}, which is not in tools")
+        if len(set(self.tool_names)) != len(self.tool_names):
+            raise ValueError("tools name the same function twice")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
@@ -288,10 +362,47 @@ class ChatCompletionRequest(SamplingFields):
         # max_completion_tokens is OpenAI's newer name; it wins when both are given.
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def tool_names(self) -> list[str]:
+        return [tool.function.name for tool in self.tools or ()]
+
+    @property
+    def tool_kind(self) -> Literal["named", "required", "auto"] | None:
+        """How the answer relates to the tools: a call of one named function, at least one
+        call (`required`), the model's choice (`auto`, OpenAI's default with tools), or no tools."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as the chat template sees them; none when the answer may not call them."""
+        if self.tool_kind is None:
+            return None
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
+
     def structured(self) -> StructuredOutput | None:
         if self.response_format is not None and self.response_format.type != "text":
             return self.response_format.to_structured()
+        if self.tool_kind == "named":
+            tool = next(t for t in self.tools if t.function.name == self.tool_choice.function.name)
+            return StructuredOutput(json=tool.function.schema_or_empty(), param="tool_choice")
+        if self.tool_kind == "required":
+            return StructuredOutput(json=self.required_calls_schema(), param="tool_choice")
         return super().structured()
+
+    def required_calls_schema(self) -> dict[str, Any]:
+        """A JSON list of calls, each `{"name": ..., "parameters": {...}}` of one of the tools
+        (vLLM's layout for `tool_choice: required`); one call if parallel calls are off."""
+        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": [
+            {"properties": {"name": {"type": "string", "enum": [tool.function.name]},
+                            "parameters": tool.function.schema_or_empty()},
+             "required": ["name", "parameters"]}
+            for tool in self.tools]}}
+        if self.parallel_tool_calls is False:
+            schema["maxItems"] = 1
+        return schema
 
     def logprobs_k(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -316,7 +427,8 @@ class ChatChoiceLogprobs(BaseModel):
 
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatCompletionChoice(BaseModel):
@@ -336,9 +448,22 @@ class ChatCompletionResponse(BaseModel):
     alignment: dict[str, Any] | None = None
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionStreamChoice(BaseModel):

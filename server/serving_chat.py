@@ -25,6 +25,8 @@ from server.protocol import (
     ErrorResponse,
     random_id,
 )
+from server.errors import invalid_request
+from server.tools import AUTO_REFUSAL, ToolCallStream, tool_answer
 from server.serving_common import ENGINE_ERRORS, SSE_DONE, ServingBase, engine_error, holding, once, prime, sse, usage
 
 SSE_KEEPALIVE = ": keep-alive\n\n"
@@ -66,8 +68,11 @@ class ServingChat(ServingBase):
         started = time.perf_counter()
         if error := self.check_common(request):
             return error
+        if request.tool_kind == "auto":
+            return invalid_request(AUTO_REFUSAL, "tool_choice")
         messages = request.template_messages()
-        prompt_ids = self.engine.tokenizer.encode_chat(messages)
+        tools = request.template_tools()
+        prompt_ids = self.engine.tokenizer.encode_chat(messages, tools)
         max_tokens = self.resolve_max_tokens(request, len(prompt_ids), "messages")
         if isinstance(max_tokens, ErrorResponse):
             return max_tokens
@@ -84,6 +89,7 @@ class ServingChat(ServingBase):
             templates=self.profiles.templates,
             guides=self.guides,
             helpers=self.helpers,
+            tools=tools,
         )
         _, alias = split_model(request.model)
         resolved = resolve_alignment(request.alignment, strategy_header, alias, self.config, ctx, self.profiles)
@@ -116,11 +122,12 @@ class ServingChat(ServingBase):
             choices=[
                 ChatCompletionChoice(
                     index=i,
-                    message=ChatResponseMessage(content=choice.text),
+                    message=ChatResponseMessage(content=answer.content, tool_calls=answer.tool_calls),
                     logprobs=chat_logprobs(choice.logprobs) if request.logprobs else None,
-                    finish_reason=choice.finish_reason,
+                    finish_reason=answer.finish_reason,
                 )
                 for i, choice in enumerate(result.choices)
+                for answer in [tool_answer(request, choice.text, choice.finish_reason)]
             ],
             usage=usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
             alignment=alignment_report(resolved, result),
@@ -137,6 +144,7 @@ class ServingChat(ServingBase):
         started: float,
     ) -> AsyncIterator[str]:
         chunk = ChunkWriter(request, request_id)
+        calls = ToolCallStream(request)
         first_token_seen = False
         # Finish reasons are held back until the strategy's result arrives, so that the
         # `alignment` report rides on the last finish chunk (clients index choices[0]).
@@ -155,11 +163,12 @@ class ServingChat(ServingBase):
                             first_token_seen = True
                             self.metrics.ttft.labels(resolved.strategy.name).observe(time.perf_counter() - started)
                         logprobs = chat_logprobs(event.logprobs) if request.logprobs else None
-                        yield chunk([ChatCompletionStreamChoice(
-                            index=event.index, delta=DeltaMessage(content=event.text), logprobs=logprobs)])
+                        if (delta := calls.delta(event.index, event.text)) is not None or logprobs:
+                            yield chunk([ChatCompletionStreamChoice(
+                                index=event.index, delta=delta or DeltaMessage(), logprobs=logprobs)])
                 elif isinstance(event, StrategyResult):
                     self._record(resolved.strategy.name, event, started)
-                    for line in chunk.final(event, finish, alignment_report(resolved, event)):
+                    for line in chunk.final(event, finish, alignment_report(resolved, event), calls):
                         yield line
                     break
         except ENGINE_ERRORS as exc:
@@ -183,14 +192,17 @@ class ChunkWriter:
             exclude.add("alignment")
         return sse(body.model_dump_json(exclude=exclude or None))
 
-    def final(self, result: StrategyResult, finish: dict[int, str | None], report: dict) -> list[str]:
-        """The finish chunk of every choice, the report on the last one (or on the usage chunk)."""
+    def final(self, result: StrategyResult, finish: dict[int, str | None], report: dict,
+              calls: ToolCallStream) -> list[str]:
+        """The finish chunk of every choice (with what its tool calls still had to send), the
+        report on the last one (or on the usage chunk)."""
         n, include_usage = self.request.n, self.request.include_usage_in_stream
         lines = []
         for i in range(n):
             reason = finish.get(i) or (result.choices[i].finish_reason if i < len(result.choices) else None)
+            delta, reason = calls.finish(i, reason)
             lines.append(self(
-                [ChatCompletionStreamChoice(index=i, delta=DeltaMessage(), finish_reason=reason)],
+                [ChatCompletionStreamChoice(index=i, delta=delta or DeltaMessage(), finish_reason=reason)],
                 alignment=report if i == n - 1 and not include_usage else None,
             ))
         if include_usage:

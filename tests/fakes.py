@@ -40,8 +40,9 @@ class WordTokenizer:
     def encode(self, text: str) -> list[int]:
         return [self._id(w) for w in text.split()]
 
-    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        text = " ".join(f"{m['role']}: {m['content']}" for m in messages) + " " + GENERATION_PROMPT
+    def encode_chat(self, messages: Sequence[dict[str, str]], tools=None) -> list[int]:
+        tool_names = " ".join(t["function"]["name"] for t in tools or ())
+        text = " ".join(f"{m['role']}: {m['content']}" for m in messages) + f" {tool_names} {GENERATION_PROMPT}"
         return self.encode(text)
 
     def token_text(self, token_id: int) -> str:

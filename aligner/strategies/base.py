@@ -68,6 +68,8 @@ class StrategyContext:
     # Helper models registered at start (`--helper-model`): name -> Engine, for rewriters
     # and correctors other than the policy.
     helpers: dict[str, Engine] = field(default_factory=dict)
+    # The tools the answer may call (OpenAI's layout), rendered into every answer prompt.
+    tools: list[dict[str, Any]] | None = None
 
     @property
     def num_choices(self) -> int:
@@ -79,7 +81,7 @@ class StrategyContext:
 
         The answer budget shrinks if the new prompt is longer, so that it still fits the context.
         """
-        prompt_ids = self.engine.tokenizer.encode_chat(messages)
+        prompt_ids = self.engine.tokenizer.encode_chat(messages, self.tools)
         room = self.engine.max_model_len - len(prompt_ids)
         if room < 1:
             raise StrategyUnavailable(

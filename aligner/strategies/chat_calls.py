@@ -59,7 +59,7 @@ async def chat_once(
     engine = model_engine(ctx, model)
     if not engine.ready:
         raise StrategyUnavailable(f"model {model!r} is not ready (loading, restarting or dead)")
-    prompt_ids = engine.tokenizer.encode_chat(messages)
+    prompt_ids = engine.tokenizer.encode_chat(messages, ctx.tools if answer else None)
     room = engine.max_model_len - len(prompt_ids)
     if room < 1:
         raise StrategyUnavailable(f"the {stage} prompt is longer than the model's context")
