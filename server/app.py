@@ -44,6 +44,7 @@ def build_app(
     helpers: dict[str, Engine] | None = None,
     *,
     start_engine: bool = True,
+    tool_parser=None,
 ) -> FastAPI:
     """Wire engine, rewards, serving objects and routes; the engines load in the background.
 
@@ -71,7 +72,7 @@ def build_app(
     app.state.profiles = profiles
     app.state.guides = guides
     app.state.helpers = helpers
-    app.state.chat = ServingChat(engine, config, admission, metrics, rewards, profiles, guides, helpers)
+    app.state.chat = ServingChat(engine, config, admission, metrics, rewards, profiles, guides, helpers, tool_parser)
     app.state.completion = ServingCompletion(engine, config, admission, metrics)
     app.include_router(router)
     add_error_handlers(app)

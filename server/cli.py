@@ -33,6 +33,9 @@ def add_http_arguments(serve: argparse.ArgumentParser) -> None:
     group.add_argument("--api-key", default=_env("ALIGNER_API_KEY"),
                        help="require 'Authorization: Bearer KEY' (also ALIGNER_API_KEY)")
     group.add_argument("--log-level", default="info")
+    group.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                       help="vLLM's tool-call parser for the model's call format (hermes, llama3_json, mistral, ...): "
+                            "enables tool_choice 'auto' (named and required choices work without one)")
 
 
 def add_engine_arguments(serve: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from decoding.engine import SamplingConfig, StructuredOutput
 
@@ -338,22 +338,49 @@ class ChatCompletionRequest(SamplingFields):
     # Extension: every alignment option lives in this one object ({"strategy": ..., params}).
     alignment: dict[str, Any] | None = None
 
+    # Field validators (not one model validator) so that each error names its field; a
+    # field's validator sees the fields declared before it in `info.data`.
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _refuse_legacy_functions(cls, value):
+        if value:
+            raise ValueError("functions and function_call are deprecated by OpenAI; send tools and tool_choice")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _check_tools(cls, value):
+        names = [tool.function.name for tool in value or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("tools name the same function twice")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _check_tool_choice(cls, value, info):
+        tools = info.data.get("tools") or []
+        if value not in (None, "none") and not tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(value, NamedToolChoice) and value.function.name not in [t.function.name for t in tools]:
+            raise ValueError(f"tool_choice names function {value.function.name!r}, which is not in tools")
+        if (isinstance(value, NamedToolChoice) or value == "required") and info.data.get("structured_outputs"):
+            raise ValueError("structured_outputs and a named or required tool_choice each constrain the answer: "
+                             "give one")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _one_constraint(cls, value, info):
+        if value is None or value.type == "text":
+            return value
+        if info.data.get("structured_outputs") is not None:
+            raise ValueError("response_format and structured_outputs each constrain the answer: give one")
+        if isinstance(info.data.get("tool_choice"), NamedToolChoice) or info.data.get("tool_choice") == "required":
+            raise ValueError("response_format and a named or required tool_choice each constrain the answer: give one")
+        return value
+
     @model_validator(mode="after")
     def _check_unsupported(self):
-        if self.functions or self.function_call is not None:
-            raise ValueError("functions and function_call are deprecated by OpenAI; send tools and tool_choice")
-        constraints = [name for name, given in (
-            ("response_format", self.response_format is not None and self.response_format.type != "text"),
-            ("structured_outputs", self.structured_outputs is not None),
-            ("tool_choice", self.tool_kind in ("named", "required"))) if given]
-        if len(constraints) > 1:
-            raise ValueError(f"{' and '.join(constraints)} each constrain the answer: give one of them")
-        if self.tool_choice not in (None, "none") and not self.tools:
-            raise ValueError("tool_choice needs tools")
-        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in self.tool_names:
-            raise ValueError(f"tool_choice names function {self.tool_choice.function.name!r}, which is not in tools")
-        if len(set(self.tool_names)) != len(self.tool_names):
-            raise ValueError("tools name the same function twice")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
@@ -464,6 +491,14 @@ class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_tool_calls(self, handler):
+        # A delta without tool calls looks as it did before tools existed (and as OpenAI's).
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatCompletionStreamChoice(BaseModel):

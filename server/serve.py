@@ -103,6 +103,17 @@ def server_config(args, name: str) -> ServerConfig:
     )
 
 
+def build_tool_parser(args, model: str):
+    if args.tool_call_parser is None:
+        return None
+    from decoding.tool_parsing import ToolCallParser
+
+    try:
+        return ToolCallParser(args.tool_call_parser, model)
+    except ValueError as exc:
+        raise SystemExit(f"aligner: --tool-call-parser: {exc}") from None
+
+
 def serve(args) -> int:
     import uvicorn
 
@@ -124,7 +135,8 @@ def serve(args) -> int:
         raise SystemExit(f"aligner: bad --profiles file: {exc}") from None
     helpers = build_helpers(args)
     engine = build_policy(args, model, name, guides, len(helpers))
-    app = build_app(engine, config, build_rewards(args), profiles, guides, helpers)
+    app = build_app(engine, config, build_rewards(args), profiles, guides, helpers,
+                    tool_parser=build_tool_parser(args, model))
     print(f"aligner: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

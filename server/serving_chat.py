@@ -54,13 +54,14 @@ def chat_logprobs(items: list[TokenLogprob] | None) -> ChatChoiceLogprobs | None
 class ServingChat(ServingBase):
     def __init__(
         self, engine, config: ServerConfig, admission, metrics, rewards: RewardRegistry, profiles: ProfileStore,
-        guides=None, helpers: dict | None = None,
+        guides=None, helpers: dict | None = None, tool_parser=None,
     ):
         super().__init__(engine, config, admission, metrics)
         self.rewards = rewards
         self.profiles = profiles
         self.guides = guides
         self.helpers = helpers or {}
+        self.tool_parser = tool_parser  # decoding.tool_parsing.ToolCallParser: enables tool_choice auto
 
     async def create_chat_completion(
         self, request: ChatCompletionRequest, strategy_header: str | None = None
@@ -68,7 +69,7 @@ class ServingChat(ServingBase):
         started = time.perf_counter()
         if error := self.check_common(request):
             return error
-        if request.tool_kind == "auto":
+        if request.tool_kind == "auto" and self.tool_parser is None:
             return invalid_request(AUTO_REFUSAL, "tool_choice")
         messages = request.template_messages()
         tools = request.template_tools()
@@ -114,8 +115,7 @@ class ServingChat(ServingBase):
         self._record(strategy.name, result, started)
         return self._response(request, request_id, resolved, result)
 
-    @staticmethod
-    def _response(request, request_id: str, resolved: ResolvedAlignment, result: StrategyResult) -> ChatCompletionResponse:
+    def _response(self, request, request_id: str, resolved: ResolvedAlignment, result: StrategyResult) -> ChatCompletionResponse:
         return ChatCompletionResponse(
             id=request_id,
             model=request.model,
@@ -127,7 +127,7 @@ class ServingChat(ServingBase):
                     finish_reason=answer.finish_reason,
                 )
                 for i, choice in enumerate(result.choices)
-                for answer in [tool_answer(request, choice.text, choice.finish_reason)]
+                for answer in [tool_answer(request, choice.text, choice.finish_reason, self.tool_parser)]
             ],
             usage=usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
             alignment=alignment_report(resolved, result),
@@ -144,7 +144,7 @@ class ServingChat(ServingBase):
         started: float,
     ) -> AsyncIterator[str]:
         chunk = ChunkWriter(request, request_id)
-        calls = ToolCallStream(request)
+        calls = ToolCallStream(request, self.tool_parser)
         first_token_seen = False
         # Finish reasons are held back until the strategy's result arrives, so that the
         # `alignment` report rides on the last finish chunk (clients index choices[0]).

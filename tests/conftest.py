@@ -187,6 +187,7 @@ def server(tmp_path_factory, tiny_reward_dir, guide_dirs, banana_lm_dir) -> Iter
         "--guide", f"prefers-second={guide_dirs['args']}",
         "--guide-max-slots", "4",
         "--helper-model", f"banana-lm={banana_lm_dir}",
+        "--tool-call-parser", "hermes",
     )
     yield running
     stop_server(running)

@@ -155,3 +155,50 @@ def test_completion_prompts_normalise(prompt, expected):
 def test_invalid_completion_requests_are_rejected(kwargs):
     with pytest.raises(ValidationError):
         CompletionRequest(model="m", **kwargs)
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": [WEATHER, WEATHER]}, "tools"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [WEATHER], "tool_choice": "required", "structured_outputs": {"regex": "a"}}, "tool_choice"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages"),
+])
+def test_tool_errors_name_their_field(kwargs, field):
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest(**{"model": "m", "messages": [{"role": "user", "content": "hi"}], **kwargs})
+    assert info.value.errors()[0]["loc"][0] == field
+
+
+def test_named_and_required_tool_choices_become_grammars():
+    named = chat(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert named.tool_kind == "named"
+    assert named.to_sampling_config(8, None).structured == StructuredOutput(
+        json=WEATHER["function"]["parameters"], param="tool_choice")
+    required = chat(tools=[WEATHER], tool_choice="required", parallel_tool_calls=False)
+    schema = required.to_sampling_config(8, None).structured.json
+    assert schema["type"] == "array" and schema["maxItems"] == 1
+    assert schema["items"]["anyOf"][0]["properties"]["name"]["enum"] == ["get_weather"]
+    assert chat(tools=[WEATHER]).tool_kind == "auto"  # OpenAI's default with tools
+    assert chat(tools=[WEATHER], tool_choice="none").template_tools() is None
+    assert chat(tools=[WEATHER], tool_choice="none").to_sampling_config(8, None).structured is None
+
+
+def test_tool_history_reaches_the_template_with_arguments_as_objects():
+    request = ChatCompletionRequest(model="m", messages=[
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "cold"},
+    ])
+    _, called, answered = request.template_messages()
+    assert called["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}
+    assert answered == {"role": "tool", "content": "cold", "tool_call_id": "c1"}

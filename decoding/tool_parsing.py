@@ -1,0 +1,55 @@
+"""vLLM's own tool-call parsers, for `tool_choice: auto` (`aligner serve --tool-call-parser NAME`).
+
+Under `auto` the model decides whether to call a tool, in its own format (Hermes'
+`<tool_call>{...}</tool_call>`, Llama's JSON, Mistral's `[TOOL_CALLS]`, ...); the parser
+vLLM ships for that format splits a finished answer into content and calls. vLLM is
+imported only when a parser is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ParsedAnswer:
+    """An answer split by the parser: text for the user, and (name, JSON arguments) calls."""
+
+    content: str | None
+    calls: list[tuple[str, str]] = field(default_factory=list)
+
+
+def parser_names() -> list[str]:
+    from vllm.tool_parsers import ToolParserManager
+
+    return sorted({*ToolParserManager.tool_parsers, *ToolParserManager.lazy_parsers})
+
+
+class ToolCallParser:
+    """One of vLLM's tool parsers, by its `--tool-call-parser` name, over the model's tokenizer."""
+
+    def __init__(self, name: str, model_path: str):
+        from transformers import AutoTokenizer
+        from vllm.tool_parsers import ToolParserManager
+
+        known = parser_names()
+        if name not in known:
+            raise ValueError(f"unknown tool-call parser {name!r}; vLLM's parsers are: {', '.join(known)}")
+        self.name = name
+        self._cls = ToolParserManager.get_tool_parser(name)
+        self._tokenizer = AutoTokenizer.from_pretrained(model_path)
+
+    def parse(self, text: str, model: str, messages: Sequence[dict[str, Any]],
+              tools: Sequence[dict[str, Any]]) -> ParsedAnswer:
+        """Split a finished answer; `tools` in OpenAI's layout, as the request sent them."""
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+        request = ChatCompletionRequest.model_validate(
+            {"model": model, "messages": list(messages), "tools": list(tools), "tool_choice": "auto"})
+        parser = self._cls(self._tokenizer, request.tools)
+        info = parser.extract_tool_calls(text, request)
+        if not info.tools_called:
+            return ParsedAnswer(text)
+        return ParsedAnswer(info.content or None, [(c.function.name, c.function.arguments) for c in info.tool_calls])

@@ -1,0 +1,105 @@
+"""Tool calls out of answers (`server.tools`) and through the HTTP layer over a fake engine."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi.testclient import TestClient
+
+from decoding.tool_parsing import ParsedAnswer
+from server.app import build_app
+from server.config import ServerConfig
+from server.protocol import ChatCompletionRequest
+from server.tools import ToolCallStream, tool_answer
+from tests.fakes import FakeEngine
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CLOCK = {"type": "function", "function": {"name": "get_time"}}
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def request(**kw) -> ChatCompletionRequest:
+    return ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "weather?"}],
+                                 tools=[WEATHER, CLOCK], **kw)
+
+
+class MarkerParser:
+    """Stands in for a vLLM parser: `CALL name {json}` at the end of an answer is a call."""
+
+    def parse(self, text, model, messages, tools):
+        if "CALL " not in text:
+            return ParsedAnswer(text)
+        content, call = text.split("CALL ", 1)
+        name, arguments = call.split(" ", 1)
+        return ParsedAnswer(content or None, [(name, arguments)])
+
+
+def test_a_named_choice_is_one_call_of_that_function_finishing_with_stop():
+    answer = tool_answer(request(tool_choice=NAMED), '{"city": "Oslo"}', "stop")
+    assert answer.content is None and answer.finish_reason == "stop"
+    (call,) = answer.tool_calls
+    assert call.function.name == "get_weather" and call.function.arguments == '{"city": "Oslo"}'
+
+
+def test_required_calls_are_split_from_the_list_and_finish_with_tool_calls():
+    text = json.dumps([{"name": "get_weather", "parameters": {"city": "Oslo"}}, {"name": "get_time", "parameters": {}}])
+    answer = tool_answer(request(tool_choice="required"), text, "stop")
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in answer.tool_calls] == [
+        ("get_weather", {"city": "Oslo"}), ("get_time", {})]
+    assert answer.finish_reason == "tool_calls" and len({c.id for c in answer.tool_calls}) == 2
+    # Cut short by max_tokens: the partial list stays content, the finish reason says why.
+    cut = tool_answer(request(tool_choice="required"), text[:20], "length")
+    assert (cut.content, cut.tool_calls, cut.finish_reason) == (text[:20], [], "length")
+
+
+def test_auto_answers_go_through_the_parser():
+    answer = tool_answer(request(), 'Looking. CALL get_time {"tz": "UTC"}', "stop", MarkerParser())
+    assert answer.content == "Looking. " and answer.finish_reason == "tool_calls"
+    assert answer.tool_calls[0].function.name == "get_time"
+    plain = tool_answer(request(), "It is sunny.", "stop", MarkerParser())
+    assert (plain.content, plain.tool_calls, plain.finish_reason) == ("It is sunny.", [], "stop")
+
+
+def test_a_streamed_named_call_opens_once_then_streams_arguments():
+    stream = ToolCallStream(request(tool_choice=NAMED))
+    first, second = stream.delta(0, '{"city"'), stream.delta(0, ': "Oslo"}')
+    assert first.tool_calls[0].id and first.tool_calls[0].function.name == "get_weather"
+    assert second.tool_calls[0].id is None and second.tool_calls[0].function.name is None
+    assert first.tool_calls[0].function.arguments + second.tool_calls[0].function.arguments == '{"city": "Oslo"}'
+    assert stream.finish(0, "stop") == (None, "stop")
+
+
+def test_streamed_required_and_auto_calls_arrive_whole_at_the_finish():
+    stream = ToolCallStream(request(tool_choice="required"))
+    text = json.dumps([{"name": "get_time", "parameters": {}}])
+    assert stream.delta(0, text[:5]) is None and stream.delta(0, text[5:]) is None
+    delta, finish = stream.finish(0, "stop")
+    assert finish == "tool_calls" and delta.tool_calls[0].function.name == "get_time"
+    auto = ToolCallStream(request(), MarkerParser())
+    assert auto.delta(1, "Hm. CALL get_time {}") is None
+    delta, finish = auto.finish(1, "stop")
+    assert (delta.content, delta.tool_calls[0].function.name, finish) == ("Hm. ", "get_time", "tool_calls")
+    # Without tools (or with tool_choice none) content streams as always.
+    assert ToolCallStream(request(tool_choice="none")).delta(0, "hi").content == "hi"
+
+
+def test_the_http_layer_refuses_auto_without_a_parser_and_renders_tools_into_the_prompt():
+    engine = FakeEngine()
+    client = TestClient(build_app(engine, ServerConfig(served_model_name="fake-model"), start_engine=False))
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "weather?"}], "tools": [WEATHER],
+            "max_tokens": 3}
+    refused = client.post("/v1/chat/completions", json=body)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "tool_choice"
+    assert "--tool-call-parser" in refused.json()["error"]["message"] and engine.calls == []
+    named = client.post("/v1/chat/completions", json={**body, "tool_choice": NAMED})
+    assert named.status_code == 200, named.text
+    (choice,) = named.json()["choices"]
+    assert choice["message"]["content"] is None and choice["message"]["tool_calls"][0]["function"]["name"] == \
+        "get_weather"
+    _, prompt, sampling = engine.calls[0]
+    assert engine.tokenizer.encode("get_weather")[0] in prompt  # the tools reached the chat template
+    assert sampling.structured.json == WEATHER["function"]["parameters"]
+    none = client.post("/v1/chat/completions", json={**body, "tool_choice": "none"})
+    assert none.status_code == 200 and none.json()["choices"][0]["message"]["tool_calls"] == []
+    assert engine.tokenizer.encode("get_weather")[0] not in engine.calls[1][1]
