@@ -26,6 +26,7 @@ from server.protocol import ErrorResponse
 from server.router import router
 from server.serving_chat import ServingChat
 from server.serving_completion import ServingCompletion
+from server.serving_responses import ServingResponses
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def build_app(
     app.state.helpers = helpers
     app.state.chat = ServingChat(engine, config, admission, metrics, rewards, profiles, guides, helpers, tool_parser)
     app.state.completion = ServingCompletion(engine, config, admission, metrics)
+    app.state.responses = ServingResponses(app.state.chat)
     app.include_router(router)
     add_error_handlers(app)
     # Outermost first: ids and access logs see everything, the key check runs before any

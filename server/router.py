@@ -17,6 +17,7 @@ from aligner.strategies import describe_strategies
 from server.alignment import STRATEGY_HEADER, model_aliases
 from server.errors import engine_unavailable
 from server.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList, ScoreRequest
+from server.protocol_responses import ResponsesRequest
 from server.serving_score import score_responses
 
 router = APIRouter()
@@ -66,6 +67,14 @@ async def create_chat_completion(request: ChatCompletionRequest, raw: Request):
     header = raw.headers.get(STRATEGY_HEADER)
     result = await run_cancelling_on_disconnect(raw, serving.create_chat_completion(request, header))
     return to_response(raw, "chat_completions", result)
+
+
+@router.post("/v1/responses")
+async def create_response(request: ResponsesRequest, raw: Request):
+    serving = raw.app.state.responses
+    header = raw.headers.get(STRATEGY_HEADER)
+    result = await run_cancelling_on_disconnect(raw, serving.create_response(request, header))
+    return to_response(raw, "responses", result)
 
 
 @router.post("/v1/completions")

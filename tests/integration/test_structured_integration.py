@@ -65,14 +65,19 @@ def test_sdk_parse_fills_a_pydantic_model(client, strategy):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_json_object_answers_are_json_objects(client, strategy):
+    brief = [{"role": "user", "content": "Reply with a JSON object with two keys: city and country. Be brief."}]
     reply = client.chat.completions.create(
-        model=MODEL, messages=CITY, response_format={"type": "json_object"}, max_tokens=120, **sampling(strategy),
+        model=MODEL, messages=brief, response_format={"type": "json_object"}, max_tokens=300, **sampling(strategy),
         extra_body={"alignment": {**ALIGN[strategy], "return_candidates": True}})
+    assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
     assert isinstance(json.loads(reply.choices[0].message.content), dict)
     if strategy == "best_of_n":
-        # Every candidate was constrained, so the reward scored JSON, not free text.
+        # Every candidate was constrained, so the reward scored JSON, not free text (a
+        # candidate cut short by max_tokens is a JSON prefix).
         candidates = reply.model_extra["alignment"]["candidates"]
-        assert len(candidates) == 3 and all(isinstance(json.loads(c["text"]), dict) for c in candidates)
+        assert len(candidates) == 3
+        assert all(isinstance(json.loads(c["text"]), dict) for c in candidates if c["finish_reason"] == "stop")
+        assert all(c["text"].lstrip().startswith("{") for c in candidates)
 
 
 @pytest.mark.parametrize("name", strategy_names())
@@ -282,6 +287,48 @@ def test_refused_combinations_name_the_parameter(server, body, param):
     assert error["type"] == "invalid_request_error" and error["message"]
     assert error["param"] == param or (param == "tool_choice" and error["param"] is None
                                        and "tool_choice" in error["message"]), error
+
+
+# --- the Responses API ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_responses_api_text_in_text_out(client, strategy):
+    response = client.responses.create(model=MODEL, input="What is the capital of France?", max_output_tokens=24,
+                                       instructions="Answer in one sentence.", **sampling(strategy),
+                                       extra_body={"alignment": ALIGN[strategy]})
+    assert response.object == "response" and response.status in ("completed", "incomplete")
+    assert "Paris" in response.output_text
+    assert response.usage.output_tokens > 0 and response.usage.input_tokens > 10
+    assert response.model_extra["alignment"]["strategy"] == strategy
+
+
+def test_responses_api_streams_events_the_sdk_reads(client):
+    deltas, final = [], None
+    with client.responses.stream(model=MODEL, input="What is the capital of France?", max_output_tokens=24,
+                                 temperature=0) as stream:
+        for event in stream:
+            if event.type == "response.output_text.delta":
+                deltas.append(event.delta)
+        final = stream.get_final_response()
+    assert len(deltas) > 1 and "".join(deltas) == final.output_text and "Paris" in final.output_text
+
+
+def test_responses_api_structured_text_and_function_calls(client):
+    parsed = client.responses.parse(model=MODEL, input="Name a large city and its population.", text_format=City,
+                                    max_output_tokens=80, temperature=0)
+    assert isinstance(parsed.output_parsed, City)
+    tool = {"type": "function", **WEATHER["function"]}
+    called = client.responses.create(model=MODEL, input="What is the weather in Paris?", tools=[tool],
+                                     tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=60,
+                                     temperature=0)
+    (call,) = [item for item in called.output if item.type == "function_call"]
+    assert call.name == "get_weather" and json.loads(call.arguments)["unit"] in ("c", "f")
+    answered = client.responses.create(model=MODEL, max_output_tokens=30, temperature=0, input=[
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "It is 31 degrees and sunny."}])
+    assert answered.output_text
 
 
 # --- LangChain and instructor ----------------------------------------------------------------
