@@ -105,7 +105,7 @@ def run_levels(args, base_url: str) -> list[dict]:
     return results
 
 
-def start_vllm_server(model_dir: str, name: str, log_dir: Path) -> RunningServer:
+def start_vllm_server(model_dir: str, name: str, log_dir: Path, *extra_args: str) -> RunningServer:
     """vLLM's own OpenAI server with the engine settings `aligner serve` uses on CPU."""
     port = free_port()
     log_path = log_dir / f"vllm-{port}.log"
@@ -113,7 +113,7 @@ def start_vllm_server(model_dir: str, name: str, log_dir: Path) -> RunningServer
             "--served-model-name", name, "--port", str(port), "--host", "127.0.0.1",
             "--max-model-len", "2048", "--max-num-seqs", "64", "--enforce-eager",
             "--no-enable-chunked-prefill", "--max-num-batched-tokens", "2048", "--block-size", "32",
-            "--kv-cache-memory-bytes", str(1 << 30), "--disable-log-stats"]
+            "--kv-cache-memory-bytes", str(1 << 30), "--disable-log-stats", *extra_args]
     with open(log_path, "w") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
