@@ -60,7 +60,8 @@ def tool_answer(request: ChatCompletionRequest, text: str, finish_reason: str | 
         parsed = parser.parse(text, request.model, request.model_dump(exclude_none=True)["messages"],
                               request.template_tools())
         if parsed.calls:
-            calls = [ToolCall(function=FunctionCall(name=name, arguments=arguments)) for name, arguments in parsed.calls]
+            wanted = parsed.calls[:1] if request.parallel_tool_calls is False else parsed.calls
+            calls = [ToolCall(function=FunctionCall(name=name, arguments=arguments)) for name, arguments in wanted]
             return ToolAnswer(parsed.content, calls, "tool_calls" if finish_reason == "stop" else finish_reason)
     return ToolAnswer(text, [], finish_reason)
 

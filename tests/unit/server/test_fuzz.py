@@ -31,6 +31,9 @@ def cap_generation(body, model: str):
         if not isinstance(body.get("max_tokens"), int) or body["max_tokens"] > 4:
             body["max_tokens"] = 4
         body.pop("max_completion_tokens", None)
+        if "input" in body:  # /v1/responses
+            body["max_output_tokens"] = min(body["max_output_tokens"], 4) \
+                if isinstance(body.get("max_output_tokens"), int) and body["max_output_tokens"] > 0 else 4
         if isinstance(body.get("n"), int) and body["n"] > 2:
             body["n"] = 2
     return body

@@ -25,14 +25,13 @@ def request(**kw) -> ChatCompletionRequest:
 
 
 class MarkerParser:
-    """Stands in for a vLLM parser: `CALL name {json}` at the end of an answer is a call."""
+    """Stands in for a vLLM parser: each `CALL name {json}` after the content is a call."""
 
     def parse(self, text, model, messages, tools):
         if "CALL " not in text:
             return ParsedAnswer(text)
-        content, call = text.split("CALL ", 1)
-        name, arguments = call.split(" ", 1)
-        return ParsedAnswer(content or None, [(name, arguments)])
+        content, *calls = text.split("CALL ")
+        return ParsedAnswer(content or None, [tuple(call.strip().split(" ", 1)) for call in calls])
 
 
 def test_a_named_choice_is_one_call_of_that_function_finishing_with_stop():
@@ -57,6 +56,10 @@ def test_auto_answers_go_through_the_parser():
     answer = tool_answer(request(), 'Looking. CALL get_time {"tz": "UTC"}', "stop", MarkerParser())
     assert answer.content == "Looking. " and answer.finish_reason == "tool_calls"
     assert answer.tool_calls[0].function.name == "get_time"
+    one = tool_answer(request(parallel_tool_calls=False), 'CALL get_time {} CALL x {}', "stop", MarkerParser())
+    assert [c.function.name for c in one.tool_calls] == ["get_time"]
+    both = tool_answer(request(), 'CALL get_time {} CALL x {}', "stop", MarkerParser())
+    assert [c.function.name for c in both.tool_calls] == ["get_time", "x"]
     plain = tool_answer(request(), "It is sunny.", "stop", MarkerParser())
     assert (plain.content, plain.tool_calls, plain.finish_reason) == ("It is sunny.", [], "stop")
 
