@@ -261,12 +261,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def compare() -> dict[str, dict[str, str]]:
     from bench.cli import start_vllm_server
-    from bench.launch import start_server, stop_server
+    from bench.launch import REPO, start_server, stop_server
     from decoding.model_prep import prepare_default_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-dropin-"))
     columns = {}
-    server = start_server(work, "--tool-call-parser", "hermes")
+    # As `make serve` runs it (the shipped starter reward models), plus Hermes tool parsing.
+    server = start_server(work, "--models-dir", str(REPO / "models"), "--tool-call-parser", "hermes")
     try:
         columns["aligner none"] = run_column(Column("aligner none", server.v1, {"strategy": "none"}))
         columns["aligner best_of_n"] = run_column(Column("aligner best_of_n", server.v1,

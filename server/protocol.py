@@ -6,28 +6,27 @@ and convert themselves to an engine-neutral `SamplingConfig`.
 
 from __future__ import annotations
 
-import json
 import time
-import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, Field, field_validator, model_serializer, model_validator
 
 from decoding.engine import SamplingConfig, StructuredOutput
+from server.protocol_base import OpenAIModel, random_id
+from server.protocol_tools import (
+    ChatTool,
+    DeltaToolCall,
+    NamedToolChoice,
+    ResponseFormat,
+    StructuredOutputsOptions,
+    ToolCall,
+    arguments_value,
+)
 
 MAX_STOP_SEQUENCES = 16
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
-
-
-def random_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-class OpenAIModel(BaseModel):
-    # Unknown fields (user, metadata, store, ...) are accepted and ignored, as vLLM does.
-    model_config = ConfigDict(extra="ignore")
 
 
 # ---------------------------------------------------------------- errors
@@ -63,40 +62,6 @@ class UsageInfo(BaseModel):
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: PromptTokensDetails | None = None
-
-
-class StructuredOutputsOptions(OpenAIModel):
-    """vLLM's `structured_outputs` extension: exactly one constraint."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
-    json_object: bool | None = None
-    regex: str | None = None
-    choice: list[str] | None = Field(default=None, min_length=1)
-    grammar: str | None = None
-
-    @model_validator(mode="after")
-    def _one_form(self):
-        forms = [name for name in ("json_", "json_object", "regex", "choice", "grammar")
-                 if getattr(self, name) not in (None, False)]
-        if len(forms) != 1:
-            raise ValueError("structured_outputs takes exactly one of json, json_object, regex, choice, grammar")
-        if isinstance(self.json_, str):
-            try:
-                self.json_ = json.loads(self.json_)
-            except ValueError:
-                raise ValueError("structured_outputs.json must be a JSON schema (an object or its JSON text)") from None
-            if not isinstance(self.json_, dict):
-                raise ValueError("structured_outputs.json must be a JSON schema object")
-        return self
-
-    def to_structured(self) -> StructuredOutput:
-        return StructuredOutput(
-            json=self.json_, json_object=bool(self.json_object), regex=self.regex,
-            choice=tuple(self.choice) if self.choice is not None else None, grammar=self.grammar,
-            param="structured_outputs",
-        )
 
 
 class SamplingFields(OpenAIModel):
@@ -212,21 +177,6 @@ class TextContentPart(OpenAIModel):
     text: str
 
 
-class FunctionCall(OpenAIModel):
-    name: str
-    arguments: str  # JSON text, as OpenAI sends it
-
-
-def tool_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
-
-
-class ToolCall(OpenAIModel):
-    id: str = Field(default_factory=tool_call_id)
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
 class ChatMessage(OpenAIModel):
     # "developer" is OpenAI's newer name for "system".
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -256,71 +206,12 @@ class ChatMessage(OpenAIModel):
             # Hugging Face chat templates take arguments as an object.
             message["tool_calls"] = [
                 {"id": call.id, "type": "function",
-                 "function": {"name": call.function.name, "arguments": _arguments(call.function.arguments)}}
+                 "function": {"name": call.function.name, "arguments": arguments_value(call.function.arguments)}}
                 for call in self.tool_calls
             ]
         if self.tool_call_id:
             message["tool_call_id"] = self.tool_call_id
         return message
-
-
-def _arguments(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-class FunctionDefinition(OpenAIModel):
-    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-    def schema_or_empty(self) -> dict[str, Any]:
-        return self.parameters or {"type": "object", "properties": {}}
-
-
-class ChatTool(OpenAIModel):
-    type: Literal["function"]
-    function: FunctionDefinition
-
-
-class NamedFunction(OpenAIModel):
-    name: str
-
-
-class NamedToolChoice(OpenAIModel):
-    type: Literal["function"]
-    function: NamedFunction
-
-
-class JsonSchemaFormat(OpenAIModel):
-    name: str = Field(default="response", max_length=64)
-    description: str | None = None
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    # The grammar enforces the schema whether or not `strict` is set.
-    strict: bool | None = None
-
-
-class ResponseFormat(OpenAIModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _check_schema(self):
-        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
-            raise ValueError("response_format of type json_schema needs json_schema.schema")
-        return self
-
-    def to_structured(self) -> StructuredOutput | None:
-        if self.type == "json_object":
-            return StructuredOutput(json_object=True)
-        if self.type == "json_schema":
-            return StructuredOutput(json=self.json_schema.schema_)
-        return None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -473,18 +364,6 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
     alignment: dict[str, Any] | None = None
-
-
-class DeltaFunctionCall(BaseModel):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class DeltaToolCall(BaseModel):
-    index: int
-    id: str | None = None
-    type: Literal["function"] | None = None
-    function: DeltaFunctionCall
 
 
 class DeltaMessage(BaseModel):

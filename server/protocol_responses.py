@@ -9,7 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from server.protocol import ChatCompletionRequest, OpenAIModel, random_id
+from server.protocol import ChatCompletionRequest
+from server.protocol_base import OpenAIModel, random_id
 
 # Request fields that would change the answer but have no meaning here: refused by name.
 REFUSED = {

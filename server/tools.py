@@ -14,15 +14,8 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from server.protocol import (
-    ChatCompletionRequest,
-    DeltaFunctionCall,
-    DeltaMessage,
-    DeltaToolCall,
-    FunctionCall,
-    ToolCall,
-    tool_call_id,
-)
+from server.protocol import ChatCompletionRequest, DeltaMessage
+from server.protocol_tools import DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall, tool_call_id
 
 if TYPE_CHECKING:
     from decoding.tool_parsing import ToolCallParser
