@@ -101,8 +101,9 @@ class ServingResponses:
         response = finished(stream.response, chat)
         for line in stream.close_items(response):
             yield line
-        yield stream("response.completed" if response.status == "completed" else "response.incomplete",
-                     response=response)
+        # As vLLM does: `response.completed` even when the response is incomplete (its status
+        # says so), which is the event the SDK's stream helpers wait for.
+        yield stream("response.completed", response=response)
 
 
 def finished(response: ResponseObject, chat: dict[str, Any]) -> ResponseObject:

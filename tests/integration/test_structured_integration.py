@@ -8,9 +8,9 @@ import json
 import httpx
 import openai
 import pytest
-from pydantic import BaseModel, Field
 
 from aligner.strategies import get_strategy, strategy_names
+from bench.dropin import WEATHER, City  # the cases `bench.dropin` runs against vLLM too
 from tests.conftest import MODEL
 
 pytestmark = pytest.mark.integration
@@ -19,11 +19,6 @@ STRATEGIES = ["none", "best_of_n"]
 ALIGN = {"none": {"strategy": "none"}, "best_of_n": {"strategy": "best_of_n", "n": 3}}
 CITY = [{"role": "user", "content": "Name a large city and its population as JSON."}]
 WEATHER_QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
-                                                    "unit": {"type": "string", "enum": ["c", "f"]}},
-                   "required": ["city", "unit"], "additionalProperties": False}}}
 CLOCK = {"type": "function", "function": {
     "name": "get_time", "description": "Current time in a time zone",
     "parameters": {"type": "object", "properties": {"tz": {"type": "string", "maxLength": 24}}, "required": ["tz"]}}}
@@ -31,11 +26,6 @@ CLOCK = {"type": "function", "function": {
 VERDICT = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]},
                                             "confidence": {"type": "integer", "minimum": 0, "maximum": 100}},
            "required": ["answer", "confidence"], "additionalProperties": False}
-
-
-class City(BaseModel):
-    name: str = Field(max_length=32)
-    population: int
 
 
 def sampling(strategy: str) -> dict:

@@ -46,7 +46,8 @@ def test_the_stream_spells_out_the_answer_in_responses_events():
         "stream": True})
     got = events(r.text)
     kinds = [e["type"] for e in got]
-    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.incomplete"
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert got[-1]["response"]["status"] == "incomplete"
     assert [e["sequence_number"] for e in got] == list(range(len(got)))
     deltas = "".join(e["delta"] for e in got if e["type"] == "response.output_text.delta")
     assert deltas == "w0_0 w0_1 " == next(e["text"] for e in got if e["type"] == "response.output_text.done")
