@@ -35,6 +35,8 @@ MIX = [
     ({"strategy": "best_of_n", "n": 2, "reward": "compliance"}, 0.1),
 ]
 
+STREAM_ERROR = "stream_error"  # a request whose stream carried an error event
+
 
 def resident_mb(pid: int) -> float:
     proc = psutil.Process(pid)
@@ -64,9 +66,11 @@ async def client(http, url, stop_at, rng, records):
         try:
             if stream:
                 async with http.stream("POST", url, json=body) as r:
-                    async for _ in r.aiter_lines():
-                        pass
                     status = r.status_code
+                    async for line in r.aiter_lines():
+                        # An error after the stream began arrives under HTTP 200, as an event.
+                        if line.startswith('data: {"error"'):
+                            status = STREAM_ERROR
             else:
                 status = (await http.post(url, json=body)).status_code
         except httpx.HTTPError as exc:
@@ -90,7 +94,9 @@ async def soak(url: str, pid: int, minutes: float, concurrency: int, window_s: f
                 "t_min": round((now - (stop_at - minutes * 60)) / 60, 1),
                 "requests": len(done),
                 "5xx": sum(1 for r in done if isinstance(r[2], int) and r[2] >= 500),
-                "other_errors": sum(1 for r in done if not (isinstance(r[2], int) and r[2] < 400) and not (isinstance(r[2], int) and r[2] >= 500)),
+                "stream_errors": sum(1 for r in done if r[2] == STREAM_ERROR),
+                "other_errors": sum(1 for r in done if not (isinstance(r[2], int) and r[2] < 400)
+                                    and not (isinstance(r[2], int) and r[2] >= 500) and r[2] != STREAM_ERROR),
                 "p50_s": round(statistics.median(latencies), 2) if latencies else None,
                 "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 2) if latencies else None,
                 "rss_mb": round(resident_mb(pid), 1),
@@ -122,10 +128,11 @@ def main() -> None:
     summary = {
         "requests": sum(w["requests"] for w in windows),
         "5xx": sum(w["5xx"] for w in windows),
+        "stream_errors": sum(w["stream_errors"] for w in windows),
         "other_errors": sum(w["other_errors"] for w in windows),
         "rss_growth_after_warmup": round(growth, 4),
         "p99_last_over_first": round(p99_ratio, 3),
-        "pass": sum(w["5xx"] for w in windows) == 0 and growth < 0.05 and p99_ratio < 1.5,
+        "pass": sum(w["5xx"] + w["stream_errors"] for w in windows) == 0 and growth < 0.05 and p99_ratio < 1.5,
     }
     print(json.dumps(summary))
     if args.json:

@@ -14,6 +14,8 @@ class ServerMetrics:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("aligner_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=r)
         self.errors = Counter("aligner_errors", "Error responses by OpenAI error type.", ["type"], registry=r)
+        self.stream_errors = Counter("aligner_stream_errors", "Errors sent inside a stream already answered 200.",
+                                     ["endpoint", "type"], registry=r)
         self.ttft = Histogram("aligner_time_to_first_token_seconds", "Time to the first content token.", ["strategy"], buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("aligner_request_seconds", "End-to-end request latency.", ["strategy"], buckets=LATENCY_BUCKETS, registry=r)
         self.generated_tokens = Counter("aligner_generated_tokens", "Tokens the policy generated.", ["strategy"], registry=r)

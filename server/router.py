@@ -100,7 +100,9 @@ async def list_strategies(raw: Request):
 
 @router.post("/v1/alignment/score")
 async def score(request: ScoreRequest, raw: Request):
-    result = await run_cancelling_on_disconnect(raw, score_responses(request, raw.app.state.rewards, raw.app.state.config))
+    state = raw.app.state
+    result = await run_cancelling_on_disconnect(
+        raw, score_responses(request, state.rewards, state.config, state.admission, state.metrics))
     return to_response(raw, "score", result)
 
 
@@ -136,7 +138,9 @@ def _not_ready(engine) -> str | None:
     if engine.dead:
         return "is dead"
     if start_error is not None:
-        return f"failed to start: {start_error}"
+        # A short reason for the probe; the whole error and its traceback are in the log.
+        reason = (str(start_error).splitlines() or [""])[0][:200]
+        return f"failed to start ({type(start_error).__name__}): {reason}"
     return "is still loading"
 
 

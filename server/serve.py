@@ -114,6 +114,14 @@ def build_tool_parser(args, model: str):
         raise SystemExit(f"aligner: --tool-call-parser: {exc}") from None
 
 
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """What to warn of when the server listens beyond this machine with no API key."""
+    if api_key or host in ("localhost", "::1") or host.startswith("127."):
+        return None
+    return (f"aligner: WARNING: listening on {host} without an API key: anyone who can reach this address can "
+            "use the model; set --api-key or ALIGNER_API_KEY")
+
+
 def serve(args) -> int:
     import uvicorn
 
@@ -138,6 +146,8 @@ def serve(args) -> int:
     app = build_app(engine, config, build_rewards(args), profiles, guides, helpers,
                     tool_parser=build_tool_parser(args, model))
     print(f"aligner: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    if warning := exposure_warning(args.host, config.api_key):
+        print(warning, file=sys.stderr)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:

@@ -73,7 +73,7 @@ class ServingChat(ServingBase):
             return invalid_request(AUTO_REFUSAL, "tool_choice")
         messages = request.template_messages()
         tools = request.template_tools()
-        prompt_ids = self.engine.tokenizer.encode_chat(messages, tools)
+        prompt_ids = await self.tokenize(self.engine.tokenizer.encode_chat, messages, tools)
         max_tokens = self.resolve_max_tokens(request, len(prompt_ids), "messages")
         if isinstance(max_tokens, ErrorResponse):
             return max_tokens
@@ -172,7 +172,7 @@ class ServingChat(ServingBase):
                         yield line
                     break
         except ENGINE_ERRORS as exc:
-            yield sse(engine_error(exc).model_dump_json())
+            yield self.stream_error("chat_completions", exc)
         finally:
             await events.aclose()
         yield SSE_DONE

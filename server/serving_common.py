@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from aligner.strategies import StrategyParamError, StrategyUnavailable
@@ -22,6 +24,7 @@ class ServingBase:
         self.config = config
         self.admission = admission
         self.metrics = metrics
+        self._tokenizer_thread: ThreadPoolExecutor | None = None
 
     async def admit(self, weight: int, guide_slots: int = 0) -> Ticket | ErrorResponse:
         try:
@@ -29,6 +32,21 @@ class ServingBase:
         except Overloaded as exc:
             self.metrics.admission_rejections.labels("capacity").inc()
             return overloaded(exc.reason, exc.retry_after_s)
+
+    async def tokenize(self, encode: Callable[..., T], *args) -> T:
+        """Run `encode` off the event loop (a long prompt would stall every other request), on
+        this serving object's one thread, so that long prompts queue there rather than piling
+        threads onto the tokenizer."""
+        if self._tokenizer_thread is None:
+            self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, encode, *args)
+
+    def stream_error(self, endpoint: str, exc: Exception) -> str:
+        """An error met after a stream began (its status, 200, already sent): an event, counted."""
+        error = engine_error(exc)
+        self.metrics.errors.labels(error.error.type).inc()
+        self.metrics.stream_errors.labels(endpoint, error.error.type).inc()
+        return sse(error.model_dump_json())
 
     def check_common(self, request: SamplingFields) -> ErrorResponse | None:
         base, _ = split_model(request.model)

@@ -82,7 +82,7 @@ class ServingCompletion(ServingBase):
         vocab = tokenizer.vocab_size
         prompt_ids: list[list[int]] = []
         for prompt in prompts:
-            ids = prompt if isinstance(prompt, list) else tokenizer.encode(prompt)
+            ids = prompt if isinstance(prompt, list) else await self.tokenize(tokenizer.encode, prompt)
             if not ids:
                 return invalid_request("prompt must not be empty", "prompt")
             if isinstance(prompt, list) and max(ids) >= vocab:
@@ -179,7 +179,7 @@ class ServingCompletion(ServingBase):
             if request.include_usage_in_stream:
                 yield chunk([], usage(prompt_tokens, completion_tokens))
         except ENGINE_ERRORS as exc:
-            yield sse(engine_error(exc).model_dump_json())
+            yield self.stream_error("completions", exc)
         finally:
             await events.aclose()
         yield SSE_DONE

@@ -55,7 +55,8 @@ class SequenceClassifierReward(Reward):
         self._lock = threading.Lock()  # one forward at a time per model
 
     def describe(self) -> dict:
-        return {**super().describe(), "path": str(self.path.resolve())}
+        # The checkpoint's folder name, not its path: the listing is public, the layout is not.
+        return {**super().describe(), "checkpoint": self.path.name}
 
     @property
     def truncated(self) -> int:

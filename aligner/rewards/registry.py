@@ -147,7 +147,12 @@ class RewardRegistry:
 
     def _observe(self, name: str, began: float, ok: bool) -> None:
         if self.observer is not None:
-            self.observer(name, time.perf_counter() - began, ok)
+            self.observer(self.metric_label(name), time.perf_counter() - began, ok)
+
+    def metric_label(self, name: str) -> str:
+        """A registered reward by its name (the operator's, a bounded set); a reward a request
+        builds (`keyword:<word>`) by its kind, so client words never become new series."""
+        return name if name in self.rewards else name.split(":", 1)[0]
 
     def close(self) -> None:
         if self._executor is not None:

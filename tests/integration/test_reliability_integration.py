@@ -5,6 +5,7 @@ engine process killed on purpose (detected, failed fast, restarted)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -194,6 +195,47 @@ def test_metrics_cover_latency_tokens_and_candidates(tight_server):
         'aligner_errors_total{type="invalid_request_error"}',
     ):
         assert name in text, name
+
+
+def test_an_error_mid_stream_is_an_event_and_is_counted(tight_server):
+    """The stream has answered 200 when best-of-N finds its reward broken (fallback off): the
+    error arrives as an event, and /metrics counts it (a soak's "0 5xx" could not see it)."""
+    wait_idle(tight_server)
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 64, "ignore_eos": True, "stream": True,
+            "alignment": {"strategy": "best_of_n", "n": 3, "reward": "faulty", "fallback": False}}
+    before = metric(tight_server, "aligner_stream_errors_total")
+    with httpx.stream("POST", f"{tight_server.v1}/chat/completions", json=body, timeout=300) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line]
+    assert '"role":"assistant"' in lines[0]  # the stream had begun before the reward was called
+    errors = [json.loads(line[6:])["error"] for line in lines if line.startswith('data: {"error"')]
+    assert [e["code"] for e in errors] == ["strategy_unavailable"] and lines[-1] == "data: [DONE]"
+    assert metric(tight_server, "aligner_stream_errors_total") == before + 1
+    assert metric(tight_server, 'aligner_stream_errors_total{endpoint="chat_completions"') == \
+        metric(tight_server, "aligner_stream_errors_total")
+
+
+def test_score_requests_are_admitted_and_keyword_rewards_stay_one_metric_series(tight_server):
+    wait_idle(tight_server)
+    url = f"{tight_server.v1}/alignment/score"
+    body = {"messages": MESSAGES, "responses": ["Take a short walk.", "Close the other tabs."] * 8, "reward": "tiny"}
+
+    async def flood():
+        async with httpx.AsyncClient(timeout=120) as http:
+            return await asyncio.gather(*(http.post(url, json=body) for _ in range(12)))
+
+    statuses = [r.status_code for r in asyncio.run(flood())]
+    # One running and one queued at a time on this server: the rest are refused, not piled up.
+    assert set(statuses) == {200, 429} and statuses.count(200) >= 2, statuses
+    words = ["walk", "tabs", "focus", "timer", "music"]
+    for word in words:
+        scored = httpx.post(url, json={**body, "reward": f"keyword:{word}"}, timeout=60)
+        assert scored.status_code == 200, scored.text
+    text = httpx.get(f"{tight_server.base_url}/metrics", timeout=10).text
+    assert 'reward="keyword"' in text and not any(f'reward="keyword:{w}"' in text for w in words)
+    ok = {"model": MODEL, "messages": MESSAGES, "max_tokens": 8, "alignment": {"strategy": "best_of_n", "n": 2,
+                                                                                "reward": "tiny"}}
+    assert httpx.post(f"{tight_server.v1}/chat/completions", json=ok, timeout=300).status_code == 200
 
 
 def engine_processes(server) -> list[psutil.Process]:

@@ -108,3 +108,14 @@ def test_reward_timeouts_and_bad_scores_become_reward_errors(reward, message):
         asyncio.run(registry.score({reward.name: 1.0}, [], ["a"]))
     assert calls == [(reward.name, False)]
     registry.close()
+
+
+def test_rewards_a_request_builds_are_one_metric_label_per_kind():
+    registry = RewardRegistry.with_builtins()
+    calls = []
+    registry.observer = lambda name, seconds, ok: calls.append(name)
+    for word in ("alpha", "beta", "gamma"):
+        asyncio.run(registry.score({f"keyword:{word}": 1.0, "length_penalty": 1.0}, [], ["alpha beta"]))
+    # Client words never become series; the operator's registered names stay as they are.
+    assert calls == ["keyword", "length_penalty"] * 3
+    registry.close()

@@ -221,3 +221,48 @@ def test_the_guide_length_limit_is_checked_on_the_prompt_a_prompt_stage_wrote():
     r, engine = ask(max_len=len(staged_prompt) - 1)
     assert r.status_code == 400 and r.json()["error"]["param"] == "alignment.guide"
     assert "guide" in r.json()["error"]["message"] and not engine.calls
+
+
+def test_a_failed_start_is_one_short_line_on_ready():
+    engine = FakeEngine(ready=False)
+    engine.start_error = RuntimeError("CUDA out of memory\n" + "Traceback line\n" * 50)
+    client, _ = make_client(engine)
+    message = client.get("/ready").json()["error"]["message"]
+    assert message == "the engine failed to start (RuntimeError): CUDA out of memory"
+
+
+def test_exposure_warning_only_beyond_loopback_without_a_key():
+    from server.serve import exposure_warning
+
+    assert exposure_warning("127.0.0.1", None) is None and exposure_warning("localhost", None) is None
+    assert exposure_warning("0.0.0.0", "k") is None
+    assert "without an API key" in exposure_warning("0.0.0.0", None)
+
+
+def test_tokenizing_a_long_prompt_does_not_stall_other_requests():
+    import asyncio
+    import time
+
+    import httpx
+
+    class SlowTokenizer(type(FakeEngine().tokenizer)):
+        def encode_chat(self, messages, tools=None):
+            time.sleep(0.5)  # a very long prompt
+            return super().encode_chat(messages, tools)
+
+    engine = FakeEngine()
+    engine.tokenizer.__class__ = SlowTokenizer
+    app = build_app(engine, ServerConfig(served_model_name="fake-model"), start_engine=False)
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            started = time.monotonic()
+            chat = asyncio.create_task(http.post("/v1/chat/completions", json={
+                "model": "fake-model", "messages": MESSAGES, "max_tokens": 2}))
+            await asyncio.sleep(0.05)  # the chat request is being tokenized now
+            health = await http.get("/health")
+            return health, time.monotonic() - started, await chat
+
+    health, waited, chat = asyncio.run(scenario())
+    assert health.status_code == 200 and waited < 0.3, waited  # answered while the prompt was tokenized
+    assert chat.status_code == 200
