@@ -123,12 +123,13 @@ class HFChatTokenizer:
 
     def __init__(self, hf_tokenizer):
         self._tok = hf_tokenizer
+        self._knows_tools = template_knows_tools(hf_tokenizer.chat_template)
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False))
 
     def encode_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict] | None = None) -> list[int]:
-        if not template_knows_tools(self._tok.chat_template):
+        if not self._knows_tools:
             messages, tools = fold_tools(messages, tools), None
         ids = self._tok.apply_chat_template(
             list(messages), tools=list(tools) if tools else None, add_generation_prompt=True, tokenize=True

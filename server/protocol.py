@@ -406,7 +406,20 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+    response_format: ResponseFormat | None = None  # vLLM's completions take it too
     alignment: dict[str, Any] | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _one_constraint(cls, value, info):
+        if value is not None and value.type != "text" and info.data.get("structured_outputs") is not None:
+            raise ValueError("response_format and structured_outputs each constrain the answer: give one")
+        return value
+
+    def structured(self) -> StructuredOutput | None:
+        if self.response_format is not None and self.response_format.type != "text":
+            return self.response_format.to_structured()
+        return super().structured()
 
     @field_validator("prompt")
     @classmethod

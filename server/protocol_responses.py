@@ -18,7 +18,14 @@ REFUSED = {
     "conversation": "this server stores no conversations; send the whole conversation as input",
     "background": "background responses are not supported",
     "prompt": "stored prompts are not supported",
+    "top_logprobs": "logprobs are not returned by /v1/responses here; use /v1/chat/completions with logprobs",
+    "include": "extra output (logprobs, encrypted reasoning, ...) is not returned here",
+    "max_tool_calls": "a cap on tool calls is not supported; use parallel_tool_calls: false for one call",
+    "reasoning": "the served model does not reason in a separate channel",
+    "truncation": "the input is never truncated here: a prompt longer than the context is a 400",
 }
+# Values that mean "off" for the refused fields (clients send them as defaults).
+_OFF = (None, False, "", [], {}, 0, "disabled")
 
 
 class InputText(OpenAIModel):
@@ -107,7 +114,7 @@ class ResponsesRequest(OpenAIModel):
     def refused(self) -> tuple[str, str] | None:
         """(field, why) for a field this server cannot honour, if the request sets one."""
         for name, why in REFUSED.items():
-            if (self.model_extra or {}).get(name) not in (None, False, ""):
+            if (self.model_extra or {}).get(name) not in _OFF:
                 return name, why
         return None
 

@@ -53,6 +53,7 @@ def tight_server(tmp_path_factory, tiny_reward_dir):
         "--reward-model", f"tiny={tiny_reward_dir}",
         "--reward-model", f"faulty={faulty}",
         "--stream-keepalive-s", "0.2",
+        "--host", "0.0.0.0",  # beyond loopback without a key: the start-up warning is checked
     )
     yield running
     stop_server(running)
@@ -236,6 +237,11 @@ def test_score_requests_are_admitted_and_keyword_rewards_stay_one_metric_series(
     ok = {"model": MODEL, "messages": MESSAGES, "max_tokens": 8, "alignment": {"strategy": "best_of_n", "n": 2,
                                                                                 "reward": "tiny"}}
     assert httpx.post(f"{tight_server.v1}/chat/completions", json=ok, timeout=300).status_code == 200
+
+
+def test_listening_beyond_loopback_without_a_key_warns_at_start(tight_server):
+    log = tight_server.log_path.read_text(errors="replace")
+    assert "WARNING: listening on 0.0.0.0 without an API key" in log
 
 
 def engine_processes(server) -> list[psutil.Process]:

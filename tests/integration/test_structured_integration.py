@@ -117,6 +117,13 @@ def test_vllm_structured_outputs_extension(client):
     text = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0,
                                      extra_body={"structured_outputs": {"choice": [" Paris", " Lyon"]}})
     assert text.choices[0].text in (" Paris", " Lyon")
+    schema = client.completions.create(
+        model=MODEL, prompt="Is the sky blue? Answer as JSON:", max_tokens=60, temperature=0,
+        extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "v", "schema": VERDICT}}})
+    if schema.choices[0].finish_reason == "stop":
+        check_verdict(schema.choices[0].text)
+    else:  # cut short by max_tokens: a prefix of the schema's JSON
+        assert schema.choices[0].text.lstrip().startswith("{")
 
 
 def test_streamed_json_schema_answer_parses(client):

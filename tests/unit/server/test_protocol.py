@@ -109,6 +109,14 @@ def test_structured_outputs_become_one_engine_constraint():
         ("yes", "no")
 
 
+def test_completions_take_response_format_as_vllm_does():
+    request = CompletionRequest(model="m", prompt="x", response_format={"type": "json_object"})
+    assert request.to_sampling_config(8, None).structured == StructuredOutput(json_object=True)
+    with pytest.raises(ValidationError):
+        CompletionRequest(model="m", prompt="x", structured_outputs={"regex": "a"},
+                          response_format={"type": "json_object"})
+
+
 def test_sampling_extensions_reach_the_sampling_config():
     config = chat(logit_bias={"42": -100, "7": 5.5}, min_tokens=3, min_p=0.1, repetition_penalty=1.2,
                   stop_token_ids=[2, 2, 9], include_stop_str_in_output=True).to_sampling_config(8, None)

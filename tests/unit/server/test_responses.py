@@ -61,11 +61,25 @@ def test_errors_name_the_responses_fields():
              ({"tools": [{"type": "web_search"}]}, "tools"),
              ({"tools": [WEATHER]}, "tool_choice"),  # auto without a parser
              ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
-             ({"input": []}, "input")]
+             ({"input": []}, "input"),
+             ({"top_logprobs": 3}, "top_logprobs"),
+             ({"include": ["message.output_text.logprobs"]}, "include"),
+             ({"reasoning": {"effort": "high"}}, "reasoning"),
+             ({"truncation": "auto"}, "truncation"),
+             ({"max_tool_calls": 2}, "max_tool_calls")]
     for extra, param in cases:
         r = client.post("/v1/responses", json={"model": "fake-model", "input": "hi", **extra})
         assert r.status_code == 400, (extra, r.text)
         assert r.json()["error"]["param"] == param, (extra, r.json())
+
+
+def test_fields_left_at_their_defaults_are_accepted():
+    client, _ = make_client()
+    r = client.post("/v1/responses", json={"model": "fake-model", "input": "hi", "max_output_tokens": 2,
+                                           "include": [], "truncation": "disabled", "reasoning": None,
+                                           "store": False, "metadata": {"k": "v"}, "user": "u"})
+    assert r.status_code == 200, r.text
+    assert r.json()["metadata"] == {"k": "v"}
 
 
 def test_function_calls_and_their_outputs_become_the_chat_history():
