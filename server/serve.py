@@ -29,6 +29,7 @@ def named_path(spec: str, flag: str) -> tuple[str, str]:
 def build_rewards(args) -> RewardRegistry:
     rewards = RewardRegistry.with_builtins()
     rewards.timeout_s = args.reward_timeout_s
+    rewards.max_pending_per_reward = args.reward_max_pending
     for spec in args.reward_model:
         reward = rewards.add_from_spec(
             spec, max_length=args.reward_max_length, max_batch_size=args.reward_batch_size, dtype=args.reward_dtype

@@ -1,13 +1,14 @@
 """Rewards registered at start, the weighted combinations requests ask for, and scoring
-off the event loop."""
+off the event loop: each reward model on its own thread behind its own bounded queue."""
 
 from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from aligner.rewards.base import Messages, Reward
@@ -49,9 +50,16 @@ class RewardRegistry:
     rewards: dict[str, Reward] = field(default_factory=dict)
     default: str | None = None
     timeout_s: float = 30.0
+    # Score calls one reward model may hold (running or waiting) before the next fails at once
+    # as "busy", so a slow model makes its own requests fall back instead of piling up.
+    max_pending_per_reward: int = 32
     # Called after each reward call with (name, seconds, ok); the server feeds metrics from it.
     observer: Callable[[str, float, bool], None] | None = None
-    _executor: ThreadPoolExecutor | None = None
+    _executors: dict[str, ThreadPoolExecutor] = field(default_factory=dict, init=False, repr=False)
+    _pending: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    # Pending counts drop on worker threads (a done callback), so they are guarded by a lock.
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _closed: bool = field(default=False, init=False, repr=False)
 
     @classmethod
     def with_builtins(cls) -> RewardRegistry:
@@ -115,35 +123,72 @@ class RewardRegistry:
     async def score(
         self, weights: Mapping[str, float], prompt: Messages, responses: Sequence[str]
     ) -> ScoreReport:
-        """Score responses to one prompt with every named reward, off the event loop."""
-        if self._executor is None:
-            # One worker: reward forwards run one at a time, never on the event loop.
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
-        loop = asyncio.get_running_loop()
+        """Score responses to one prompt with every named reward, the models concurrently,
+        each on its own thread; the first reward to fail raises its RewardError."""
         start = time.perf_counter()
-        per_reward: dict[str, list[float]] = {}
         prompts = [prompt] * len(responses)
-        for name in weights:
-            reward = self.get(name)
-            began = time.perf_counter()
-            try:
-                if reward.kind == "rule":
-                    scores = reward.score(prompts, responses)
-                else:
-                    call = loop.run_in_executor(self._executor, reward.score, prompts, responses)
-                    scores = await asyncio.wait_for(call, self.timeout_s)
-                if len(scores) != len(responses) or not all(math.isfinite(x) for x in scores):
-                    raise ValueError("returned a wrong number of scores or a non-finite score")
-            except asyncio.TimeoutError:
-                self._observe(name, began, False)
-                raise RewardError(name, f"timed out after {self.timeout_s:g}s") from None
-            except Exception as exc:
-                self._observe(name, began, False)
-                raise RewardError(name, f"{type(exc).__name__}: {exc}") from exc
-            self._observe(name, began, True)
-            per_reward[name] = [float(x) for x in scores]
+        calls = [asyncio.ensure_future(self._score_one(name, prompts, responses)) for name in weights]
+        try:
+            scores = await asyncio.gather(*calls)
+        except BaseException:
+            # The answer is lost anyway: give queued calls of the other rewards their slots back.
+            for call in calls:
+                call.cancel()
+            raise
+        per_reward = dict(zip(weights, scores))
         total = [sum(weights[n] * per_reward[n][i] for n in weights) for i in range(len(responses))]
         return ScoreReport(total, per_reward, dict(weights), time.perf_counter() - start)
+
+    async def _score_one(self, name: str, prompts: Sequence[Messages], responses: Sequence[str]) -> list[float]:
+        reward = self.get(name)
+        began = time.perf_counter()
+        try:
+            if reward.kind == "rule":
+                scores = reward.score(prompts, responses)
+            else:
+                call = asyncio.wrap_future(self._submit(name, reward, prompts, responses))
+                scores = await asyncio.wait_for(call, self.timeout_s)
+            if len(scores) != len(responses) or not all(math.isfinite(x) for x in scores):
+                raise ValueError("returned a wrong number of scores or a non-finite score")
+        except RewardError:
+            self._observe(name, began, False)
+            raise
+        except asyncio.TimeoutError:
+            self._observe(name, began, False)
+            raise RewardError(name, f"timed out after {self.timeout_s:g}s") from None
+        except Exception as exc:
+            self._observe(name, began, False)
+            raise RewardError(name, f"{type(exc).__name__}: {exc}") from exc
+        self._observe(name, began, True)
+        return [float(x) for x in scores]
+
+    def _submit(self, name: str, reward: Reward, prompts: Sequence[Messages], responses: Sequence[str]) -> Future:
+        """Queue one call on the reward's own thread, or raise RewardError at once when its
+        queue is full. A call counts until its thread finishes it: a timed-out request stops
+        waiting, but the forward it started still occupies the model."""
+        with self._lock:
+            if self._closed:
+                raise RewardError(name, "the server is shutting down")
+            pending = self._pending.get(name, 0)
+            if pending >= self.max_pending_per_reward:
+                raise RewardError(name, f"busy: {pending} calls waiting")
+            executor = self._executors.get(name)
+            if executor is None:
+                # One worker per model: its forwards run one at a time, never on the event loop.
+                executor = self._executors[name] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"reward-{name}")
+            future = executor.submit(reward.score, prompts, responses)
+            self._pending[name] = pending + 1
+        future.add_done_callback(lambda _: self._release(name))
+        return future
+
+    def _release(self, name: str) -> None:
+        with self._lock:
+            self._pending[name] -= 1
+
+    def pending(self) -> dict[str, int]:
+        """Score calls each reward model holds now, running or waiting."""
+        with self._lock:
+            return dict(self._pending)
 
     def _observe(self, name: str, began: float, ok: bool) -> None:
         if self.observer is not None:
@@ -155,5 +200,8 @@ class RewardRegistry:
         return name if name in self.rewards else name.split(":", 1)[0]
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            self._closed = True
+            executors = list(self._executors.values())
+        for executor in executors:
+            executor.shutdown(wait=False, cancel_futures=True)
