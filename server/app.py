@@ -18,6 +18,7 @@ from aligner.profiles import DEFAULT_PROFILES, ProfileStore
 from aligner.rewards import RewardRegistry
 from decoding.engine import Engine
 from server.admission import AdmissionController
+from server.api_keys import APIKeys, reload_on_sighup
 from server.config import ServerConfig
 from server.errors import from_validation_errors, make_error
 from server.metrics import ServerMetrics
@@ -81,8 +82,9 @@ def build_app(
     # Outermost first: ids and access logs see everything, the key check runs before any
     # body is read, and the body limit applies to what routes read.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_body_bytes)
-    if config.api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    app.state.api_keys = APIKeys(config.api_key, config.api_key_file)
+    if app.state.api_keys:
+        app.add_middleware(APIKeyMiddleware, keys=app.state.api_keys)
     app.add_middleware(RequestIdMiddleware)
     return app
 
@@ -99,7 +101,8 @@ def engines_lifespan(engine: Engine, helpers: dict[str, Engine], rewards: Reward
                 tasks.append(asyncio.create_task(_start_engine(each)))
                 tasks.append(asyncio.create_task(supervise(each, config, metrics)))
         try:
-            yield
+            with reload_on_sighup(app.state.api_keys):
+                yield
         finally:
             for task in tasks:
                 task.cancel()

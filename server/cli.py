@@ -32,6 +32,9 @@ def add_http_arguments(serve: argparse.ArgumentParser) -> None:
     group.add_argument("--port", type=int, default=int(_env("PORT", "8000")))
     group.add_argument("--api-key", default=_env("ALIGNER_API_KEY"),
                        help="require 'Authorization: Bearer KEY' (also ALIGNER_API_KEY)")
+    group.add_argument("--api-key-file", default=None, metavar="PATH",
+                       help="accept any key of PATH, one per line ('#' comments and blank lines skipped), "
+                       "as well as --api-key; SIGHUP re-reads it, keeping the old keys if it is unreadable or empty")
     group.add_argument("--log-level", default="info")
     group.add_argument("--tool-call-parser", default=None, metavar="NAME",
                        help="vLLM's tool-call parser for the model's call format (hermes, llama3_json, mistral, ...): "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import re
@@ -13,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 
+from server.api_keys import APIKeys
 from server.errors import make_error
 
 access_log = logging.getLogger("aligner.access")
@@ -23,15 +23,18 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class APIKeyMiddleware:
-    def __init__(self, app, api_key: str):
+    """401 unless `Authorization: Bearer <key>` names one of `keys`, asked afresh on every
+    request so that a reloaded key file counts from the next request on."""
+
+    def __init__(self, app, keys: APIKeys):
         self.app = app
-        self._expected = f"Bearer {api_key}".encode()
+        self.keys = keys
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in UNAUTHENTICATED_PATHS:
             return await self.app(scope, receive, send)
         given = dict(scope.get("headers") or ()).get(b"authorization", b"")
-        if not hmac.compare_digest(given, self._expected):
+        if not self.keys.accepts(given):
             message = "missing API key" if not given else "invalid API key"
             error = make_error(f"{message}: send it as 'Authorization: Bearer <key>'", 401, code="invalid_api_key")
             response = JSONResponse(error.model_dump(), status_code=401, headers={"WWW-Authenticate": "Bearer"})

@@ -13,6 +13,7 @@ from decoding.guide_spec import GuideCatalog
 from decoding.model_prep import DEFAULT_MODEL_NAME, prepare_default_model
 from decoding.model_refs import discover
 from server.admission import AdmissionConfig
+from server.api_keys import APIKeyFileError, read_key_file
 from server.config import ServerConfig
 
 HELPER_GPU_SHARE = 0.1
@@ -86,9 +87,15 @@ def build_policy(args, model: str, name: str, guides: GuideCatalog, helpers: int
 def server_config(args, name: str) -> ServerConfig:
     if get_strategy(args.default_strategy) is None:
         raise SystemExit(f"aligner: unknown --default-strategy {args.default_strategy!r}")
+    if args.api_key_file is not None:
+        try:  # checked before the engines are built: a bad file is one line, not a traceback
+            read_key_file(args.api_key_file)
+        except APIKeyFileError as exc:
+            raise SystemExit(f"aligner: --api-key-file: {exc}") from None
     return ServerConfig(
         served_model_name=name,
         api_key=args.api_key or None,
+        api_key_file=args.api_key_file,
         max_n=args.max_n,
         default_strategy=args.default_strategy,
         max_candidates=args.max_candidates,
@@ -115,12 +122,13 @@ def build_tool_parser(args, model: str):
         raise SystemExit(f"aligner: --tool-call-parser: {exc}") from None
 
 
-def exposure_warning(host: str, api_key: str | None) -> str | None:
-    """What to warn of when the server listens beyond this machine with no API key."""
-    if api_key or host in ("localhost", "::1") or host.startswith("127."):
+def exposure_warning(host: str, api_key: str | None, api_key_file: str | None = None) -> str | None:
+    """What to warn of when the server listens beyond this machine with no API key (a key
+    file counts as a key)."""
+    if api_key or api_key_file or host in ("localhost", "::1") or host.startswith("127."):
         return None
     return (f"aligner: WARNING: listening on {host} without an API key: anyone who can reach this address can "
-            "use the model; set --api-key or ALIGNER_API_KEY")
+            "use the model; set --api-key, --api-key-file or ALIGNER_API_KEY")
 
 
 def serve(args) -> int:
@@ -147,7 +155,7 @@ def serve(args) -> int:
     app = build_app(engine, config, build_rewards(args), profiles, guides, helpers,
                     tool_parser=build_tool_parser(args, model))
     print(f"aligner: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    if warning := exposure_warning(args.host, config.api_key):
+    if warning := exposure_warning(args.host, config.api_key, config.api_key_file):
         print(warning, file=sys.stderr)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -1,11 +1,17 @@
-"""API keys on the real server: required everywhere but /health, compared in constant time."""
+"""API keys on the real server: required everywhere but /health, compared in constant time,
+and a key file rotated by SIGHUP without a restart."""
 
 from __future__ import annotations
+
+import os
+import signal
+import time
 
 import httpx
 import openai
 import pytest
 
+from bench.launch import STARTUP_TIMEOUT_S
 from tests.conftest import MODEL, start_server, stop_server
 
 pytestmark = pytest.mark.integration
@@ -48,3 +54,61 @@ def test_missing_key_is_refused_everywhere_but_health(keyed_server, path):
 def test_server_without_key_needs_none(server):
     r = httpx.get(f"{server.v1}/models", timeout=10)
     assert r.status_code == 200
+
+
+KEY_A, KEY_B = "file-key-alpha", "file-key-bravo"
+
+
+def models_status(server, key: str) -> int:
+    return httpx.get(f"{server.v1}/models", headers={"Authorization": f"Bearer {key}"}, timeout=10).status_code
+
+
+def replace_file(path, text: str) -> None:
+    # As an operator would rotate: the server never reads half a file.
+    staged = path.with_suffix(".new")
+    staged.write_text(text)
+    os.replace(staged, path)
+
+
+@pytest.fixture(scope="module")
+def key_file_server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("key-file")
+    keys = folder / "keys"
+    keys.write_text(f"# rotated by the test\n{KEY_A}\n\n")
+    # Listening shows as a 401 on /ready (no key sent); then wait for the engine with key A.
+    running = start_server(folder, "--max-model-len", "1024", "--api-key-file", str(keys),
+                           ready_when=lambda r: r.status_code == 401)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while httpx.get(f"{running.base_url}/ready", headers={"Authorization": f"Bearer {KEY_A}"},
+                    timeout=10).status_code != 200:
+        assert running.process.poll() is None and time.monotonic() < deadline, running.log_tail()
+        time.sleep(1)
+    yield running, keys
+    stop_server(running)
+
+
+def test_key_file_rotates_on_sighup_and_survives_a_bad_file(key_file_server):
+    running, keys = key_file_server
+    assert models_status(running, KEY_A) == 200
+    assert models_status(running, "unknown-key") == 401
+    assert models_status(running, KEY_B) == 401
+
+    replace_file(keys, f"{KEY_B}\n")
+    running.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while models_status(running, KEY_B) != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert models_status(running, KEY_B) == 200
+    assert models_status(running, KEY_A) == 401
+
+    # An emptied file must not lock everyone out: B stays, the server stays up.
+    replace_file(keys, "# nothing here yet\n")
+    running.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "not reloaded" not in running.log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert running.process.poll() is None
+    assert models_status(running, KEY_B) == 200 and models_status(running, KEY_A) == 401
+    log = running.log_path.read_text()
+    assert "API key file not reloaded" in log and "1 loaded from" in log
+    assert KEY_A not in log and KEY_B not in log
