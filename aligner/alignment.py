@@ -5,7 +5,8 @@ body, then the strategy a request header names, then a `<model>@<strategy>` mode
 then the server's default. Parameters always come from the `alignment` object (defaults
 otherwise). `alignment.profile` names a profile, a complete recipe that the body's own
 fields override: a body `strategy` replaces the profile's pipeline and a body `pipeline`
-replaces the profile's strategy.
+replaces the profile's strategy. `deadline_s` and `max_total_tokens` are request-wide limits
+(`aligner.budget`), taken out before the strategy's parameters are validated.
 
 One code path serves both a request and the profiles file at start. With a request
 context, `resolve_alignment` also runs each strategy's server-dependent check
@@ -18,11 +19,12 @@ HTTP envelopes.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
+from aligner.budget import BudgetParams
 from aligner.profiles import ProfileStore
 from aligner.strategies import (
     Strategy,
@@ -99,6 +101,8 @@ class ResolvedAlignment:
     strategy: Strategy
     params: StrategyParams
     source: str  # body, header, alias or default; ":profile REF" appended when a profile was used
+    # The request's own deadline and token cap (the server caps both); none asked by default.
+    limits: BudgetParams = field(default_factory=BudgetParams)
 
 
 def resolve_alignment(
@@ -151,9 +155,10 @@ def _parse(
         reference = fields.pop("profile")
         fields = _merge_profile(fields, reference, profiles)
         source_suffix = f":profile {reference}"
+    limits = _limits(fields)
     if "pipeline" in fields:
         strategy, params = _parse_pipeline(fields, templates)
-        return ResolvedAlignment(strategy, params, "body" + source_suffix)
+        return ResolvedAlignment(strategy, params, "body" + source_suffix, limits)
     body_strategy = fields.pop("strategy", None)
     if body_strategy is not None and not isinstance(body_strategy, str):
         raise AlignmentError("alignment.strategy must be a string", ("alignment", "strategy"))
@@ -170,7 +175,17 @@ def _parse(
     strategy = get_strategy(name)
     if strategy is None:
         raise _unknown(name, loc, source)
-    return ResolvedAlignment(strategy, _params(strategy, fields, ("alignment",), templates), source + source_suffix)
+    return ResolvedAlignment(strategy, _params(strategy, fields, ("alignment",), templates), source + source_suffix,
+                             limits)
+
+
+def _limits(fields: dict) -> BudgetParams:
+    """Take the request-wide limits out of `fields` (they belong to no strategy) and check them."""
+    asked = {name: fields.pop(name) for name in BudgetParams.model_fields if name in fields}
+    try:
+        return BudgetParams.model_validate(asked)
+    except ValidationError as exc:
+        raise AlignmentError.from_validation(exc, ("alignment",)) from None
 
 
 def _merge_profile(fields: dict, reference: Any, profiles: ProfileStore | None) -> dict:

@@ -77,9 +77,10 @@ class AdmissionController:
         self.guide_slots_in_use += guide_slots
         return Ticket(self, weight, guide_slots)
 
-    async def acquire(self, weight: int, guide_slots: int = 0) -> Ticket:
-        """A ticket, or `Overloaded` at once when the queue is full (or after the wait cap).
-        `guide_slots` above `max_guide_slots` is the caller's bug (requests are checked first)."""
+    async def acquire(self, weight: int, guide_slots: int = 0, max_wait_s: float | None = None) -> Ticket:
+        """A ticket, or `Overloaded` at once when the queue is full (or after the wait cap, or
+        `max_wait_s` if shorter: the request's own deadline). `guide_slots` above
+        `max_guide_slots` is the caller's bug (requests are checked first)."""
         if guide_slots > self.config.max_guide_slots:
             raise ValueError(f"{guide_slots} guide slots asked, the server has {self.config.max_guide_slots}")
         if not self._waiters and self._fits(weight, guide_slots):
@@ -89,11 +90,15 @@ class AdmissionController:
                 f"server is at capacity ({self.running_requests} running, "
                 f"{len(self._waiters)} queued); retry later"
             )
+        wait = self.config.max_queue_wait_s
+        deadline_first = max_wait_s is not None and max_wait_s < wait
+        if deadline_first:
+            wait = max(0.0, max_wait_s)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         entry = (weight, guide_slots, future)
         self._waiters.append(entry)
         try:
-            await asyncio.wait_for(asyncio.shield(future), self.config.max_queue_wait_s)
+            await asyncio.wait_for(asyncio.shield(future), wait)
         except BaseException as exc:
             if future.done() and not future.cancelled():
                 future.result().release()  # granted just as we gave up: hand it back
@@ -101,7 +106,8 @@ class AdmissionController:
                 future.cancel()
             if isinstance(exc, asyncio.TimeoutError):
                 raise Overloaded(
-                    f"waited {self.config.max_queue_wait_s:g}s in the queue; retry later"
+                    "the request's deadline passed while it waited in the queue" if deadline_first
+                    else f"waited {wait:g}s in the queue; retry later"
                 ) from None
             raise
         finally:

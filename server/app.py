@@ -61,7 +61,7 @@ def build_app(
     admission = AdmissionController(
         dataclasses.replace(config.admission, max_guide_slots=guides.max_slots) if guides else config.admission
     )
-    metrics = ServerMetrics(engine, admission)
+    metrics = ServerMetrics(engine, admission, rewards)
     rewards.observer = metrics.observe_reward
 
     app = FastAPI(title="aligner", version="0.1.0",

@@ -23,6 +23,17 @@ def _env(name: str, default=None):
     return os.environ.get(name, default)
 
 
+def _positive_or_none(text: str) -> float | None:
+    """A positive limit, or None for 0 (no limit)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("a limit cannot be negative (0 means none)")
+    return value or None
+
+
 def add_http_arguments(serve: argparse.ArgumentParser) -> None:
     group = serve.add_argument_group("model and HTTP")
     group.add_argument("--model", default=None,
@@ -109,6 +120,12 @@ def add_alignment_arguments(serve: argparse.ArgumentParser) -> None:
                        help="versioned alignment profiles (YAML); default: the shipped file")
     group.add_argument("--max-n", type=int, default=8, help="largest `n` a request may ask for")
     group.add_argument("--max-candidates", type=int, default=16, help="largest N for multi-sample strategies")
+    group.add_argument("--max-request-seconds", type=_positive_or_none, default=600.0,
+                       help="deadline of every aligned request, and the largest alignment.deadline_s; at it the "
+                            "best answer so far is returned (0: none)")
+    group.add_argument("--max-request-tokens", type=_positive_or_none, default=None,
+                       help="tokens an aligned request may generate in all (candidates, stages), and the largest "
+                            "alignment.max_total_tokens (default: none)")
     group.add_argument("--stream-keepalive-s", type=float, default=2.0)
 
 

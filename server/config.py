@@ -19,6 +19,10 @@ class ServerConfig:
     # Strategy a request gets when neither body, header nor model alias names one.
     default_strategy: str = "none"
     max_candidates: int = 16
+    # Caps on every aligned request's wall clock and generated tokens (`alignment.deadline_s`,
+    # `alignment.max_total_tokens`), also applied when a request names none; None: no cap.
+    max_request_seconds: float | None = 600.0
+    max_request_tokens: int | None = None
     # Seconds between SSE keep-alive comments while a multi-sample strategy decides.
     stream_keepalive_s: float = 2.0
     max_body_bytes: int = 1 << 20

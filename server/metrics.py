@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 from decoding.engine import Engine
 
@@ -10,7 +11,7 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class ServerMetrics:
-    def __init__(self, engine: Engine, admission=None):
+    def __init__(self, engine: Engine, admission=None, rewards=None):
         r = self.registry = CollectorRegistry()
         self.requests = Counter("aligner_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=r)
         self.errors = Counter("aligner_errors", "Error responses by OpenAI error type.", ["type"], registry=r)
@@ -21,6 +22,9 @@ class ServerMetrics:
         self.generated_tokens = Counter("aligner_generated_tokens", "Tokens the policy generated.", ["strategy"], registry=r)
         self.candidates = Histogram("aligner_candidates_per_request", "Sequences decoded per request.", ["strategy"], buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.fallbacks = Counter("aligner_fallbacks", "Requests answered plainly after a reward failure.", ["strategy"], registry=r)
+        self.budget_exhausted = Counter("aligner_budget_exhausted", "Requests answered with their best answer so "
+                                        "far at a limit (deadline or max_total_tokens).", ["strategy", "limit"],
+                                        registry=r)
         self.reward_calls = Counter("aligner_reward_calls", "Reward scoring calls.", ["reward", "outcome"], registry=r)
         self.reward_seconds = Histogram("aligner_reward_seconds", "Reward scoring latency per call.", ["reward"], buckets=LATENCY_BUCKETS, registry=r)
         self.engine_restarts = Counter("aligner_engine_restarts", "Engine restarts after a fault.", registry=r)
@@ -34,6 +38,9 @@ class ServerMetrics:
             Gauge("aligner_guide_slots_in_use", "Token-level guide slots held by admitted requests.",
                   registry=r).set_function(lambda: admission.guide_slots_in_use)
 
+        if rewards is not None:
+            r.register(_RewardQueues(rewards))
+
     def observe_reward(self, name: str, seconds: float, ok: bool) -> None:
         self.reward_calls.labels(name, "ok" if ok else "error").inc()
         if ok:
@@ -41,3 +48,18 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _RewardQueues:
+    """`aligner_reward_pending{reward}`: score calls each reward model holds (running or
+    waiting in its bounded queue), read at scrape time."""
+
+    def __init__(self, rewards):
+        self.rewards = rewards
+
+    def collect(self):
+        family = GaugeMetricFamily("aligner_reward_pending", "Score calls each reward model holds, running or queued.",
+                                   labels=["reward"])
+        for name, count in sorted(self.rewards.pending().items()):
+            family.add_metric([self.rewards.metric_label(name)], count)
+        yield family

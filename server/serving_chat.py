@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+from aligner.budget import Budget
 from aligner.profiles import ProfileStore
 from aligner.rewards import RewardRegistry
 from aligner.strategies import KeepAlive, StrategyContext, StrategyLimits, StrategyResult
@@ -66,7 +67,7 @@ class ServingChat(ServingBase):
     async def create_chat_completion(
         self, request: ChatCompletionRequest, strategy_header: str | None = None
     ) -> ErrorResponse | ChatCompletionResponse | AsyncIterator[str]:
-        started = time.perf_counter()
+        started, arrived = time.perf_counter(), time.monotonic()
         if error := self.check_common(request):
             return error
         if request.tool_kind == "auto" and self.tool_parser is None:
@@ -97,8 +98,11 @@ class ServingChat(ServingBase):
         if isinstance(resolved, ErrorResponse):
             return resolved
         strategy, params = resolved.strategy, resolved.params
+        budget = Budget.capped(resolved.limits, self.config.max_request_seconds, self.config.max_request_tokens,
+                               started=arrived)
+        ctx = ctx.with_budget(budget)
         sequences = strategy.sequences(params, ctx)
-        ticket = await self.admit(sequences, strategy.guide_slots(params, ctx))
+        ticket = await self.admit(sequences, strategy.guide_slots(params, ctx), max_wait_s=budget.remaining_s())
         if isinstance(ticket, ErrorResponse):
             return ticket
         self.metrics.candidates.labels(strategy.name).observe(sequences)
@@ -106,13 +110,13 @@ class ServingChat(ServingBase):
             events = await prime(holding(ticket, strategy.stream(ctx, params)))
             if isinstance(events, ErrorResponse):
                 return events
-            return self._stream(request, request_id, resolved, events, started)
+            return self._stream(request, request_id, resolved, events, started, budget)
         try:
             async for result in holding(ticket, once(strategy.run(ctx, params))):
                 pass
         except ENGINE_ERRORS as exc:
             return engine_error(exc)
-        self._record(strategy.name, result, started)
+        self._record(strategy.name, result, started, budget)
         return self._response(request, request_id, resolved, result)
 
     def _response(self, request, request_id: str, resolved: ResolvedAlignment, result: StrategyResult) -> ChatCompletionResponse:
@@ -133,7 +137,11 @@ class ServingChat(ServingBase):
             alignment=alignment_report(resolved, result),
         )
 
-    def _record(self, strategy: str, result: StrategyResult, started: float) -> None:
+    def _record(self, strategy: str, result: StrategyResult, started: float, budget: Budget) -> None:
+        if budget.limited:
+            result.info["budget"] = budget.public()
+            if budget.ran_out:
+                self.metrics.budget_exhausted.labels(strategy, budget.ran_out).inc()
         self.metrics.e2e.labels(strategy).observe(time.perf_counter() - started)
         self.metrics.generated_tokens.labels(strategy).inc(result.completion_tokens)
         if "fallback" in result.info:
@@ -141,7 +149,7 @@ class ServingChat(ServingBase):
 
     async def _stream(
         self, request: ChatCompletionRequest, request_id: str, resolved: ResolvedAlignment, events: AsyncIterator,
-        started: float,
+        started: float, budget: Budget,
     ) -> AsyncIterator[str]:
         chunk = ChunkWriter(request, request_id)
         calls = ToolCallStream(request, self.tool_parser)
@@ -167,7 +175,7 @@ class ServingChat(ServingBase):
                             yield chunk([ChatCompletionStreamChoice(
                                 index=event.index, delta=delta or DeltaMessage(), logprobs=logprobs)])
                 elif isinstance(event, StrategyResult):
-                    self._record(resolved.strategy.name, event, started)
+                    self._record(resolved.strategy.name, event, started, budget)
                     for line in chunk.final(event, finish, alignment_report(resolved, event), calls):
                         yield line
                     break

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from aligner.budget import Budget, BudgetedEngine, BudgetedRewards
 from aligner.rewards import RewardRegistry
 from decoding.engine import Engine, SamplingConfig, SequenceDelta, TokenLogprob
 
@@ -70,11 +71,27 @@ class StrategyContext:
     helpers: dict[str, Engine] = field(default_factory=dict)
     # The tools the answer may call (OpenAI's layout), rendered into every answer prompt.
     tools: list[dict[str, Any]] | None = None
+    # The request's deadline and token cap; `with_budget` puts engines and rewards under it.
+    budget: Budget = field(default_factory=Budget)
 
     @property
     def num_choices(self) -> int:
         """Answers the request returns (its `n`), not candidates sampled (a strategy's `n`)."""
         return self.sampling.n
+
+    def with_budget(self, budget: Budget) -> StrategyContext:
+        """The same request with its engines and rewards stopping at `budget`'s limits."""
+        if not budget.limited:
+            return replace(self, budget=budget)
+
+        def bare(x):
+            return x.inner if isinstance(x, (BudgetedEngine, BudgetedRewards)) else x
+
+        return replace(
+            self, budget=budget, engine=BudgetedEngine(bare(self.engine), budget),
+            rewards=BudgetedRewards(bare(self.rewards), budget),
+            helpers={name: BudgetedEngine(bare(e), budget) for name, e in self.helpers.items()},
+        )
 
     def with_messages(self, messages: list[dict[str, str]], suffix: str) -> StrategyContext:
         """The same request with a rewritten conversation (a prompt stage's output).

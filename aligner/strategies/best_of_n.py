@@ -1,11 +1,20 @@
-"""`best_of_n`: sample N answers in one engine request, score them, return the best."""
+"""`best_of_n`: sample N answers, score them, return the best.
+
+By default the N candidates are one engine request (vLLM shares the prompt's KV cache across
+them). With `batch`, they come in waves of that many, and sampling stops early when another
+wave is not worth it: the best answers already lead the rest by `stop_margin`, or the
+request's budget (`alignment.deadline_s`, `alignment.max_total_tokens`) cannot pay for
+another wave at the rate the previous ones cost.
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from aligner.rewards import RewardError
 from aligner.strategies.base import (
+    Candidate,
+    StageReport,
     Strategy,
     StrategyContext,
     StrategyParams,
@@ -14,17 +23,37 @@ from aligner.strategies.base import (
 )
 from aligner.strategies.common import (
     RewardField,
+    budget_pool,
     check_candidates,
     fallback_result,
     generate_candidates,
     score_candidates,
 )
-from aligner.strategies.selection import top_distinct
+from aligner.strategies.selection import clear_lead, top_distinct
 
 
-class BestOfNParams(StrategyParams):
-    n: int = Field(default=4, ge=1, description="candidates to sample (server maximum applies)")
+class CandidatesParams(StrategyParams):
+    """N candidates and the reward(s) that choose among them (the best-of-N family)."""
+
+    n: int = Field(default=4, ge=1, description="candidates to sample at most (server maximum applies)")
     reward: str | dict[str, float] | None = RewardField
+
+
+class BestOfNParams(CandidatesParams):
+    batch: int | None = Field(
+        default=None, ge=1,
+        description="sample in waves of this many and stop early (stop_margin, budget); default: all at once",
+    )
+    stop_margin: float | None = Field(
+        default=None, gt=0,
+        description="with batch: stop once the best answers lead every other candidate by this many reward units",
+    )
+
+    @model_validator(mode="after")
+    def _margin_needs_waves(self):
+        if self.stop_margin is not None and self.batch is None:
+            raise ValueError("stop_margin needs batch (candidates sampled in waves)")
+        return self
 
 
 @register
@@ -32,7 +61,9 @@ class BestOfNStrategy(Strategy):
     name = "best_of_n"
     description = (
         "Sample N candidates (one engine request, shared prompt KV cache), score them with the "
-        "reward(s), return the highest-scoring; with n > 1, the n best distinct candidates."
+        "reward(s), return the highest-scoring; with n > 1, the n best distinct candidates. "
+        "With batch, sample in waves and stop early at a clear lead (stop_margin) or when the "
+        "request's budget cannot pay for another wave."
     )
     Params = BestOfNParams
 
@@ -43,15 +74,73 @@ class BestOfNStrategy(Strategy):
         return params.n
 
     async def run(self, ctx: StrategyContext, params: BestOfNParams) -> StrategyResult:
-        candidates, generated = await generate_candidates(ctx, params.n)
+        if params.batch is None or params.batch >= params.n:
+            candidates, generated = await generate_candidates(ctx, params.n)
+            return await self._select(ctx, params, candidates, [generated], {})
+        return await self._waves(ctx, params)
+
+    async def _waves(self, ctx: StrategyContext, params: BestOfNParams) -> StrategyResult:
+        candidates: list[Candidate] = []
+        stages: list[StageReport] = []
+        stopped = None
+        wave = 0
+        while len(candidates) < params.n:
+            size = min(params.batch, params.n - len(candidates))
+            if candidates and (why := _not_worth_it(ctx, params, candidates, size, stages)):
+                stopped = why
+                if why != "stop_margin":
+                    ctx.budget.skip(f"{params.n - len(candidates)} of {params.n} candidates")
+                break
+            seed = None if ctx.sampling.seed is None else ctx.sampling.seed + 7919 * wave
+            more, generated = await generate_candidates(ctx, size, stage=f"generate-{wave}", seed=seed)
+            for c in more:
+                c.index += len(candidates)
+            stages.append(generated)
+            candidates += more
+            try:
+                stages.append(await score_candidates(ctx, params.reward, more, stage=f"score-{wave}"))
+            except RewardError as exc:
+                return fallback_result(ctx, params, candidates, stages, exc)
+            wave += 1
+        info = {"candidates_used": len(candidates), "waves": wave, "stopped": stopped}
+        return self._pick(ctx, candidates, stages, info)
+
+    async def _select(self, ctx, params, candidates, stages, info) -> StrategyResult:
+        pool = budget_pool(ctx, candidates)
         try:
-            scored = await score_candidates(ctx, params.reward, candidates)
+            stages = stages + [await score_candidates(ctx, params.reward, pool)]
         except RewardError as exc:
-            return fallback_result(ctx, params, candidates, [generated], exc)
-        picked = top_distinct([c.score for c in candidates], [c.text for c in candidates], ctx.num_choices)
+            return fallback_result(ctx, params, candidates, stages, exc)
+        return self._pick(ctx, candidates, stages, info, pool)
+
+    def _pick(self, ctx, candidates, stages, info, pool=None) -> StrategyResult:
+        pool = budget_pool(ctx, candidates) if pool is None else pool
+        picked = [pool[i] for i in top_distinct([c.score for c in pool], [c.text for c in pool], ctx.num_choices)]
         return StrategyResult(
-            choices=[candidates[i] for i in picked],
-            stages=[generated, scored],
+            choices=picked,
+            stages=stages,
             candidates=candidates,
-            info={"selected": picked, "scores": [candidates[i].score for i in picked]},
+            info={"selected": [c.index for c in picked], "scores": [c.score for c in picked], **info},
         )
+
+
+def _not_worth_it(ctx: StrategyContext, params: BestOfNParams, candidates: list[Candidate], size: int,
+                  stages: list[StageReport]) -> str | None:
+    """Why another wave of `size` should not start, or None: the documented stopping rule."""
+    if params.stop_margin is not None and clear_lead([c.score for c in candidates], ctx.num_choices,
+                                                     params.stop_margin):
+        return "stop_margin"
+    budget = ctx.budget
+    if budget.spent():
+        return budget.ran_out
+    per_candidate = sum(len(c.token_ids) for c in candidates) / len(candidates)
+    tokens = budget.remaining_tokens()
+    if tokens is not None and tokens < size * per_candidate:
+        budget.note("max_total_tokens")
+        return "max_total_tokens"
+    seconds = budget.remaining_s()
+    wave_seconds = sum(s.seconds for s in stages) / (len(stages) / 2)  # generation + scoring per wave
+    if seconds is not None and seconds < wave_seconds:
+        budget.note("deadline")
+        return "deadline"
+    return None

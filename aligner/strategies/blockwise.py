@@ -106,11 +106,15 @@ class BlockSearch:
             c.text = ctx.engine.tokenizer.decode(self.accepted + c.token_ids)[len(self.text):]
         return candidates
 
-    async def step(self, step: int) -> Candidate:
-        """Sample, score and pick this step's block (resampling while none clears the threshold)."""
+    async def step(self, step: int) -> Candidate | None:
+        """Sample, score and pick this step's block (resampling while none clears the threshold);
+        None when the request's budget ran out before a block could be chosen."""
         threshold = self.threshold()
         for attempt in range(self.params.max_retries + 1):
             candidates = await self.sample(step, attempt)
+            if self.ctx.budget.spent():  # blocks may be cut short: the answer is the accepted prefix
+                self.ctx.budget.skip(f"blockwise blocks from step {step}")
+                return None
             try:
                 self.stages.append(await score_candidates(
                     self.ctx, self.params.reward, candidates, [self.text + c.text for c in candidates],
@@ -141,7 +145,12 @@ class BlockSearch:
     async def blocks(self) -> AsyncIterator[SequenceDelta]:
         step = 0
         while len(self.accepted) < self.limit:
+            if self.ctx.budget.spent():
+                self.ctx.budget.skip(f"blockwise blocks from step {step}")
+                return
             chosen = await self.step(step)
+            if chosen is None:
+                return
             self.accept(chosen.token_ids, chosen.text)
             if chosen.text:
                 yield SequenceDelta(0, chosen.text, list(chosen.token_ids), None, None)
@@ -210,7 +219,7 @@ class BlockwiseStrategy(Strategy):
         async with contextlib.aclosing(search.blocks()) as blocks:
             async for delta in blocks:
                 yield delta
-        if search.fallback and search.finish != "stop":
+        if search.fallback and search.finish != "stop" and not ctx.budget.spent():
             async with contextlib.aclosing(search.finish_plainly()) as rest:
                 async for delta in rest:
                     yield delta

@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import Field
 
+from aligner.budget import BudgetExhausted
 from aligner.rewards import RewardError, RewardSpecError
 from aligner.strategies.base import (
     Candidate,
@@ -49,8 +50,9 @@ def check_candidates(params, ctx: StrategyContext) -> dict[str, float]:
 def reward_failed(params: StrategyParams, error: RewardError, stage: str) -> dict[str, Any]:
     """The one policy for a reward that fails: with `fallback` on, the strategy carries on
     without scores and reports this value as `info["fallback"]` (the server counts it);
-    with `fallback` off, the request fails with 503."""
-    if not params.fallback:
+    with `fallback` off, the request fails with 503 -- unless the request's own deadline cut
+    the scoring, where the best answer so far is what the request asked for."""
+    if not params.fallback and not isinstance(error, BudgetExhausted):
         raise StrategyUnavailable(f"{error}; the request set fallback=false") from error
     return {"reason": str(error), "reward": error.name, "stage": stage}
 
@@ -102,6 +104,19 @@ async def score_candidates(
     return StageReport(stage, report.seconds)
 
 
+def budget_pool(ctx: StrategyContext, candidates: list[Candidate]) -> list[Candidate]:
+    """The candidates a selection picks from: all of them, unless the request's budget cut the
+    generation; then the finished ones (the partial ones too if fewer finished than asked)."""
+    if ctx.budget.ran_out is None:
+        return candidates
+    finished = [c for c in candidates if c.finish_reason != "length"]
+    if len(finished) < ctx.num_choices:
+        return candidates
+    if len(finished) < len(candidates):
+        ctx.budget.skip(f"{len(candidates) - len(finished)} unfinished candidates")
+    return finished
+
+
 def fallback_result(
     ctx: StrategyContext,
     params: StrategyParams,
@@ -110,11 +125,13 @@ def fallback_result(
     error: RewardError,
     stage: str = "score",
 ) -> StrategyResult:
-    """The reward failed: answer with plain samples (already generated), and say why."""
+    """The reward failed: answer with plain samples (already generated; finished ones first),
+    and say why."""
     fallback = reward_failed(params, error, stage)
-    picked = list(range(min(ctx.num_choices, len(candidates))))
+    order = sorted(range(len(candidates)), key=lambda i: candidates[i].finish_reason == "length")
+    picked = [candidates[i].index for i in order[:ctx.num_choices]]
     return StrategyResult(
-        choices=[candidates[i] for i in picked],
+        choices=[candidates[i] for i in order[:ctx.num_choices]],
         stages=stages,
         candidates=candidates,
         info={"selected": picked, "scores": None, "fallback": fallback},

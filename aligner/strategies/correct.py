@@ -34,12 +34,18 @@ class CorrectStrategy(OutputStrategy):
         question = question_of(ctx.messages)
         report = []
         for c, choice in enumerate(result.choices):
+            if ctx.budget.spent():
+                ctx.budget.skip(f"correct: choices {c}-{len(result.choices) - 1}")
+                break
             ask = [{"role": "user", "content": CORRECT_PROMPT.format(question=question, answer=choice.text)}]
             (corrected,), stage = await chat_once(
                 ctx, ask, stage=f"correct-{c}", max_tokens=ctx.sampling.max_tokens, temperature=0.0,
                 model=params.corrector, answer=True,
             )
             result.stages.append(stage)
+            if ctx.budget.spent():  # the correction may have been cut short: keep the answer
+                ctx.budget.skip(f"correct: choice {c} (cut before it was scored)")
+                break
             try:
                 before, after = (await ctx.rewards.score(params.reward, ctx.messages, [choice.text, corrected])).total
             except RewardError as exc:

@@ -27,6 +27,8 @@ from aligner.strategies.common import reward_failed
 
 Stage = tuple[Strategy, StrategyParams]
 ORDER = {"prompt": 0, "decode": 1, "output": 2}
+# The part of a request's remaining budget (time, tokens) one prompt stage may spend.
+PROMPT_STAGE_SHARE = 0.5
 
 
 @dataclass
@@ -107,7 +109,9 @@ class Pipeline(Strategy):
         self.stages = stages
 
     def sequences(self, params, ctx: StrategyContext) -> int:
-        return max(strategy.sequences(p, ctx) for strategy, p in self.stages)
+        # Admission weighs the whole plan: stages run one after another, so a six-stage
+        # pipeline holds the engine for six stages' work, not its largest stage's.
+        return sum(strategy.sequences(p, ctx) for strategy, p in self.stages)
 
     def guide_slots(self, params, ctx: StrategyContext) -> int:
         return max(strategy.guide_slots(p, ctx) for strategy, p in self.stages)
@@ -121,9 +125,19 @@ class Pipeline(Strategy):
         for i, (strategy, params) in enumerate(self.stages):
             if strategy.phase != "prompt":
                 break
-            outcome = await strategy.transform(ctx, params)
-            ctx = ctx.with_messages(outcome.messages, f"s{i}")
+            if ctx.budget.spent():
+                ctx.budget.skip(f"pipeline stage {i} ({strategy.name})")
+                continue
+            # A prompt stage may spend part of what remains, never what the answer needs.
+            share = ctx.budget.share(PROMPT_STAGE_SHARE) if ctx.budget.limited else ctx.budget
+            outcome = await strategy.transform(ctx.with_budget(share), params)
             reports += outcome.stages
+            if share is not ctx.budget and share.ran_out:
+                # Cut short: the conversation stays the last completed stage's.
+                ctx.budget.skip(f"pipeline stage {i} ({strategy.name}): its {share.ran_out} share ran out")
+                infos.append({"stage": strategy.name, "cut": share.ran_out})
+                continue
+            ctx = ctx.with_messages(outcome.messages, f"s{i}")
             infos.append({"stage": strategy.name, **outcome.info})
         return ctx, reports, infos
 
@@ -135,9 +149,13 @@ class Pipeline(Strategy):
         decode, decode_params = self._decode()
         result = await decode.run(ctx, decode_params)
         result = merge_prompt_stages(result, reports, infos, decode.name)
-        for strategy, stage_params in self.stages:
-            if strategy.phase == "output":
-                result = await strategy.refine(ctx, stage_params, result)
+        for i, (strategy, stage_params) in enumerate(self.stages):
+            if strategy.phase != "output":
+                continue
+            if ctx.budget.spent():  # the answer stays the last completed stage's
+                ctx.budget.skip(f"pipeline stage {i} ({strategy.name})")
+                continue
+            result = await strategy.refine(ctx, stage_params, result)
         return result
 
     async def stream(self, ctx: StrategyContext, params: StrategyParams) -> AsyncIterator[StreamEvent]:

@@ -66,3 +66,20 @@ def soft_sample(scores: Sequence[float], temperature: float, k: int, rng: random
         picked.append(choice)
         remaining.remove(choice)
     return picked
+
+
+def clear_lead(scores: Sequence[float], k: int, margin: float) -> bool:
+    """Whether the k best scores lead every other by at least `margin` (adaptive best-of-N's
+    stopping rule: another candidate would have to beat the k-th best by that much).
+
+    >>> clear_lead([0.1, 2.5, 0.9], 1, 1.5)
+    True
+    >>> clear_lead([0.1, 2.5, 1.2], 1, 1.5)
+    False
+    >>> clear_lead([3.0], 1, 1.5)  # nothing to lead yet
+    False
+    """
+    if len(scores) <= k:
+        return False
+    ordered = sorted(scores, reverse=True)
+    return ordered[k - 1] - ordered[k] >= margin

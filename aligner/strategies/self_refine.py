@@ -61,11 +61,17 @@ class SelfRefineStrategy(OutputStrategy):
         entry["final_score"] = current
         entry["rounds"].append({"round": 0, "answer": choice.text, "score": current, "accepted": True})
         for r in range(1, params.rounds + 1):
+            if ctx.budget.spent():
+                ctx.budget.skip(f"self_refine rounds {r}-{params.rounds} of choice {c}")
+                break
             ask = [{"role": "user", "content": CRITIQUE_PROMPT.format(question=question, answer=choice.text, principles=principles)}]
             (critique,), critiqued = await chat_once(ctx, ask, stage=f"critique-{c}-{r}", max_tokens=params.max_critique_tokens, temperature=0.0)
             ask = [{"role": "user", "content": REVISE_PROMPT.format(question=question, answer=choice.text, critique=critique)}]
             (revision,), revised = await chat_once(ctx, ask, stage=f"revise-{c}-{r}", max_tokens=ctx.sampling.max_tokens, temperature=ctx.sampling.temperature, answer=True)
             result.stages += [critiqued, revised]
+            if ctx.budget.spent():  # the revision may have been cut short: keep the last accepted one
+                ctx.budget.skip(f"self_refine round {r} of choice {c} (cut before it was scored)")
+                break
             try:
                 score = (await ctx.rewards.score(params.reward, ctx.messages, [revision])).total[0]
             except RewardError:

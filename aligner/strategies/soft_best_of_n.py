@@ -12,12 +12,12 @@ from pydantic import Field
 from aligner.rewards import RewardError
 
 from aligner.strategies.base import Strategy, StrategyContext, StrategyResult, register
-from aligner.strategies.best_of_n import BestOfNParams
-from aligner.strategies.common import check_candidates, fallback_result, generate_candidates, score_candidates
+from aligner.strategies.best_of_n import CandidatesParams
+from aligner.strategies.common import budget_pool, check_candidates, fallback_result, generate_candidates, score_candidates
 from aligner.strategies.selection import soft_sample
 
 
-class SoftBestOfNParams(BestOfNParams):
+class SoftBestOfNParams(CandidatesParams):
     lambda_: float = Field(
         default=0.5, alias="lambda", gt=0.0, le=1000.0, description="temperature λ of the draw over rewards"
     )
@@ -40,16 +40,17 @@ class SoftBestOfNStrategy(Strategy):
 
     async def run(self, ctx: StrategyContext, params: SoftBestOfNParams) -> StrategyResult:
         candidates, generated = await generate_candidates(ctx, params.n)
+        pool = budget_pool(ctx, candidates)
         try:
-            scored = await score_candidates(ctx, params.reward, candidates)
+            scored = await score_candidates(ctx, params.reward, pool)
         except RewardError as exc:
             return fallback_result(ctx, params, candidates, [generated], exc)
         seed = ctx.sampling.seed
         rng = random.Random(seed) if seed is not None else random.SystemRandom()
-        picked = soft_sample([c.score for c in candidates], params.lambda_, ctx.num_choices, rng)
+        picked = [pool[i] for i in soft_sample([c.score for c in pool], params.lambda_, ctx.num_choices, rng)]
         return StrategyResult(
-            choices=[candidates[i] for i in picked],
+            choices=picked,
             stages=[generated, scored],
             candidates=candidates,
-            info={"selected": picked, "scores": [candidates[i].score for i in picked]},
+            info={"selected": [c.index for c in picked], "scores": [c.score for c in picked]},
         )

@@ -97,6 +97,17 @@ class SpeculativeRejectionStrategy(Strategy):
             rounds.append(record)
             if not alive:
                 break
+            if ctx.budget.spent():
+                # Out of budget: the best answer as it stands, a finished one if any finished.
+                ctx.budget.skip(f"speculative_rejection from round {step} ({len(alive)} unfinished)")
+                complete = [c for c in finished if c.finish_reason != "length"]
+                pool = complete or finished + alive
+                best = pool[rank([c.score for c in pool])[0]]
+                if not complete:
+                    best.finish_reason = "length"
+                return StrategyResult(choices=[best], stages=stages, candidates=everyone,
+                                      info={"selected": [best.index], "scores": [best.score], "rounds": rounds,
+                                            "stopped_early": params.n - len(finished)})
             step += 1
             # Survivors that rejection can no longer thin out run to the end in one request.
             final = len(alive) <= params.min_survivors

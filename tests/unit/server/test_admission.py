@@ -82,6 +82,22 @@ def test_queue_wait_is_bounded_and_cancellation_frees_the_place():
     asyncio.run(go())
 
 
+def test_a_deadline_shorter_than_the_queue_wait_ends_the_wait_saying_so():
+    async def go():
+        c = controller(max_running_requests=1, max_queued_requests=2, max_queue_wait_s=30)
+        held = await c.acquire(1)
+        started = time.monotonic()
+        with pytest.raises(Overloaded, match="deadline passed while it waited"):
+            await c.acquire(1, max_wait_s=0.05)
+        assert time.monotonic() - started < 1 and c.queued_requests == 0
+        with pytest.raises(Overloaded, match="deadline"):
+            await c.acquire(1, max_wait_s=-1.0)  # already past: no wait at all
+        held.release()
+        (await c.acquire(1, max_wait_s=0.0)).release()  # a free slot is taken whatever is left
+
+    asyncio.run(go())
+
+
 class SlowReward(Reward):
     name, kind = "slow", "model"
 
