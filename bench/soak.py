@@ -1,13 +1,17 @@
-"""Soak test: mixed strategies at moderate concurrency for a long time (not run in CI).
+"""Soak test: every strategy at moderate concurrency for a long time (not run in CI).
 
     python -m bench.soak --minutes 30 --concurrency 4
 
 Starts its own server (default model, a MiniLM reward model with a random head, rule
-rewards), then keeps `--concurrency` clients busy with a mix of plain, best-of-N and soft
-best-of-N requests, streamed and not. Every window it records request count, 5xx and other
-errors, p50/p99 latency, and the resident memory of the server and its engine processes.
-Pass criteria it prints: zero 5xx, memory growth under 5% after the warm-up window, p99 of
-the last window within 1.5x of the first post-warm-up window.
+rewards, the policy itself as a GenARM guide), then keeps `--concurrency` clients busy with a
+mix of every registered strategy (plain, best-of-N plain and adaptive, soft best-of-N,
+blockwise, speculative rejection, guided, URIAL, rewrite, self-refine, correct, pipelines),
+streamed and not; a share of the requests (`--deadline-share`) sets `alignment.deadline_s`.
+Every window it records request count, 5xx, errors inside streams, other errors, p50/p99
+latency, deadline-bounded requests answered late (after deadline + 1 s), and the resident
+memory of the server and its engine processes. Pass criteria it prints: zero 5xx and stream
+errors, no late deadline-bounded answer, memory growth under 5% after the warm-up window, p99
+of the last window within 1.2x of the first post-warm-up window.
 """
 
 from __future__ import annotations
@@ -29,11 +33,23 @@ from bench.launch import start_server, stop_server
 
 MODEL = "SmolLM2-135M-Instruct"
 MIX = [
-    ({}, 0.5),
-    ({"strategy": "best_of_n", "n": 4, "reward": "rm"}, 0.25),
-    ({"strategy": "soft_best_of_n", "n": 4, "reward": {"rm": 1.0, "length_penalty": 0.5}, "lambda": 0.5}, 0.15),
-    ({"strategy": "best_of_n", "n": 2, "reward": "compliance"}, 0.1),
+    ({}, 0.2),
+    ({"strategy": "best_of_n", "n": 4, "reward": "rm"}, 0.1),
+    ({"strategy": "best_of_n", "n": 8, "batch": 2, "stop_margin": 0.05, "reward": "rm"}, 0.05),
+    ({"strategy": "soft_best_of_n", "n": 4, "reward": {"rm": 1.0, "length_penalty": 0.5}, "lambda": 0.5}, 0.05),
+    ({"strategy": "best_of_n", "n": 2, "reward": "compliance"}, 0.05),
+    ({"strategy": "blockwise", "k": 3, "block_tokens": 16, "reward": "rm"}, 0.08),
+    ({"strategy": "speculative_rejection", "n": 4, "chunk_tokens": 16, "reward": "rm"}, 0.08),
+    ({"strategy": "guided", "guide": "arm", "alpha": 0.5}, 0.08),
+    ({"strategy": "urial"}, 0.05),
+    ({"strategy": "rewrite"}, 0.05),
+    ({"strategy": "self_refine", "rounds": 1, "reward": "rm"}, 0.06),
+    ({"strategy": "correct", "reward": "rm"}, 0.05),
+    ({"pipeline": [{"strategy": "urial"}, {"strategy": "best_of_n", "n": 2, "reward": "rm"},
+                   {"strategy": "self_refine", "rounds": 1, "reward": "rm"}]}, 0.1),
 ]
+DEADLINES_S = (2.0, 4.0, 8.0)
+LATE_AFTER_S = 1.0  # a deadline-bounded answer later than its deadline by more than this is late
 
 STREAM_ERROR = "stream_error"  # a request whose stream carried an error event
 
@@ -49,9 +65,16 @@ def resident_mb(pid: int) -> float:
     return total / 2**20
 
 
-async def client(http, url, stop_at, rng, records):
+def strategy_of(alignment: dict) -> str:
+    return "pipeline" if "pipeline" in alignment else alignment.get("strategy", "none")
+
+
+async def client(http, url, stop_at, rng, records, deadline_share):
     while time.monotonic() < stop_at:
-        alignment = rng.choices([m for m, _ in MIX], weights=[w for _, w in MIX])[0]
+        alignment = dict(rng.choices([m for m, _ in MIX], weights=[w for _, w in MIX])[0])
+        deadline = rng.choice(DEADLINES_S) if rng.random() < deadline_share else None
+        if deadline is not None:
+            alignment["deadline_s"] = deadline
         stream = rng.random() < 0.5
         body = {
             "model": MODEL,
@@ -75,15 +98,18 @@ async def client(http, url, stop_at, rng, records):
                 status = (await http.post(url, json=body)).status_code
         except httpx.HTTPError as exc:
             status = f"client:{type(exc).__name__}"
-        records.append((time.monotonic(), time.monotonic() - start, status, alignment.get("strategy", "none")))
+        seconds = time.monotonic() - start
+        late = deadline is not None and seconds > deadline + LATE_AFTER_S
+        records.append((time.monotonic(), seconds, status, strategy_of(alignment), deadline is not None, late))
 
 
-async def soak(url: str, pid: int, minutes: float, concurrency: int, window_s: float) -> list[dict]:
+async def soak(url: str, pid: int, minutes: float, concurrency: int, window_s: float,
+               deadline_share: float) -> list[dict]:
     records: list[tuple] = []
     windows: list[dict] = []
     stop_at = time.monotonic() + minutes * 60
     async with httpx.AsyncClient(timeout=300) as http:
-        tasks = [asyncio.create_task(client(http, url, stop_at, random.Random(i), records)) for i in range(concurrency)]
+        tasks = [asyncio.create_task(client(http, url, stop_at, random.Random(i), records, deadline_share)) for i in range(concurrency)]
         window_start = time.monotonic()
         while time.monotonic() < stop_at:
             await asyncio.sleep(min(window_s, max(0.0, stop_at - time.monotonic())))
@@ -97,6 +123,8 @@ async def soak(url: str, pid: int, minutes: float, concurrency: int, window_s: f
                 "stream_errors": sum(1 for r in done if r[2] == STREAM_ERROR),
                 "other_errors": sum(1 for r in done if not (isinstance(r[2], int) and r[2] < 400)
                                     and not (isinstance(r[2], int) and r[2] >= 500) and r[2] != STREAM_ERROR),
+                "deadline_requests": sum(1 for r in done if r[4]),
+                "deadline_late": sum(1 for r in done if r[5]),
                 "p50_s": round(statistics.median(latencies), 2) if latencies else None,
                 "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 2) if latencies else None,
                 "rss_mb": round(resident_mb(pid), 1),
@@ -112,14 +140,18 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--window-s", type=float, default=120.0)
+    parser.add_argument("--deadline-share", type=float, default=0.3,
+                        help="share of requests that set alignment.deadline_s (2, 4 or 8 s)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="soak-"))
     rm = build_minilm_reward_model(work / "minilm-rm")
-    server = start_server(work, "--reward-model", f"rm={rm}")
+    from decoding.model_prep import prepare_default_model
+
+    server = start_server(work, "--reward-model", f"rm={rm}", "--guide", f"arm={prepare_default_model()}")
     try:
         windows = asyncio.run(soak(f"{server.v1}/chat/completions", server.process.pid, args.minutes,
-                                   args.concurrency, args.window_s))
+                                   args.concurrency, args.window_s, args.deadline_share))
     finally:
         stop_server(server)
     steady = windows[1:] or windows
@@ -130,9 +162,12 @@ def main() -> None:
         "5xx": sum(w["5xx"] for w in windows),
         "stream_errors": sum(w["stream_errors"] for w in windows),
         "other_errors": sum(w["other_errors"] for w in windows),
+        "deadline_requests": sum(w["deadline_requests"] for w in windows),
+        "deadline_late": sum(w["deadline_late"] for w in windows),
         "rss_growth_after_warmup": round(growth, 4),
         "p99_last_over_first": round(p99_ratio, 3),
-        "pass": sum(w["5xx"] + w["stream_errors"] for w in windows) == 0 and growth < 0.05 and p99_ratio < 1.5,
+        "pass": sum(w["5xx"] + w["stream_errors"] + w["deadline_late"] for w in windows) == 0
+        and growth < 0.05 and p99_ratio < 1.2,
     }
     print(json.dumps(summary))
     if args.json:

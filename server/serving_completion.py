@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+from aligner.budget import Budget, BudgetedEngine
 from decoding.engine import Generation, GenerationChunk, TokenLogprob
 from server.alignment import split_model
 from server.errors import invalid_request
@@ -67,6 +68,8 @@ class ServingCompletion(ServingBase):
     async def create_completion(
         self, request: CompletionRequest
     ) -> ErrorResponse | CompletionResponse | AsyncIterator[str]:
+        # The server's caps bound plain completions too: at one, a choice ends with "length".
+        budget = Budget(self.config.max_request_seconds, self.config.max_request_tokens)
         if error := self.check_common(request):
             return error
         if split_model(request.model)[1] is not None:
@@ -98,11 +101,12 @@ class ServingCompletion(ServingBase):
         if request.max_tokens is None:
             budgets = [min(b, 16) for b in budgets]
 
-        ticket = await self.admit(request.n * len(prompt_ids))
+        ticket = await self.admit(request.n * len(prompt_ids), max_wait_s=budget.remaining_s())
         if isinstance(ticket, ErrorResponse):
             return ticket
         request_id = random_id("cmpl")
-        events = holding(ticket, self._events(request, request_id, prompt_ids, budgets))
+        engine = BudgetedEngine(self.engine, budget) if budget.limited else self.engine
+        events = holding(ticket, self._events(engine, request, request_id, prompt_ids, budgets))
         if request.stream:
             events = await prime(events)
             if isinstance(events, ErrorResponse):
@@ -116,11 +120,11 @@ class ServingCompletion(ServingBase):
             return engine_error(exc)
         return self._response(request, request_id, prompts, prompt_ids, generations)
 
-    def _events(self, request, request_id: str, prompt_ids, budgets) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    def _events(self, engine, request, request_id: str, prompt_ids, budgets) -> AsyncIterator[tuple[int, GenerationChunk]]:
         """Every prompt's engine stream, interleaved and tagged with the prompt's position."""
         k = request.logprobs
         return merge([
-            self.engine.generate(f"{request_id}-{i}", ids, request.to_sampling_config(budget, k))
+            engine.generate(f"{request_id}-{i}", ids, request.to_sampling_config(budget, k))
             for i, (ids, budget) in enumerate(zip(prompt_ids, budgets))
         ])
 

@@ -266,3 +266,21 @@ def test_tokenizing_a_long_prompt_does_not_stall_other_requests():
     health, waited, chat = asyncio.run(scenario())
     assert health.status_code == 200 and waited < 0.3, waited  # answered while the prompt was tokenized
     assert chat.status_code == 200
+
+
+def test_the_server_token_cap_bounds_every_endpoint_and_is_reported():
+    client, engine = make_client(max_request_tokens=5, max_request_seconds=None)
+    r = client.post("/v1/completions", json={"model": "fake-model", "prompt": "hi", "max_tokens": 40, "n": 2,
+                                             "ignore_eos": True, "seed": 3})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 5 + 1  # one token per choice per step
+    assert [c["finish_reason"] for c in r.json()["choices"]] == ["length", "length"]
+    r = client.post("/v1/chat/completions", json={
+        "model": "fake-model", "messages": MESSAGES, "max_tokens": 40, "ignore_eos": True, "seed": 3,
+        "alignment": {"strategy": "best_of_n", "n": 3, "reward": "length_penalty", "max_total_tokens": 50}})
+    body = r.json()
+    assert body["usage"]["completion_tokens"] <= 5 + 2
+    budget = body["alignment"]["budget"]
+    assert (budget["max_total_tokens"], budget["exhausted"], budget["deadline_s"]) == (5, "max_total_tokens", None)
+    metrics = client.get("/metrics").text
+    assert 'aligner_budget_exhausted_total{limit="max_total_tokens",strategy="best_of_n"} 1.0' in metrics
