@@ -5,9 +5,9 @@ Responses endpoint runs on the chat serving path (`server.serving_responses`).""
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from server.protocol import ChatCompletionRequest
 from server.protocol_base import OpenAIModel, random_id
@@ -101,11 +101,18 @@ class ResponsesRequest(OpenAIModel):
     tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
     parallel_tool_calls: bool | None = None
     alignment: dict[str, Any] | None = None
+    # Declared (not left to `extra`) because it is echoed into the response: OpenAI's limits.
+    metadata: dict[Annotated[str, StringConstraints(max_length=64)],
+                   Annotated[str, StringConstraints(max_length=512)]] | None = Field(default=None, max_length=16)
 
     @field_validator("tools", mode="before")
     @classmethod
     def _function_tools_only(cls, value):
-        for tool in value or ():
+        # Runs before the type check, so this looks only at what it can read; anything else
+        # (a number, a string, a list of non-objects) is left to pydantic to report as a 400.
+        if not isinstance(value, list):
+            return value
+        for tool in value:
             if isinstance(tool, dict) and tool.get("type") != "function":
                 raise ValueError(f"only function tools are supported here, not {tool.get('type')!r} "
                                  "(built-in tools such as web search run on OpenAI's servers)")
@@ -225,5 +232,5 @@ class ResponseObject(BaseModel):
                          else request.tool_choice or "auto"),
             parallel_tool_calls=request.parallel_tool_calls is not False,
             text=request.text.model_dump(by_alias=True, exclude_none=True) if request.text else {"format": {"type": "text"}},
-            metadata=(request.model_extra or {}).get("metadata") or {},
+            metadata=request.metadata or {},
         )

@@ -73,6 +73,23 @@ def test_errors_name_the_responses_fields():
         assert r.json()["error"]["param"] == param, (extra, r.json())
 
 
+
+def test_wrongly_typed_fields_are_a_400_naming_the_field_never_a_500():
+    client, _ = make_client()
+    cases = [({"tools": 1.0}, "tools"),  # once a TypeError in the tools validator
+             ({"tools": "get_weather"}, "tools"),
+             ({"tools": [1, "x"]}, "tools[0]"),
+             ({"metadata": 1}, "metadata"),  # once a ValidationError echoing it into the response
+             ({"metadata": ["k", "v"]}, "metadata"),
+             ({"metadata": {"k": 1}}, "metadata.k"),
+             ({"metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+             ({"metadata": 1, "stream": True}, "metadata")]  # before the stream starts, not inside it
+    for extra, param in cases:
+        r = client.post("/v1/responses", json={"model": "fake-model", "input": "hi", "max_output_tokens": 2, **extra})
+        assert r.status_code == 400, (extra, r.text)
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"], (extra, error)
+
 def test_fields_left_at_their_defaults_are_accepted():
     client, _ = make_client()
     r = client.post("/v1/responses", json={"model": "fake-model", "input": "hi", "max_output_tokens": 2,
