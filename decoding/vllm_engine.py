@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import re
 import time
 import uuid
@@ -34,7 +35,18 @@ from decoding.self_check import SelfCheckFailed
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
-GUIDED_PROCESSOR = "decoding.guided_processor:RewardGuidedLogitsProcessor"
+GUIDED_PROCESSOR = "decoding.guided_processor:RewardGuidedLogitsProcessor"  # V1 model runner (CPU)
+GUIDED_PROCESSOR_V2 = "decoding.guided_processor_v2:RewardGuidedLogitsProcessorV2"  # Model Runner V2 (CUDA)
+
+
+def guided_processor_for(device: str) -> str:
+    """The guided processor class for the model runner vLLM will pick: V2 on CUDA (vLLM >= 0.32
+    with Triton) unless VLLM_USE_V2_MODEL_RUNNER says otherwise, V1 elsewhere. Each runner
+    refuses the other's processor class at engine build."""
+    forced = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    if forced is not None:
+        return GUIDED_PROCESSOR_V2 if forced.strip().lower() in ("1", "true") else GUIDED_PROCESSOR
+    return GUIDED_PROCESSOR_V2 if device == "cuda" else GUIDED_PROCESSOR
 
 
 @dataclass
@@ -92,7 +104,7 @@ class VLLMEngineConfig:
             logits_processors=list(self.logits_processors) or None,
         )
         if self.guides.specs:
-            kwargs["logits_processors"] = (kwargs["logits_processors"] or []) + [GUIDED_PROCESSOR]
+            kwargs["logits_processors"] = (kwargs["logits_processors"] or []) + [guided_processor_for(device)]
             kwargs["additional_config"] = {CONFIG_KEY: {
                 "guides": self.guides.specs, "max_slots": self.guides.max_slots,
                 "max_len": self.guides.max_len, "report_dir": self.guides.report_dir,
