@@ -21,6 +21,10 @@ except ImportError:  # pragma: no cover
     triton = None
 
 
+# Rows (candidates x query heads of a kv head) per program: k = 64 candidates with grouped
+# heads would otherwise ask one program for more registers than a GPU has (OutOfResources).
+MAX_BLOCK_M = 64
+
 if triton is not None:
 
     @triton.jit
@@ -34,7 +38,8 @@ if triton is not None:
         h = tl.program_id(1)  # key/value head
         slot = tl.load(slot_ptr + b)
         length = tl.load(len_ptr + b)
-        rows = tl.arange(0, BLOCK_M)  # row = candidate * group + query head in the group
+        # row = candidate * group + query head in the group; a program takes BLOCK_M of them
+        rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
         cand = rows // group
         qh = h * group + rows % group
         rmask = rows < kc * group
@@ -76,18 +81,22 @@ if triton is not None:
 
 
 def candidate_attention_triton(q, k_new, v_new, k_cache, v_cache, slots, lengths):
-    """Same contract as `candidate_attention_torch`; one program per (request, kv head)."""
+    """Same contract as `candidate_attention_torch`; one program per (request, kv head, tile of
+    at most MAX_BLOCK_M candidate x query-head rows): the prefix is read once per tile."""
     batch, kc, hq, d = q.shape
     hkv = k_new.shape[2]
     q, k_new, v_new = q.contiguous(), k_new.contiguous(), v_new.contiguous()
     out = torch.empty_like(q)
+    rows = kc * (hq // hkv)
+    # tl.dot needs every tile dimension >= 16 on a GPU; the masks cover the padding.
+    block_m = max(16, min(next_pow2(rows), MAX_BLOCK_M))
     if batch:
-        _candidate_attention_kernel[(batch, hkv)](
+        _candidate_attention_kernel[(batch, hkv, triton.cdiv(rows, block_m))](
             q, k_new, v_new, k_cache, v_cache, slots.to(torch.int64).contiguous(), lengths.to(torch.int64).contiguous(), out,
             kc, hq // hkv, d, 1.0 / math.sqrt(d),
             q.stride(0), q.stride(1), q.stride(2), k_new.stride(0), k_new.stride(1), k_new.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            BLOCK_M=next_pow2(kc * (hq // hkv)), BLOCK_D=next_pow2(d), BLOCK_T=32,
+            BLOCK_M=block_m, BLOCK_D=max(16, next_pow2(d)), BLOCK_T=32,
         )
     return out
 

@@ -24,6 +24,9 @@ if triton is not None:
             offs = start + tl.arange(0, BLOCK)
             tl.store(out_row + offs, tl.full([BLOCK], float("-inf"), tl.float32).to(out_ptr.dtype.element_ty),
                      mask=offs < vocab)
+        # The candidates overwrite some of those -inf: without a barrier another warp's fill
+        # could land after a candidate's write on a GPU (the interpreter, sequential, never shows it).
+        tl.debug_barrier()
         ks = tl.arange(0, BLOCK_K)
         kmask = ks < k
         ids = tl.load(cand_ptr + row * stride_c + ks, mask=kmask, other=0)

@@ -18,6 +18,9 @@ from kernels.topk_combine import topk_reward_combine_torch, topk_reward_combine_
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=5e-2), torch.float16: dict(rtol=5e-3, atol=5e-3)}
+# `tl.dot` on float32 runs as TF32 on NVIDIA GPUs (10-bit mantissa): products lose ~5e-4
+# relative, sums of them over the head dimension more; the interpreter computes in full float32.
+TOL_DOT = {**TOL, torch.float32: dict(rtol=3e-3, atol=3e-3) if DEVICE == "cuda" else TOL[torch.float32]}
 
 
 @pytest.mark.parametrize("batch, vocab", [(1, 1), (1, 7), (3, 1000), (2, 4097)])
@@ -42,7 +45,8 @@ def test_topk_combine_matches_reference(batch, vocab, k):
 
 @pytest.mark.parametrize(
     "batch, k, heads, kv_heads, head_dim, lengths",
-    [(1, 1, 1, 1, 8, [0]), (1, 1, 4, 4, 8, [1]), (2, 10, 6, 2, 16, [33, 0]), (3, 3, 9, 3, 64, [5, 70, 1]), (1, 7, 4, 1, 24, [40])],
+    [(1, 1, 1, 1, 8, [0]), (1, 1, 4, 4, 8, [1]), (2, 10, 6, 2, 16, [33, 0]), (3, 3, 9, 3, 64, [5, 70, 1]), (1, 7, 4, 1, 24, [40]),
+     (2, 64, 8, 2, 8, [9, 37])],  # 64 candidates x 4 grouped heads: 256 rows, four tiles
 )
 def test_candidate_attention_matches_reference(batch, k, heads, kv_heads, head_dim, lengths):
     torch.manual_seed(batch * 100 + k)
@@ -55,7 +59,7 @@ def test_candidate_attention_matches_reference(batch, k, heads, kv_heads, head_d
     lens = torch.tensor(lengths, device=DEVICE)
     expected = candidate_attention_expanded_torch(q, kn, vn, kc, vc, slots, lens)
     torch.testing.assert_close(candidate_attention_torch(q, kn, vn, kc, vc, slots, lens), expected, **TOL[torch.float32])
-    torch.testing.assert_close(candidate_attention_triton(q, kn, vn, kc, vc, slots, lens), expected, **TOL[torch.float32])
+    torch.testing.assert_close(candidate_attention_triton(q, kn, vn, kc, vc, slots, lens), expected, **TOL_DOT[torch.float32])
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (2, 3, 33), (4, 10, 576)])
