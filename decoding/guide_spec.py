@@ -93,3 +93,43 @@ def guide_mode(path: str | Path) -> str:
         raise FileNotFoundError(f"{path} has neither config.json nor adapter_config.json")
     architectures = json.loads(config.read_text()).get("architectures") or []
     return "args" if any(a.endswith("ForSequenceClassification") for a in architectures) else "genarm"
+
+
+def vocabulary_mismatch(policy: str | Path, guide: str | Path, mode: str) -> str | None:
+    """Why `guide` cannot steer `policy` token by token, or None: the guide reads and scores the
+    policy's token ids, so both need the same tokenizer, and GenARM adds the guide's logits to
+    the policy's, so its vocabulary must be as large. What a folder does not hold (an adapter
+    has no config.json, a checkpoint may lack tokenizer.json) is not held against it."""
+    mine, theirs = _tokens(policy), _tokens(guide)
+    if mine is not None and theirs is not None and mine != theirs:
+        differ = sum(1 for token, i in theirs.items() if mine.get(token) != i) + len(mine.keys() - theirs.keys())
+        return (f"its tokenizer is not the policy's ({differ} of {max(len(mine), len(theirs))} tokens differ); "
+                "a guide must share the policy's vocabulary")
+    size, guide_size = _vocab_size(policy), _vocab_size(guide)
+    if mode == "genarm" and size is not None and guide_size is not None and size != guide_size:
+        return (f"its vocabulary has {guide_size} entries, the policy's {size}; GenARM adds the guide's logits "
+                "to the policy's, token by token")
+    return None
+
+
+def _tokens(path: str | Path) -> dict[str, int] | None:
+    """token -> id of a fast tokenizer's vocabulary (added tokens included), or None."""
+    file = Path(path) / "tokenizer.json"
+    if not file.is_file():
+        return None
+    data = json.loads(file.read_text())
+    vocab = (data.get("model") or {}).get("vocab")
+    if isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+        vocab = {piece: i for i, (piece, _) in enumerate(vocab)}
+    if not isinstance(vocab, dict):
+        return None
+    return {**vocab, **{t["content"]: t["id"] for t in data.get("added_tokens") or ()}}
+
+
+def _vocab_size(path: str | Path) -> int | None:
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        return None
+    config = json.loads(file.read_text())
+    size = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
+    return size if isinstance(size, int) else None

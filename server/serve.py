@@ -9,7 +9,7 @@ from pathlib import Path
 from aligner.profiles import DEFAULT_PROFILES, ProfileError
 from aligner.rewards import RewardRegistry
 from aligner.strategies import get_strategy
-from decoding.guide_spec import GuideCatalog
+from decoding.guide_spec import GuideCatalog, vocabulary_mismatch
 from decoding.model_prep import DEFAULT_MODEL_NAME, prepare_default_model
 from decoding.model_refs import discover
 from server.admission import AdmissionConfig
@@ -43,9 +43,16 @@ def build_rewards(args) -> RewardRegistry:
     return rewards
 
 
-def build_guides(args) -> GuideCatalog:
+def build_guides(args, policy: str) -> GuideCatalog:
+    """The guides the flags name; one that cannot steer `policy` stops the server here, before
+    an engine is built, rather than failing in the engine at the first guided step."""
     paths = dict(named_path(spec, "--guide") for spec in args.guide)
-    return GuideCatalog.from_paths(paths, args.guide_max_slots, args.guide_max_len or args.max_model_len)
+    catalog = GuideCatalog.from_paths(paths, args.guide_max_slots, args.guide_max_len or args.max_model_len)
+    for name, spec in catalog.specs.items():
+        if why := vocabulary_mismatch(policy, spec["path"], spec["mode"]):
+            catalog.close()
+            raise SystemExit(f"aligner: --guide {name}: {why}")
+    return catalog
 
 
 def build_helpers(args) -> dict:
@@ -146,7 +153,7 @@ def serve(args) -> int:
         model, name = str(prepare_default_model()), args.served_model_name or DEFAULT_MODEL_NAME
     else:
         model, name = args.model, args.served_model_name or Path(args.model.rstrip("/")).name
-    guides = build_guides(args)
+    guides = build_guides(args, model)
     config = server_config(args, name)
     try:
         profiles = load_profiles(args.profiles or DEFAULT_PROFILES)
