@@ -31,9 +31,13 @@ def build_rewards(args) -> RewardRegistry:
     rewards = RewardRegistry.with_builtins()
     rewards.timeout_s = args.reward_timeout_s
     rewards.max_pending_per_reward = args.reward_max_pending
+    from decoding.vllm_engine import detect_device
+
+    device = detect_device() if args.reward_device == "auto" else args.reward_device
     for spec in args.reward_model:
         reward = rewards.add_from_spec(
-            spec, max_length=args.reward_max_length, max_batch_size=args.reward_batch_size, dtype=args.reward_dtype
+            spec, max_length=args.reward_max_length, max_batch_size=args.reward_batch_size, dtype=args.reward_dtype,
+            device=device,
         )
         print(f"aligner: reward {reward.name!r} ({reward.kind}) registered", file=sys.stderr)
     if args.default_reward is not None:

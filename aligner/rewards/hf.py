@@ -35,12 +35,17 @@ class SequenceClassifierReward(Reward):
         # float32: what `eval-rm` measured the shipped models' accuracy in; a bf16 checkpoint
         # (the causal starter model's base) would otherwise load, and score, in bf16.
         dtype: str = "float32",
+        # Where the forward runs: the policy's device (the server passes it), so that scoring
+        # N candidates on a GPU is one batched forward there, not a CPU bottleneck.
+        device: str = "cpu",
     ):
         from decoding.model_refs import load_sequence_classifier
 
         self.name = name
         self.path = Path(path)
         self.model, self.tokenizer = load_sequence_classifier(self.path, dtype=dtype)
+        self.device = device
+        self.model.to(device)
         limit = min(max_length, getattr(self.tokenizer, "model_max_length", max_length) or max_length)
         # A model `aligner train` wrote is scored exactly as it was trained and evaluated.
         self.encoder = PairEncoder.for_model(self.tokenizer, self.path, limit)
@@ -56,7 +61,7 @@ class SequenceClassifierReward(Reward):
 
     def describe(self) -> dict:
         # The checkpoint's folder name, not its path: the listing is public, the layout is not.
-        return {**super().describe(), "checkpoint": self.path.name}
+        return {**super().describe(), "checkpoint": self.path.name, "device": self.device}
 
     @property
     def truncated(self) -> int:
@@ -87,7 +92,7 @@ class SequenceClassifierReward(Reward):
                 for row, i in enumerate(batch):
                     ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
                     mask[row, : len(encoded[i])] = 1
-                logits = self._forward(ids, mask)
+                logits = self._forward(ids.to(self.device), mask.to(self.device)).cpu()
                 for row, i in enumerate(batch):
                     scores[i] = (float(logits[row]) - self.mean) / self.std
         return scores

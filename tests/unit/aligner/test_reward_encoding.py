@@ -74,3 +74,18 @@ def test_a_recorded_layout_that_the_tokenizer_cannot_give_is_refused(tmp_path):
         PairEncoder.for_model(tokenizer, tmp_path, 512)
     (tmp_path / "aligner_reward.json").write_text(json.dumps({"layout": "chat_template", "max_length": 99}))
     assert PairEncoder.for_model(tokenizer, tmp_path, 512).max_length == 99
+
+
+def test_the_server_places_reward_models_on_the_policy_device(tmp_path):
+    """`--reward-device auto` is the policy's device (the CPU here); the model's weights and the
+    listing say so, and scoring there returns what the model computes."""
+    from server.cli import build_parser
+    from server.serve import build_rewards
+    from tests.conftest import build_tiny_reward_model
+
+    checkpoint = build_tiny_reward_model(tmp_path / "rm")
+    args = build_parser().parse_args(["serve", "--reward-model", f"tiny={checkpoint}"])
+    reward = build_rewards(args).get("tiny")
+    assert reward.device == "cpu" and reward.describe()["device"] == "cpu"
+    assert {p.device.type for p in reward.model.parameters()} == {"cpu"}
+    assert len(reward.score([[{"role": "user", "content": "hi"}]] * 3, ["a", "bb", "ccc"])) == 3
