@@ -97,9 +97,12 @@ def engines_lifespan(engine: Engine, helpers: dict[str, Engine], rewards: Reward
     async def lifespan(app: FastAPI):
         tasks = []
         if start_engine:
-            for each in (engine, *helpers.values()):
-                tasks.append(asyncio.create_task(_start_engine(each)))
-                tasks.append(asyncio.create_task(supervise(each, config, metrics)))
+            engines = (engine, *helpers.values())
+            if config.start_engines_in_turn:
+                tasks.append(asyncio.create_task(_start_in_turn(engines)))
+            else:
+                tasks += [asyncio.create_task(_start_engine(each)) for each in engines]
+            tasks += [asyncio.create_task(supervise(each, config, metrics)) for each in engines]
         try:
             with reload_on_sighup(app.state.api_keys):
                 yield
@@ -136,6 +139,13 @@ def add_error_handlers(app: FastAPI) -> None:
 def load_profiles(path) -> ProfileStore:
     """Load and check a profiles file; raises ProfileError naming the file and line."""
     return ProfileStore.load(path, check_profile_alignment)
+
+
+async def _start_in_turn(engines) -> None:
+    """One engine after another: on a GPU each vLLM engine profiles the device's free memory as
+    it starts, and engines starting together each see the others' memory as free."""
+    for each in engines:
+        await _start_engine(each)
 
 
 async def _start_engine(engine: Engine) -> None:

@@ -61,8 +61,8 @@ def add_engine_arguments(serve: argparse.ArgumentParser) -> None:
     group.add_argument("--enforce-eager", action="store_true", default=None,
                        help="skip torch.compile and CUDA graphs on GPU (CPU always runs eager)")
     group.add_argument("--gpu-memory-utilization", type=float, default=None,
-                       help="GPU: the policy engine's share of device memory (default 0.9, less 0.1 per helper "
-                       "model, each of which gets 0.1)")
+                       help="GPU: the whole server's share of device memory (default 0.9), split between the "
+                       "policy and helper models (each helper 0.1 of it, all helpers at most half)")
     group.add_argument(
         "--self-check", default="auto", choices=["auto", "on", "off"],
         help="before /ready turns 200, compare the engine's (and each guide's) top-1 tokens over a fixed text "

@@ -30,3 +30,5 @@ class ServerConfig:
     # A dead engine is restarted at most this many times, waiting 2^k seconds before try k.
     max_engine_restarts: int = 5
     engine_poll_s: float = 1.0
+    # Start the policy, then each helper, one at a time (on a GPU, where vLLM profiles memory).
+    start_engines_in_turn: bool = False

@@ -16,7 +16,22 @@ from server.admission import AdmissionConfig
 from server.api_keys import APIKeyFileError, read_key_file
 from server.config import ServerConfig
 
-HELPER_GPU_SHARE = 0.1
+GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default: the whole server's share of the device
+HELPER_GPU_SHARE = 0.1  # of that total, per helper model (at most half of it for all helpers)
+
+
+def memory_shares(total: float | None, helpers: int) -> tuple[float, float]:
+    """(policy, each helper) fractions of device memory that add up to `total`
+    (`--gpu-memory-utilization`, default 0.9): vLLM gives each engine its own fraction.
+
+    >>> memory_shares(None, 2)
+    (0.72, 0.09)
+    >>> memory_shares(0.5, 0)
+    (0.5, 0.0)
+    """
+    total = GPU_MEMORY_UTILIZATION if total is None else total
+    helper = round(total * min(HELPER_GPU_SHARE, 0.5 / helpers), 4) if helpers else 0.0
+    return round(total - helper * helpers, 4), helper
 
 
 def named_path(spec: str, flag: str) -> tuple[str, str]:
@@ -75,7 +90,8 @@ def build_helpers(args) -> dict:
             model=str(Path(path).resolve()), served_model_name=name,
             max_model_len=min(args.max_model_len, limit or args.max_model_len),
             dtype=args.dtype, kv_cache_gib=args.helper_kv_cache_gib, max_num_seqs=16,
-            enforce_eager=args.enforce_eager, gpu_memory_utilization=HELPER_GPU_SHARE,
+            enforce_eager=args.enforce_eager,
+            gpu_memory_utilization=memory_shares(args.gpu_memory_utilization, len(args.helper_model))[1],
             self_check=args.self_check,
         ))
     return helpers
@@ -90,12 +106,14 @@ def build_policy(args, model: str, name: str, guides: GuideCatalog, helpers: int
         model=model, served_model_name=name, max_model_len=args.max_model_len, dtype=args.dtype,
         kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager,
         guides=guides, guide_dtype=args.guide_dtype, guide_quantization=args.guide_quantization,
-        gpu_memory_utilization=args.gpu_memory_utilization or 0.9 - HELPER_GPU_SHARE * helpers,
+        gpu_memory_utilization=memory_shares(args.gpu_memory_utilization, helpers)[0],
         self_check=args.self_check,
     ))
 
 
 def server_config(args, name: str) -> ServerConfig:
+    from decoding.vllm_engine import detect_device
+
     if get_strategy(args.default_strategy) is None:
         raise SystemExit(f"aligner: unknown --default-strategy {args.default_strategy!r}")
     if args.api_key_file is not None:
@@ -115,6 +133,7 @@ def server_config(args, name: str) -> ServerConfig:
         stream_keepalive_s=args.stream_keepalive_s,
         max_body_bytes=args.max_body_bytes,
         max_engine_restarts=args.max_engine_restarts,
+        start_engines_in_turn=detect_device() != "cpu",
         admission=AdmissionConfig(
             max_running_requests=args.max_running_requests,
             max_running_sequences=args.max_running_sequences,

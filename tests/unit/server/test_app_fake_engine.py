@@ -284,3 +284,47 @@ def test_the_server_token_cap_bounds_every_endpoint_and_is_reported():
     assert (budget["max_total_tokens"], budget["exhausted"], budget["deadline_s"]) == (5, "max_total_tokens", None)
     metrics = client.get("/metrics").text
     assert 'aligner_budget_exhausted_total{limit="max_total_tokens",strategy="best_of_n"} 1.0' in metrics
+
+
+class SlowStartEngine(FakeEngine):
+    """Records when each start begins and ends."""
+
+    def __init__(self, name: str, log: list):
+        super().__init__(ready=False)
+        self.model_name, self.log = name, log
+
+    async def start(self) -> None:
+        import asyncio
+
+        self.log.append(("begin", self.model_name))
+        await asyncio.sleep(0.05)
+        self.log.append(("end", self.model_name))
+        await super().start()
+
+
+@pytest.mark.parametrize("in_turn", [True, False])
+def test_engines_start_one_after_another_when_asked(in_turn):
+    log: list = []
+    helpers = {"h1": SlowStartEngine("h1", log), "h2": SlowStartEngine("h2", log)}
+    app = build_app(SlowStartEngine("policy", log), ServerConfig(served_model_name="fake-model",
+                                                                  start_engines_in_turn=in_turn), helpers=helpers)
+    with TestClient(app):
+        import time
+
+        for _ in range(200):
+            if len(log) == 6:
+                break
+            time.sleep(0.01)
+    in_turn_log = [("begin", "policy"), ("end", "policy"), ("begin", "h1"), ("end", "h1"), ("begin", "h2"), ("end", "h2")]
+    assert (log == in_turn_log) is in_turn
+    assert sorted(log) == sorted(in_turn_log)
+
+
+def test_memory_shares_add_up_to_the_server_total():
+    from server.serve import memory_shares
+
+    for total in (None, 0.5, 0.95):
+        for helpers in range(8):
+            policy, helper = memory_shares(total, helpers)
+            assert policy + helper * helpers == pytest.approx(total or 0.9)
+            assert policy >= (total or 0.9) / 2 - 1e-3  # helpers never take more than half
