@@ -13,7 +13,7 @@ export HOST PORT
 # Re-install only when the dependency list changes.
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup serve test model clean
+.PHONY: setup serve test model gpu-check clean
 
 setup: $(STAMP) model
 
@@ -36,6 +36,10 @@ serve: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# On a machine with an NVIDIA GPU: tests, kernels, the server and `vllm serve`, one table.
+gpu-check: setup
+	$(PY) -m bench.gpu_check --json gpu_check.json
 
 clean:
 	rm -rf .venv .venv-gpu .pytest_cache

@@ -73,7 +73,7 @@ async def server_tokens_per_s(url, alignment, concurrency, max_tokens) -> float:
 @torch.inference_mode()
 def hf_args_loop(policy, rm, prompt_ids: list[int], max_tokens: int, k: int, weight: float = 1.0) -> int:
     """One request, token by token, ARGS the straightforward way."""
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids], device=policy.device)
     out = policy(ids, use_cache=True)
     policy_cache, logits = out.past_key_values, out.logits[0, -1]
     rm_out = rm.model(ids, use_cache=True)
@@ -108,8 +108,10 @@ def hf_tokens_per_s(policy_dir: Path, args_dir: Path, concurrency: int, max_toke
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(policy_dir)
-    policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.bfloat16).eval()
-    rm = AutoModelForSequenceClassification.from_pretrained(args_dir, dtype=torch.bfloat16).eval()
+    # The reference loop runs where the server's engine runs: the GPU when there is one.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.bfloat16).to(device).eval()
+    rm = AutoModelForSequenceClassification.from_pretrained(args_dir, dtype=torch.bfloat16).to(device).eval()
     ids = tok.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True)
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     hf_args_loop(policy, rm, ids, 2, k)  # warm-up

@@ -27,3 +27,32 @@ def test_statistics():
     assert length_controlled_win_rate(wins, diff) == pytest.approx(0.5, abs=0.05)
     # Wins regardless of length: stays high.
     assert length_controlled_win_rate(np.ones(8), diff) > 0.9
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_vllm_baseline_flags_are_vllms_own_and_match_this_servers_engine(device):
+    """`vllm serve` in a comparison gets the engine settings `aligner serve` uses on the device;
+    vLLM's own parser must accept every flag."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from bench.cli import vllm_engine_flags
+    from decoding.vllm_engine import VLLMEngineConfig
+
+    ours = VLLMEngineConfig(model="m")
+    parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", "m", *vllm_engine_flags(device)])
+    assert (parsed.max_model_len, parsed.max_num_seqs) == (ours.max_model_len, ours.max_num_seqs)
+    assert parsed.enforce_eager is (device == "cpu")  # GPU: CUDA graphs, as this server builds them
+    if device == "cuda":
+        assert parsed.gpu_memory_utilization == ours.gpu_memory_utilization
+    else:
+        assert parsed.block_size == 32 and parsed.kv_cache_memory_bytes == 1 << 30
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal without a GPU")
+def test_the_gpu_check_refuses_to_run_without_a_gpu():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_check"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "needs a CUDA GPU" in done.stderr
