@@ -86,6 +86,24 @@ def load_guides(config: dict, device) -> GuideSet:
     return guides
 
 
+# ARGS candidate counts the warm-up runs: they cover every row-tile size the candidate
+# attention kernel compiles (16, 32, 64 rows) whatever a guide's head grouping.
+WARM_UP_K = (1, 2, 4, 8, 16, 32, 64)
+
+
+def warm_up(guides: GuideSet, vocab_size: int, device) -> None:
+    """One guided step of each guide (each ARGS candidate count) on dummy logits, so that the
+    Triton kernels compile at start, not inside the first guided request's engine step. Leaves
+    no state behind: every slot is released."""
+    for name, mode in guides.modes.items():
+        for k in WARM_UP_K if mode == "args" else (1,):
+            k = min(k, vocab_size)
+            state = GuidedState(guides)
+            state.add(0, {EXTRA_ARGS_KEY: {"guide": name, "mode": mode, "alpha": 1.0, "k": k}}, [0, 1], [])
+            state.apply(torch.zeros(1, vocab_size, device=device))
+            state.remove(0)
+
+
 class GuidedState:
     """Batch bookkeeping and the per-step guide computation, independent of vLLM so that
     tests can drive it with fake logits and simulated batch updates."""
@@ -227,7 +245,10 @@ def _load_processor_class():
 
         def __init__(self, vllm_config, device, is_pin_memory: bool):
             config = (vllm_config.additional_config or {}).get(CONFIG_KEY) or {}
-            self.state = GuidedState(load_guides(config, device) if config else GuideSet(), config.get("report_dir"))
+            guides = load_guides(config, device) if config else GuideSet()
+            if torch.device(device).type == "cuda":
+                warm_up(guides, vllm_config.model_config.get_vocab_size(), device)
+            self.state = GuidedState(guides, config.get("report_dir"))
 
         def is_argmax_invariant(self) -> bool:
             return False

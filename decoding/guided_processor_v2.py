@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from decoding.guide_spec import CONFIG_KEY
-from decoding.guided_processor import GuidedState, GuideSet, load_guides, logger
+from decoding.guided_processor import GuidedState, GuideSet, load_guides, logger, warm_up
 
 # (slot, row, start, end) -> the request's tokens [start, end); end - 1 is the row's fed token.
 ReadTokens = Callable[[int, int, int, int], list[int]]
@@ -96,6 +96,8 @@ def _load_processor_class():
             config = (vllm_config.additional_config or {}).get(CONFIG_KEY) or {}
             self.req_states = req_states
             guides = load_guides(config, req_states.device) if config else GuideSet()
+            if torch.device(req_states.device).type == "cuda":
+                warm_up(guides, req_states.vocab_size, req_states.device)
             self.slots = GuidedSlots(guides, config.get("report_dir"))
             self._warned_spec = False
 

@@ -310,3 +310,16 @@ def test_int8_reaches_the_guide_runners(models, tmp_path):
         assert all(isinstance(p, guide_model._Int8Gemm) for p in (layer.qkv, layer.o, layer.gate_up, layer.down))
     plain = load_guides({**config, "quantization": None}, "cpu").decoders["rm"]
     assert not isinstance(plain.layers[0].qkv, guide_model._Int8Gemm)
+
+
+def test_the_warm_up_runs_every_guide_and_leaves_nothing_behind(models, monkeypatch):
+    from decoding import guided_processor
+
+    guides = guide_set(models)
+    steps = []
+    real_apply = GuidedState.apply
+    monkeypatch.setattr(GuidedState, "apply", lambda self, logits: steps.append(
+        {i: (r.guide, r.k) for i, r in self.rows.items()}) or real_apply(self, logits))
+    guided_processor.warm_up(guides, VOCAB, "cpu")
+    assert [s[0] for s in steps] == [("arm", 1)] + [("rm", min(k, VOCAB)) for k in guided_processor.WARM_UP_K]
+    assert all(d.free_slots == d.max_slots for d in guides.decoders.values())
