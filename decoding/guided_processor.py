@@ -15,7 +15,8 @@ State: one guide KV-cache slot per guided request (`SlotDecoder`), appended with
 the engine accepted since the previous step. The request's output-token list is a live
 reference; with async scheduling it can lag one step, which would desynchronise guide and
 policy, so engines built with guides turn async scheduling off, and a lagging row is
-detected and left unguided for that step rather than guided wrongly.
+detected and left unguided for that step rather than guided wrongly. (On CUDA, vLLM's Model
+Runner V2 runs `decoding.guided_processor_v2`, which reads the runner's device buffers.)
 """
 
 from __future__ import annotations

@@ -6,8 +6,10 @@ the runner's persistent buffers (`add_request(slot, params)`; slots are recycled
 removal call), reorders logits rows every step (`LogitsContext.idx_mapping_np`: row -> slot),
 and keeps token history on the device (`LogitsProcRequestState.all_token_ids`). Each step a
 guided row's sequence is read up to the token being fed: the committed tokens before it from
-`all_token_ids`, the fed token itself from `LogitsContext.input_ids`, so the guide never
-waits for the output list to catch up.
+`all_token_ids`, the fed token itself from `LogitsContext.input_ids`. Both are written on the
+device in stream order (the runner appends sampled tokens to `all_token_ids` after each
+step), so the guide never waits for an output list to catch up and the engine keeps vLLM's
+async scheduling on.
 
 A finished request's guide slot is held until its runner slot is reused, or reclaimed when a
 new guided row needs one and none is free (a request reclaimed while still alive rebuilds

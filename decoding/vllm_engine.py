@@ -110,9 +110,11 @@ class VLLMEngineConfig:
                 "max_len": self.guides.max_len, "report_dir": self.guides.report_dir,
                 "dtype": self.effective_guide_dtype, "quantization": self.effective_guide_quantization,
             }}
-            # The guide appends the engine's accepted tokens each step; async scheduling
-            # would show it output lists one step late.
-            kwargs["async_scheduling"] = False
+            if guided_processor_for(device) == GUIDED_PROCESSOR:
+                # The V1 processor appends the engine's accepted tokens each step from the
+                # output lists, which async scheduling shows one step late. The V2 processor
+                # reads the runner's device buffers, written in stream order: async stays on.
+                kwargs["async_scheduling"] = False
         if device != "cpu":
             kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
         if device == "cpu":

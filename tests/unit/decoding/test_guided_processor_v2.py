@@ -124,3 +124,17 @@ def test_the_v2_class_is_a_v2_logits_processor():
     from decoding import guided_processor_v2
 
     assert issubclass(guided_processor_v2.RewardGuidedLogitsProcessorV2, LogitsProcessor)
+
+
+@pytest.mark.parametrize("device, processor, async_off", [("cpu", GUIDED_PROCESSOR, True),
+                                                         ("cuda", GUIDED_PROCESSOR_V2, False)])
+def test_the_engine_registers_the_runners_processor_and_keeps_async_scheduling_where_it_can(
+        monkeypatch, device, processor, async_off):
+    from decoding.guide_spec import GuideCatalog
+    from decoding.vllm_engine import VLLMEngineConfig
+
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    guides = GuideCatalog({"arm": {"path": "/unused", "mode": "genarm"}})
+    args = VLLMEngineConfig(model="unused", guides=guides).engine_args(device)
+    assert args.logits_processors == [processor]
+    assert (args.async_scheduling is False) is async_off
