@@ -78,16 +78,18 @@ class Budget:
         own = None if self.max_total_tokens is None else self.max_total_tokens - self.used_tokens
         return _smaller(own, self.parent.remaining_tokens() if self.parent else None)
 
-    def spent(self) -> bool:
-        """A limit is reached: start no new work (and remember which one ran out)."""
+    def exhausted(self) -> str | None:
+        """The limit reached now (noted), or None."""
         seconds, tokens = self.remaining_s(), self.remaining_tokens()
-        if seconds is not None and seconds <= 0:
-            self.note(DEADLINE)
-            return True
-        if tokens is not None and tokens <= 0:
-            self.note(TOKENS)
-            return True
-        return False
+        limit = DEADLINE if seconds is not None and seconds <= 0 else (
+            TOKENS if tokens is not None and tokens <= 0 else None)
+        if limit is not None:
+            self.note(limit)
+        return limit
+
+    def spent(self) -> bool:
+        """A limit is reached: start no new work."""
+        return self.exhausted() is not None
 
     def charge(self, tokens: int) -> None:
         self.used_tokens += tokens
@@ -107,12 +109,14 @@ class Budget:
         else:
             self.skipped.append(what)
 
-    def share(self, fraction: float) -> Budget:
-        """A part of what remains, for work that must leave the rest to later stages."""
+    def share(self, fraction: float, tokens_fraction: float | None = None) -> Budget:
+        """A part of what remains (of the tokens, `tokens_fraction` if given), for work that
+        must leave the rest to later work."""
         seconds, tokens = self.remaining_s(), self.remaining_tokens()
+        tokens_fraction = fraction if tokens_fraction is None else tokens_fraction
         return Budget(
             None if seconds is None else max(0.0, seconds * fraction),
-            None if tokens is None else max(0, int(tokens * fraction)),
+            None if tokens is None else max(0, int(tokens * tokens_fraction)),
             parent=self,
         )
 
@@ -155,7 +159,6 @@ class BudgetedEngine:
         if capped:
             sampling = replace(sampling, max_tokens=room, min_tokens=min(sampling.min_tokens, room))
         finished: set[int] = set()
-        lengths: set[int] = set()  # samples that ended at max_tokens
         stream = self.inner.generate(request_id, prompt_token_ids, sampling)
         try:
             while True:
@@ -164,29 +167,32 @@ class BudgetedEngine:
                     async with asyncio.timeout(seconds) if seconds is not None else contextlib.nullcontext():
                         chunk = await anext(stream)
                 except StopAsyncIteration:
-                    if capped and lengths:
-                        budget.note(TOKENS)  # they ended at the budget's cap, not the request's
                     return
                 except TimeoutError:
                     budget.note(DEADLINE)
-                    break
+                    yield _cut(sampling.n, finished)
+                    return
                 budget.charge(sum(len(d.token_ids) for d in chunk.sequences))
-                finished.update(d.index for d in chunk.sequences if d.finish_reason is not None)
-                lengths.update(d.index for d in chunk.sequences if d.finish_reason == "length")
+                for delta in chunk.sequences:
+                    if delta.finish_reason is not None:
+                        finished.add(delta.index)
+                        if capped and delta.finish_reason == "length":
+                            delta.cut = True  # at the budget's cap, not the request's max_tokens
+                            budget.note(TOKENS)
+                if not chunk.finished and len(finished) < sampling.n and budget.spent():
+                    await stream.aclose()  # abort before the consumer handles the last chunk
+                    yield chunk
+                    yield _cut(sampling.n, finished)
+                    return
                 yield chunk
-                if chunk.finished or len(finished) == sampling.n:
-                    continue  # the stream is about to end by itself
-                if budget.spent():
-                    break
-            yield _cut(sampling.n, finished)
         finally:
             await stream.aclose()
 
 
 def _cut(n: int, finished: set[int]) -> GenerationChunk:
     """The end of a stream stopped at a limit: every unfinished sample ends as if at max_tokens."""
-    return GenerationChunk(0, [SequenceDelta(i, "", [], None, "length") for i in range(n) if i not in finished],
-                           finished=True)
+    return GenerationChunk(0, [SequenceDelta(i, "", [], None, "length", cut=True) for i in range(n)
+                               if i not in finished], finished=True)
 
 
 class BudgetedRewards:

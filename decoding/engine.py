@@ -82,6 +82,9 @@ class SequenceDelta:
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
+    # Ended by the request's budget (`aligner.budget`), not by the engine: finish_reason is
+    # "length", but the answer is a partial one the request did not ask to cut.
+    cut: bool = False
 
 
 @dataclass
@@ -101,6 +104,7 @@ class SequenceOutput:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    cut: bool = False  # see SequenceDelta.cut
 
 
 @dataclass
@@ -126,6 +130,7 @@ class Generation:
             seq.logprobs.extend(delta.logprobs or ())
             if delta.finish_reason is not None:
                 seq.finish_reason = delta.finish_reason
+            seq.cut = seq.cut or delta.cut
 
     @classmethod
     def empty(cls, n: int, prompt_tokens: int = 0) -> Generation:

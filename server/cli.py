@@ -23,15 +23,19 @@ def _env(name: str, default=None):
     return os.environ.get(name, default)
 
 
-def _positive_or_none(text: str) -> float | None:
+def _positive_or_none(text: str, kind=float):
     """A positive limit, or None for 0 (no limit)."""
     try:
-        value = float(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
     if value < 0:
         raise argparse.ArgumentTypeError("a limit cannot be negative (0 means none)")
     return value or None
+
+
+def _count_or_none(text: str) -> int | None:
+    return _positive_or_none(text, int)
 
 
 def add_http_arguments(serve: argparse.ArgumentParser) -> None:
@@ -123,10 +127,10 @@ def add_alignment_arguments(serve: argparse.ArgumentParser) -> None:
     group.add_argument("--max-n", type=int, default=8, help="largest `n` a request may ask for")
     group.add_argument("--max-candidates", type=int, default=16, help="largest N for multi-sample strategies")
     group.add_argument("--max-request-seconds", type=_positive_or_none, default=600.0,
-                       help="deadline of every aligned request, and the largest alignment.deadline_s; at it the "
-                            "best answer so far is returned (0: none)")
-    group.add_argument("--max-request-tokens", type=_positive_or_none, default=None,
-                       help="tokens an aligned request may generate in all (candidates, stages), and the largest "
+                       help="deadline of every request (chat, Responses and text completions), and the largest "
+                            "alignment.deadline_s; at it the best answer so far is returned (0: none)")
+    group.add_argument("--max-request-tokens", type=_count_or_none, default=None,
+                       help="tokens a request may generate in all (candidates, stages), and the largest "
                             "alignment.max_total_tokens (default: none)")
     group.add_argument("--stream-keepalive-s", type=float, default=2.0)
 

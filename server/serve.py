@@ -129,7 +129,7 @@ def server_config(args, name: str) -> ServerConfig:
         default_strategy=args.default_strategy,
         max_candidates=args.max_candidates,
         max_request_seconds=args.max_request_seconds,
-        max_request_tokens=None if args.max_request_tokens is None else int(args.max_request_tokens),
+        max_request_tokens=args.max_request_tokens,
         stream_keepalive_s=args.stream_keepalive_s,
         max_body_bytes=args.max_body_bytes,
         max_engine_restarts=args.max_engine_restarts,

@@ -144,7 +144,7 @@ class ServingChat(ServingBase):
                 self.metrics.budget_exhausted.labels(strategy, budget.ran_out).inc()
         self.metrics.e2e.labels(strategy).observe(time.perf_counter() - started)
         self.metrics.generated_tokens.labels(strategy).inc(result.completion_tokens)
-        if "fallback" in result.info:
+        if "fallback" in result.info and not result.info["fallback"].get("cut"):  # a deadline is no fault
             self.metrics.fallbacks.labels(strategy).inc()
 
     async def _stream(

@@ -120,6 +120,7 @@ class Candidate:
     logprobs: list[TokenLogprob] | None = None
     score: float | None = None
     scores: dict[str, float] = field(default_factory=dict)
+    cut: bool = False  # its generation was stopped by the request's budget (a partial answer)
 
     def public(self) -> dict[str, Any]:
         return {

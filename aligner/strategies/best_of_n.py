@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
+from aligner.budget import BudgetExhausted
 from aligner.rewards import RewardError
 from aligner.strategies.base import (
     Candidate,
@@ -27,6 +28,7 @@ from aligner.strategies.common import (
     check_candidates,
     fallback_result,
     generate_candidates,
+    sampling_context,
     score_candidates,
 )
 from aligner.strategies.selection import clear_lead, top_distinct
@@ -75,7 +77,7 @@ class BestOfNStrategy(Strategy):
 
     async def run(self, ctx: StrategyContext, params: BestOfNParams) -> StrategyResult:
         if params.batch is None or params.batch >= params.n:
-            candidates, generated = await generate_candidates(ctx, params.n)
+            candidates, generated = await generate_candidates(sampling_context(ctx, params.reward), params.n)
             return await self._select(ctx, params, candidates, [generated], {})
         return await self._waves(ctx, params)
 
@@ -92,15 +94,22 @@ class BestOfNStrategy(Strategy):
                     ctx.budget.skip(f"{params.n - len(candidates)} of {params.n} candidates")
                 break
             seed = None if ctx.sampling.seed is None else ctx.sampling.seed + 7919 * wave
-            more, generated = await generate_candidates(ctx, size, stage=f"generate-{wave}", seed=seed)
+            more, generated = await generate_candidates(sampling_context(ctx, params.reward), size,
+                                                        stage=f"generate-{wave}", seed=seed)
             for c in more:
                 c.index += len(candidates)
             stages.append(generated)
-            candidates += more
             try:
                 stages.append(await score_candidates(ctx, params.reward, more, stage=f"score-{wave}"))
+            except BudgetExhausted as exc:
+                if not candidates:  # nothing scored yet: the first whole sample, unscored
+                    return fallback_result(ctx, params, more, stages, exc)
+                stopped = "deadline"  # the wave was never scored: it cannot be picked
+                ctx.budget.skip(f"{params.n - len(candidates)} of {params.n} candidates")
+                break
             except RewardError as exc:
-                return fallback_result(ctx, params, candidates, stages, exc)
+                return fallback_result(ctx, params, candidates + more, stages, exc)
+            candidates += more
             wave += 1
         info = {"candidates_used": len(candidates), "waves": wave, "stopped": stopped}
         return self._pick(ctx, candidates, stages, info)
@@ -131,8 +140,8 @@ def _not_worth_it(ctx: StrategyContext, params: BestOfNParams, candidates: list[
                                                      params.stop_margin):
         return "stop_margin"
     budget = ctx.budget
-    if budget.spent():
-        return budget.ran_out
+    if limit := budget.exhausted():
+        return limit
     per_candidate = sum(len(c.token_ids) for c in candidates) / len(candidates)
     tokens = budget.remaining_tokens()
     if tokens is not None and tokens < size * per_candidate:

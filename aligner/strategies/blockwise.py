@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from aligner.budget import BudgetExhausted
 from aligner.rewards import RewardError
 from aligner.strategies.base import (
     RESTARTS,
@@ -112,13 +113,16 @@ class BlockSearch:
         threshold = self.threshold()
         for attempt in range(self.params.max_retries + 1):
             candidates = await self.sample(step, attempt)
-            if self.ctx.budget.spent():  # blocks may be cut short: the answer is the accepted prefix
+            if any(c.cut for c in candidates) or self.ctx.budget.spent():  # blocks may be cut short: the answer is the accepted prefix
                 self.ctx.budget.skip(f"blockwise blocks from step {step}")
                 return None
             try:
                 self.stages.append(await score_candidates(
                     self.ctx, self.params.reward, candidates, [self.text + c.text for c in candidates],
                     stage=f"score-{step}"))
+            except BudgetExhausted:  # no time to choose among them: the answer is the accepted prefix
+                self.ctx.budget.skip(f"blockwise blocks from step {step}")
+                return None
             except RewardError as exc:
                 self.fallback = reward_failed(self.params, exc, f"score-{step}")
                 pick = 0  # no scores: keep a plain sample

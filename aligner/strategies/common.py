@@ -47,12 +47,27 @@ def check_candidates(params, ctx: StrategyContext) -> dict[str, float]:
     return resolve_reward(params, ctx)
 
 
+# Under a deadline, the share of the time left that sampling may spend when a reward model
+# must still score the samples: the rest is scoring's, so a deadline still ends in a scored pick.
+SAMPLING_SHARE = 0.9
+
+
+def sampling_context(ctx: StrategyContext, weights: dict[str, float]) -> StrategyContext:
+    """`ctx` for sampling what `weights` will score: under a deadline, with a reward model among
+    them, sampling stops early enough to leave scoring its time (rules score for free)."""
+    if ctx.budget.remaining_s() is None or all(ctx.rewards.get(name).kind == "rule" for name in weights):
+        return ctx
+    return ctx.with_budget(ctx.budget.share(SAMPLING_SHARE, tokens_fraction=1.0))
+
+
 def reward_failed(params: StrategyParams, error: RewardError, stage: str) -> dict[str, Any]:
     """The one policy for a reward that fails: with `fallback` on, the strategy carries on
     without scores and reports this value as `info["fallback"]` (the server counts it);
     with `fallback` off, the request fails with 503 -- unless the request's own deadline cut
     the scoring, where the best answer so far is what the request asked for."""
-    if not params.fallback and not isinstance(error, BudgetExhausted):
+    if isinstance(error, BudgetExhausted):  # not a failure: the request's deadline came first
+        return {"reason": str(error), "reward": error.name, "stage": stage, "cut": "deadline"}
+    if not params.fallback:
         raise StrategyUnavailable(f"{error}; the request set fallback=false") from error
     return {"reason": str(error), "reward": error.name, "stage": stage}
 
@@ -80,7 +95,7 @@ async def generate_candidates(
 
 def candidates_of(generation, with_logprobs: bool) -> list[Candidate]:
     return [
-        Candidate(s.index, s.text, s.token_ids, s.finish_reason, s.logprobs if with_logprobs else None)
+        Candidate(s.index, s.text, s.token_ids, s.finish_reason, s.logprobs if with_logprobs else None, cut=s.cut)
         for s in generation.sequences
     ]
 
@@ -105,16 +120,14 @@ async def score_candidates(
 
 
 def budget_pool(ctx: StrategyContext, candidates: list[Candidate]) -> list[Candidate]:
-    """The candidates a selection picks from: all of them, unless the request's budget cut the
-    generation; then the finished ones (the partial ones too if fewer finished than asked)."""
-    if ctx.budget.ran_out is None:
+    """The candidates a selection picks from: all but those the request's budget cut short
+    (all of them if too few others are left)."""
+    whole = [c for c in candidates if not c.cut]
+    if len(whole) < ctx.num_choices:
         return candidates
-    finished = [c for c in candidates if c.finish_reason != "length"]
-    if len(finished) < ctx.num_choices:
-        return candidates
-    if len(finished) < len(candidates):
-        ctx.budget.skip(f"{len(candidates) - len(finished)} unfinished candidates")
-    return finished
+    if len(whole) < len(candidates):
+        ctx.budget.skip(f"{len(candidates) - len(whole)} unfinished candidates")
+    return whole
 
 
 def fallback_result(
@@ -125,10 +138,10 @@ def fallback_result(
     error: RewardError,
     stage: str = "score",
 ) -> StrategyResult:
-    """The reward failed: answer with plain samples (already generated; finished ones first),
-    and say why."""
+    """The reward failed: answer with plain samples (already generated; whole ones before any
+    the budget cut short), and say why."""
     fallback = reward_failed(params, error, stage)
-    order = sorted(range(len(candidates)), key=lambda i: candidates[i].finish_reason == "length")
+    order = sorted(range(len(candidates)), key=lambda i: candidates[i].cut)
     picked = [candidates[i].index for i in order[:ctx.num_choices]]
     return StrategyResult(
         choices=[candidates[i] for i in order[:ctx.num_choices]],

@@ -66,6 +66,10 @@ class SelfRefineStrategy(OutputStrategy):
                 break
             ask = [{"role": "user", "content": CRITIQUE_PROMPT.format(question=question, answer=choice.text, principles=principles)}]
             (critique,), critiqued = await chat_once(ctx, ask, stage=f"critique-{c}-{r}", max_tokens=params.max_critique_tokens, temperature=0.0)
+            if ctx.budget.spent():  # the critique may be cut short: no revision from it
+                result.stages.append(critiqued)
+                ctx.budget.skip(f"self_refine rounds {r}-{params.rounds} of choice {c}")
+                break
             ask = [{"role": "user", "content": REVISE_PROMPT.format(question=question, answer=choice.text, critique=critique)}]
             (revision,), revised = await chat_once(ctx, ask, stage=f"revise-{c}-{r}", max_tokens=ctx.sampling.max_tokens, temperature=ctx.sampling.temperature, answer=True)
             result.stages += [critiqued, revised]

@@ -13,7 +13,14 @@ from aligner.rewards import RewardError
 
 from aligner.strategies.base import Strategy, StrategyContext, StrategyResult, register
 from aligner.strategies.best_of_n import CandidatesParams
-from aligner.strategies.common import budget_pool, check_candidates, fallback_result, generate_candidates, score_candidates
+from aligner.strategies.common import (
+    budget_pool,
+    check_candidates,
+    fallback_result,
+    generate_candidates,
+    sampling_context,
+    score_candidates,
+)
 from aligner.strategies.selection import soft_sample
 
 
@@ -39,7 +46,7 @@ class SoftBestOfNStrategy(Strategy):
         return params.n
 
     async def run(self, ctx: StrategyContext, params: SoftBestOfNParams) -> StrategyResult:
-        candidates, generated = await generate_candidates(ctx, params.n)
+        candidates, generated = await generate_candidates(sampling_context(ctx, params.reward), params.n)
         pool = budget_pool(ctx, candidates)
         try:
             scored = await score_candidates(ctx, params.reward, pool)

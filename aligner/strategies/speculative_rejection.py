@@ -16,6 +16,7 @@ import math
 
 from pydantic import Field
 
+from aligner.budget import BudgetExhausted
 from aligner.rewards import RewardError
 from aligner.strategies.base import (
     RESTARTS,
@@ -82,6 +83,11 @@ class SpeculativeRejectionStrategy(Strategy):
             # Unfinished answers are scored as they stand; finished ones get their final score.
             try:
                 stages.append(await score_candidates(ctx, params.reward, alive, stage=f"score-{step}"))
+            except BudgetExhausted as exc:
+                if step == 0:  # nothing scored yet
+                    return fallback_result(ctx, params, everyone, stages, exc)
+                # Out of time to score this round: the best as of the last one.
+                return self._best_so_far(ctx, params, finished, alive, stages, everyone, rounds, step)
             except RewardError as exc:
                 return fallback_result(ctx, params, everyone, stages, exc)
             ended = {c.index for c in alive if done(c)}
@@ -98,16 +104,7 @@ class SpeculativeRejectionStrategy(Strategy):
             if not alive:
                 break
             if ctx.budget.spent():
-                # Out of budget: the best answer as it stands, a finished one if any finished.
-                ctx.budget.skip(f"speculative_rejection from round {step} ({len(alive)} unfinished)")
-                complete = [c for c in finished if c.finish_reason != "length"]
-                pool = complete or finished + alive
-                best = pool[rank([c.score for c in pool])[0]]
-                if not complete:
-                    best.finish_reason = "length"
-                return StrategyResult(choices=[best], stages=stages, candidates=everyone,
-                                      info={"selected": [best.index], "scores": [best.score], "rounds": rounds,
-                                            "stopped_early": params.n - len(finished)})
+                return self._best_so_far(ctx, params, finished, alive, stages, everyone, rounds, step)
             step += 1
             # Survivors that rejection can no longer thin out run to the end in one request.
             final = len(alive) <= params.min_survivors
@@ -122,6 +119,7 @@ class SpeculativeRejectionStrategy(Strategy):
                 c.text = tokenizer.decode(c.token_ids + more.token_ids)
                 c.token_ids = c.token_ids + more.token_ids
                 c.finish_reason = more.finish_reason
+                c.cut = c.cut or more.cut
                 if not more.token_ids:
                     stalled.add(c.index)
                 return report
@@ -135,3 +133,17 @@ class SpeculativeRejectionStrategy(Strategy):
             info={"selected": [best.index], "scores": [best.score], "rounds": rounds,
                   "stopped_early": params.n - len(finished)},
         )
+
+    @staticmethod
+    def _best_so_far(ctx, params, finished, alive, stages, everyone, rounds, step) -> StrategyResult:
+        """Out of budget: the best-scoring answer as it stands, a whole finished one if any.
+        Every candidate here has a score from a completed round."""
+        ctx.budget.skip(f"speculative_rejection from round {step} ({len(alive)} unfinished)")
+        complete = [c for c in finished if not c.cut and c.finish_reason != "length"]
+        pool = complete or [c for c in finished + alive if c.score is not None]
+        best = pool[rank([c.score for c in pool])[0]]
+        if not complete:
+            best.finish_reason = "length"
+        return StrategyResult(choices=[best], stages=stages, candidates=everyone,
+                              info={"selected": [best.index], "scores": [best.score], "rounds": rounds,
+                                    "stopped_early": params.n - len(finished)})

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from aligner.budget import Budget, BudgetedEngine, BudgetParams
+from aligner.rewards.base import Reward
 from aligner.strategies import StrategyResult
 from aligner.strategies.pipeline import Pipeline, PipelineParams
 from decoding.engine import SamplingConfig, collect
@@ -163,3 +164,73 @@ async def test_a_pipeline_out_of_time_keeps_the_last_completed_stage():
     assert budget.ran_out == "deadline"
     assert any(s.startswith("pipeline stage 0 (rewrite)") for s in budget.skipped)
     assert any(s.startswith("pipeline stage 2 (self_refine)") for s in budget.skipped)
+
+
+class SlowModel(Reward):
+    """A reward model (scored on its own thread, not free like a rule) whose k-th call takes
+    `delays[k]` seconds (the last delay repeats); it scores like `length_penalty`."""
+
+    name, kind, description = "slow", "model", "a reward model that takes its time"
+
+    def __init__(self, *delays: float):
+        self.delays, self.calls = list(delays), 0
+
+    def score(self, prompts, responses):
+        time.sleep(self.delays[min(self.calls, len(self.delays) - 1)])
+        self.calls += 1
+        return [length_penalty(r) for r in responses]
+
+
+def slow_world(*delays: float, **kw) -> World:
+    world = World(**kw)
+    world.rewards.add(SlowModel(*delays))
+    return world
+
+
+def within(budget: Budget, slack: float = 0.25) -> bool:
+    return time.monotonic() - budget.started < budget.deadline_s + slack
+
+
+async def test_best_of_n_under_a_deadline_leaves_its_reward_model_time_to_score():
+    world = slow_world(0.02, max_tokens=200, ignore_eos=True, step_delay=0.01)
+    strategy, params = checked("best_of_n", world, {"n": 3, "reward": "slow", "return_candidates": True})
+    budget = Budget(deadline_s=0.4)
+    result = await strategy.run(world.ctx.with_budget(budget), params)
+    assert within(budget) and budget.ran_out == "deadline"
+    assert "fallback" not in result.info  # scored, not a plain answer
+    assert all(c.cut and c.score is not None for c in result.candidates)
+    assert result.info["scores"] == [max(c.score for c in result.candidates)]
+
+
+async def test_adaptive_best_of_n_drops_a_wave_the_deadline_left_unscored():
+    world = slow_world(0.01, 2.0, max_tokens=10, ignore_eos=True, step_delay=0.01)
+    strategy, params = checked("best_of_n", world, {"n": 8, "batch": 2, "reward": "slow"})
+    budget = Budget(deadline_s=0.45)
+    result = await strategy.run(world.ctx.with_budget(budget), params)
+    assert within(budget)
+    info = result.info
+    assert (info["candidates_used"], info["stopped"]) == (2, "deadline") and "fallback" not in info
+    assert len(world.engine.requests) == 2  # the second wave was sampled, then dropped unscored
+    assert result.choices[0].score is not None and result.choices[0].index in (0, 1)
+
+
+async def test_speculative_rejection_out_of_time_to_score_keeps_the_last_rounds_best():
+    world = slow_world(0.01, 2.0, max_tokens=60, ignore_eos=True, step_delay=0.01)
+    strategy, params = checked("speculative_rejection", world,
+                               {"n": 4, "chunk_tokens": 3, "min_survivors": 1, "reward": "slow"})
+    budget = Budget(deadline_s=0.4)
+    result = await strategy.run(world.ctx.with_budget(budget), params)
+    assert within(budget) and "fallback" not in result.info
+    (best,) = result.choices
+    first_round = result.info["rounds"][0]
+    assert best.score == max(first_round["scores"]) and best.finish_reason == "length"
+
+
+async def test_blockwise_out_of_time_to_score_keeps_the_accepted_blocks():
+    world = slow_world(0.01, 2.0, max_tokens=60, ignore_eos=True, step_delay=0.01)
+    strategy, params = checked("blockwise", world, {"k": 2, "block_tokens": 4, "reward": "slow"})
+    budget = Budget(deadline_s=0.4)
+    result = await strategy.run(world.ctx.with_budget(budget), params)
+    assert within(budget) and "fallback" not in result.info
+    (choice,) = result.choices
+    assert result.info["blocks"] == 1 and len(choice.token_ids) == 4 and choice.finish_reason == "length"
