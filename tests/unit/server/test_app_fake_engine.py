@@ -328,3 +328,37 @@ def test_memory_shares_add_up_to_the_server_total():
             policy, helper = memory_shares(total, helpers)
             assert policy + helper * helpers == pytest.approx(total or 0.9)
             assert policy >= (total or 0.9) / 2 - 1e-3  # helpers never take more than half
+
+
+def test_reward_queues_are_a_gauge_per_reward_model():
+    import threading
+
+    from aligner.rewards import RewardRegistry
+    from aligner.rewards.base import Reward
+
+    release = threading.Event()
+
+    class Stuck(Reward):
+        name, kind, description = "stuck", "model", "waits for the test"
+
+        def score(self, prompts, responses):
+            release.wait(5)
+            return [0.0] * len(responses)
+
+    rewards = RewardRegistry.with_builtins()
+    rewards.add(Stuck())
+    app = build_app(FakeEngine(), ServerConfig(served_model_name="fake-model"), rewards, start_engine=False)
+    with TestClient(app) as client:
+        assert "aligner_reward_pending" in client.get("/metrics").text
+        import asyncio
+
+        async def two_calls():
+            calls = [asyncio.ensure_future(rewards.score({"stuck": 1.0}, [], ["a"])) for _ in range(2)]
+            await asyncio.sleep(0.2)
+            text = client.get("/metrics").text
+            release.set()
+            await asyncio.gather(*calls)
+            return text
+
+        text = asyncio.run(two_calls())
+    assert 'aligner_reward_pending{reward="stuck"} 2.0' in text
