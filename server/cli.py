@@ -156,7 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="aligner", description="Inference-time alignment server")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="start the OpenAI-compatible server")
+    serve = sub.add_parser(
+        "serve", help="start the OpenAI-compatible server",
+        epilog="Any other vLLM engine argument (vllm serve --help=all: --tensor-parallel-size, --data-parallel-size, "
+               "--distributed-executor-backend ray, --quantization, --kv-cache-dtype, --max-num-batched-tokens, ...) "
+               "goes to the policy engine unchanged and wins over this server's CPU defaults.")
     for add in (add_http_arguments, add_engine_arguments, add_model_arguments, add_alignment_arguments,
                 add_limit_arguments):
         add(serve)
@@ -181,8 +185,36 @@ def cmd_serve(args) -> int:
     return serve(args)
 
 
+def vllm_engine_overrides(argv: list[str]) -> dict:
+    """vLLM's own engine arguments among `argv` (the flags `aligner serve` does not define
+    itself: --tensor-parallel-size, --quantization, --kv-cache-dtype, ...), parsed by vLLM's
+    parser -> {AsyncEngineArgs field: value} for the flags given, and only those. A flag vLLM
+    does not know, or a bad value, exits naming it."""
+    if not argv:
+        return {}
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(prog="aligner serve", usage="aligner serve [options] [vLLM engine arguments]",
+                                    add_help=False)
+    AsyncEngineArgs.add_cli_args(parser)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS  # what was not given is not an override
+    return vars(parser.parse_args(argv))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """This CLI's arguments; for `serve`, the rest go to vLLM's engine (`engine_overrides`)."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.engine_overrides = vllm_engine_overrides(rest) if args.command == "serve" else {}
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(getattr(args, "log_level", "info")).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

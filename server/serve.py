@@ -107,7 +107,7 @@ def build_policy(args, model: str, name: str, guides: GuideCatalog, helpers: int
         kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager,
         guides=guides, guide_dtype=args.guide_dtype, guide_quantization=args.guide_quantization,
         gpu_memory_utilization=memory_shares(args.gpu_memory_utilization, helpers)[0],
-        self_check=args.self_check,
+        self_check=args.self_check, engine_overrides=getattr(args, "engine_overrides", {}),
     ))
 
 

@@ -54,6 +54,8 @@ def tight_server(tmp_path_factory, tiny_reward_dir):
         "--reward-model", f"faulty={faulty}",
         "--stream-keepalive-s", "0.2",
         "--host", "0.0.0.0",  # beyond loopback without a key: the start-up warning is checked
+        # vLLM's own engine arguments, passed through unchanged (checked in vLLM's config below)
+        "--seed", "7", "--tensor-parallel-size", "1", "--max-num-batched-tokens", "3072",
     )
     yield running
     stop_server(running)
@@ -281,3 +283,10 @@ def test_killed_engine_is_detected_failed_fast_and_restarted(tight_server):
     assert r.status_code == 200
     assert metric(tight_server, "aligner_engine_restarts_total") == 1
     assert f"engine {MODEL} died (restart 1 of" in tight_server.log_path.read_text()
+
+
+def test_vllm_engine_arguments_reach_the_engine_config(tight_server):
+    log = tight_server.log_path.read_text(errors="replace")
+    config = next(line for line in log.splitlines() if "with config:" in line)
+    assert "seed=7" in config and "tensor_parallel_size=1" in config
+    assert "enable_chunked_prefill=False" in config  # this server's CPU default, not overridden

