@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -134,6 +135,42 @@ class VLLMEngineConfig:
         return AsyncEngineArgs(**with_overrides(kwargs, self.engine_overrides, device))
 
 
+def vllm_engine_flags(argv: list[str]) -> dict[str, Any]:
+    """vLLM's own engine arguments among `argv` (--tensor-parallel-size, --quantization,
+    --kv-cache-dtype, ...), parsed by vLLM's parser -> {AsyncEngineArgs field: value} for the
+    flags given, and only those. A flag vLLM does not know, or a bad value, exits naming it."""
+    if not argv:
+        return {}
+    import argparse
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(prog="aligner serve", usage="aligner serve [options] [vLLM engine arguments]",
+                                    add_help=False)
+    AsyncEngineArgs.add_cli_args(parser)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS  # what was not given is not an override
+    return vars(parser.parse_args(argv))
+
+
+def engine_summary(vllm_config) -> dict[str, Any]:
+    """The engine settings an operator checks, read back from the config vLLM built."""
+    parallel, scheduler, cache = vllm_config.parallel_config, vllm_config.scheduler_config, vllm_config.cache_config
+    return {
+        "tensor_parallel_size": parallel.tensor_parallel_size,
+        "pipeline_parallel_size": parallel.pipeline_parallel_size,
+        "data_parallel_size": parallel.data_parallel_size,
+        "max_num_batched_tokens": scheduler.max_num_batched_tokens,
+        "max_num_seqs": scheduler.max_num_seqs,
+        "enable_chunked_prefill": scheduler.enable_chunked_prefill,
+        "kv_cache_dtype": cache.cache_dtype,
+        "block_size": cache.block_size,
+        "quantization": vllm_config.model_config.quantization,
+        "seed": vllm_config.model_config.seed,
+    }
+
+
 def with_overrides(kwargs: dict[str, Any], overrides: dict[str, Any], device: str) -> dict[str, Any]:
     """`kwargs` with the user's explicit vLLM engine arguments on top. Logits processors and
     additional config are merged (the guides' own entries stay); a setting that re-opens a
@@ -256,6 +293,7 @@ class VLLMEngine:
         device = detect_device()
         logger.info("building vLLM engine for %s on %s (%s numerics)", self.config.model, device, self.config.numerics)
         llm = AsyncLLM.from_engine_args(self.config.engine_args(device))
+        logger.info("engine %s vLLM config: %s", self.model_name, json.dumps(engine_summary(llm.vllm_config)))
         dtype = str(llm.model_config.dtype).removeprefix("torch.")
         attention = attention_choice(device, dtype)
         logger.info("engine %s runs in %s; attention kernel: %s (%s)", self.model_name, dtype, attention["kernel"],

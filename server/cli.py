@@ -185,31 +185,18 @@ def cmd_serve(args) -> int:
     return serve(args)
 
 
-def vllm_engine_overrides(argv: list[str]) -> dict:
-    """vLLM's own engine arguments among `argv` (the flags `aligner serve` does not define
-    itself: --tensor-parallel-size, --quantization, --kv-cache-dtype, ...), parsed by vLLM's
-    parser -> {AsyncEngineArgs field: value} for the flags given, and only those. A flag vLLM
-    does not know, or a bad value, exits naming it."""
-    if not argv:
-        return {}
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parser = FlexibleArgumentParser(prog="aligner serve", usage="aligner serve [options] [vLLM engine arguments]",
-                                    add_help=False)
-    AsyncEngineArgs.add_cli_args(parser)
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS  # what was not given is not an override
-    return vars(parser.parse_args(argv))
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """This CLI's arguments; for `serve`, the rest go to vLLM's engine (`engine_overrides`)."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "serve":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.engine_overrides = vllm_engine_overrides(rest) if args.command == "serve" else {}
+    if args.command == "serve":
+        from decoding.vllm_engine import vllm_engine_flags
+
+        args.engine_overrides = vllm_engine_flags(rest)
+    else:
+        args.engine_overrides = {}
     return args
 
 

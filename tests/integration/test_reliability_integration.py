@@ -286,7 +286,9 @@ def test_killed_engine_is_detected_failed_fast_and_restarted(tight_server):
 
 
 def test_vllm_engine_arguments_reach_the_engine_config(tight_server):
+    """What vLLM built, read back from its config object and logged at engine start."""
     log = tight_server.log_path.read_text(errors="replace")
-    config = next(line for line in log.splitlines() if "with config:" in line)
-    assert "seed=7" in config and "tensor_parallel_size=1" in config
-    assert "enable_chunked_prefill=False" in config  # this server's CPU default, not overridden
+    line = next(line for line in log.splitlines() if f"engine {MODEL} vLLM config: " in line)
+    config = json.loads(line.split("vLLM config: ", 1)[1])
+    assert (config["seed"], config["tensor_parallel_size"], config["max_num_batched_tokens"]) == (7, 1, 3072)
+    assert config["enable_chunked_prefill"] is False and config["block_size"] == 32  # CPU defaults kept
