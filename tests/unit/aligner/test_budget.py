@@ -187,14 +187,15 @@ def slow_world(*delays: float, **kw) -> World:
     return world
 
 
-def within(budget: Budget, slack: float = 0.25) -> bool:
+def within(budget: Budget, slack: float = 0.5) -> bool:
     return time.monotonic() - budget.started < budget.deadline_s + slack
 
 
 async def test_best_of_n_under_a_deadline_leaves_its_reward_model_time_to_score():
-    world = slow_world(0.02, max_tokens=200, ignore_eos=True, step_delay=0.01)
+    # Unbounded, sampling takes 4 s; the deadline's last 10% (0.2 s) is left to the reward model.
+    world = slow_world(0.02, max_tokens=400, ignore_eos=True, step_delay=0.01)
     strategy, params = checked("best_of_n", world, {"n": 3, "reward": "slow", "return_candidates": True})
-    budget = Budget(deadline_s=0.4)
+    budget = Budget(deadline_s=2.0)
     result = await strategy.run(world.ctx.with_budget(budget), params)
     assert within(budget) and budget.ran_out == "deadline"
     assert "fallback" not in result.info  # scored, not a plain answer
@@ -205,7 +206,7 @@ async def test_best_of_n_under_a_deadline_leaves_its_reward_model_time_to_score(
 async def test_adaptive_best_of_n_drops_a_wave_the_deadline_left_unscored():
     world = slow_world(0.01, 2.0, max_tokens=10, ignore_eos=True, step_delay=0.01)
     strategy, params = checked("best_of_n", world, {"n": 8, "batch": 2, "reward": "slow"})
-    budget = Budget(deadline_s=0.45)
+    budget = Budget(deadline_s=1.5)  # the second wave is sampled, its scoring (2 s) outlives the deadline
     result = await strategy.run(world.ctx.with_budget(budget), params)
     assert within(budget)
     info = result.info
@@ -218,7 +219,7 @@ async def test_speculative_rejection_out_of_time_to_score_keeps_the_last_rounds_
     world = slow_world(0.01, 2.0, max_tokens=60, ignore_eos=True, step_delay=0.01)
     strategy, params = checked("speculative_rejection", world,
                                {"n": 4, "chunk_tokens": 3, "min_survivors": 1, "reward": "slow"})
-    budget = Budget(deadline_s=0.4)
+    budget = Budget(deadline_s=1.5)
     result = await strategy.run(world.ctx.with_budget(budget), params)
     assert within(budget) and "fallback" not in result.info
     (best,) = result.choices
@@ -229,7 +230,7 @@ async def test_speculative_rejection_out_of_time_to_score_keeps_the_last_rounds_
 async def test_blockwise_out_of_time_to_score_keeps_the_accepted_blocks():
     world = slow_world(0.01, 2.0, max_tokens=60, ignore_eos=True, step_delay=0.01)
     strategy, params = checked("blockwise", world, {"k": 2, "block_tokens": 4, "reward": "slow"})
-    budget = Budget(deadline_s=0.4)
+    budget = Budget(deadline_s=1.5)
     result = await strategy.run(world.ctx.with_budget(budget), params)
     assert within(budget) and "fallback" not in result.info
     (choice,) = result.choices
