@@ -1,0 +1,17 @@
+"""Where answered requests, feedback on them and experiment arms are kept (issue 25).
+
+    store = Store.open(None)                 # $ALIGNER_HOME/store.db, or "postgresql://…"
+    store.put_trace({"id": "chatcmpl-1", "conversation": [...], ...})
+    store.add_feedback("chatcmpl-1", rating=1, rating_scale="thumbs", client_key="k1")
+
+Modules: `engine` (URL -> SQLAlchemy engine, SQLite settings), `schema` (tables and
+migrations), `feedback` (what feedback may say), `store` (the `Store`), `errors`.
+"""
+
+from aligner.store.errors import StoreConflictError, StoreError, StoreSchemaError, StoreValidationError
+from aligner.store.store import TRACE_FIELDS, Store, conversation_hash
+
+__all__ = [
+    "TRACE_FIELDS", "Store", "StoreConflictError", "StoreError",
+    "StoreSchemaError", "StoreValidationError", "conversation_hash",
+]

@@ -1,0 +1,145 @@
+"""The store's tables and the migrations that build them.
+
+Migrations are plain SQLAlchemy DDL run by a small runner here, not Alembic: the store has a
+handful of tables, must migrate itself at open (no separate `alembic upgrade` step), and needs
+a lock Alembic does not take: several replicas may open one database at the same moment. So
+`migrate` runs every pending step in one transaction that first takes a database-wide lock:
+
+- PostgreSQL: `pg_advisory_xact_lock`, released at commit or rollback; its DDL is
+  transactional, so a step that fails leaves nothing behind.
+- SQLite: `BEGIN IMMEDIATE` (the engine's `immediate` option), which takes the file's write
+  lock; a second process waits its busy timeout. SQLite's DDL is transactional too.
+
+Inside the lock the runner reads `schema_version`, applies the steps after it in order and
+records each one, so a step runs once per database however many processes open it. A database
+whose version is newer than `MIGRATIONS` knows is refused (`StoreSchemaError`) before anything
+is touched: an older replica must not write rows a newer schema means differently.
+
+How to change the schema: append a `Migration` (never edit a released one) and change the
+tables below to the new shape. Step 1 creates the tables from these definitions, so the first
+change to an existing table must also freeze step 1 (copy today's definitions into it);
+otherwise a fresh database gets the new column from step 1 and the new step fails on it, which
+`test_store_schema` catches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+
+from aligner.store.errors import StoreSchemaError
+
+metadata = sa.MetaData()
+
+# JSONB on PostgreSQL (binary, indexable); JSON as text on SQLite. A missing value is SQL NULL.
+Json = sa.JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+# 64-bit ids on PostgreSQL; SQLite autoincrements only a column typed exactly INTEGER.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+Id = sa.String(255)
+
+# Times are UTC epoch seconds (float): one representation on both databases, cheap to compare.
+traces = sa.Table(
+    "traces", metadata,
+    sa.Column("id", Id, primary_key=True),  # the response id
+    sa.Column("created_at", sa.Float, nullable=False, index=True),
+    sa.Column("user", Id, nullable=True, index=True),
+    sa.Column("conversation", Json, nullable=False),
+    # sha256 of the conversation's canonical JSON: pairs responses to the same conversation.
+    sa.Column("conversation_hash", sa.String(64), nullable=False, index=True),
+    sa.Column("strategy", sa.String(64)),
+    sa.Column("profile", Id),
+    sa.Column("profile_version", sa.String(64)),
+    sa.Column("model", Id),
+    sa.Column("candidates", Json),  # [{"text": ..., "scores": {reward: score}}, ...]
+    sa.Column("selected", Json),  # indices into candidates, one per returned choice
+    sa.Column("usage", Json),
+    sa.Column("timings", Json),
+    sa.Column("extra", Json),
+)
+
+feedback = sa.Table(
+    "feedback", metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("trace_id", Id, sa.ForeignKey("traces.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("created_at", sa.Float, nullable=False, index=True),
+    sa.Column("user", Id, nullable=True, index=True),
+    sa.Column("kind", sa.String(16), nullable=False),  # rating | preference | pairwise | comment
+    sa.Column("rating", sa.Float),
+    sa.Column("rating_scale", sa.String(8)),  # thumbs (-1 | 1) | stars (1..5)
+    sa.Column("preferred_index", sa.Integer),  # a candidate of trace_id the user preferred
+    # pairwise: the response trace_id was preferred over this one (same conversation).
+    sa.Column("other_trace_id", Id, sa.ForeignKey("traces.id", ondelete="CASCADE"), index=True),
+    sa.Column("comment", sa.Text),
+    sa.Column("client_key", Id, unique=True),  # idempotency: one row per key
+)
+
+experiment_assignments = sa.Table(
+    "experiment_assignments", metadata,
+    sa.Column("experiment", Id, primary_key=True),
+    sa.Column("unit", Id, primary_key=True, index=True),  # the user; indexed for delete-by-user
+    sa.Column("arm", Id, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False, index=True),
+)
+
+schema_version = sa.Table(
+    "schema_version", metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("applied_at", sa.Float, nullable=False),
+)
+
+ADVISORY_LOCK_KEY = 0x616C69676E6572  # "aligner": one key for every aligner store in a database
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    apply: Callable[[sa.Connection], None]
+
+
+def _create_v1(conn: sa.Connection) -> None:
+    metadata.create_all(conn, tables=[traces, feedback, experiment_assignments], checkfirst=False)
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "traces, feedback and experiment assignments", _create_v1),
+)
+LATEST = MIGRATIONS[-1].version
+
+
+def current_version(conn: sa.Connection) -> int:
+    """The database's schema version; 0 for a database the store never opened."""
+    if not sa.inspect(conn).has_table(schema_version.name):
+        return 0
+    return conn.scalar(sa.select(sa.func.max(schema_version.c.version))) or 0
+
+
+def migrate(engine: sa.Engine, clock: Callable[[], float],
+            migrations: tuple[Migration, ...] = MIGRATIONS) -> list[int]:
+    """Bring the database to the newest schema under a database-wide lock; returns the versions
+    this call applied (empty when another process, or an earlier open, already had)."""
+    known = migrations[-1].version
+    # `immediate`: BEGIN IMMEDIATE on SQLite (see aligner.store.engine), ignored elsewhere.
+    with engine.connect().execution_options(immediate=True) as conn, conn.begin():
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
+        version = current_version(conn)
+        if version > known:
+            raise StoreSchemaError(
+                f"the store's schema is version {version}, newer than this aligner knows ({known}): "
+                "upgrade aligner, or give it a store of its own")
+        if version == 0:
+            schema_version.create(conn, checkfirst=True)
+        applied = []
+        for step in migrations:
+            if step.version <= version:
+                continue
+            step.apply(conn)
+            conn.execute(schema_version.insert().values(
+                version=step.version, description=step.description, applied_at=clock()))
+            applied.append(step.version)
+    return applied

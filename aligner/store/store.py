@@ -1,0 +1,271 @@
+"""The store: traces of answered requests, feedback on them, sticky experiment arms.
+
+One object per process, shared by threads; every method is one short transaction (or a few,
+for the batched ones), so several processes and replicas can share one database. Methods are
+blocking: the server calls them off the event loop, and writes that must not delay a response
+go through `BackgroundWriter`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from aligner.store import feedback as fb
+from aligner.store.engine import DEFAULT_BUSY_TIMEOUT_S, create_engine, json_dumps, resolve_url
+from aligner.store.errors import StoreConflictError, StoreValidationError
+from aligner.store.schema import experiment_assignments, feedback, migrate, traces
+
+TRACE_FIELDS = frozenset({
+    "id", "created_at", "user", "conversation", "strategy", "profile", "profile_version", "model",
+    "candidates", "selected", "usage", "timings", "extra",
+})
+DAY_S = 86400.0
+
+
+def conversation_hash(conversation: Any) -> str:
+    """sha256 of the conversation's canonical JSON: equal for equal conversations."""
+    return hashlib.sha256(json_dumps(conversation, sort_keys=True).encode()).hexdigest()
+
+
+def _epoch(value: float | datetime | None) -> float | None:
+    return value.timestamp() if isinstance(value, datetime) else value
+
+
+class Store:
+    def __init__(self, engine: sa.Engine, clock: Callable[[], float] = time.time):
+        """Wraps an engine whose database is already migrated; use `Store.open`."""
+        self.engine = engine
+        self.clock = clock
+
+    @classmethod
+    def open(cls, url: str | None = None, *, clock: Callable[[], float] = time.time,
+             busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> Store:
+        """Open (and create or migrate) the store at `url`: None for
+        `$ALIGNER_HOME/store.db`, a path or `sqlite:///PATH`, or `postgresql://…`."""
+        engine = create_engine(resolve_url(url), busy_timeout_s)
+        try:
+            migrate(engine, clock)
+        except BaseException:
+            engine.dispose()
+            raise
+        return cls(engine, clock)
+
+    @property
+    def url(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- transactions ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sa.Connection]:
+        with self.engine.connect().execution_options(immediate=True) as conn, conn.begin():
+            yield conn
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sa.Connection]:
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    def _insert(self, table: sa.Table):
+        return (postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert)(table)
+
+    # -- traces -----------------------------------------------------------------------------
+
+    def put_trace(self, trace: Mapping[str, Any]) -> None:
+        """Store one response's trace under its id (`trace["id"]`); the same id again replaces
+        it, so a retried write is harmless. Keys are `TRACE_FIELDS`; `id` and `conversation`
+        are required, `created_at` (epoch seconds or datetime) defaults to now."""
+        unknown = set(trace) - TRACE_FIELDS
+        if unknown:
+            raise ValueError(f"unknown trace field(s) {sorted(unknown)}; known: {sorted(TRACE_FIELDS)}")
+        fb.check_id(trace.get("id"), "id")
+        fb.check_id(trace.get("user"), "user", required=False)
+        if trace.get("conversation") is None:
+            raise ValueError("a trace needs its conversation")
+        row = {name: trace.get(name) for name in TRACE_FIELDS}
+        row["created_at"] = self.clock() if row["created_at"] is None else _epoch(row["created_at"])
+        row["conversation_hash"] = conversation_hash(trace["conversation"])
+        stmt = self._insert(traces).values(**row)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[traces.c.id], set_={k: stmt.excluded[k] for k in row if k != "id"})
+        with self._write() as conn:
+            conn.execute(stmt)
+
+    def get_trace(self, trace_id: str) -> dict[str, Any] | None:
+        with self._read() as conn:
+            return _get_trace(conn, trace_id)
+
+    # -- feedback ---------------------------------------------------------------------------
+
+    def add_feedback(self, trace_id: str, *, rating: float | None = None, rating_scale: str | None = None,
+                     preferred_index: int | None = None, other_trace_id: str | None = None,
+                     comment: str | None = None, user: str | None = None,
+                     client_key: str | None = None) -> dict[str, Any]:
+        """Store one piece of feedback on the response `trace_id` and return its row.
+
+        Raises `StoreValidationError` for what the store refuses (see `aligner.store.feedback`).
+        With a `client_key`, sending the same feedback again returns the first row instead of
+        adding one; the same key with different content raises `StoreConflictError`."""
+        fb.check_id(trace_id, "trace_id")
+        fb.check_id(other_trace_id, "other_trace_id", required=False)
+        kind = fb.kind_of(rating, preferred_index, other_trace_id, comment)
+        fb.check_fields(rating=rating, rating_scale=rating_scale, preferred_index=preferred_index,
+                        comment=comment, user=user, client_key=client_key)
+        row = {"trace_id": trace_id, "kind": kind, "rating": rating, "rating_scale": rating_scale,
+               "preferred_index": preferred_index, "other_trace_id": other_trace_id,
+               "comment": comment, "user": user, "client_key": client_key}
+        if client_key is not None:
+            earlier = self._feedback_by_key(client_key)
+            if earlier is not None:
+                return self._repeat(earlier, row)
+        with self._write() as conn:
+            trace = _get_trace(conn, trace_id)
+            other = _get_trace(conn, other_trace_id) if other_trace_id is not None else None
+            fb.check_against_traces(trace_id, trace, preferred_index, other_trace_id, other)
+            stmt = self._insert(feedback).values(created_at=self.clock(), **row)
+            if client_key is not None:
+                # Another replica may have taken the key since we looked: keep its row.
+                stmt = stmt.on_conflict_do_nothing(index_elements=[feedback.c.client_key])
+            new_id = conn.execute(stmt.returning(feedback.c.id)).scalar()
+            if new_id is not None:
+                return dict(conn.execute(sa.select(feedback).where(feedback.c.id == new_id)).one()._mapping)
+        return self._repeat(self._feedback_by_key(client_key), row)
+
+    def _feedback_by_key(self, client_key: str) -> dict[str, Any] | None:
+        with self._read() as conn:
+            found = conn.execute(sa.select(feedback).where(feedback.c.client_key == client_key)).first()
+        return None if found is None else dict(found._mapping)
+
+    @staticmethod
+    def _repeat(earlier: dict[str, Any] | None, wanted: Mapping[str, Any]) -> dict[str, Any]:
+        if earlier is None:  # the row that held the key was deleted in between
+            raise StoreConflictError("client_key was used for feedback that has since been deleted")
+        if not fb.same_content(earlier, wanted):
+            raise StoreConflictError(
+                f"client_key {wanted['client_key']!r} was already used for different feedback "
+                f"(feedback {earlier['id']} on {earlier['trace_id']!r})")
+        return earlier
+
+    def feedback_for(self, trace_id: str) -> list[dict[str, Any]]:
+        """Every feedback row on the response, oldest first (pairwise rows that name it as the
+        other response too)."""
+        where = sa.or_(feedback.c.trace_id == trace_id, feedback.c.other_trace_id == trace_id)
+        with self._read() as conn:
+            rows = conn.execute(sa.select(feedback).where(where).order_by(feedback.c.id))
+            return [dict(r._mapping) for r in rows]
+
+    def iter_feedback(self, since: float | datetime | None = None,
+                      batch_size: int = 500) -> Iterator[dict[str, Any]]:
+        """Feedback in the order it came, each as {"feedback": row, "trace": the response's
+        trace, "other_trace": the pairwise other's trace or None}, for preference export.
+
+        Read in batches of short transactions, so a long export holds no lock; rows added
+        while it runs are included, rows deleted before their batch is read are not."""
+        since = _epoch(since)
+        last_id = 0
+        while True:
+            query = sa.select(feedback).where(feedback.c.id > last_id)
+            if since is not None:
+                query = query.where(feedback.c.created_at >= since)
+            with self._read() as conn:
+                rows = [dict(r._mapping) for r in conn.execute(query.order_by(feedback.c.id).limit(batch_size))]
+                ids = {r["trace_id"] for r in rows} | {r["other_trace_id"] for r in rows if r["other_trace_id"]}
+                found = {t["id"]: t for t in (_trace_dict(r) for r in conn.execute(
+                    sa.select(traces).where(traces.c.id.in_(ids))))} if ids else {}
+            for row in rows:
+                if row["trace_id"] in found:
+                    yield {"feedback": row, "trace": found[row["trace_id"]],
+                           "other_trace": found.get(row["other_trace_id"])}
+            if len(rows) < batch_size:
+                return
+            last_id = rows[-1]["id"]
+
+    # -- experiments ------------------------------------------------------------------------
+
+    def assign_arm(self, experiment: str, unit: str, choose: Callable[[], str]) -> str:
+        """The unit's arm in the experiment: the stored one, else `choose()`'s, stored. The first
+        assignment wins, also when replicas assign the same unit at once."""
+        fb.check_id(experiment, "experiment")
+        fb.check_id(unit, "unit")
+        key = (experiment_assignments.c.experiment == experiment) & (experiment_assignments.c.unit == unit)
+        query = sa.select(experiment_assignments.c.arm).where(key)
+        with self._read() as conn:
+            arm = conn.scalar(query)
+        if arm is not None:
+            return arm
+        arm = choose()
+        fb.check_id(arm, "arm")
+        with self._write() as conn:
+            conn.execute(self._insert(experiment_assignments).values(
+                experiment=experiment, unit=unit, arm=arm, created_at=self.clock(),
+            ).on_conflict_do_nothing())
+            return conn.scalar(query)
+
+    # -- deletion and retention -------------------------------------------------------------
+
+    def delete_trace(self, trace_id: str) -> dict[str, int]:
+        """Delete the response's trace and every feedback row that names it."""
+        with self._write() as conn:
+            removed = conn.execute(feedback.delete().where(
+                sa.or_(feedback.c.trace_id == trace_id, feedback.c.other_trace_id == trace_id))).rowcount
+            return {"traces": conn.execute(traces.delete().where(traces.c.id == trace_id)).rowcount,
+                    "feedback": removed}
+
+    def delete_user(self, user: str) -> dict[str, int]:
+        """Delete everything stored about a user: their traces, feedback they gave or that
+        names their traces, and their experiment assignments."""
+        fb.check_id(user, "user")
+        theirs = sa.select(traces.c.id).where(traces.c.user == user)
+        with self._write() as conn:
+            removed = conn.execute(feedback.delete().where(sa.or_(
+                feedback.c.user == user, feedback.c.trace_id.in_(theirs),
+                feedback.c.other_trace_id.in_(theirs)))).rowcount
+            return {
+                "traces": conn.execute(traces.delete().where(traces.c.user == user)).rowcount,
+                "feedback": removed,
+                "assignments": conn.execute(experiment_assignments.delete().where(
+                    experiment_assignments.c.unit == user)).rowcount,
+            }
+
+    def prune(self, older_than_days: float, batch_size: int = 1000) -> dict[str, int]:
+        """Delete what is older than the retention: traces with their feedback, and experiment
+        assignments (a unit seen again after that is assigned afresh). In batches, so the
+        write lock is never held for long."""
+        if isinstance(older_than_days, bool) or not older_than_days >= 0:
+            raise ValueError(f"older_than_days must be >= 0, got {older_than_days!r}")
+        cutoff = self.clock() - older_than_days * DAY_S
+        counts = {"traces": 0, "feedback": 0, "assignments": 0}
+        while True:
+            with self._write() as conn:
+                ids = list(conn.scalars(sa.select(traces.c.id).where(traces.c.created_at < cutoff)
+                                        .limit(batch_size)))
+                if not ids:
+                    break
+                counts["feedback"] += conn.execute(feedback.delete().where(sa.or_(
+                    feedback.c.trace_id.in_(ids), feedback.c.other_trace_id.in_(ids)))).rowcount
+                counts["traces"] += conn.execute(traces.delete().where(traces.c.id.in_(ids))).rowcount
+        with self._write() as conn:
+            counts["feedback"] += conn.execute(feedback.delete().where(feedback.c.created_at < cutoff)).rowcount
+            counts["assignments"] += conn.execute(experiment_assignments.delete().where(
+                experiment_assignments.c.created_at < cutoff)).rowcount
+        return counts
+
+
+def _trace_dict(row: sa.Row) -> dict[str, Any]:
+    return dict(row._mapping)
+
+
+def _get_trace(conn: sa.Connection, trace_id: str) -> dict[str, Any] | None:
+    row = conn.execute(sa.select(traces).where(traces.c.id == trace_id)).first()
+    return None if row is None else _trace_dict(row)
