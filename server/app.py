@@ -64,8 +64,11 @@ def build_app(
     metrics = ServerMetrics(engine, admission, rewards)
     rewards.observer = metrics.observe_reward
 
+    # Reward models served by vLLM in this process have engines like the helpers'.
+    reward_engines = {r.name: r.engine for r in rewards.served() if r.engine is not None}
     app = FastAPI(title="aligner", version="0.1.0",
-                  lifespan=engines_lifespan(engine, helpers, rewards, config, metrics, start_engine))
+                  lifespan=engines_lifespan(engine, {**helpers, **{f"reward {n}": e for n, e in reward_engines.items()}},
+                                            rewards, config, metrics, start_engine))
     app.state.engine = engine
     app.state.config = config
     app.state.rewards = rewards
@@ -74,6 +77,7 @@ def build_app(
     app.state.profiles = profiles
     app.state.guides = guides
     app.state.helpers = helpers
+    app.state.reward_engines = reward_engines
     app.state.chat = ServingChat(engine, config, admission, metrics, rewards, profiles, guides, helpers, tool_parser)
     app.state.completion = ServingCompletion(engine, config, admission, metrics)
     app.state.responses = ServingResponses(app.state.chat)
@@ -95,7 +99,7 @@ def engines_lifespan(engine: Engine, helpers: dict[str, Engine], rewards: Reward
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        tasks = []
+        tasks = [asyncio.create_task(rewards.start())]
         if start_engine:
             engines = (engine, *helpers.values())
             if config.start_engines_in_turn:
@@ -114,6 +118,7 @@ def engines_lifespan(engine: Engine, helpers: dict[str, Engine], rewards: Reward
             if start_engine:  # whoever started the engines stops them
                 for each in (engine, *helpers.values()):
                     await each.shutdown()
+            await rewards.aclose()
             rewards.close()
 
     return lifespan

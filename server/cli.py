@@ -79,7 +79,11 @@ def add_model_arguments(serve: argparse.ArgumentParser) -> None:
     group = serve.add_argument_group("reward models, guides and helper models")
     group.add_argument(
         "--reward-model", action="append", default=[], metavar="NAME=PATH",
-        help="register a reward: NAME=PATH (sequence-classification checkpoint or adapter) or "
+        help="register a reward: NAME=PATH (sequence-classification checkpoint or adapter, scored here by "
+        "Hugging Face), NAME=vllm:PATH (a plain checkpoint, e.g. from `aligner export-rm`, scored by an "
+        "in-process vLLM pooling engine), NAME=http://HOST:PORT or NAME=PATH@http://HOST:PORT (a vLLM server "
+        "started with --runner pooling; PATH: a local copy of its checkpoint's tokenizer and layout files, "
+        "else the server's model path is read here; bearer token from $ALIGNER_REWARD_API_KEY) or "
         "NAME=regex:PATTERN (a rule); repeatable. Built-in rules need no flag.",
     )
     group.add_argument("--default-reward", default=None, help="reward used when a request names none")

@@ -146,15 +146,20 @@ def _not_ready(engine) -> str | None:
 
 @router.get("/ready")
 async def ready(raw: Request):
-    """200 once the policy's engine and every helper model's engine can serve."""
+    """200 once the policy's engine, every helper model's engine and every reward model's
+    in-process vLLM engine can serve. Remote reward servers are reported, not waited for: when
+    one fails, requests fall back."""
     engine, helpers = raw.app.state.engine, raw.app.state.helpers
+    reward_engines = getattr(raw.app.state, "reward_engines", {})
     problems = [f"the engine {why}" for why in [_not_ready(engine)] if why]
     problems += [f"helper model {name!r} {why}" for name, e in helpers.items() if (why := _not_ready(e))]
+    problems += [f"reward model {name!r} {why}" for name, e in reward_engines.items() if (why := _not_ready(e))]
     numerics = {"policy": getattr(engine, "numerics", None),
                 **{name: getattr(e, "numerics", None) for name, e in helpers.items()}}
+    served = {r.name: r.state() for r in raw.app.state.rewards.served()}
     if not problems:
         return JSONResponse({"status": "ready", "model": engine.model_name, "helper_models": sorted(helpers),
-                             "numerics": numerics})
+                             "numerics": numerics, "served_rewards": served})
     body = engine_unavailable("; ".join(problems)).model_dump()
     body["numerics"] = numerics  # what was built and checked so far, e.g. a failed self-check
     return JSONResponse(body, status_code=503)

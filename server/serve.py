@@ -42,6 +42,36 @@ def named_path(spec: str, flag: str) -> tuple[str, str]:
     return name, path
 
 
+def side_engines(args) -> int:
+    """vLLM engines beside the policy's: helper models and reward models served in process."""
+    return len(args.helper_model) + sum("=vllm:" in spec for spec in args.reward_model)
+
+
+def served_reward(args):
+    """The factory of rewards served by vLLM (`NAME=vllm:PATH`, `NAME=[PATH@]http://HOST:PORT`)."""
+
+    def build(name: str, backend: str, checkpoint: str | None, url: str | None):
+        from aligner.rewards.encoding import read_reward_meta
+        from aligner.rewards.served import EngineBackend, RemoteBackend, ServedReward
+        from decoding.pooling_engine import PoolingEngineConfig, VLLMPoolingEngine, check_pooling_checkpoint
+
+        if checkpoint is not None and (why := check_pooling_checkpoint(checkpoint)):
+            raise SystemExit(f"aligner: --reward-model {name}: {why}")
+        if backend == "remote":
+            return ServedReward(name, RemoteBackend(url, timeout_s=args.reward_timeout_s), checkpoint=checkpoint,
+                                max_length=args.reward_max_length)
+        path = Path(checkpoint).resolve()
+        limit = json.loads((path / "config.json").read_text()).get("max_position_embeddings") or args.reward_max_length
+        length = min(int(read_reward_meta(path).get("max_length") or args.reward_max_length), limit)
+        engine = VLLMPoolingEngine(PoolingEngineConfig(
+            model=str(path), name=f"reward-{name}", max_model_len=length,
+            dtype="auto" if args.reward_dtype == "auto" else args.reward_dtype,
+            gpu_memory_utilization=memory_shares(args.gpu_memory_utilization, side_engines(args))[1]))
+        return ServedReward(name, EngineBackend(engine), checkpoint=path, max_length=length)
+
+    return build
+
+
 def build_rewards(args) -> RewardRegistry:
     rewards = RewardRegistry.with_builtins()
     rewards.timeout_s = args.reward_timeout_s
@@ -50,10 +80,13 @@ def build_rewards(args) -> RewardRegistry:
 
     device = detect_device() if args.reward_device == "auto" else args.reward_device
     for spec in args.reward_model:
-        reward = rewards.add_from_spec(
-            spec, max_length=args.reward_max_length, max_batch_size=args.reward_batch_size, dtype=args.reward_dtype,
-            device=device,
-        )
+        try:
+            reward = rewards.add_from_spec(
+                spec, served=served_reward(args), max_length=args.reward_max_length,
+                max_batch_size=args.reward_batch_size, dtype=args.reward_dtype, device=device,
+            )
+        except ValueError as exc:
+            raise SystemExit(f"aligner: {exc}") from None
         print(f"aligner: reward {reward.name!r} ({reward.kind}) registered", file=sys.stderr)
     if args.default_reward is not None:
         if rewards.get(args.default_reward) is None:
@@ -91,7 +124,7 @@ def build_helpers(args) -> dict:
             max_model_len=min(args.max_model_len, limit or args.max_model_len),
             dtype=args.dtype, kv_cache_gib=args.helper_kv_cache_gib, max_num_seqs=16,
             enforce_eager=args.enforce_eager,
-            gpu_memory_utilization=memory_shares(args.gpu_memory_utilization, len(args.helper_model))[1],
+            gpu_memory_utilization=memory_shares(args.gpu_memory_utilization, side_engines(args))[1],
             self_check=args.self_check,
         ))
     return helpers
@@ -183,7 +216,7 @@ def serve(args) -> int:
     except ProfileError as exc:
         raise SystemExit(f"aligner: bad --profiles file: {exc}") from None
     helpers = build_helpers(args)
-    engine = build_policy(args, model, name, guides, len(helpers))
+    engine = build_policy(args, model, name, guides, side_engines(args))
     app = build_app(engine, config, build_rewards(args), profiles, guides, helpers,
                     tool_parser=build_tool_parser(args, model))
     print(f"aligner: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)

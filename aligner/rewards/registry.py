@@ -75,13 +75,24 @@ class RewardRegistry:
         if default or (self.default is None and reward.kind == "model"):
             self.default = reward.name
 
-    def add_from_spec(self, spec: str, **model_kwargs) -> Reward:
-        """`NAME=PATH` (a checkpoint directory) or `NAME=regex:PATTERN` (a rule)."""
+    def add_from_spec(self, spec: str, *, served: Callable[[str, str, str | None, str | None], Reward] | None = None,
+                      **model_kwargs) -> Reward:
+        """`NAME=PATH` (a checkpoint scored in this process by Hugging Face), `NAME=regex:PATTERN`
+        (a rule), or a model served by vLLM (`NAME=vllm:PATH`, `NAME=http://HOST:PORT`,
+        `NAME=PATH@http://HOST:PORT`), which `served(name, backend, checkpoint, url)` builds."""
+        from aligner.rewards.served import parse_served_spec
+
         name, sep, target = spec.partition("=")
         if not sep or not name or not target:
-            raise ValueError(f"--reward-model expects NAME=PATH or NAME=regex:PATTERN, got {spec!r}")
+            raise ValueError(f"--reward-model expects NAME=PATH, NAME=vllm:PATH, NAME=http://HOST:PORT or "
+                             f"NAME=regex:PATTERN, got {spec!r}")
+        backend, checkpoint, url = parse_served_spec(target)
         if target.startswith("regex:"):
             reward: Reward = RegexCountReward(name, target.removeprefix("regex:"))
+        elif backend:
+            if served is None:
+                raise ValueError(f"--reward-model {name}: rewards served by vLLM need the server")
+            reward = served(name, backend, checkpoint, url)
         else:
             from aligner.rewards.hf import SequenceClassifierReward
 
@@ -145,6 +156,8 @@ class RewardRegistry:
         try:
             if reward.kind == "rule":
                 scores = reward.score(prompts, responses)
+            elif hasattr(reward, "score_async"):
+                scores = await asyncio.wait_for(self._score_served(name, reward, prompts, responses), self.timeout_s)
             else:
                 call = asyncio.wrap_future(self._submit(name, reward, prompts, responses))
                 scores = await asyncio.wait_for(call, self.timeout_s)
@@ -161,6 +174,33 @@ class RewardRegistry:
             raise RewardError(name, f"{type(exc).__name__}: {exc}") from exc
         self._observe(name, began, True)
         return [float(x) for x in scores]
+
+    async def _score_served(self, name: str, reward, prompts: Sequence[Messages], responses: Sequence[str]):
+        """A reward served by vLLM batches concurrent calls itself: no thread, the same bound
+        on calls held at once; a call stops (and frees its slot) when its request gives up."""
+        with self._lock:
+            if self._closed:
+                raise RewardError(name, "the server is shutting down")
+            pending = self._pending.get(name, 0)
+            if pending >= self.max_pending_per_reward:
+                raise RewardError(name, f"busy: {pending} calls waiting")
+            self._pending[name] = pending + 1
+        try:
+            return await reward.score_async(prompts, responses)
+        finally:
+            self._release(name)
+
+    def served(self) -> list[Reward]:
+        """The rewards scored by vLLM (their engines and clients have a lifecycle)."""
+        return [r for r in self.rewards.values() if hasattr(r, "score_async")]
+
+    async def start(self) -> None:
+        """Find the checkpoint files of rewards given only a server URL (retrying until it answers)."""
+        await asyncio.gather(*(r.start() for r in self.served()))
+
+    async def aclose(self) -> None:
+        for reward in self.served():
+            await reward.aclose()
 
     def _submit(self, name: str, reward: Reward, prompts: Sequence[Messages], responses: Sequence[str]) -> Future:
         """Queue one call on the reward's own thread, or raise RewardError at once when its
