@@ -76,7 +76,7 @@ def create_engine(url: sa.URL, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -
             connect_args={"connect_timeout": max(1, math.ceil(busy_timeout_s))},
         )
     Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(url, json_serializer=json_dumps, connect_args={"timeout": busy_timeout_s})
+    engine = sa.create_engine(url, json_serializer=json_dumps)
     _configure_sqlite(engine, busy_timeout_s)
     return engine
 

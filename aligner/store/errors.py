@@ -8,8 +8,8 @@ class StoreError(Exception):
     """Base of the store's own errors (database driver errors pass through unchanged)."""
 
 
-class StoreValidationError(StoreError):
-    """Feedback the store refuses: `code` is "unknown_id" for an id it does not hold (a 404) and
+class StoreValidationError(StoreError, ValueError):
+    """A value the store refuses: `code` is "unknown_id" for an id it does not hold (a 404) and
     "invalid_value" for a value out of range or a field that does not belong (a 400)."""
 
     def __init__(self, message: str, param: str, code: str = "invalid_value"):

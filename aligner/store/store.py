@@ -137,7 +137,11 @@ class Store:
             if client_key is not None:
                 # Another replica may have taken the key since we looked: keep its row.
                 stmt = stmt.on_conflict_do_nothing(index_elements=[feedback.c.client_key])
-            new_id = conn.execute(stmt.returning(feedback.c.id)).scalar()
+            try:
+                new_id = conn.execute(stmt.returning(feedback.c.id)).scalar()
+            except sa.exc.IntegrityError as exc:  # a foreign key: the response was deleted meanwhile
+                raise StoreValidationError(f"no stored response with id {trace_id!r} (deleted just now)",
+                                           "trace_id", "unknown_id") from exc
             if new_id is not None:
                 return dict(conn.execute(sa.select(feedback).where(feedback.c.id == new_id)).one()._mapping)
         return self._repeat(self._feedback_by_key(client_key), row)

@@ -104,7 +104,7 @@ def test_writing_a_trace_again_replaces_it_and_keeps_its_feedback(answered):
     ({"id": "x", "conversation": HELLO, "scores": []}, "unknown trace field"),
 ])
 def test_malformed_traces_are_refused(store, bad, says):
-    with pytest.raises((ValueError, StoreValidationError), match=says):
+    with pytest.raises(ValueError, match=says):
         store.put_trace(bad)
 
 
@@ -304,3 +304,13 @@ def test_two_stores_on_one_database_see_each_others_writes(store_url):
     finally:
         first.close()
         second.close()
+
+
+def test_the_database_itself_refuses_feedback_on_a_missing_response(answered, monkeypatch):
+    # On PostgreSQL a response can be deleted between the check and the insert; the foreign key
+    # (enforced on SQLite too) still refuses the row, and the caller sees the same error.
+    monkeypatch.setattr("aligner.store.store.fb.check_against_traces", lambda *args: None)
+    with pytest.raises(StoreValidationError) as refused:
+        answered.add_feedback("deleted-meanwhile", comment="hm")
+    assert (refused.value.param, refused.value.code) == ("trace_id", "unknown_id")
+    assert count(answered, feedback) == 0
