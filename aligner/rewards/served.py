@@ -159,13 +159,14 @@ class RemoteBackend:
     kind = "remote"
 
     def __init__(self, url: str, *, timeout_s: float = 30.0, connect_timeout_s: float = 2.0, retries: int = 2,
-                 max_connections: int = 32):
+                 max_connections: int = 32, transport=None):
         self.url = url.rstrip("/")
         self.timeout_s, self.connect_timeout_s = timeout_s, connect_timeout_s
         self.retries = retries
         self.max_connections = max_connections
         self.model: str | None = None  # the served model's id, learnt from /v1/models
         self.last_error: str | None = None
+        self._transport = transport  # an httpx transport (tests); None: the network
         self._client = None
 
     def describe(self) -> str:
@@ -182,7 +183,8 @@ class RemoteBackend:
             self._client = httpx.AsyncClient(
                 base_url=self.url, headers={"Authorization": f"Bearer {key}"} if key else None,
                 timeout=httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s),
-                limits=httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections))
+                limits=httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections),
+                transport=self._transport)
         return self._client
 
     async def model_root(self) -> str | None:
