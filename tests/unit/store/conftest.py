@@ -1,97 +1,26 @@
 """Stores to test against: a fresh SQLite file per test, and a fresh database per test on a real
-PostgreSQL server started once for the session from the local binaries.
-
-PostgreSQL refuses to run as root, so as root the server runs as the `postgres` system user
-(`runuser`); otherwise as the current user. The PostgreSQL cases are skipped, saying why, only
-when no PostgreSQL binaries are installed.
-"""
+PostgreSQL server started once for the session from the local binaries (`tests.pg`); the
+PostgreSQL cases are skipped, saying why, only when no PostgreSQL binaries are installed."""
 
 from __future__ import annotations
 
-import itertools
-import os
-import pwd
-import shutil
-import socket
-import subprocess
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from aligner.store import Store
+from tests.pg import NO_BINARIES, PostgresServer, pg_bin, running_postgres
 
-PG_BIN_DIRS = [Path(os.environ["ALIGNER_TEST_PG_BIN"])] if "ALIGNER_TEST_PG_BIN" in os.environ else [
-    Path(f"/usr/lib/postgresql/{v}/bin") for v in (17, 16, 15, 14)]
 BACKENDS = ["sqlite", "postgresql"]
-
-
-def _pg_bin() -> Path | None:
-    found = shutil.which("initdb")
-    if found:
-        return Path(found).parent
-    return next((d for d in PG_BIN_DIRS if (d / "initdb").exists() and (d / "pg_ctl").exists()), None)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class PostgresServer:
-    def __init__(self, bin_dir: Path, base: Path, port: int, as_user: list[str]):
-        self.bin_dir, self.base, self.port, self.as_user = bin_dir, base, port, as_user
-        self._names = itertools.count()
-
-    def run(self, tool: str, *args: str) -> None:
-        cmd = [*self.as_user, str(self.bin_dir / tool), *args]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-        if done.returncode != 0:
-            log = self.base / "server.log"
-            raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout}{done.stderr}"
-                               + (f"\nserver log:\n{log.read_text()}" if log.exists() else ""))
-
-    def url(self, database: str) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
-
-    def new_database(self) -> str:
-        """A fresh, empty database; its URL."""
-        import psycopg
-
-        name = f"store_{next(self._names)}"
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
-                             autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        return self.url(name)
 
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
-    bin_dir = _pg_bin()
+    bin_dir = pg_bin()
     if bin_dir is None:
-        pytest.skip(f"no PostgreSQL binaries (initdb, pg_ctl) on PATH or in {[str(d) for d in PG_BIN_DIRS]}")
-    base = Path(tempfile.mkdtemp(prefix="aligner-pg-"))
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # initdb and postgres refuse root
-        owner = pwd.getpwnam("postgres")
-        os.chown(base, owner.pw_uid, owner.pw_gid)
-        as_user = ["runuser", "-u", "postgres", "--"]
-    server = PostgresServer(bin_dir, base, _free_port(), as_user)
-    data = base / "data"
-    try:
-        server.run("initdb", "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
-                   "--locale=C", "--no-sync")
-        options = (f"-p {server.port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=100")
-        server.run("pg_ctl", "-D", str(data), "-l", str(base / "server.log"), "-w", "-t", "30",
-                   "-o", options, "start")
+        pytest.skip(NO_BINARIES)
+    with running_postgres(bin_dir) as server:
         yield server
-    finally:
-        if (data / "postmaster.pid").exists():
-            server.run("pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop")
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(params=BACKENDS)
