@@ -2,6 +2,12 @@
 
     python -m bench.best_of_n                      # starts a server with a MiniLM reward model
     python -m bench.best_of_n --base-url http://127.0.0.1:8000/v1 --reward helpful-harmless
+    python -m bench.best_of_n --reward-backend hf,vllm,remote   # one reward model, three scorers
+
+With `--reward-backend`, one reward model (`--reward-model PATH`, a plain checkpoint; default:
+the causal starter reward model exported by `aligner export-rm`) is registered three ways on one
+server: scored in process by Hugging Face (`hf`), by an in-process vLLM pooling engine (`vllm`),
+and by a vLLM pooling server started beside it (`remote`); each backend is one best-of-N arm.
 
 Both arms generate exactly N x max_tokens tokens per request (`ignore_eos`), at the same
 concurrency, interleaved in rounds so that machine noise hits both. Reports requests/s,
@@ -124,9 +130,61 @@ def merge(runs: list[dict]) -> dict:
     return total
 
 
+BACKENDS = ("hf", "vllm", "remote")
+
+
+def backend_list(text: str) -> list[str]:
+    """`hf,vllm,remote` -> the backends, checked.
+
+    >>> backend_list("hf,remote")
+    ['hf', 'remote']
+    """
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or any(n not in BACKENDS for n in names):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(BACKENDS)}, got {text!r}")
+    return names
+
+
+def backend_servers(args, extra: list[str]):
+    """(aligner server, pooling server or None, {backend: reward name}) for `--reward-backend`."""
+    import torch
+
+    from bench.launch import PoolingServer
+
+    work = Path(tempfile.mkdtemp(prefix="bench-bon-backends-"))
+    rm = Path(args.reward_model) if args.reward_model else None
+    if rm is None:
+        from aligner.training.export import export_reward_model
+
+        rm = export_reward_model(Path(__file__).resolve().parents[1] / "models" / "helpful-harmless-causal", work / "rm")
+    gpu = torch.cuda.is_available()
+    names, flags, pooling = {}, [], None
+    for backend in args.reward_backend:
+        names[backend] = f"{args.reward}-{backend}"
+        if backend == "hf":
+            flags += ["--reward-model", f"{names[backend]}={rm}"]
+        elif backend == "vllm":
+            flags += ["--reward-model", f"{names[backend]}=vllm:{rm}"]
+        else:
+            # On one GPU the remote server takes a share beside the aligner server's engines.
+            pooling = PoolingServer(rm, work, "--dtype", "float32", "--max-model-len", "2048",
+                                    *(["--gpu-memory-utilization", "0.15"] if gpu else
+                                      ["--enforce-eager", "--kv-cache-memory-bytes", "1G"])).start()
+            flags += ["--reward-model", f"{names[backend]}={pooling.url}"]
+    try:
+        server = start_server(work, *flags, *extra, *(["--gpu-memory-utilization", "0.7"] if gpu else []))
+    except BaseException:
+        if pooling is not None:
+            pooling.kill()
+        raise
+    return server, pooling, names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_server_args(parser)
+    parser.add_argument("--reward-backend", type=backend_list, default=None,
+                        help="score with these backends side by side: a comma-separated subset of hf,vllm,remote")
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--requests", type=int, default=8, help="requests per arm per round")
@@ -135,7 +193,16 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
 
-    server, base_url = reward_server(args, "bench-bon-", "--max-candidates", str(max(16, args.n)))
+    extra = ["--max-candidates", str(max(16, args.n))]
+    pooling = None
+    if args.reward_backend:
+        if args.base_url is not None:
+            parser.error("--reward-backend starts its own servers; drop --base-url")
+        server, pooling, names = backend_servers(args, extra)
+        base_url = server.v1
+    else:
+        server, base_url = reward_server(args, "bench-bon-", *extra)
+        names = {None: args.reward}
 
     def body(i: int, alignment: dict | None) -> dict:
         b = {
@@ -151,19 +218,26 @@ def main() -> None:
             b["n"] = args.n
         return b
 
-    bon_alignment = {"strategy": "best_of_n", "n": args.n, "reward": args.reward}
+    arms = {f"plain n={args.n}": None}
+    for backend, reward in names.items():
+        arms[f"best_of_n N={args.n}" + (f" {backend}" if backend else "")] = {
+            "strategy": "best_of_n", "n": args.n, "reward": reward}
+    runs: dict[str, list[dict]] = {arm: [] for arm in arms}
     try:
-        asyncio.run(run_arm(base_url, lambda i: body(i, bon_alignment), 2, 2))  # warm-up, excluded
-        plain_runs, bon_runs = [], []
-        for _ in range(args.rounds):
-            plain_runs.append(asyncio.run(run_arm(base_url, lambda i: body(i, None), args.requests, args.concurrency)))
-            bon_runs.append(asyncio.run(run_arm(base_url, lambda i: body(i, bon_alignment), args.requests, args.concurrency)))
+        for alignment in arms.values():
+            if alignment:  # warm-up, excluded: first calls load kernels and fill caches
+                asyncio.run(run_arm(base_url, lambda i, a=alignment: body(i, a), 2, 2))
+        for _ in range(args.rounds):  # interleaved, so that machine noise hits every arm
+            for arm, alignment in arms.items():
+                runs[arm].append(asyncio.run(run_arm(base_url, lambda i, a=alignment: body(i, a), args.requests,
+                                                     args.concurrency)))
     finally:
         if server is not None:
             stop_server(server)
-    plain, bon = merge(plain_runs), merge(bon_runs)
+        if pooling is not None:
+            pooling.kill()
     rows = []
-    for name, r in ((f"plain n={args.n}", plain), (f"best_of_n N={args.n}", bon)):
+    for name, r in ((arm, merge(arm_runs)) for arm, arm_runs in runs.items()):
         rows.append({
             "arm": name,
             "requests_per_s": r["requests"] / r["wall"],
@@ -173,14 +247,14 @@ def main() -> None:
         })
     print(f"concurrency {args.concurrency}, {args.rounds} rounds x {args.requests} requests per arm, "
           f"{args.max_tokens} tokens per candidate")
-    print(f"{'arm':<16} {'req/s':>7} {'tok/s':>8} {'p50 s':>7} {'scoring share':>14}")
+    print(f"{'arm':<24} {'req/s':>7} {'tok/s':>8} {'p50 s':>7} {'scoring share':>14} {'/ plain':>8}")
     for row in rows:
-        print(f"{row['arm']:<16} {row['requests_per_s']:>7.3f} {row['tokens_per_s']:>8.1f} "
-              f"{row['p50_latency_s']:>7.2f} {row['score_share']:>13.1%}")
-    ratio = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
-    print(f"best_of_n / plain throughput: {ratio:.3f}  (scoring share target <= 15%)")
+        row["ratio"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
+        print(f"{row['arm']:<24} {row['requests_per_s']:>7.3f} {row['tokens_per_s']:>8.1f} "
+              f"{row['p50_latency_s']:>7.2f} {row['score_share']:>13.1%} {row['ratio']:>8.3f}")
+    print("/ plain: generated tokens/s against plain n=N in the same run (scoring share target <= 15%)")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "ratio": ratio}, indent=2))
+        args.json.write_text(json.dumps({"rows": rows, "ratio": rows[1]["ratio"]}, indent=2))
 
 
 if __name__ == "__main__":

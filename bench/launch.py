@@ -78,3 +78,50 @@ def stop_server(server: RunningServer) -> None:
     except subprocess.TimeoutExpired:
         server.process.kill()
         server.process.wait()
+
+
+class PoolingServer:
+    """vLLM's own OpenAI server in pooling mode (`--runner pooling`) on a free loopback port: a
+    remote reward model for `--reward-model NAME=http://...`."""
+
+    def __init__(self, model: Path, log_dir: Path, *extra_args: str, env: dict | None = None):
+        self.model, self.log_dir, self.extra_args = Path(model), Path(log_dir), extra_args
+        self.env = dict(env or {})
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = STARTUP_TIMEOUT_S) -> PoolingServer:
+        """Start it (again, on the same port) and wait until its /health says 200."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / f"pooling-{self.port}-{time.monotonic_ns()}.log", "w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
+                 "--runner", "pooling", "--port", str(self.port), *self.extra_args],
+                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vLLM pooling server exited with {self.process.returncode} (log in {self.log_dir})")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.kill()
+        raise RuntimeError(f"vLLM pooling server not healthy after {timeout_s:.0f}s (log in {self.log_dir})")
+
+    def kill(self) -> None:
+        """SIGKILL the server and its engine process (what a crashed node does)."""
+        import psutil
+
+        if self.process is None or self.process.poll() is not None:
+            return
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            child.kill()
+        self.process.kill()
+        self.process.wait()

@@ -11,16 +11,13 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
-from bench.launch import REPO, free_port, start_server, stop_server
+from bench.launch import REPO, PoolingServer, start_server, stop_server
 
 pytestmark = pytest.mark.integration
 
@@ -42,49 +39,12 @@ def exported(tmp_path_factory) -> Path:
     return out
 
 
-class PoolingServer:
-    """vLLM's own OpenAI server in pooling mode (the CPU build), as a remote reward server."""
-
-    def __init__(self, model: Path, log_dir: Path):
-        self.model, self.log_dir, self.port = model, log_dir, free_port()
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        log = open(self.log_dir / f"pooling-{time.monotonic_ns()}.log", "w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model), "--runner",
-             "pooling", "--port", str(self.port), "--max-model-len", "512", "--dtype", "float32", "--enforce-eager"],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"vLLM pooling server exited with {self.process.returncode}"
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise RuntimeError("vLLM pooling server did not start")
-
-    def kill(self) -> None:
-        """SIGKILL the server and its engine (what a crashed node does)."""
-        for child in psutil.Process(self.process.pid).children(recursive=True):
-            child.kill()
-        self.process.kill()
-        self.process.wait()
-
-
 @pytest.fixture(scope="module")
 def pooling(exported, tmp_path_factory):
-    server = PoolingServer(exported, tmp_path_factory.mktemp("pooling"))
-    server.start()
+    server = PoolingServer(exported, tmp_path_factory.mktemp("pooling"), "--max-model-len", "512",
+                           "--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", "1G").start()
     yield server
-    if server.process.poll() is None:
-        server.kill()
+    server.kill()
 
 
 @pytest.fixture(scope="module")
