@@ -20,6 +20,7 @@ from aligner.training.data import iter_raw_rows, load_preference_data
 from aligner.training.export_prefs import ExportSummary, export_preferences, write_jsonl_atomically
 from server.cli import main
 from tests.conftest import has_package
+from tests.pg import NO_BINARIES, pg_bin, running_postgres
 
 NOW = 1_750_000_000.0
 CAPITAL = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]
@@ -330,6 +331,28 @@ def test_aligner_train_trains_on_an_export(store, tmp_path, capsys):
     saved = json.loads((tmp_path / "rm" / "eval.json").read_text())
     assert saved["data"]["feedback"]["usable"] == 3 and saved["data"]["feedback"]["train"] == 3
     assert saved["train"]["steps"] == 2 and len(saved["train"]["loss_history"]) == 2
+
+
+def test_the_cli_reads_a_postgresql_store(tmp_path, clock):
+    bin_dir = pg_bin()
+    if bin_dir is None:
+        pytest.skip(NO_BINARIES)
+    with running_postgres(bin_dir) as server:
+        url = server.new_database()
+        store = Store.open(url, clock=clock)
+        try:
+            answer(store, "r1", "Paris.", "Lyon.")
+            answer(store, "r2", "Marseille.")
+            store.add_feedback("r1", preferred_index=0, user="ann")
+            store.add_feedback("r1", rating=5, rating_scale="stars")
+            store.add_feedback("r2", rating=2, rating_scale="stars")
+        finally:
+            store.close()
+        out = tmp_path / "prefs.jsonl.gz"
+        assert main(["export-prefs", "--store", url, "--out", str(out), "--with-user"]) == 0
+    rows = list(iter_raw_rows(out))
+    assert pairs(rows) == [("Paris.", "Lyon.", 1.0), ("Paris.", "Marseille.", 0.75)]
+    assert [r["users"] for r in rows] == [["ann"], []] and rows[1]["feedback_ids"] == [2, 3]
 
 
 def test_an_export_is_the_same_bytes_each_time(store, tmp_path):
