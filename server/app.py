@@ -16,6 +16,7 @@ from starlette.requests import Request
 from aligner.alignment import check_profile_alignment
 from aligner.profiles import DEFAULT_PROFILES, ProfileStore
 from aligner.rewards import RewardRegistry
+from aligner.store import Store
 from decoding.engine import Engine
 from server.admission import AdmissionController
 from server.api_keys import APIKeys, reload_on_sighup
@@ -28,6 +29,7 @@ from server.router import router
 from server.serving_chat import ServingChat
 from server.serving_completion import ServingCompletion
 from server.serving_responses import ServingResponses
+from server.serving_store import ServingStore
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +49,17 @@ def build_app(
     *,
     start_engine: bool = True,
     tool_parser=None,
+    store: Store | None = None,
 ) -> FastAPI:
     """Wire engine, rewards, serving objects and routes; the engines load in the background.
 
     `/health` answers as soon as the process listens; `/ready` turns 200 once the engine
     (and every helper model's engine) has loaded, so a slow model load never blocks the
-    port. A supervisor restarts an engine that dies.
+    port. A supervisor restarts an engine that dies. `store` (opened by the caller, who
+    closes it) keeps traces and feedback; its background writer stops with the app.
     """
+    if store is None and (config.store.traces or config.store.allow_request_traces):
+        raise ValueError("storing traces needs a store: pass one to build_app")
     helpers = dict(helpers or {})
     rewards = rewards if rewards is not None else RewardRegistry.with_builtins()
     profiles = profiles if profiles is not None else load_profiles(DEFAULT_PROFILES)
@@ -78,7 +84,11 @@ def build_app(
     app.state.guides = guides
     app.state.helpers = helpers
     app.state.reward_engines = reward_engines
-    app.state.chat = ServingChat(engine, config, admission, metrics, rewards, profiles, guides, helpers, tool_parser)
+    app.state.store = store
+    app.state.serving_store = ServingStore(store, config.store, metrics,
+                                           keyed=bool(config.api_key or config.api_key_file))
+    app.state.chat = ServingChat(engine, config, admission, metrics, rewards, profiles, guides, helpers, tool_parser,
+                                 store=app.state.serving_store)
     app.state.completion = ServingCompletion(engine, config, admission, metrics)
     app.state.responses = ServingResponses(app.state.chat)
     app.include_router(router)
@@ -99,7 +109,8 @@ def engines_lifespan(engine: Engine, helpers: dict[str, Engine], rewards: Reward
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        tasks = [asyncio.create_task(rewards.start())]
+        tasks = [asyncio.create_task(rewards.start()),
+                 asyncio.create_task(app.state.serving_store.prune_periodically())]
         if start_engine:
             engines = (engine, *helpers.values())
             if config.start_engines_in_turn:
@@ -120,6 +131,7 @@ def engines_lifespan(engine: Engine, helpers: dict[str, Engine], rewards: Reward
                     await each.shutdown()
             await rewards.aclose()
             rewards.close()
+            await app.state.serving_store.aclose()
 
     return lifespan
 

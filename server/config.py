@@ -8,6 +8,27 @@ from server.admission import AdmissionConfig
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """What the server keeps in its store (`aligner.store`), when it has one."""
+
+    # Store every chat and Responses answer's trace (`--store-traces`).
+    traces: bool = False
+    # Let a request ask for its own trace with `alignment.trace: true` (`--allow-request-traces`).
+    allow_request_traces: bool = False
+    # Traces and feedback older than this are deleted in the background; None keeps them.
+    retention_days: float | None = 30.0
+    prune_interval_s: float = 3600.0
+    # Writes waiting for the background writer; beyond this a trace is dropped (and counted).
+    max_pending: int = 1000
+    # An endpoint's own store call (feedback, trace reads, deletions) answers 503 after this.
+    request_timeout_s: float = 15.0
+    # How long feedback or a read waits for a trace this process is still writing.
+    trace_wait_s: float = 2.0
+    # Threads for the endpoints' store calls: a hung database holds at most these.
+    threads: int = 4
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     served_model_name: str
     api_key: str | None = None
@@ -32,3 +53,4 @@ class ServerConfig:
     engine_poll_s: float = 1.0
     # Start the policy, then each helper, one at a time (on a GPU, where vLLM profiles memory).
     start_engines_in_turn: bool = False
+    store: StoreConfig = field(default_factory=StoreConfig)

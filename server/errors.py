@@ -11,6 +11,7 @@ from server.protocol import ErrorInfo, ErrorResponse
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",

@@ -7,6 +7,8 @@ from prometheus_client.core import GaugeMetricFamily
 
 from decoding.engine import Engine
 
+STORE_FEEDBACK_KINDS = ("rating", "preference", "pairwise", "comment")
+STORE_ERROR_KINDS = ("queue_full", "write_failed", "request_failed")
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -40,6 +42,22 @@ class ServerMetrics:
 
         if rewards is not None:
             r.register(_RewardQueues(rewards))
+        self.feedback = Counter("aligner_feedback", "Feedback rows stored, by kind (a client-key retry is not "
+                                "counted again).", ["kind"], registry=r)
+        self.store_errors = Counter(
+            "aligner_store_errors", "Store failures, by kind: queue_full and write_failed (a background write "
+            "dropped; its response went out anyway), request_failed (an endpoint's store call failed: 503).",
+            ["kind"], registry=r)
+        self.traces_written = Counter("aligner_traces_written", "Response traces written to the store.", registry=r)
+        for kind in STORE_FEEDBACK_KINDS:
+            self.feedback.labels(kind)
+        for kind in STORE_ERROR_KINDS:
+            self.store_errors.labels(kind)
+
+    def watch_store_writer(self, writer) -> None:
+        """`aligner_store_pending`: writes the store's background writer holds, read at scrape time."""
+        Gauge("aligner_store_pending", "Store writes queued or in progress in the background writer.",
+              registry=self.registry).set_function(lambda: writer.pending)
 
     def observe_reward(self, name: str, seconds: float, ok: bool) -> None:
         self.reward_calls.labels(name, "ok" if ok else "error").inc()

@@ -228,6 +228,8 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     # Extension: every alignment option lives in this one object ({"strategy": ..., params}).
     alignment: dict[str, Any] | None = None
+    # OpenAI's end-user id: stored with the answer's trace, so a user's data can be deleted.
+    user: str | None = None
 
     # Field validators (not one model validator) so that each error names its field; a
     # field's validator sees the fields declared before it in `info.data`.

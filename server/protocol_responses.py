@@ -101,6 +101,7 @@ class ResponsesRequest(OpenAIModel):
     tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
     parallel_tool_calls: bool | None = None
     alignment: dict[str, Any] | None = None
+    user: str | None = None  # as on chat completions
     # Declared (not left to `extra`) because it is echoed into the response: OpenAI's limits.
     metadata: dict[Annotated[str, StringConstraints(max_length=64)],
                    Annotated[str, StringConstraints(max_length=512)]] | None = Field(default=None, max_length=16)
@@ -130,7 +131,7 @@ class ResponsesRequest(OpenAIModel):
         body: dict[str, Any] = {
             "model": self.model, "messages": self._messages(), "max_completion_tokens": self.max_output_tokens,
             "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed, "stream": self.stream,
-            "alignment": self.alignment, "parallel_tool_calls": self.parallel_tool_calls,
+            "alignment": self.alignment, "parallel_tool_calls": self.parallel_tool_calls, "user": self.user,
         }
         if self.stream:
             body["stream_options"] = {"include_usage": True}

@@ -18,6 +18,7 @@ from server.alignment import STRATEGY_HEADER, model_aliases
 from server.errors import engine_unavailable
 from server.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList, ScoreRequest
 from server.protocol_responses import ResponsesRequest
+from server.protocol_store import FeedbackRequest
 from server.serving_score import score_responses
 
 router = APIRouter()
@@ -58,7 +59,7 @@ def to_response(raw: Request, endpoint: str, result) -> Response:
     metrics.requests.labels(endpoint, "200").inc()
     if isinstance(result, AsyncIterator):
         return StreamingResponse(result, media_type="text/event-stream")
-    return JSONResponse(result.model_dump())
+    return JSONResponse(result if isinstance(result, dict) else result.model_dump())
 
 
 @router.post("/v1/chat/completions")
@@ -117,6 +118,26 @@ async def list_rewards(raw: Request):
     guides = raw.app.state.guides
     listed = [{"name": n, "kind": "guide", "mode": m} for n, m in (guides.modes.items() if guides else ())]
     return JSONResponse({"object": "list", "data": raw.app.state.rewards.describe() + listed})
+
+
+@router.get("/v1/alignment/traces/{trace_id}")
+async def get_trace(trace_id: str, raw: Request):
+    return to_response(raw, "traces", await raw.app.state.serving_store.get_trace(trace_id))
+
+
+@router.delete("/v1/alignment/traces/{trace_id}")
+async def delete_trace(trace_id: str, raw: Request):
+    return to_response(raw, "traces", await raw.app.state.serving_store.delete_trace(trace_id))
+
+
+@router.delete("/v1/alignment/users/{user:path}")
+async def delete_user(user: str, raw: Request):
+    return to_response(raw, "users", await raw.app.state.serving_store.delete_user(user))
+
+
+@router.post("/v1/alignment/feedback")
+async def feedback(request: FeedbackRequest, raw: Request):
+    return to_response(raw, "feedback", await raw.app.state.serving_store.add_feedback(request))
 
 
 @router.get("/health")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from aligner.budget import Budget
 from aligner.profiles import ProfileStore
@@ -24,9 +25,12 @@ from server.protocol import (
     ChatTopLogprob,
     DeltaMessage,
     ErrorResponse,
+    UsageInfo,
     random_id,
 )
 from server.errors import invalid_request
+from server.serving_store import ServingStore
+from server.traces import build_trace, profile_of, take_trace_option
 from server.tools import AUTO_REFUSAL, ToolCallStream, tool_answer
 from server.serving_common import ENGINE_ERRORS, SSE_DONE, ServingBase, engine_error, holding, once, prime, sse, usage
 
@@ -52,10 +56,18 @@ def chat_logprobs(items: list[TokenLogprob] | None) -> ChatChoiceLogprobs | None
     )
 
 
+@dataclass(frozen=True)
+class TracePlan:
+    """An answer to be traced: the API it came through, the profile (name, version) it used."""
+
+    endpoint: str
+    profile: tuple[str | None, str | None]
+
+
 class ServingChat(ServingBase):
     def __init__(
         self, engine, config: ServerConfig, admission, metrics, rewards: RewardRegistry, profiles: ProfileStore,
-        guides=None, helpers: dict | None = None, tool_parser=None,
+        guides=None, helpers: dict | None = None, tool_parser=None, store: ServingStore | None = None,
     ):
         super().__init__(engine, config, admission, metrics)
         self.rewards = rewards
@@ -63,22 +75,30 @@ class ServingChat(ServingBase):
         self.guides = guides
         self.helpers = helpers or {}
         self.tool_parser = tool_parser  # decoding.tool_parsing.ToolCallParser: enables tool_choice auto
+        self.store = store  # traces of answers (`--store-traces`, `alignment.trace`); None: none kept
 
     async def create_chat_completion(
-        self, request: ChatCompletionRequest, strategy_header: str | None = None
+        self, request: ChatCompletionRequest, strategy_header: str | None = None, *,
+        response_id: str | None = None, endpoint: str = "chat.completions",
     ) -> ErrorResponse | ChatCompletionResponse | AsyncIterator[str]:
+        """`response_id`: the id the client gets (the Responses API's own); `endpoint` names
+        the API in the answer's trace."""
         started, arrived = time.perf_counter(), time.monotonic()
         if error := self.check_common(request):
             return error
         if request.tool_kind == "auto" and self.tool_parser is None:
             return invalid_request(AUTO_REFUSAL, "tool_choice")
+        planned = self._trace_plan(request, endpoint)
+        if isinstance(planned, ErrorResponse):
+            return planned
+        alignment, trace = planned
         messages = request.template_messages()
         tools = request.template_tools()
         prompt_ids = await self.tokenize(self.engine.tokenizer.encode_chat, messages, tools)
         max_tokens = self.resolve_max_tokens(request, len(prompt_ids), "messages")
         if isinstance(max_tokens, ErrorResponse):
             return max_tokens
-        request_id = random_id("chatcmpl")
+        request_id = response_id or random_id("chatcmpl")
         ctx = StrategyContext(
             engine=self.engine,
             rewards=self.rewards,
@@ -94,7 +114,7 @@ class ServingChat(ServingBase):
             tools=tools,
         )
         _, alias = split_model(request.model)
-        resolved = resolve_alignment(request.alignment, strategy_header, alias, self.config, ctx, self.profiles)
+        resolved = resolve_alignment(alignment, strategy_header, alias, self.config, ctx, self.profiles)
         if isinstance(resolved, ErrorResponse):
             return resolved
         strategy, params = resolved.strategy, resolved.params
@@ -110,14 +130,47 @@ class ServingChat(ServingBase):
             events = await prime(holding(ticket, strategy.stream(ctx, params)))
             if isinstance(events, ErrorResponse):
                 return events
-            return self._stream(request, request_id, resolved, events, started, budget)
+            return self._stream(request, request_id, resolved, events, started, budget, trace)
         try:
             async for result in holding(ticket, once(strategy.run(ctx, params))):
                 pass
         except ENGINE_ERRORS as exc:
             return engine_error(exc)
         self._record(strategy.name, result, started, budget)
-        return self._response(request, request_id, resolved, result)
+        response = self._response(request, request_id, resolved, result)
+        if trace is not None:
+            # Queued only (never awaited): the answer does not wait on the store.
+            response.alignment["traced"] = self._store_trace(
+                trace, request, request_id, resolved, result, response.alignment,
+                [c.model_dump(exclude={"logprobs"}) for c in response.choices], response.usage, started)
+        return response
+
+    def _trace_plan(self, request: ChatCompletionRequest,
+                    endpoint: str) -> tuple[dict | None, TracePlan | None] | ErrorResponse:
+        """(the alignment object without its `trace` switch, how the answer will be traced or
+        None), or why the request is refused."""
+        taken = take_trace_option(request.alignment)
+        if isinstance(taken, ErrorResponse):
+            return taken
+        alignment, asked = taken
+        if self.store is None:
+            if asked:
+                return invalid_request("this server does not store traces", "alignment.trace", "unsupported_value")
+            return alignment, None
+        wanted = self.store.trace_wanted(asked, request.user or None)
+        if isinstance(wanted, ErrorResponse):
+            return wanted
+        return alignment, TracePlan(endpoint, profile_of(alignment, self.profiles)) if wanted else None
+
+    def _store_trace(self, plan: TracePlan, request: ChatCompletionRequest, request_id: str,
+                     resolved: ResolvedAlignment, result: StrategyResult, report: dict, choices: list[dict],
+                     usage_info: UsageInfo, started: float) -> bool:
+        trace = build_trace(
+            response_id=request_id, endpoint=plan.endpoint, request=request, messages=request.template_messages(),
+            tools=request.template_tools(), resolved=resolved, result=result, report=report, choices=choices,
+            usage=usage_info.model_dump(), started=started, profile=plan.profile,
+        )
+        return self.store.record(trace)
 
     def _response(self, request, request_id: str, resolved: ResolvedAlignment, result: StrategyResult) -> ChatCompletionResponse:
         return ChatCompletionResponse(
@@ -149,7 +202,7 @@ class ServingChat(ServingBase):
 
     async def _stream(
         self, request: ChatCompletionRequest, request_id: str, resolved: ResolvedAlignment, events: AsyncIterator,
-        started: float, budget: Budget,
+        started: float, budget: Budget, trace: TracePlan | None = None,
     ) -> AsyncIterator[str]:
         chunk = ChunkWriter(request, request_id)
         calls = ToolCallStream(request, self.tool_parser)
@@ -176,7 +229,18 @@ class ServingChat(ServingBase):
                                 index=event.index, delta=delta or DeltaMessage(), logprobs=logprobs)])
                 elif isinstance(event, StrategyResult):
                     self._record(resolved.strategy.name, event, started, budget)
-                    for line in chunk.final(event, finish, alignment_report(resolved, event), calls):
+                    report = alignment_report(resolved, event)
+                    if trace is not None:  # queued before the last chunks go: the report says so
+                        choices = [ChatCompletionChoice(
+                            index=i, message=ChatResponseMessage(content=answer.content, tool_calls=answer.tool_calls),
+                            finish_reason=answer.finish_reason).model_dump(exclude={"logprobs"})
+                            for i, choice in enumerate(event.choices)
+                            for answer in [tool_answer(request, choice.text, finish.get(i) or choice.finish_reason,
+                                                       self.tool_parser)]]
+                        report["traced"] = self._store_trace(
+                            trace, request, request_id, resolved, event, report, choices,
+                            usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens), started)
+                    for line in chunk.final(event, finish, report, calls):
                         yield line
                     break
         except ENGINE_ERRORS as exc:

@@ -54,16 +54,19 @@ class ServingResponses:
             chat_request = request.to_chat()
         except ValidationError as exc:
             return _renamed(from_validation_errors(exc.errors()))
-        result = await self.chat.create_chat_completion(chat_request, strategy_header)
+        response = ResponseObject.started(request)
+        # The answer's trace is stored under the id this client gets.
+        result = await self.chat.create_chat_completion(chat_request, strategy_header, response_id=response.id,
+                                                        endpoint="responses")
         if isinstance(result, ErrorResponse):
             return _renamed(result)
         if isinstance(result, ChatCompletionResponse):
-            return finished(ResponseObject.started(request), result.model_dump())
-        return self._events(request, result)
+            return finished(response, result.model_dump())
+        return self._events(response, result)
 
-    async def _events(self, request: ResponsesRequest, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    async def _events(self, response: ResponseObject, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
         """Chat chunks (this server's own SSE lines) re-worded as Responses stream events."""
-        stream = EventWriter(ResponseObject.started(request))
+        stream = EventWriter(response)
         yield stream("response.created", response=stream.response)
         yield stream("response.in_progress", response=stream.response)
         text, calls, finish, ended = "", {}, None, {}

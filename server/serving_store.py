@@ -1,0 +1,289 @@
+"""The store's side of serving (issue 25): traces handed to the background writer as answers
+go out, and the endpoints that read traces, take feedback on them and delete them.
+
+A write that goes with a response never waits on the database: `record` only queues it, and
+a full queue or a failing write is counted (`aligner_store_errors_total`) and logged, never
+seen by the client. The endpoints' own store calls run on a few threads of their own with a
+timeout, and every failure of the database becomes a 503 envelope, never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from aligner.store import BackgroundWriter, Store, StoreConflictError, StoreValidationError
+from aligner.store import feedback as store_feedback
+from server.config import StoreConfig
+from server.errors import invalid_request, make_error
+from server.metrics import ServerMetrics
+from server.protocol import ErrorResponse
+from server.protocol_store import (
+    MAX_ID_CHARS,
+    DeletionResponse,
+    FeedbackItem,
+    FeedbackRequest,
+    FeedbackResponse,
+)
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# The store's field names as the feedback request calls them.
+_PARAMS = {"trace_id": "id", "preferred_index": "preferred_candidate", "other_trace_id": "preferred_over",
+           "rating_scale": "rating"}
+_POLL_S = 0.02
+NO_STORE = ("this server keeps no store: start it with --store-traces (every answer), --allow-request-traces "
+            "(answers that ask with alignment.trace) or --store URL (a store other replicas write)")
+KEY_REQUIRED = ("stored traces hold users' conversations: reading and deleting them needs the server to run "
+                "with --api-key or --api-key-file")
+
+
+class PendingIds:
+    """Trace ids queued in this process's background writer and not yet written (or failed)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._ids: collections.Counter[str] = collections.Counter()
+
+    def add(self, trace_id: str) -> None:
+        with self._lock:
+            self._ids[trace_id] += 1
+
+    def done(self, trace_id: str) -> None:
+        with self._lock:
+            self._ids[trace_id] -= 1
+            if self._ids[trace_id] <= 0:
+                del self._ids[trace_id]
+
+    def __contains__(self, trace_id: str) -> bool:
+        return trace_id in self._ids
+
+
+class WriterTarget:
+    """What the background writer calls: the store's writes plus the server's bookkeeping
+    (which trace ids are still on their way, how many traces were written)."""
+
+    def __init__(self, store: Store, metrics: ServerMetrics, pending: PendingIds):
+        self.store, self.metrics, self.pending = store, metrics, pending
+
+    def put_trace(self, trace: dict[str, Any]) -> None:
+        try:
+            self.store.put_trace(trace)
+        finally:
+            self.pending.done(trace["id"])
+        self.metrics.traces_written.inc()
+
+    def prune(self, older_than_days: float) -> None:
+        counts = self.store.prune(older_than_days)
+        if any(counts.values()):
+            logger.info("store retention (%g days): deleted %s", older_than_days, counts)
+
+
+class ServingStore:
+    """Traces, feedback and deletion over one `Store` (or none: every endpoint then says how
+    to configure one). `keyed`: the server checks API keys, which reading and deleting
+    traces require."""
+
+    def __init__(self, store: Store | None, config: StoreConfig, metrics: ServerMetrics, *, keyed: bool):
+        self.store, self.config, self.metrics, self.keyed = store, config, metrics, keyed
+        self.pending = PendingIds()
+        self.writer: BackgroundWriter | None = None
+        if store is not None:
+            self.writer = BackgroundWriter(WriterTarget(store, metrics, self.pending), config.max_pending,
+                                           on_error=self._count_write_error)
+            metrics.watch_store_writer(self.writer)
+        self._threads: ThreadPoolExecutor | None = None
+
+    # -- traces, as answers go out ----------------------------------------------------------
+
+    def trace_wanted(self, asked: bool, user: str | None) -> bool | ErrorResponse:
+        """Whether this answer is traced: every answer under `--store-traces`, one that asked
+        (`alignment.trace: true`) under `--allow-request-traces`; a request asking where
+        neither is set is refused (400), not answered untraced."""
+        if self.writer is not None and self.config.traces:
+            wanted = True
+        elif asked and self.writer is not None and self.config.allow_request_traces:
+            wanted = True
+        elif asked:
+            return invalid_request("this server does not store traces on request (start it with "
+                                   "--allow-request-traces or --store-traces)", "alignment.trace", "unsupported_value")
+        else:
+            wanted = False
+        if wanted and user is not None and len(user) > MAX_ID_CHARS:
+            return invalid_request(f"user is longer than {MAX_ID_CHARS} characters; this server stores it with "
+                                   "the answer's trace, for deletion by user", "user")
+        return wanted
+
+    def record(self, trace: dict[str, Any]) -> bool:
+        """Queue the trace for the background writer; False when it was dropped. Never blocks."""
+        if self.writer is None:
+            return False
+        self.pending.add(trace["id"])
+        if self.writer.submit("put_trace", trace):
+            return True
+        self.pending.done(trace["id"])
+        return False
+
+    def _count_write_error(self, kind: str) -> None:
+        self.metrics.store_errors.labels(kind).inc()
+
+    async def prune_periodically(self) -> None:
+        """Retention: delete what is older than `retention_days`, at start and then every
+        `prune_interval_s`, through the writer (so it never competes with an endpoint's call)."""
+        if self.writer is None or self.config.retention_days is None:
+            return
+        while True:
+            self.writer.submit("prune", self.config.retention_days)
+            await asyncio.sleep(self.config.prune_interval_s)
+
+    async def aclose(self, timeout_s: float = 5.0) -> None:
+        """Finish the queued writes (for up to `timeout_s`) and stop the threads."""
+        if self.writer is not None:
+            writer = self.writer
+            if not await asyncio.to_thread(writer.close, timeout_s):
+                logger.warning("store writer: %d write(s) not done at shutdown", writer.pending)
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+            self._threads = None
+
+    # -- endpoints ----------------------------------------------------------------------------
+
+    async def get_trace(self, trace_id: str) -> dict[str, Any] | ErrorResponse:
+        """The stored trace of the response `trace_id` with its feedback."""
+        if refusal := self._refusal(owner=True):
+            return refusal
+        await self._settled(trace_id)
+
+        def read(store: Store):
+            trace = store.get_trace(trace_id)
+            return trace, (store.feedback_for(trace_id) if trace is not None else [])
+
+        found = await self._call("read a trace", read)
+        if isinstance(found, ErrorResponse):
+            return found
+        trace, feedback = found
+        if trace is None:
+            return unknown_response(trace_id, "id")
+        return public_trace(trace, feedback)
+
+    async def add_feedback(self, request: FeedbackRequest) -> FeedbackResponse | ErrorResponse:
+        """Store what `request` says as one row per kind; every row is checked against the
+        stored responses before any is written, so a refused body stores nothing."""
+        if refusal := self._refusal(owner=False):
+            return refusal
+        await self._settled(request.id)
+        if request.preferred_over is not None:
+            await self._settled(request.preferred_over)
+        rows = request.rows()
+        started = time.time()
+
+        def write(store: Store) -> list[dict[str, Any]]:
+            trace = store.get_trace(request.id)
+            other = store.get_trace(request.preferred_over) if request.preferred_over is not None else None
+            store_feedback.check_against_traces(request.id, trace, request.preferred_candidate,
+                                                request.preferred_over, other)
+            return [store.add_feedback(request.id, **row) for row in rows]
+
+        stored = await self._call("store feedback", write)
+        if isinstance(stored, ErrorResponse):
+            return stored
+        for row in stored:
+            if row["created_at"] >= started:  # an earlier row returned for a client-key retry is not new
+                self.metrics.feedback.labels(row["kind"]).inc()
+        return FeedbackResponse(response_id=request.id, data=[FeedbackItem.from_row(row) for row in stored])
+
+    async def delete_trace(self, trace_id: str) -> DeletionResponse | ErrorResponse:
+        """Delete the response's trace and every feedback row that names it."""
+        if refusal := self._refusal(owner=True):
+            return refusal
+        await self._settled(trace_id)
+        deleted = await self._call("delete a trace", lambda store: store.delete_trace(trace_id))
+        if isinstance(deleted, ErrorResponse):
+            return deleted
+        if not deleted["traces"]:
+            return unknown_response(trace_id, "id")
+        return DeletionResponse(response_id=trace_id, deleted=deleted)
+
+    async def delete_user(self, user: str) -> DeletionResponse | ErrorResponse:
+        """Delete everything stored about `user`, after this process's queued writes (which
+        may hold their answers) are done."""
+        if refusal := self._refusal(owner=True):
+            return refusal
+        if not user or len(user) > MAX_ID_CHARS:
+            return invalid_request(f"user must be 1 to {MAX_ID_CHARS} characters", "user")
+        writer, wait_s = self.writer, self.config.trace_wait_s
+
+        def delete(store: Store) -> dict[str, int]:
+            if not writer.flush(wait_s):
+                logger.warning("deleting user data while %d store write(s) are still queued", writer.pending)
+            return store.delete_user(user)
+
+        deleted = await self._call("delete a user's data", delete)
+        if isinstance(deleted, ErrorResponse):
+            return deleted
+        return DeletionResponse(user=user, deleted=deleted)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _refusal(self, owner: bool) -> ErrorResponse | None:
+        if self.store is None:  # not a fault to retry (no 5xx): nothing is stored here
+            return make_error(NO_STORE, 404, code="store_not_configured")
+        if owner and not self.keyed:
+            return make_error(KEY_REQUIRED, 403, code="api_key_required")
+        return None
+
+    async def _settled(self, trace_id: str) -> None:
+        """Wait (up to `trace_wait_s`) while this process still has the trace queued: feedback
+        may come right after the answer, before its trace is written."""
+        deadline = time.monotonic() + self.config.trace_wait_s
+        while trace_id in self.pending and time.monotonic() < deadline:
+            await asyncio.sleep(_POLL_S)
+
+    async def _call(self, what: str, fn: Callable[[Store], T]) -> T | ErrorResponse:
+        """`fn(store)` on the store's threads, bounded by `request_timeout_s`; the store's
+        refusals as 4xx, every other failure as a 503 (counted and logged)."""
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(max_workers=self.config.threads, thread_name_prefix="store")
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(self._threads, functools.partial(fn, self.store)),
+                                          self.config.request_timeout_s)
+        except StoreValidationError as exc:
+            status = 404 if exc.code == "unknown_id" else 400
+            return make_error(exc.message, status, param=_PARAMS.get(exc.param, exc.param), code=exc.code)
+        except StoreConflictError as exc:
+            return make_error(exc.message, 409, param=exc.param, code="client_key_reused")
+        except TimeoutError:
+            return self._failed(what, f"no answer within {self.config.request_timeout_s:g} s")
+        except Exception as exc:  # noqa: BLE001 - any database fault is a 503, never a 500
+            logger.error("store: could not %s: %s: %s", what, type(exc).__name__, exc)
+            return self._failed(what, type(exc).__name__)
+
+    def _failed(self, what: str, why: str) -> ErrorResponse:
+        self.metrics.store_errors.labels("request_failed").inc()
+        return make_error(f"the store could not {what} ({why}); try again later", 503, code="store_unavailable")
+
+
+def unknown_response(trace_id: str, param: str) -> ErrorResponse:
+    return make_error(f"no stored response with id {trace_id!r}", 404, param=param, code="unknown_id")
+
+
+def public_trace(trace: dict[str, Any], feedback: list[dict[str, Any]]) -> dict[str, Any]:
+    """A stored trace as `GET /v1/alignment/traces/{id}` answers it: its columns, what the
+    server put in `extra` (endpoint, choices as returned, request settings, tools, the rest
+    of the alignment report), and the feedback on it."""
+    body = {"object": "alignment.trace"}
+    body.update({k: trace.get(k) for k in ("id", "created_at", "user", "model", "strategy", "profile",
+                                           "profile_version", "conversation", "candidates", "selected", "usage",
+                                           "timings")})
+    body.update(trace.get("extra") or {})
+    body["feedback"] = [FeedbackItem.from_row(row).model_dump() for row in feedback]
+    return body
