@@ -149,6 +149,25 @@ def add_limit_arguments(serve: argparse.ArgumentParser) -> None:
     group.add_argument("--max-engine-restarts", type=int, default=5)
 
 
+def add_store_arguments(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group("store: traces and feedback (opened only when one of these is given)")
+    group.add_argument("--store", default=_env("ALIGNER_STORE"), metavar="URL",
+                       help="where traces and feedback are kept (also ALIGNER_STORE, which keeps a database "
+                       "password out of the process list): sqlite:///PATH or a path (default, with "
+                       "--store-traces or --allow-request-traces: $ALIGNER_HOME/store.db, SQLite in WAL mode), or "
+                       "postgresql://USER[:PASSWORD]@HOST[:PORT]/DB, which several replicas can share")
+    group.add_argument("--store-traces", action="store_true",
+                       help="store every chat and Responses answer's trace (conversation, strategy, candidates "
+                       "with per-reward scores, selection, usage, timings) under its response id")
+    group.add_argument("--allow-request-traces", action="store_true",
+                       help="let a request ask for its own trace with alignment.trace: true (refused otherwise)")
+    group.add_argument("--store-retention-days", type=_positive_or_none, default=30.0, metavar="DAYS",
+                       help="delete traces and feedback older than this, in the background (0: keep them)")
+    group.add_argument("--store-max-pending", type=int, default=1000,
+                       help="trace writes waiting for the store; beyond this a trace is dropped and counted, "
+                       "the answer goes out anyway")
+
+
 def add_plugged_commands(sub) -> None:
     """Subcommands other packages register under the `aligner.commands` entry points."""
     for entry in sorted(metadata.entry_points(group=COMMANDS_ENTRY_POINTS), key=lambda e: e.name):
@@ -166,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                "--distributed-executor-backend ray, --quantization, --kv-cache-dtype, --max-num-batched-tokens, ...) "
                "goes to the policy engine unchanged and wins over this server's CPU defaults.")
     for add in (add_http_arguments, add_engine_arguments, add_model_arguments, add_alignment_arguments,
-                add_limit_arguments):
+                add_limit_arguments, add_store_arguments):
         add(serve)
     serve.set_defaults(func=cmd_serve)
     prep = sub.add_parser("prepare-model", help="convert the packaged GGUF default model once")

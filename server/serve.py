@@ -14,7 +14,7 @@ from decoding.model_prep import DEFAULT_MODEL_NAME, prepare_default_model
 from decoding.model_refs import discover
 from server.admission import AdmissionConfig
 from server.api_keys import APIKeyFileError, read_key_file
-from server.config import ServerConfig
+from server.config import ServerConfig, StoreConfig
 
 GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default: the whole server's share of the device
 HELPER_GPU_SHARE = 0.1  # of that total, per helper model (at most half of it for all helpers)
@@ -167,6 +167,7 @@ def server_config(args, name: str) -> ServerConfig:
         max_body_bytes=args.max_body_bytes,
         max_engine_restarts=args.max_engine_restarts,
         start_engines_in_turn=detect_device() != "cpu",
+        store=store_config(args),
         admission=AdmissionConfig(
             max_running_requests=args.max_running_requests,
             max_running_sequences=args.max_running_sequences,
@@ -174,6 +175,47 @@ def server_config(args, name: str) -> ServerConfig:
             max_queue_wait_s=args.max_queue_wait_s,
         ),
     )
+
+
+def store_config(args) -> StoreConfig:
+    if args.store_max_pending < 1:
+        raise SystemExit("aligner: --store-max-pending must be at least 1")
+    return StoreConfig(traces=args.store_traces, allow_request_traces=args.allow_request_traces,
+                       retention_days=args.store_retention_days, max_pending=args.store_max_pending)
+
+
+def wants_store(args) -> bool:
+    """A store is opened only for a feature that needs one, so that a plain `aligner serve`
+    writes nothing under $ALIGNER_HOME."""
+    return args.store is not None or args.store_traces or args.allow_request_traces
+
+
+def open_store(args):
+    """The store the flags name (created or migrated now), or None; a store that cannot be
+    opened stops the server here with one line, before any engine is built."""
+    if not wants_store(args):
+        return None
+    from aligner.store import Store
+
+    try:
+        store = Store.open(args.store)
+    except Exception as exc:  # noqa: BLE001 - a bad URL, an unreachable server, a newer schema
+        where = args.store or "the default SQLite store under $ALIGNER_HOME"
+        reason = (str(exc).splitlines() or [""])[0]
+        raise SystemExit(f"aligner: --store: cannot open {where}: {type(exc).__name__}: {reason}") from None
+    traces = ("every answer" if args.store_traces else
+              "answers that ask (alignment.trace)" if args.allow_request_traces else "none from this replica")
+    kept = f"{args.store_retention_days:g} days" if args.store_retention_days else "forever"
+    print(f"aligner: store {store.url} (traces: {traces}; kept {kept})", file=sys.stderr)
+    return store
+
+
+def store_warning(args, config: ServerConfig) -> str | None:
+    """Traces kept by a server without an API key cannot be read or deleted over HTTP."""
+    if wants_store(args) and not (config.api_key or config.api_key_file):
+        return ("aligner: WARNING: the store's traces can be read and deleted over HTTP only with an API key; "
+                "set --api-key, --api-key-file or ALIGNER_API_KEY")
+    return None
 
 
 def build_tool_parser(args, model: str):
@@ -215,15 +257,20 @@ def serve(args) -> int:
         profiles = load_profiles(args.profiles or DEFAULT_PROFILES)
     except ProfileError as exc:
         raise SystemExit(f"aligner: bad --profiles file: {exc}") from None
-    helpers = build_helpers(args)
-    engine = build_policy(args, model, name, guides, side_engines(args))
-    app = build_app(engine, config, build_rewards(args), profiles, guides, helpers,
-                    tool_parser=build_tool_parser(args, model))
-    print(f"aligner: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    if warning := exposure_warning(args.host, config.api_key, config.api_key_file):
-        print(warning, file=sys.stderr)
+    store = open_store(args)
     try:
+        helpers = build_helpers(args)
+        engine = build_policy(args, model, name, guides, side_engines(args))
+        app = build_app(engine, config, build_rewards(args), profiles, guides, helpers,
+                        tool_parser=build_tool_parser(args, model), store=store)
+        print(f"aligner: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+        for warning in (exposure_warning(args.host, config.api_key, config.api_key_file),
+                        store_warning(args, config)):
+            if warning:
+                print(warning, file=sys.stderr)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         guides.close()
+        if store is not None:
+            store.close()
     return 0
