@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from pathlib import Path
 
 Messages = Sequence[dict[str, str]]
 
@@ -17,10 +19,28 @@ class Reward(ABC):
     name: str
     kind: str  # "model" or "rule"
     description: str = ""
+    version: str | None = None  # a model's checkpoint fingerprint (`checkpoint_version`); rules have none
+    spec: str | None = None  # the `--reward-model` spec it was built from, if any
 
     @abstractmethod
     def score(self, prompts: Sequence[Messages], responses: Sequence[str]) -> list[float]:
         """Raw scores, one per pair, already normalised where the reward knows its statistics."""
 
     def describe(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "description": self.description}
+        described = {"name": self.name, "kind": self.kind, "description": self.description}
+        return {**described, "version": self.version} if self.version else described
+
+
+UNVERSIONED = ("README.md", "eval.json")  # the card and its report: rewriting them changes no score
+
+
+def checkpoint_version(path: str | Path) -> str:
+    """A short fingerprint of a checkpoint directory: its files' names, sizes and modification
+    times (not their bytes: a multi-gigabyte checkpoint is fingerprinted at once). Replacing or
+    rewriting any file that scoring reads gives a new version; the model card does not."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.name not in UNVERSIONED):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:12]

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from aligner.rewards.base import Messages, Reward
+from aligner.rewards.base import Messages, Reward, checkpoint_version
 from aligner.rewards.encoding import PairEncoder
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class SequenceClassifierReward(Reward):
 
         self.name = name
         self.path = Path(path)
+        self.version = checkpoint_version(self.path)  # before loading: a file replaced meanwhile is a new version
         self.model, self.tokenizer = load_sequence_classifier(self.path, dtype=dtype)
         self.device = device
         self.model.to(device)

@@ -4,6 +4,7 @@ off the event loop: each reward model on its own thread behind its own bounded q
 from __future__ import annotations
 
 import asyncio
+import copy
 import math
 import threading
 import time
@@ -80,6 +81,14 @@ class RewardRegistry:
         """`NAME=PATH` (a checkpoint scored in this process by Hugging Face), `NAME=regex:PATTERN`
         (a rule), or a model served by vLLM (`NAME=vllm:PATH`, `NAME=http://HOST:PORT`,
         `NAME=PATH@http://HOST:PORT`), which `served(name, backend, checkpoint, url)` builds."""
+        reward = self.build_from_spec(spec, served=served, **model_kwargs)
+        self.add(reward)
+        return reward
+
+    @staticmethod
+    def build_from_spec(spec: str, *, served: Callable[[str, str, str | None, str | None], Reward] | None = None,
+                        **model_kwargs) -> Reward:
+        """The reward a `--reward-model` spec names, loaded but not registered."""
         from aligner.rewards.served import parse_served_spec
 
         name, sep, target = spec.partition("=")
@@ -97,8 +106,24 @@ class RewardRegistry:
             from aligner.rewards.hf import SequenceClassifierReward
 
             reward = SequenceClassifierReward(name, target, **model_kwargs)
-        self.add(reward)
+        reward.spec = spec
         return reward
+
+    def snapshot(self) -> RewardRegistry:
+        """This registry as it is now, for one request: a reload swaps in new reward objects,
+        and a request already running keeps scoring with the versions it started with. The
+        view shares the worker threads, queue bounds and observer."""
+        view = copy.copy(self)
+        view.rewards = dict(self.rewards)
+        return view
+
+    def swap(self, rewards: dict[str, Reward], default: str | None) -> None:
+        """Replace the registered rewards at once (a reload); running requests keep their snapshots."""
+        self.rewards, self.default = dict(rewards), default
+
+    def versions(self, names) -> dict[str, str]:
+        """{name: version} of the named rewards that have one (models: their checkpoint's)."""
+        return {n: v for n in names if (r := self.get(n)) is not None and (v := getattr(r, "version", None))}
 
     def get(self, name: str) -> Reward | None:
         return self.rewards.get(name) or keyword_reward(name)

@@ -23,7 +23,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from aligner.rewards.base import Messages, Reward
+from aligner.rewards.base import Messages, Reward, checkpoint_version
 from aligner.rewards.encoding import PairEncoder
 
 logger = logging.getLogger(__name__)
@@ -61,13 +61,14 @@ class ServedReward(Reward):
         from transformers import AutoTokenizer
 
         path = Path(checkpoint)
+        version = checkpoint_version(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         limit = min(self.max_length, getattr(tokenizer, "model_max_length", self.max_length) or self.max_length)
         encoder = PairEncoder.for_model(tokenizer, path, limit)
         if (path / STATS_FILE).is_file():
             stats = json.loads((path / STATS_FILE).read_text())
             self.mean, self.std = float(stats["mean"]), float(stats["std"]) or 1.0
-        self.checkpoint, self.encoder = path, encoder
+        self.checkpoint, self.encoder, self.version = path, encoder, version
         self.description = f"sequence reward model {path.name}, scored by {self.backend.describe()}"
 
     async def start(self) -> None:

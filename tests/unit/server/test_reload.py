@@ -1,0 +1,110 @@
+"""Hot reload of reward models and profiles: what changed loads and swaps in at once, requests
+already running keep their versions, a bad file changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from aligner.profiles import DEFAULT_PROFILES, ProfileStore
+from aligner.rewards import RewardRegistry
+from server.reload import Reloader, ReloadError, ReloadSources, guide_versions
+
+PROMPT = [{"role": "user", "content": "Say something kind."}]
+
+
+def build(spec: str):
+    return RewardRegistry.build_from_spec(spec)
+
+
+@pytest.fixture
+def setup(tiny_reward_dir, tmp_path):
+    """A registry with the built-ins, a checkpoint reward and a rule; specs the test edits."""
+    checkpoint = shutil.copytree(tiny_reward_dir, tmp_path / "rm")
+    specs = [f"rm={checkpoint}", "bang=regex:!"]
+    registry = RewardRegistry.with_builtins()
+    for spec in specs:
+        registry.add_from_spec(spec)
+    applied = []
+    profiles_path = tmp_path / "profiles.yaml"
+    profiles_path.write_text(Path(DEFAULT_PROFILES).read_text())
+    sources = ReloadSources(reward_specs=lambda: list(specs), build_reward=build,
+                            load_profiles=lambda: ProfileStore.load(profiles_path))
+    reloader = Reloader(registry, sources, apply_profiles=applied.append)
+    return reloader, registry, specs, checkpoint, applied, profiles_path
+
+
+def rewrite(checkpoint: Path) -> None:
+    """A retrained model written over the old one: new bytes, new modification time."""
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+
+
+def test_nothing_changed_nothing_loaded(setup):
+    reloader, registry, _, _, applied, _ = setup
+    before = dict(registry.rewards)
+    report = asyncio.run(reloader.reload())
+    assert report["rewards"]["loaded"] == [] and sorted(report["rewards"]["unchanged"]) == ["bang", "rm"]
+    assert all(registry.rewards[n] is r for n, r in before.items())
+    assert report["rewards"]["versions"]["rm"] == before["rm"].version and len(applied) == 1
+
+
+def test_a_changed_checkpoint_swaps_in_while_a_running_request_keeps_the_old_version(setup):
+    reloader, registry, _, checkpoint, _, _ = setup
+    running = registry.snapshot()  # a request that started before the reload
+    old = registry.rewards["rm"]
+    rewrite(checkpoint)
+    report = asyncio.run(reloader.reload())
+    new = registry.rewards["rm"]
+    assert new is not old and new.version != old.version
+    assert report["rewards"]["loaded"] == [{"name": "rm", "version": new.version}]
+    assert running.get("rm") is old and running.versions(["rm", "bang"]) == {"rm": old.version}
+    assert registry.versions(["rm"]) == {"rm": new.version}
+    scores = asyncio.run(running.score({"rm": 1.0}, PROMPT, ["Thank you!"]))
+    assert len(scores.total) == 1  # the old model still scores for the request that holds it
+
+
+def test_a_broken_checkpoint_leaves_everything_serving(setup):
+    reloader, registry, _, checkpoint, applied, _ = setup
+    before = dict(registry.rewards)
+    (checkpoint / "config.json").write_text("{not json")
+    with pytest.raises(ReloadError, match="reward 'rm'"):
+        asyncio.run(reloader.reload())
+    assert registry.rewards == before and applied == []
+
+
+def test_a_bad_profiles_file_leaves_the_rewards_too(setup):
+    reloader, registry, specs, _, applied, profiles_path = setup
+    before = dict(registry.rewards)
+    specs.append("newrule=regex:\\?")
+    profiles_path.write_text("profiles: [")
+    with pytest.raises(ReloadError, match="profiles: .*not valid YAML"):
+        asyncio.run(reloader.reload())
+    assert registry.rewards == before and applied == []
+
+
+def test_added_and_removed_rewards_and_the_default_follows(setup):
+    reloader, registry, specs, _, _, _ = setup
+    assert registry.default == "rm"
+    specs[:] = ["bang=regex:!", "question=regex:\\?"]
+    report = asyncio.run(reloader.reload())
+    assert report["rewards"]["removed"] == ["rm"] and report["rewards"]["loaded"] == [
+        {"name": "question", "version": None}]
+    assert registry.get("rm") is None and registry.get("question") is not None
+    assert registry.default is None and report["rewards"]["default"] is None
+    assert registry.get("refusal") is not None  # built-in rules stay
+
+
+def test_changed_guides_are_reported_as_needing_a_restart(setup, tmp_path):
+    reloader, _, _, checkpoint, _, _ = setup
+    specs = [f"g={checkpoint}"]
+    reloader.sources.guide_specs = lambda: specs
+    reloader.guides_at_start = guide_versions(specs)
+    assert asyncio.run(reloader.reload())["restart_required"] == []
+    rewrite(checkpoint)
+    assert "guide g" in asyncio.run(reloader.reload())["restart_required"]
