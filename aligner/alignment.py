@@ -103,6 +103,8 @@ class ResolvedAlignment:
     source: str  # body, header, alias or default; ":profile REF" appended when a profile was used
     # The request's own deadline and token cap (the server caps both); none asked by default.
     limits: BudgetParams = field(default_factory=BudgetParams)
+    # {reward name: checkpoint version} the request scores with (set by the server).
+    reward_versions: dict[str, str] = field(default_factory=dict)
 
 
 def resolve_alignment(

@@ -13,6 +13,7 @@ from typing import Any
 from aligner import alignment as rules
 from aligner.alignment import AlignmentError, ResolvedAlignment
 from aligner.profiles import ProfileStore
+from aligner.rewards import RewardSpecError
 from aligner.strategies import StrategyContext, strategy_names
 from aligner.strategies.base import StrategyResult
 from aligner.strategies.pipeline import Pipeline
@@ -80,6 +81,20 @@ def alignment_report(resolved: ResolvedAlignment, result: StrategyResult) -> dic
         **result.info,
         "stages": [stage.public() for stage in result.stages],
     }
+    if resolved.reward_versions:
+        report["reward_versions"] = resolved.reward_versions
     if resolved.params.return_candidates and result.candidates:
         report["candidates"] = [c.public() for c in result.candidates]
     return report
+
+
+def reward_versions(resolved: ResolvedAlignment, rewards) -> dict[str, str]:
+    """{name: checkpoint version} of the reward models this request scores with (the default
+    when it names none), so that an answer says which version of a reloaded model judged it."""
+    if "reward" not in type(resolved.params).model_fields:
+        return {}
+    try:
+        names = rewards.resolve(resolved.params.reward)
+    except RewardSpecError:
+        return {}
+    return rewards.versions(names)

@@ -8,7 +8,7 @@ import contextlib
 import hmac
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -79,17 +79,25 @@ class APIKeys:
 
 
 @contextlib.contextmanager
-def reload_on_sighup(keys: APIKeys) -> Iterator[None]:
-    """While inside, SIGHUP re-reads the key file (only when there is one). Call it on the
-    running loop in the main thread; elsewhere (a test client's thread) it logs and goes on."""
-    if keys.path is None:
+def reload_on_sighup(keys: APIKeys, also: Callable[[], None] | None = None) -> Iterator[None]:
+    """While inside, SIGHUP re-reads the key file (when there is one) and calls `also` (the
+    models and profiles reload). Call it on the running loop in the main thread; elsewhere (a
+    test client's thread) it logs and goes on."""
+    if keys.path is None and also is None:
         yield
         return
+
+    def on_sighup() -> None:
+        if keys.path is not None:
+            keys.reload()
+        if also is not None:
+            also()
+
     loop = asyncio.get_running_loop()
     try:
-        loop.add_signal_handler(signal.SIGHUP, keys.reload)
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
     except (AttributeError, NotImplementedError, RuntimeError, ValueError) as exc:
-        logger.warning("SIGHUP will not reload %s here: %s", keys.path, exc)
+        logger.warning("SIGHUP will not reload %s here: %s", keys.path or "models and profiles", exc)
         yield
         return
     try:

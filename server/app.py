@@ -25,6 +25,7 @@ from server.errors import from_validation_errors, make_error
 from server.metrics import ServerMetrics
 from server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, RequestIdMiddleware
 from server.protocol import ErrorResponse
+from server.reload import Reloader, ReloadError, ReloadSources
 from server.router import router
 from server.serving_chat import ServingChat
 from server.serving_completion import ServingCompletion
@@ -50,6 +51,8 @@ def build_app(
     start_engine: bool = True,
     tool_parser=None,
     store: Store | None = None,
+    reload_sources: ReloadSources | None = None,
+    guides_at_start: dict[str, str] | None = None,
 ) -> FastAPI:
     """Wire engine, rewards, serving objects and routes; the engines load in the background.
 
@@ -91,6 +94,8 @@ def build_app(
                                  store=app.state.serving_store)
     app.state.completion = ServingCompletion(engine, config, admission, metrics)
     app.state.responses = ServingResponses(app.state.chat)
+    app.state.reloader = Reloader(rewards, reload_sources, apply_profiles=lambda new: _apply_profiles(app, new),
+                                  guides_at_start=dict(guides_at_start or {})) if reload_sources else None
     app.include_router(router)
     add_error_handlers(app)
     # Outermost first: ids and access logs see everything, the key check runs before any
@@ -119,7 +124,7 @@ def engines_lifespan(engine: Engine, helpers: dict[str, Engine], rewards: Reward
                 tasks += [asyncio.create_task(_start_engine(each)) for each in engines]
             tasks += [asyncio.create_task(supervise(each, config, metrics)) for each in engines]
         try:
-            with reload_on_sighup(app.state.api_keys):
+            with reload_on_sighup(app.state.api_keys, also=_reload_in_background(app)):
                 yield
         finally:
             for task in tasks:
@@ -151,6 +156,29 @@ def add_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception):
         logger.exception("unhandled error")
         return error_json(request.app, make_error(f"internal error: {type(exc).__name__}", 500))
+
+
+def _apply_profiles(app: FastAPI, profiles: ProfileStore) -> None:
+    """A reload's profiles: new requests resolve against them (running ones hold the old)."""
+    app.state.profiles = app.state.chat.profiles = profiles
+
+
+def _reload_in_background(app: FastAPI):
+    """SIGHUP's reload of models and profiles (None without a reloader): run as a task, logged."""
+    reloader = app.state.reloader
+    if reloader is None:
+        return None
+
+    def start() -> None:
+        async def run() -> None:
+            try:
+                await reloader.reload()
+            except ReloadError as exc:
+                logger.error("reload on SIGHUP failed, nothing changed: %s", exc)
+
+        app.state.reload_task = asyncio.get_running_loop().create_task(run())
+
+    return start
 
 
 def load_profiles(path) -> ProfileStore:

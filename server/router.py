@@ -15,10 +15,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from aligner.strategies import describe_strategies
 from server.alignment import STRATEGY_HEADER, model_aliases
-from server.errors import engine_unavailable
+from server.errors import engine_unavailable, make_error
 from server.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList, ScoreRequest
 from server.protocol_responses import ResponsesRequest
 from server.protocol_store import FeedbackRequest
+from server.reload import ReloadError
 from server.serving_score import score_responses
 
 router = APIRouter()
@@ -105,6 +106,20 @@ async def score(request: ScoreRequest, raw: Request):
     result = await run_cancelling_on_disconnect(
         raw, score_responses(request, state.rewards, state.config, state.admission, state.metrics))
     return to_response(raw, "score", result)
+
+
+@router.post("/v1/alignment/reload")
+async def reload(raw: Request):
+    """Re-read the models directory, the reward models and the profiles file, as SIGHUP does:
+    what changed swaps in; a bad file changes nothing and is the error (422)."""
+    reloader = raw.app.state.reloader
+    if reloader is None:
+        return to_response(raw, "reload", make_error("this server has nothing to reload", 404))
+    try:
+        return to_response(raw, "reload", {"object": "reload", **await reloader.reload()})
+    except ReloadError as exc:
+        return to_response(raw, "reload", make_error(f"reload failed, nothing changed: {exc}", 422,
+                                                     code="reload_failed"))
 
 
 @router.get("/v1/alignment/profiles")

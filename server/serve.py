@@ -15,6 +15,7 @@ from decoding.model_refs import discover
 from server.admission import AdmissionConfig
 from server.api_keys import APIKeyFileError, read_key_file
 from server.config import ServerConfig, StoreConfig
+from server.reload import ReloadSources, guide_versions
 
 GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default: the whole server's share of the device
 HELPER_GPU_SHARE = 0.1  # of that total, per helper model (at most half of it for all helpers)
@@ -72,19 +73,43 @@ def served_reward(args):
     return build
 
 
+def reward_builder(args):
+    """spec -> the reward it names, built with the flags' settings (at start and on reload)."""
+    from decoding.vllm_engine import detect_device
+
+    device = detect_device() if args.reward_device == "auto" else args.reward_device
+
+    def build(spec: str):
+        return RewardRegistry.build_from_spec(
+            spec, served=served_reward(args), max_length=args.reward_max_length,
+            max_batch_size=args.reward_batch_size, dtype=args.reward_dtype, device=device)
+
+    return build
+
+
+def reload_sources(args, load_profiles) -> ReloadSources:
+    """What `POST /v1/alignment/reload` and SIGHUP re-read: the models directory, the flags'
+    reward models and guides (as given at start), the profiles file."""
+    flag_rewards, flag_guides = list(args.flag_reward_model), list(args.flag_guide)
+
+    def found(index: int) -> list[str]:
+        return discover(args.models_dir)[index] if args.models_dir is not None else []
+
+    return ReloadSources(
+        reward_specs=lambda: found(0) + flag_rewards, build_reward=reward_builder(args),
+        guide_specs=lambda: found(1) + flag_guides,
+        load_profiles=lambda: load_profiles(args.profiles or DEFAULT_PROFILES), default_reward=args.default_reward)
+
+
 def build_rewards(args) -> RewardRegistry:
     rewards = RewardRegistry.with_builtins()
     rewards.timeout_s = args.reward_timeout_s
     rewards.max_pending_per_reward = args.reward_max_pending
-    from decoding.vllm_engine import detect_device
-
-    device = detect_device() if args.reward_device == "auto" else args.reward_device
+    build = reward_builder(args)
     for spec in args.reward_model:
         try:
-            reward = rewards.add_from_spec(
-                spec, served=served_reward(args), max_length=args.reward_max_length,
-                max_batch_size=args.reward_batch_size, dtype=args.reward_dtype, device=device,
-            )
+            reward = build(spec)
+            rewards.add(reward)
         except ValueError as exc:
             raise SystemExit(f"aligner: {exc}") from None
         print(f"aligner: reward {reward.name!r} ({reward.kind}) registered", file=sys.stderr)
@@ -243,6 +268,7 @@ def serve(args) -> int:
 
     from server.app import build_app, load_profiles
 
+    args.flag_reward_model, args.flag_guide = list(args.reward_model), list(args.guide)  # what a reload re-reads
     if args.models_dir is not None:
         found_rewards, found_guides = discover(args.models_dir)
         args.reward_model = found_rewards + args.reward_model
@@ -262,7 +288,8 @@ def serve(args) -> int:
         helpers = build_helpers(args)
         engine = build_policy(args, model, name, guides, side_engines(args))
         app = build_app(engine, config, build_rewards(args), profiles, guides, helpers,
-                        tool_parser=build_tool_parser(args, model), store=store)
+                        tool_parser=build_tool_parser(args, model), store=store,
+                        reload_sources=reload_sources(args, load_profiles), guides_at_start=guide_versions(args.guide))
         print(f"aligner: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
         for warning in (exposure_warning(args.host, config.api_key, config.api_key_file),
                         store_warning(args, config)):

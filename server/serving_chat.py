@@ -11,7 +11,7 @@ from aligner.profiles import ProfileStore
 from aligner.rewards import RewardRegistry
 from aligner.strategies import KeepAlive, StrategyContext, StrategyLimits, StrategyResult
 from decoding.engine import SequenceDelta, TokenLogprob
-from server.alignment import ResolvedAlignment, alignment_report, resolve_alignment, split_model
+from server.alignment import ResolvedAlignment, alignment_report, resolve_alignment, reward_versions, split_model
 from server.config import ServerConfig
 from server.protocol import (
     ChatChoiceLogprobs,
@@ -99,24 +99,27 @@ class ServingChat(ServingBase):
         if isinstance(max_tokens, ErrorResponse):
             return max_tokens
         request_id = response_id or random_id("chatcmpl")
+        # A reload swaps rewards and profiles; this request keeps the ones it started with.
+        profiles = self.profiles
         ctx = StrategyContext(
             engine=self.engine,
-            rewards=self.rewards,
+            rewards=self.rewards.snapshot(),
             request_id=request_id,
             messages=messages,
             prompt_ids=prompt_ids,
             sampling=request.to_sampling_config(max_tokens, request.logprobs_k()),
             limits=StrategyLimits(max_candidates=self.config.max_candidates),
             keepalive_s=self.config.stream_keepalive_s,
-            templates=self.profiles.templates,
+            templates=profiles.templates,
             guides=self.guides,
             helpers=self.helpers,
             tools=tools,
         )
         _, alias = split_model(request.model)
-        resolved = resolve_alignment(alignment, strategy_header, alias, self.config, ctx, self.profiles)
+        resolved = resolve_alignment(alignment, strategy_header, alias, self.config, ctx, profiles)
         if isinstance(resolved, ErrorResponse):
             return resolved
+        resolved.reward_versions = reward_versions(resolved, ctx.rewards)
         strategy, params = resolved.strategy, resolved.params
         budget = Budget.capped(resolved.limits, self.config.max_request_seconds, self.config.max_request_tokens,
                                started=arrived)

@@ -108,3 +108,44 @@ def test_changed_guides_are_reported_as_needing_a_restart(setup, tmp_path):
     assert asyncio.run(reloader.reload())["restart_required"] == []
     rewrite(checkpoint)
     assert "guide g" in asyncio.run(reloader.reload())["restart_required"]
+
+
+def test_the_reload_endpoint_swaps_and_answers_name_the_reward_version(setup):
+    from fastapi.testclient import TestClient
+
+    from server.app import build_app
+    from server.config import ServerConfig
+    from tests.fakes import FakeEngine
+
+    _, registry, specs, checkpoint, _, profiles_path = setup
+    sources = ReloadSources(reward_specs=lambda: list(specs), build_reward=build,
+                            load_profiles=lambda: ProfileStore.load(profiles_path))
+    app = build_app(FakeEngine(), ServerConfig(served_model_name="fake-model"), registry, start_engine=False,
+                    reload_sources=sources)
+    body = {"model": "fake-model", "messages": PROMPT, "max_tokens": 4,
+            "alignment": {"strategy": "best_of_n", "n": 2, "reward": "rm"}}
+    with TestClient(app) as client:
+        first = client.post("/v1/chat/completions", json=body).json()["alignment"]["reward_versions"]
+        assert first == {"rm": registry.rewards["rm"].version}
+        rewrite(checkpoint)
+        reply = client.post("/v1/alignment/reload")
+        assert reply.status_code == 200 and reply.json()["rewards"]["loaded"][0]["name"] == "rm"
+        second = client.post("/v1/chat/completions", json=body).json()["alignment"]["reward_versions"]
+        assert second["rm"] != first["rm"] and second["rm"] == registry.rewards["rm"].version
+        profiles_path.write_text("profiles: [")
+        failed = client.post("/v1/alignment/reload")
+        assert failed.status_code == 422 and failed.json()["error"]["code"] == "reload_failed"
+        assert "not valid YAML" in failed.json()["error"]["message"]
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_without_sources_there_is_nothing_to_reload():
+    from fastapi.testclient import TestClient
+
+    from server.app import build_app
+    from server.config import ServerConfig
+    from tests.fakes import FakeEngine
+
+    app = build_app(FakeEngine(), ServerConfig(served_model_name="fake-model"), start_engine=False)
+    with TestClient(app) as client:
+        assert client.post("/v1/alignment/reload").status_code == 404
