@@ -124,7 +124,10 @@ def discover(models_dir: str | Path) -> tuple[list[str], list[str]]:
     rewards, guides = [], []
     for meta_file in sorted(Path(models_dir).glob(f"*/{REWARD_META_FILE}")):
         path = meta_file.parent
-        kind = json.loads(meta_file.read_text()).get("kind")
+        try:
+            kind = json.loads(meta_file.read_text()).get("kind")
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{meta_file}: not valid JSON: {exc}") from None
         spec = f"{path.name}={path}"
         if kind == "arm":
             guides.append(spec)

@@ -31,6 +31,7 @@ from server.serving_chat import ServingChat
 from server.serving_completion import ServingCompletion
 from server.serving_responses import ServingResponses
 from server.serving_store import ServingStore
+from server.ui import mount_ui
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ def build_app(
     app.state.reloader = Reloader(rewards, reload_sources, apply_profiles=lambda new: _apply_profiles(app, new),
                                   guides_at_start=dict(guides_at_start or {})) if reload_sources else None
     app.include_router(router)
+    mount_ui(app)
     add_error_handlers(app)
     # Outermost first: ids and access logs see everything, the key check runs before any
     # body is read, and the body limit applies to what routes read.

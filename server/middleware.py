@@ -17,8 +17,10 @@ from server.errors import make_error
 
 access_log = logging.getLogger("aligner.access")
 
-# Liveness stays open so that orchestrators can probe a key-protected server.
-UNAUTHENTICATED_PATHS = frozenset({"/health"})
+# Liveness stays open so that orchestrators can probe a key-protected server; the UI's static
+# files hold no secrets (the page asks for the key and sends it with each call).
+UNAUTHENTICATED_PATHS = frozenset({"/health", "/ui"})
+UNAUTHENTICATED_PREFIXES = ("/ui/",)
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -31,7 +33,8 @@ class APIKeyMiddleware:
         self.keys = keys
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in UNAUTHENTICATED_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in UNAUTHENTICATED_PATHS or path.startswith(UNAUTHENTICATED_PREFIXES):
             return await self.app(scope, receive, send)
         given = dict(scope.get("headers") or ()).get(b"authorization", b"")
         if not self.keys.accepts(given):
