@@ -16,10 +16,10 @@ whose version is newer than `MIGRATIONS` knows is refused (`StoreSchemaError`) b
 is touched: an older replica must not write rows a newer schema means differently.
 
 How to change the schema: append a `Migration` (never edit a released one) and change the
-tables below to the new shape. Step 1 creates the tables from these definitions, so the first
-change to an existing table must also freeze step 1 (copy today's definitions into it);
-otherwise a fresh database gets the new column from step 1 and the new step fails on it, which
-`test_store_schema` catches.
+tables below to the new shape. Step 1 creates the tables as version 1 defined them (frozen in
+`_create_v1`), so a fresh database runs every step in turn, exactly as an old one upgrades;
+`test_store_schema` checks that both end with the tables declared here. A new table may be
+created from its definition below only if no later step changes it (else freeze it too).
 """
 
 from __future__ import annotations
@@ -58,6 +58,10 @@ traces = sa.Table(
     sa.Column("usage", Json),
     sa.Column("timings", Json),
     sa.Column("extra", Json),
+    # The experiment the request named and the arm (a pinned profile, "name@version") it got.
+    sa.Column("experiment", Id),
+    sa.Column("arm", Id),
+    sa.Index("ix_traces_experiment_arm", "experiment", "arm"),
 )
 
 feedback = sa.Table(
@@ -102,11 +106,61 @@ class Migration:
 
 
 def _create_v1(conn: sa.Connection) -> None:
-    metadata.create_all(conn, tables=[traces, feedback, experiment_assignments], checkfirst=False)
+    """The tables as version 1 made them, frozen: later steps change them from there."""
+    v1 = sa.MetaData()
+    sa.Table(
+        "traces", v1,
+        sa.Column("id", Id, primary_key=True),
+        sa.Column("created_at", sa.Float, nullable=False, index=True),
+        sa.Column("user", Id, nullable=True, index=True),
+        sa.Column("conversation", Json, nullable=False),
+        sa.Column("conversation_hash", sa.String(64), nullable=False, index=True),
+        sa.Column("strategy", sa.String(64)),
+        sa.Column("profile", Id),
+        sa.Column("profile_version", sa.String(64)),
+        sa.Column("model", Id),
+        sa.Column("candidates", Json),
+        sa.Column("selected", Json),
+        sa.Column("usage", Json),
+        sa.Column("timings", Json),
+        sa.Column("extra", Json),
+    )
+    sa.Table(
+        "feedback", v1,
+        sa.Column("id", BigId, primary_key=True, autoincrement=True),
+        sa.Column("trace_id", Id, sa.ForeignKey("traces.id", ondelete="CASCADE"), nullable=False, index=True),
+        sa.Column("created_at", sa.Float, nullable=False, index=True),
+        sa.Column("user", Id, nullable=True, index=True),
+        sa.Column("kind", sa.String(16), nullable=False),
+        sa.Column("rating", sa.Float),
+        sa.Column("rating_scale", sa.String(8)),
+        sa.Column("preferred_index", sa.Integer),
+        sa.Column("other_trace_id", Id, sa.ForeignKey("traces.id", ondelete="CASCADE"), index=True),
+        sa.Column("comment", sa.Text),
+        sa.Column("client_key", Id, unique=True),
+    )
+    sa.Table(
+        "experiment_assignments", v1,
+        sa.Column("experiment", Id, primary_key=True),
+        sa.Column("unit", Id, primary_key=True, index=True),
+        sa.Column("arm", Id, nullable=False),
+        sa.Column("created_at", sa.Float, nullable=False, index=True),
+    )
+    v1.create_all(conn, checkfirst=False)
+
+
+def _add_trace_experiment(conn: sa.Connection) -> None:
+    """traces.experiment and traces.arm (NULL for earlier traces), indexed together: an
+    experiment's report reads its traces by these two."""
+    for column in (traces.c.experiment, traces.c.arm):
+        type_ = column.type.compile(dialect=conn.dialect)
+        conn.execute(sa.text(f"ALTER TABLE traces ADD COLUMN {column.name} {type_}"))
+    next(i for i in traces.indexes if i.name == "ix_traces_experiment_arm").create(conn)
 
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "traces, feedback and experiment assignments", _create_v1),
+    Migration(2, "traces.experiment and traces.arm (A/B experiments)", _add_trace_experiment),
 )
 LATEST = MIGRATIONS[-1].version
 

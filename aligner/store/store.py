@@ -25,8 +25,10 @@ from aligner.store.schema import experiment_assignments, feedback, migrate, trac
 
 TRACE_FIELDS = frozenset({
     "id", "created_at", "user", "conversation", "strategy", "profile", "profile_version", "model",
-    "candidates", "selected", "usage", "timings", "extra",
+    "candidates", "selected", "usage", "timings", "extra", "experiment", "arm",
 })
+# What an experiment's report reads of each trace (not the conversation, nor the texts' extra).
+EXPERIMENT_TRACE_COLUMNS = ("id", "created_at", "user", "arm", "candidates", "selected", "usage", "timings")
 DAY_S = 86400.0
 
 
@@ -91,6 +93,10 @@ class Store:
             raise ValueError(f"unknown trace field(s) {sorted(unknown)}; known: {sorted(TRACE_FIELDS)}")
         fb.check_id(trace.get("id"), "id")
         fb.check_id(trace.get("user"), "user", required=False)
+        fb.check_id(trace.get("experiment"), "experiment", required=False)
+        fb.check_id(trace.get("arm"), "arm", required=False)
+        if (trace.get("experiment") is None) != (trace.get("arm") is None):
+            raise ValueError("a trace names both its experiment and its arm, or neither")
         if trace.get("conversation") is None:
             raise ValueError("a trace needs its conversation")
         row = {name: trace.get(name) for name in TRACE_FIELDS}
@@ -215,6 +221,56 @@ class Store:
                 experiment=experiment, unit=unit, arm=arm, created_at=self.clock(),
             ).on_conflict_do_nothing())
             return conn.scalar(query)
+
+    def experiment_traces(self, experiment: str, since: float | datetime | None = None,
+                          batch_size: int = 500) -> Iterator[dict[str, Any]]:
+        """The traces of the experiment's requests (created at `since` or later), each with
+        `EXPERIMENT_TRACE_COLUMNS`; read in batches of short transactions, like `iter_feedback`."""
+        since = _epoch(since)
+        columns = [traces.c[name] for name in EXPERIMENT_TRACE_COLUMNS]
+        last_id: str | None = None
+        while True:
+            query = sa.select(*columns).where(traces.c.experiment == experiment)
+            if since is not None:
+                query = query.where(traces.c.created_at >= since)
+            if last_id is not None:
+                query = query.where(traces.c.id > last_id)
+            with self._read() as conn:
+                rows = [dict(r._mapping) for r in conn.execute(query.order_by(traces.c.id).limit(batch_size))]
+            yield from rows
+            if len(rows) < batch_size:
+                return
+            last_id = rows[-1]["id"]
+
+    def experiment_feedback(self, experiment: str, since: float | datetime | None = None,
+                            batch_size: int = 500) -> Iterator[dict[str, Any]]:
+        """The ratings and pairwise preferences on the experiment's responses (created at
+        `since` or later), oldest first, each as {"id", "kind", "trace_id", "arm", "rating",
+        "rating_scale", "other_trace_id", "other_arm"}. A pairwise row counts only when both
+        responses belong to the experiment (and to the window); `arm` is the preferred one's."""
+        since = _epoch(since)
+        mine, other = traces.alias("mine"), traces.alias("other")
+        joined = feedback.join(mine, feedback.c.trace_id == mine.c.id).outerjoin(
+            other, feedback.c.other_trace_id == other.c.id)
+        in_window = [mine.c.experiment == experiment]
+        if since is not None:
+            in_window.append(mine.c.created_at >= since)
+        pairwise = [feedback.c.kind == "pairwise", other.c.experiment == experiment]
+        if since is not None:
+            pairwise.append(other.c.created_at >= since)
+        query = sa.select(
+            feedback.c.id, feedback.c.kind, feedback.c.trace_id, mine.c.arm, feedback.c.rating,
+            feedback.c.rating_scale, feedback.c.other_trace_id, other.c.arm.label("other_arm"),
+        ).select_from(joined).where(*in_window, sa.or_(feedback.c.kind == "rating", sa.and_(*pairwise)))
+        last_id = 0
+        while True:
+            with self._read() as conn:
+                rows = [dict(r._mapping) for r in conn.execute(
+                    query.where(feedback.c.id > last_id).order_by(feedback.c.id).limit(batch_size))]
+            yield from rows
+            if len(rows) < batch_size:
+                return
+            last_id = rows[-1]["id"]
 
     # -- deletion and retention -------------------------------------------------------------
 

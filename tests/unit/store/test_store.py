@@ -62,7 +62,8 @@ def count(store: Store, table: sa.Table) -> int:
 def test_a_trace_round_trips(store):
     full = trace("chatcmpl-1", user="alice", strategy="best_of_n", profile="helpful", profile_version="3",
                  model="SmolLM2-135M-Instruct", usage={"prompt_tokens": 5, "completion_tokens": 12},
-                 timings={"total_s": 0.25, "reward_s": 0.05}, extra={"arm": "b"},
+                 timings={"total_s": 0.25, "reward_s": 0.05}, extra={"endpoint": "chat.completions"},
+                 experiment="tone-test", arm="helpful@3",
                  created_at=datetime.fromtimestamp(NOW - 10, timezone.utc))
     full["candidates"][0]["scores"]["helpful"] = float("nan")  # a reward that failed
     store.put_trace(full)
@@ -82,7 +83,7 @@ def test_unset_trace_fields_are_null_and_created_at_defaults_to_now(store, clock
     assert got["created_at"] == NOW
     assert {k for k, v in got.items() if v is None} == {
         "user", "strategy", "profile", "profile_version", "model", "candidates", "selected", "usage",
-        "timings", "extra"}
+        "timings", "extra", "experiment", "arm"}
 
 
 def test_the_hash_ignores_key_order_only():
@@ -102,6 +103,8 @@ def test_writing_a_trace_again_replaces_it_and_keeps_its_feedback(answered):
     ({"id": "", "conversation": HELLO}, "id must be a non-empty string"),
     ({"id": "x"}, "needs its conversation"),
     ({"id": "x", "conversation": HELLO, "scores": []}, "unknown trace field"),
+    ({"id": "x", "conversation": HELLO, "experiment": "tone"}, "both its experiment and its arm"),
+    ({"id": "x", "conversation": HELLO, "experiment": "tone", "arm": ""}, "arm must be a non-empty string"),
 ])
 def test_malformed_traces_are_refused(store, bad, says):
     with pytest.raises(ValueError, match=says):
@@ -290,6 +293,38 @@ def test_export_reads_feedback_with_its_traces_in_batches(answered, clock):
     assert (recent[-1]["trace"]["id"], recent[-1]["other_trace"]["id"]) == ("b", "a")
     since_dt = datetime.fromtimestamp(NOW + 61, timezone.utc)
     assert list(answered.iter_feedback(since=since_dt)) == []
+
+
+def test_an_experiment_reads_its_own_traces_and_feedback_in_batches(store, clock):
+    for i, arm in enumerate(["p@1", "p@2", "p@1", "p@2", "p@1"]):
+        store.put_trace(trace(f"t{i}", user=f"u{i}", experiment="tone", arm=arm, usage={"completion_tokens": i},
+                              timings={"total_s": i / 10}))
+        clock.t += 10
+    store.put_trace(trace("other-experiment", experiment="colour", arm="p@1"))
+    store.put_trace(trace("no-experiment"))
+    store.put_trace(trace("elsewhere", conversation=OTHER, experiment="tone", arm="p@2"))
+    got = list(store.experiment_traces("tone", batch_size=2))
+    assert [t["id"] for t in got] == ["elsewhere", "t0", "t1", "t2", "t3", "t4"]
+    assert got[1] == {"id": "t0", "created_at": NOW, "user": "u0", "arm": "p@1", "candidates": trace("t0")["candidates"],
+                      "selected": [2], "usage": {"completion_tokens": 0}, "timings": {"total_s": 0.0}}
+    assert [t["id"] for t in store.experiment_traces("tone", since=NOW + 30)] == ["elsewhere", "t3", "t4"]
+    assert list(store.experiment_traces("unknown")) == []
+
+    rating = store.add_feedback("t1", rating=4, rating_scale="stars")
+    store.add_feedback("t1", preferred_index=0)  # not a rating nor pairwise: not read
+    store.add_feedback("t1", comment="fine")  # neither
+    won = store.add_feedback("t3", other_trace_id="t0")
+    store.add_feedback("t0", other_trace_id="no-experiment")  # the other response is outside it
+    store.add_feedback("other-experiment", rating=1, rating_scale="thumbs")
+    rows = list(store.experiment_feedback("tone", batch_size=1))
+    assert rows == [
+        {"id": rating["id"], "kind": "rating", "trace_id": "t1", "arm": "p@2", "rating": 4.0, "rating_scale": "stars",
+         "other_trace_id": None, "other_arm": None},
+        {"id": won["id"], "kind": "pairwise", "trace_id": "t3", "arm": "p@2", "rating": None, "rating_scale": None,
+         "other_trace_id": "t0", "other_arm": "p@1"},
+    ]
+    # `since` holds for both responses of a pair: t0 is older than the window.
+    assert [r["id"] for r in store.experiment_feedback("tone", since=NOW + 10)] == [rating["id"]]
 
 
 def test_two_stores_on_one_database_see_each_others_writes(store_url):

@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from aligner.store import Store, StoreSchemaError
-from aligner.store.engine import resolve_url
+from aligner.store.engine import create_engine, resolve_url
 from aligner.store.schema import LATEST, MIGRATIONS, metadata, schema_version
 
 REPO = Path(__file__).resolve().parents[3]
@@ -144,6 +144,30 @@ def test_processes_opening_a_new_database_together_migrate_it_once(store_url):
     store = Store.open(store_url)
     try:
         assert versions(store) == list(range(1, LATEST + 1))
+    finally:
+        store.close()
+
+
+def test_a_version_1_store_upgrades_in_place_keeping_its_rows(store_url):
+    from aligner.store.schema import migrate
+
+    engine = create_engine(resolve_url(store_url))
+    try:
+        assert migrate(engine, lambda: 0.0, MIGRATIONS[:1]) == [1]
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO traces (id, created_at, conversation, conversation_hash) "
+                                 "VALUES ('old', 1.0, '[]', 'h')"))
+    finally:
+        engine.dispose()
+    store = Store.open(store_url)
+    try:
+        assert versions(store) == list(range(1, LATEST + 1))
+        old = store.get_trace("old")
+        assert (old["experiment"], old["arm"]) == (None, None)
+        store.put_trace({"id": "new", "conversation": [], "experiment": "tone", "arm": "helpful@2"})
+        assert [t["id"] for t in store.experiment_traces("tone")] == ["new"]
+        indexes = {tuple(i["column_names"]) for i in sa.inspect(store.engine).get_indexes("traces")}
+        assert ("experiment", "arm") in indexes
     finally:
         store.close()
 
