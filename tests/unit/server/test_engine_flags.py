@@ -66,3 +66,17 @@ def test_other_commands_still_refuse_unknown_flags(capsys):
     with pytest.raises(SystemExit):
         parse_args(["prepare-model", "--tensor-parallel-size", "1"])
     assert "unrecognized arguments: --tensor-parallel-size 1" in capsys.readouterr().err
+
+
+def test_the_flags_reach_the_config_vllm_builds():
+    """vLLM's own config object, built from the arguments (no engine started): what the server's
+    start-up log line reads back (`engine_summary`)."""
+    from decoding.model_prep import prepare_default_model
+    from decoding.vllm_engine import engine_summary
+
+    args = parse_args(["serve", "--max-model-len", "1024", *FLAGS])
+    built = build_policy(args, str(prepare_default_model()), "m", GuideCatalog(), 0).config.engine_args("cpu")
+    summary = engine_summary(built.create_engine_config())
+    assert {k: summary[k] for k in ("tensor_parallel_size", "max_num_batched_tokens", "kv_cache_dtype", "seed")} == {
+        "tensor_parallel_size": 1, "max_num_batched_tokens": 3072, "kv_cache_dtype": "fp8", "seed": 7}
+    assert summary["block_size"] == 32 and summary["enable_chunked_prefill"] is False
