@@ -10,6 +10,11 @@
         - version: 2
           alignment: {pipeline: [{strategy: urial}, {strategy: best_of_n, n: 4}]}
 
+    experiments:                     # optional A/B tests of profile versions (aligner.experiments)
+      tone-test:
+        unit: user                   # or random
+        arms: [{profile: harmless@1, weight: 1}, {profile: harmless@2, weight: 1}]
+
 Every profile names a `strategy` or a `pipeline`, each stage with its `strategy`. A request
 names `{"profile": "harmless@2"}` (a bare name means the latest version); its own alignment
 fields override the profile's. The file is checked completely at start, and an
@@ -25,6 +30,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from aligner.experiments import Experiment, ExperimentError, check_experiment
 from aligner.strategies.templates import InContextTemplate
 
 DEFAULT_PROFILES = Path(__file__).with_name("default_profiles.yaml")
@@ -64,6 +70,7 @@ def _strip_lines(value):
 class ProfileStore:
     profiles: dict[str, dict[int, ProfileVersion]] = field(default_factory=dict)
     templates: dict[str, InContextTemplate] = field(default_factory=dict)
+    experiments: dict[str, Experiment] = field(default_factory=dict)
     source: str | None = None
 
     @classmethod
@@ -81,8 +88,9 @@ class ProfileStore:
         except OSError as exc:
             raise ProfileError(f"{path}: cannot read: {exc}") from None
         if not isinstance(raw, dict):
-            raise ProfileError(f"{path}:1: expected a mapping with 'profiles' (and optional 'templates')")
-        unknown = set(raw) - {"profiles", "templates", _LINE}
+            raise ProfileError(f"{path}:1: expected a mapping with 'profiles' (and optional 'templates', "
+                               "'experiments')")
+        unknown = set(raw) - {"profiles", "templates", "experiments", _LINE}
         if unknown:
             raise ProfileError(f"{path}:{raw.get(_LINE, 1)}: unknown top-level keys {sorted(unknown)}")
         store = cls(source=str(path))
@@ -117,7 +125,25 @@ class ProfileStore:
                 if validate_alignment is not None and (problem := validate_alignment(version.alignment, store)):
                     raise ProfileError(f"{path}:{line}: profile {name}@{version.version}: {problem}")
                 store.profiles[name][version.version] = version
+        store._load_experiments(raw, path)
         return store
+
+    def _load_experiments(self, raw: dict, path: Path) -> None:
+        """`experiments:`, after the profiles its arms name."""
+        section = raw.get("experiments") or {}
+        if not isinstance(section, dict):
+            raise ProfileError(f"{path}:{raw[_LINE]}: 'experiments' must map names to experiments")
+        for name, body in section.items():
+            if name == _LINE:
+                continue
+            line = body.get(_LINE, section[_LINE]) if isinstance(body, dict) else section[_LINE]
+            try:
+                self.experiments[name] = check_experiment(name, _strip_lines(body), self.resolve)
+            except ExperimentError as exc:
+                arms = body.get("arms") if isinstance(body, dict) else None
+                if exc.arm is not None and isinstance(arms, list) and isinstance(arms[exc.arm], dict):
+                    line = arms[exc.arm].get(_LINE, line)
+                raise ProfileError(f"{path}:{line}: experiment {name!r}: {exc}") from None
 
     def resolve(self, reference: str) -> ProfileVersion:
         """"name" (latest) or "name@version" -> the profile version; KeyError with a message."""
@@ -130,6 +156,9 @@ class ProfileStore:
         if not version.isdigit() or int(version) not in versions:
             raise KeyError(f"profile {name!r} has no version {version!r}; versions: {sorted(versions)}")
         return versions[int(version)]
+
+    def describe_experiments(self) -> list[dict[str, Any]]:
+        return [experiment.public() for _, experiment in sorted(self.experiments.items())]
 
     def describe(self) -> list[dict[str, Any]]:
         return [

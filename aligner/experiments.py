@@ -1,0 +1,310 @@
+"""A/B experiments on profile versions: which arm a request gets, and the report per arm.
+
+    experiments:                     # in the profiles file, beside `profiles:`
+      tone-test:
+        description: does the refined pipeline read better?
+        unit: user                   # user (the request's `user`; random without one) | random
+        arms:
+          - {profile: helpful@1, weight: 1}
+          - {profile: helpful@2, weight: 1}
+
+An arm is a pinned profile version (`name@version`): an arm that followed "the latest" would
+change under a running experiment when a version is added.
+
+Assignment (`assign`) hashes (experiment, user) onto the arms' weights: the same user gets the
+same arm on every replica, with or without a store, and the shares approach the weights. A
+store, when the server has one, also keeps each user's first arm, so that a user stays on it
+when the weights later change (the server's side). A request without a `user`, or any request
+of a `unit: random` experiment, draws an arm at random by the weights.
+
+The report (`experiment_report`) is computed from the experiment's traces and the feedback on
+them; `aligner.stats` holds the statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from aligner import stats
+
+MAX_ARMS = 16
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+UNITS = ("user", "random")
+# Ratings on one [0, 1] scale: thumbs down 0, up 1; stars 1..5 as (stars - 1) / 4. The report
+# also gives each scale in its own terms (`by_scale`: the share of thumbs up, the mean stars).
+RATING_SCALES = {"thumbs": lambda r: (r + 1) / 2, "stars": lambda r: (r - 1) / 4}
+LATENCY_QUANTILES = {"p50": 0.5, "p95": 0.95}
+
+
+class ExperimentArm(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    profile: str = Field(min_length=3, max_length=255)
+    weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+
+
+class Experiment(BaseModel):
+    """One experiment from the profiles file; `name` is its key there."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = ""
+    description: str = ""
+    unit: Literal["user", "random"] = "user"
+    arms: list[ExperimentArm] = Field(min_length=2, max_length=MAX_ARMS)
+
+    @property
+    def arm_names(self) -> list[str]:
+        return [arm.profile for arm in self.arms]
+
+    def shares(self) -> dict[str, float]:
+        """{arm: its weight's share of all weights}.
+
+        >>> Experiment(arms=[{"profile": "a@1", "weight": 1}, {"profile": "a@2", "weight": 3}]).shares()
+        {'a@1': 0.25, 'a@2': 0.75}
+        """
+        total = math.fsum(arm.weight for arm in self.arms)
+        return {arm.profile: arm.weight / total for arm in self.arms}
+
+    def pick(self, u: float) -> str:
+        """The arm at `u` in [0, 1) on the weights' cumulative scale."""
+        total = math.fsum(arm.weight for arm in self.arms)
+        edge = 0.0
+        for arm in self.arms:
+            edge += arm.weight / total
+            if u < edge:
+                return arm.profile
+        return self.arms[-1].profile  # u within float noise of 1
+
+    def public(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "unit": self.unit,
+                "arms": [{"profile": a.profile, "weight": a.weight, "share": s}
+                         for a, s in zip(self.arms, self.shares().values(), strict=True)]}
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A request's arm: `unit` says how it was chosen ("user": by its user, sticky; "random")."""
+
+    experiment: str
+    arm: str
+    unit: Literal["user", "random"]
+    user: str | None = None
+
+    def public(self) -> dict[str, str]:
+        return {"name": self.experiment, "arm": self.arm, "unit": self.unit}
+
+
+def hashed_arm(experiment: Experiment, unit_id: str) -> str:
+    """The arm a unit gets: sha256 of (experiment, unit) as a point in [0, 1) on the weights.
+    Deterministic (every replica agrees, no store needed) and independent across experiments.
+
+    >>> tone = Experiment(name="tone", arms=[{"profile": "a@1"}, {"profile": "a@2"}])
+    >>> hashed_arm(tone, "alice") == hashed_arm(tone, "alice")
+    True
+    """
+    digest = hashlib.sha256(f"{experiment.name}\x00{unit_id}".encode()).digest()
+    return experiment.pick(int.from_bytes(digest[:8], "big") / 2**64)
+
+
+def assign(experiment: Experiment, user: str | None, rng: random.Random) -> Assignment:
+    """The arm for a request: by its user when the experiment's unit is `user` and it has one,
+    else at random by the weights."""
+    if experiment.unit == "user" and user:
+        return Assignment(experiment.name, hashed_arm(experiment, user), "user", user)
+    return Assignment(experiment.name, experiment.pick(rng.random()), "random")
+
+
+class ExperimentError(ValueError):
+    """Why an `experiments:` entry cannot run; `arm` is the index of the arm at fault, if one is."""
+
+    def __init__(self, message: str, arm: int | None = None):
+        super().__init__(message)
+        self.arm = arm
+
+
+def check_experiment(name: Any, body: Any, resolve_profile) -> Experiment:
+    """Parse one `experiments:` entry; raises ExperimentError saying what is wrong.
+    `resolve_profile(reference)` raises KeyError for a profile version that does not exist."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ExperimentError("the name must be 1-128 letters, digits, '.', '_' or '-' (it goes in URLs)")
+    if not isinstance(body, dict):
+        raise ExperimentError("needs a mapping with 'arms'")
+    try:
+        experiment = Experiment.model_validate({**body, "name": name})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = err["loc"]
+        where = ".".join(str(p) for p in loc)
+        arm = loc[1] if len(loc) > 1 and loc[0] == "arms" and isinstance(loc[1], int) else None
+        raise ExperimentError(f"{where}: {err['msg']}" if where else err["msg"], arm) from None
+    seen: set[str] = set()
+    for i, arm in enumerate(experiment.arms):
+        base, at, version = arm.profile.partition("@")
+        if not at or not version.isdigit():
+            raise ExperimentError(f"arms.{i}.profile: pin a version, e.g. '{base}@1' (an arm that follows the "
+                                  "latest version would change under a running experiment)", i)
+        try:
+            resolve_profile(arm.profile)
+        except KeyError as exc:
+            raise ExperimentError(f"arms.{i}.profile: {exc.args[0]}", i) from None
+        if arm.profile in seen:
+            raise ExperimentError(f"arms.{i}.profile: {arm.profile} is already an arm", i)
+        seen.add(arm.profile)
+    return experiment
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+@dataclass
+class ArmSample:
+    """What one arm's traces and feedback hold, as plain numbers."""
+
+    requests: int = 0
+    users: set[str] = field(default_factory=set)
+    rewards: list[float] = field(default_factory=list)
+    tokens: list[float] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    ratings: list[float] = field(default_factory=list)
+    by_scale: dict[str, list[float]] = field(default_factory=dict)
+    wins: int = 0
+    losses: int = 0
+
+
+def trace_reward(candidates: list[dict] | None, selected: list[int | None] | None) -> float | None:
+    """The mean combined score of the returned candidates that have one; None when none has
+    (a strategy without a reward).
+
+    >>> trace_reward([{"score": 0.5}, {"score": 2.0}, {"score": None}], [1])
+    2.0
+    >>> trace_reward([{"score": None}], [0]) is None
+    True
+    """
+    scores = [candidates[i].get("score") for i in (selected or ())
+              if i is not None and candidates and 0 <= i < len(candidates)]
+    scores = [s for s in scores if isinstance(s, (int, float)) and math.isfinite(s)]
+    return math.fsum(scores) / len(scores) if scores else None
+
+
+def normalised_rating(rating: float, scale: str) -> float:
+    """A rating on [0, 1]: thumbs down 0 and up 1, stars (s - 1) / 4.
+
+    >>> normalised_rating(-1, "thumbs"), normalised_rating(4, "stars")
+    (0.0, 0.75)
+    """
+    return float(RATING_SCALES[scale](rating))
+
+
+def collect(arms: list[str], traces: Iterable[Mapping[str, Any]],
+            feedback: Iterable[Mapping[str, Any]]) -> dict[str, ArmSample]:
+    """Per arm: requests, users, reward, tokens and latency from the traces (rows with
+    `aligner.store.EXPERIMENT_TRACE_COLUMNS`); ratings and pairwise wins and losses from the
+    feedback (`Store.experiment_feedback` rows). Arms met in the store but not in `arms` (one
+    since removed from the file) are added after them."""
+    samples = {arm: ArmSample() for arm in arms}
+    for trace in traces:
+        sample = samples.setdefault(trace["arm"], ArmSample())
+        sample.requests += 1
+        if trace.get("user"):
+            sample.users.add(trace["user"])
+        if (reward := trace_reward(trace.get("candidates"), trace.get("selected"))) is not None:
+            sample.rewards.append(reward)
+        if isinstance(tokens := (trace.get("usage") or {}).get("completion_tokens"), (int, float)):
+            sample.tokens.append(float(tokens))
+        if isinstance(latency := (trace.get("timings") or {}).get("total_s"), (int, float)):
+            sample.latencies.append(float(latency))
+    for row in feedback:
+        if row["kind"] == "rating":
+            sample = samples.setdefault(row["arm"], ArmSample())
+            value = normalised_rating(row["rating"], row["rating_scale"])
+            sample.ratings.append(value)
+            # Per scale in its own terms: the share of thumbs up, the mean number of stars.
+            own = value if row["rating_scale"] == "thumbs" else float(row["rating"])
+            sample.by_scale.setdefault(row["rating_scale"], []).append(own)
+        elif row["kind"] == "pairwise" and row["arm"] != row["other_arm"]:  # within one arm: no contest
+            samples.setdefault(row["arm"], ArmSample()).wins += 1
+            samples.setdefault(row["other_arm"], ArmSample()).losses += 1
+    return samples
+
+
+def head_to_head(feedback: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], int]:
+    """{(winner's arm, loser's arm): count} of the pairwise preferences between two arms."""
+    counts: dict[tuple[str, str], int] = {}
+    for row in feedback:
+        if row["kind"] == "pairwise" and row["arm"] != row["other_arm"]:
+            key = (row["arm"], row["other_arm"])
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def arm_report(arm: str, sample: ArmSample, share: float | None, total_requests: int) -> dict[str, Any]:
+    latencies = sorted(sample.latencies)
+    contests = sample.wins + sample.losses
+    return {
+        "arm": arm,
+        "configured_share": share,
+        "requests": sample.requests,
+        "share": sample.requests / total_requests if total_requests else None,
+        "users": len(sample.users),
+        "rating": {**stats.mean_interval(sample.ratings),
+                   "by_scale": {scale: stats.mean_interval(values) for scale, values in sorted(sample.by_scale.items())}},
+        "win_rate": {"wins": sample.wins, "n": contests, "rate": sample.wins / contests if contests else None,
+                     "ci95": stats.wilson_interval(sample.wins, contests)},
+        "reward": stats.mean_interval(sample.rewards),
+        "completion_tokens": stats.mean_interval(sample.tokens),
+        "latency_s": {"n": len(latencies), "mean": stats.mean_interval(latencies)["mean"],
+                      **{name: {"value": stats.quantile(latencies, q), "ci95": stats.quantile_interval(latencies, q)}
+                         for name, q in LATENCY_QUANTILES.items()}},
+    }
+
+
+def comparison(arm: str, baseline: str, samples: dict[str, ArmSample],
+               pairs: dict[tuple[str, str], int]) -> dict[str, Any]:
+    """`arm` against `baseline`: Welch's test of each mean (arm minus baseline), and the
+    pairwise preferences between the two with an exact binomial test against 1/2."""
+    a, b = samples[baseline], samples[arm]
+    wins, losses = pairs.get((arm, baseline), 0), pairs.get((baseline, arm), 0)
+    contests = wins + losses
+    p50 = [stats.quantile(sorted(s.latencies), 0.5) for s in (a, b)]
+    return {
+        "arm": arm,
+        "baseline": baseline,
+        "rating": stats.welch(a.ratings, b.ratings),
+        "reward": stats.welch(a.rewards, b.rewards),
+        "completion_tokens": stats.welch(a.tokens, b.tokens),
+        "latency_s": {**stats.welch(a.latencies, b.latencies),
+                      "p50_difference": p50[1] - p50[0] if None not in p50 else None},
+        "win_rate": {"wins": wins, "n": contests, "rate": wins / contests if contests else None,
+                       "ci95": stats.wilson_interval(wins, contests), "p_value": stats.binomial_test(wins, contests)},
+    }
+
+
+def experiment_report(name: str, experiment: Experiment | None, traces: Iterable[Mapping[str, Any]],
+                      feedback: Iterable[Mapping[str, Any]], since: float | None = None) -> dict[str, Any]:
+    """The report of one experiment: per arm its numbers with 95% intervals, and each arm
+    against the first (the baseline). `experiment` is the file's (None once removed from it:
+    the arms are then those its traces name)."""
+    feedback = list(feedback)
+    configured = experiment.arm_names if experiment is not None else []
+    samples = collect(configured, traces, feedback)
+    arms = configured + sorted(a for a in samples if a not in configured)
+    shares = experiment.shares() if experiment is not None else {}
+    total = sum(s.requests for s in samples.values())
+    pairs = head_to_head(feedback)
+    return {
+        "object": "alignment.experiment_report",
+        "name": name,
+        "experiment": experiment.public() if experiment is not None else None,
+        "since": since,
+        "requests": total,
+        "arms": [arm_report(arm, samples[arm], shares.get(arm), total) for arm in arms],
+        "comparisons": [comparison(arm, arms[0], samples, pairs) for arm in arms[1:]],
+    }
