@@ -105,6 +105,8 @@ class ResolvedAlignment:
     limits: BudgetParams = field(default_factory=BudgetParams)
     # {reward name: checkpoint version} the request scores with (set by the server).
     reward_versions: dict[str, str] = field(default_factory=dict)
+    # {"name", "arm", "unit"} when the request named an experiment (set by the server).
+    experiment: dict[str, str] | None = None
 
 
 def resolve_alignment(

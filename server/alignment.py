@@ -83,6 +83,8 @@ def alignment_report(resolved: ResolvedAlignment, result: StrategyResult) -> dic
     }
     if resolved.reward_versions:
         report["reward_versions"] = resolved.reward_versions
+    if resolved.experiment is not None:
+        report["experiment"] = resolved.experiment
     if resolved.params.return_candidates and result.candidates:
         report["candidates"] = [c.public() for c in result.candidates]
     return report

@@ -24,6 +24,8 @@ class StoreConfig:
     request_timeout_s: float = 15.0
     # How long feedback or a read waits for a trace this process is still writing.
     trace_wait_s: float = 2.0
+    # How long a request waits for its user's stored experiment arm; then the hashed arm is used.
+    assignment_timeout_s: float = 1.0
     # Threads for the endpoints' store calls: a hung database holds at most these.
     threads: int = 4
 

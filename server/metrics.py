@@ -46,9 +46,13 @@ class ServerMetrics:
                                 "counted again).", ["kind"], registry=r)
         self.store_errors = Counter(
             "aligner_store_errors", "Store failures, by kind: queue_full and write_failed (a background write "
-            "dropped; its response went out anyway), request_failed (an endpoint's store call failed: 503).",
+            "dropped; its response went out anyway), request_failed (an endpoint's store call failed: 503; "
+            "an experiment arm's look-up failed: the hashed arm was used).",
             ["kind"], registry=r)
         self.traces_written = Counter("aligner_traces_written", "Response traces written to the store.", registry=r)
+        self.experiment_assignments = Counter(
+            "aligner_experiment_assignments", "Requests assigned an experiment arm, by experiment, arm and unit "
+            "(user: by the request's user, sticky; random).", ["experiment", "arm", "unit"], registry=r)
         for kind in STORE_FEEDBACK_KINDS:
             self.feedback.labels(kind)
         for kind in STORE_ERROR_KINDS:

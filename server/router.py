@@ -128,6 +128,17 @@ async def list_profiles(raw: Request):
     return JSONResponse({"object": "list", "source": profiles.source, "data": profiles.describe()})
 
 
+@router.get("/v1/alignment/experiments")
+async def list_experiments(raw: Request):
+    return JSONResponse(raw.app.state.chat.experiments.describe(raw.app.state.profiles.experiments))
+
+
+@router.get("/v1/alignment/experiments/{name}")
+async def experiment_report(name: str, raw: Request, since: str | None = None):
+    experiments = raw.app.state.chat.experiments
+    return to_response(raw, "experiments", await experiments.report(name, since, raw.app.state.profiles.experiments))
+
+
 @router.get("/v1/alignment/rewards")
 async def list_rewards(raw: Request):
     guides = raw.app.state.guides

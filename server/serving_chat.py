@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aligner.budget import Budget
+from aligner.experiments import Assignment
 from aligner.profiles import ProfileStore
 from aligner.rewards import RewardRegistry
 from aligner.strategies import KeepAlive, StrategyContext, StrategyLimits, StrategyResult
@@ -29,6 +30,7 @@ from server.protocol import (
     random_id,
 )
 from server.errors import invalid_request
+from server.serving_experiments import ServingExperiments
 from server.serving_store import ServingStore
 from server.traces import build_trace, profile_of, take_trace_option
 from server.tools import AUTO_REFUSAL, ToolCallStream, tool_answer
@@ -68,6 +70,7 @@ class ServingChat(ServingBase):
     def __init__(
         self, engine, config: ServerConfig, admission, metrics, rewards: RewardRegistry, profiles: ProfileStore,
         guides=None, helpers: dict | None = None, tool_parser=None, store: ServingStore | None = None,
+        experiments: ServingExperiments | None = None,
     ):
         super().__init__(engine, config, admission, metrics)
         self.rewards = rewards
@@ -76,6 +79,8 @@ class ServingChat(ServingBase):
         self.helpers = helpers or {}
         self.tool_parser = tool_parser  # decoding.tool_parsing.ToolCallParser: enables tool_choice auto
         self.store = store  # traces of answers (`--store-traces`, `alignment.trace`); None: none kept
+        # `alignment.experiment`: arms sticky by user, kept in the store when there is one.
+        self.experiments = experiments or (ServingExperiments(store, metrics) if store is not None else None)
 
     async def create_chat_completion(
         self, request: ChatCompletionRequest, strategy_header: str | None = None, *,
@@ -88,10 +93,12 @@ class ServingChat(ServingBase):
             return error
         if request.tool_kind == "auto" and self.tool_parser is None:
             return invalid_request(AUTO_REFUSAL, "tool_choice")
-        planned = self._trace_plan(request, endpoint)
+        # A reload swaps rewards and profiles; this request keeps the ones it started with.
+        profiles = self.profiles
+        planned = await self._trace_plan(request, endpoint, profiles)
         if isinstance(planned, ErrorResponse):
             return planned
-        alignment, trace = planned
+        alignment, trace, assignment = planned
         messages = request.template_messages()
         tools = request.template_tools()
         prompt_ids = await self.tokenize(self.engine.tokenizer.encode_chat, messages, tools)
@@ -99,8 +106,6 @@ class ServingChat(ServingBase):
         if isinstance(max_tokens, ErrorResponse):
             return max_tokens
         request_id = response_id or random_id("chatcmpl")
-        # A reload swaps rewards and profiles; this request keeps the ones it started with.
-        profiles = self.profiles
         ctx = StrategyContext(
             engine=self.engine,
             rewards=self.rewards.snapshot(),
@@ -120,6 +125,7 @@ class ServingChat(ServingBase):
         if isinstance(resolved, ErrorResponse):
             return resolved
         resolved.reward_versions = reward_versions(resolved, ctx.rewards)
+        resolved.experiment = assignment.public() if assignment is not None else None
         strategy, params = resolved.strategy, resolved.params
         budget = Budget.capped(resolved.limits, self.config.max_request_seconds, self.config.max_request_tokens,
                                started=arrived)
@@ -148,22 +154,30 @@ class ServingChat(ServingBase):
                 [c.model_dump(exclude={"logprobs"}) for c in response.choices], response.usage, started)
         return response
 
-    def _trace_plan(self, request: ChatCompletionRequest,
-                    endpoint: str) -> tuple[dict | None, TracePlan | None] | ErrorResponse:
-        """(the alignment object without its `trace` switch, how the answer will be traced or
-        None), or why the request is refused."""
+    async def _trace_plan(
+        self, request: ChatCompletionRequest, endpoint: str, profiles: ProfileStore,
+    ) -> tuple[dict | None, TracePlan | None, Assignment | None] | ErrorResponse:
+        """(the alignment object without its `trace` switch and with an experiment's arm as its
+        profile, how the answer will be traced or None, the experiment's assignment or None),
+        or why the request is refused."""
         taken = take_trace_option(request.alignment)
         if isinstance(taken, ErrorResponse):
             return taken
         alignment, asked = taken
+        assignment = None
+        if self.experiments is not None:
+            applied = await self.experiments.apply(alignment, request.user or None, profiles.experiments)
+            if isinstance(applied, ErrorResponse):
+                return applied
+            alignment, assignment = applied
         if self.store is None:
             if asked:
                 return invalid_request("this server does not store traces", "alignment.trace", "unsupported_value")
-            return alignment, None
-        wanted = self.store.trace_wanted(asked, request.user or None)
+            return alignment, None, assignment
+        wanted = self.store.trace_wanted(asked, request.user or None, experiment=assignment is not None)
         if isinstance(wanted, ErrorResponse):
             return wanted
-        return alignment, TracePlan(endpoint, profile_of(alignment, self.profiles)) if wanted else None
+        return alignment, TracePlan(endpoint, profile_of(alignment, profiles)) if wanted else None, assignment
 
     def _store_trace(self, plan: TracePlan, request: ChatCompletionRequest, request_id: str,
                      resolved: ResolvedAlignment, result: StrategyResult, report: dict, choices: list[dict],

@@ -104,11 +104,12 @@ class ServingStore:
 
     # -- traces, as answers go out ----------------------------------------------------------
 
-    def trace_wanted(self, asked: bool, user: str | None) -> bool | ErrorResponse:
+    def trace_wanted(self, asked: bool, user: str | None, experiment: bool = False) -> bool | ErrorResponse:
         """Whether this answer is traced: every answer under `--store-traces`, one that asked
-        (`alignment.trace: true`) under `--allow-request-traces`; a request asking where
-        neither is set is refused (400), not answered untraced."""
-        if self.writer is not None and self.config.traces:
+        (`alignment.trace: true`) under `--allow-request-traces`, one in an experiment whenever
+        there is a store (its report counts traces); a request asking where none of these holds
+        is refused (400), not answered untraced."""
+        if self.writer is not None and (self.config.traces or experiment):
             wanted = True
         elif asked and self.writer is not None and self.config.allow_request_traces:
             wanted = True
@@ -247,22 +248,27 @@ class ServingStore:
         while trace_id in self.pending and time.monotonic() < deadline:
             await asyncio.sleep(_POLL_S)
 
-    async def _call(self, what: str, fn: Callable[[Store], T]) -> T | ErrorResponse:
-        """`fn(store)` on the store's threads, bounded by `request_timeout_s`; the store's
-        refusals as 4xx, every other failure as a 503 (counted and logged)."""
+    async def run(self, what: str, fn: Callable[[Store], T], timeout_s: float | None = None) -> T | ErrorResponse:
+        """`fn(store)` for another serving module (experiments), as the endpoints here call it."""
+        return await self._call(what, fn, timeout_s)
+
+    async def _call(self, what: str, fn: Callable[[Store], T], timeout_s: float | None = None) -> T | ErrorResponse:
+        """`fn(store)` on the store's threads, bounded by `timeout_s` (default `request_timeout_s`);
+        the store's refusals as 4xx, every other failure as a 503 (counted and logged)."""
         if self._threads is None:
             self._threads = ThreadPoolExecutor(max_workers=self.config.threads, thread_name_prefix="store")
         loop = asyncio.get_running_loop()
+        timeout_s = self.config.request_timeout_s if timeout_s is None else timeout_s
         try:
             return await asyncio.wait_for(loop.run_in_executor(self._threads, functools.partial(fn, self.store)),
-                                          self.config.request_timeout_s)
+                                          timeout_s)
         except StoreValidationError as exc:
             status = 404 if exc.code == "unknown_id" else 400
             return make_error(exc.message, status, param=_PARAMS.get(exc.param, exc.param), code=exc.code)
         except StoreConflictError as exc:
             return make_error(exc.message, 409, param=exc.param, code="client_key_reused")
         except TimeoutError:
-            return self._failed(what, f"no answer within {self.config.request_timeout_s:g} s")
+            return self._failed(what, f"no answer within {timeout_s:g} s")
         except Exception as exc:  # noqa: BLE001 - any database fault is a 503, never a 500
             logger.error("store: could not %s: %s: %s", what, type(exc).__name__, exc)
             return self._failed(what, type(exc).__name__)

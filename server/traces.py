@@ -91,6 +91,9 @@ def build_trace(
         "strategy": resolved.strategy.name,
         "profile": profile[0],
         "profile_version": profile[1],
+        # The report reads an experiment's traces by these two (the arm is a profile version).
+        "experiment": (resolved.experiment or {}).get("name"),
+        "arm": (resolved.experiment or {}).get("arm"),
         "candidates": candidates,
         "selected": selected,
         "usage": usage,

@@ -1,0 +1,139 @@
+"""A/B experiments in serving: the arm of a request that names `alignment.experiment`, and
+`GET /v1/alignment/experiments[/{name}]` (`aligner.experiments` holds the rules and the report).
+
+A request's arm is a hash of (experiment, user) onto the weights, so it is sticky with or
+without a store and the same on every replica. With a store, the user's first arm is also kept
+(`Store.assign_arm`), so the user stays on it when the weights change later; that look-up is
+bounded by `StoreConfig.assignment_timeout_s` and, if the store is slow or down, the hashed arm
+is used (counted as a store `request_failed`): a store never costs an answer. Without a `user`,
+or in a `unit: random` experiment, the arm is drawn at random by the weights.
+
+An experiment's arm is the whole recipe: a request naming one may add only request-wide
+switches (`ALLOWED_WITH_EXPERIMENT`); `profile`, `strategy`, `pipeline` or any strategy parameter
+beside it is a 400 naming the field. Its trace is stored whenever the server has a store
+(`--store URL` is enough), since the report counts traces.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from aligner.experiments import Assignment, Experiment, assign, experiment_report
+from aligner.store import Store
+from server.errors import invalid_request, make_error
+from server.metrics import ServerMetrics
+from server.protocol import ErrorResponse
+from server.serving_store import ServingStore
+
+logger = logging.getLogger(__name__)
+
+EXPERIMENT_OPTION = "experiment"
+# What a request may set beside an experiment: limits and switches that change no arm's recipe.
+ALLOWED_WITH_EXPERIMENT = frozenset({"deadline_s", "max_total_tokens", "return_candidates", "fallback"})
+NO_STORE = ("this server keeps no store, and an experiment's report is counted from the traces in it: start "
+            "the server with --store URL (experiment requests are then traced)")
+
+
+class ServingExperiments:
+    def __init__(self, store: ServingStore, metrics: ServerMetrics, rng: random.Random | None = None):
+        self.store, self.metrics = store, metrics
+        self.rng = rng or random.Random()  # draws for requests without a user
+
+    async def apply(self, alignment: dict[str, Any] | None, user: str | None,
+                    experiments: Mapping[str, Experiment]) -> tuple[dict[str, Any] | None, Assignment | None] | ErrorResponse:
+        """(the alignment object with `experiment` turned into the arm's `profile`, the
+        assignment), unchanged with None when it names no experiment, or why it is refused."""
+        if not alignment or EXPERIMENT_OPTION not in alignment:
+            return alignment, None
+        name = alignment[EXPERIMENT_OPTION]
+        param = f"alignment.{EXPERIMENT_OPTION}"
+        if not isinstance(name, str):
+            return invalid_request(f"{param} must name an experiment", param)
+        experiment = experiments.get(name)
+        if experiment is None:
+            known = ", ".join(sorted(experiments)) or "none"
+            return invalid_request(f"unknown experiment {name!r}; available: {known}", param, "unknown_experiment")
+        for key in alignment:
+            if key != EXPERIMENT_OPTION and key not in ALLOWED_WITH_EXPERIMENT:
+                return invalid_request(
+                    f"alignment.{key} cannot go with an experiment: its arm (a profile version) is the whole "
+                    f"recipe; besides alignment.experiment only {', '.join(sorted(ALLOWED_WITH_EXPERIMENT))} "
+                    "may be set", f"alignment.{key}", "unsupported_combination")
+        chosen = await self._sticky(experiment, assign(experiment, user, self.rng))
+        self.metrics.experiment_assignments.labels(experiment.name, chosen.arm, chosen.unit).inc()
+        rest = {k: v for k, v in alignment.items() if k != EXPERIMENT_OPTION}
+        return {**rest, "profile": chosen.arm}, chosen
+
+    async def _sticky(self, experiment: Experiment, hashed: Assignment) -> Assignment:
+        """With a store, the user's first arm (the hashed one is stored if there is none yet)."""
+        if hashed.unit != "user" or self.store.store is None:
+            return hashed
+        stored = await self.store.run("assign an experiment arm",
+                                      lambda store: store.assign_arm(experiment.name, hashed.user, lambda: hashed.arm),
+                                      timeout_s=self.store.config.assignment_timeout_s)
+        if isinstance(stored, ErrorResponse) or stored == hashed.arm:
+            return hashed
+        if stored not in experiment.arm_names:  # an arm since removed from the file
+            return hashed
+        return Assignment(hashed.experiment, stored, "user", hashed.user)
+
+    @staticmethod
+    def describe(experiments: Mapping[str, Experiment]) -> dict[str, Any]:
+        return {"object": "list", "data": [e.public() for _, e in sorted(experiments.items())]}
+
+    async def report(self, name: str, since: str | None,
+                     experiments: Mapping[str, Experiment]) -> dict[str, Any] | ErrorResponse:
+        """The experiment's report from the store, over the traces created at `since` or later
+        (epoch seconds or an ISO 8601 date or time, UTC unless it says). An experiment gone
+        from the file still reports, on the arms its traces name."""
+        if self.store.store is None:
+            return make_error(NO_STORE, 404, code="store_not_configured")
+        start = parse_since(since)
+        if isinstance(start, ErrorResponse):
+            return start
+        experiment = experiments.get(name)
+        writer, wait_s = self.store.writer, self.store.config.trace_wait_s
+
+        def count(store: Store) -> dict[str, Any]:
+            if not writer.flush(wait_s):  # this process's queued traces count too
+                logger.warning("experiment report while %d store write(s) are still queued", writer.pending)
+            return experiment_report(name, experiment, store.experiment_traces(name, start),
+                                     store.experiment_feedback(name, start), start)
+
+        report = await self.store.run("count an experiment", count)
+        if isinstance(report, ErrorResponse):
+            return report
+        if experiment is None and report["requests"] == 0:
+            known = ", ".join(sorted(experiments)) or "none"
+            return make_error(f"no experiment {name!r} in the profiles file nor in the store; configured: {known}",
+                              404, param="name", code="unknown_experiment")
+        return report
+
+
+def parse_since(since: str | None) -> float | None | ErrorResponse:
+    """Epoch seconds from a query value: a number, or an ISO 8601 date or time (UTC unless it
+    names its zone).
+
+    >>> parse_since("1750000000.5"), parse_since("2025-06-01"), parse_since(None)
+    (1750000000.5, 1748736000.0, None)
+    """
+    if since is None:
+        return None
+    try:
+        value = float(since)
+    except ValueError:
+        pass
+    else:
+        if math.isfinite(value):
+            return value
+        return invalid_request(f"since must be a finite number of seconds, got {since!r}", "since")
+    try:
+        when = datetime.fromisoformat(since)
+    except ValueError:
+        return invalid_request(f"since must be epoch seconds or an ISO 8601 date or time, got {since!r}", "since")
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
