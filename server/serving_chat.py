@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from server.tools import AUTO_REFUSAL, ToolCallStream, tool_answer
 from server.serving_common import ENGINE_ERRORS, SSE_DONE, ServingBase, engine_error, holding, once, prime, sse, usage
 
 SSE_KEEPALIVE = ": keep-alive\n\n"
+logger = logging.getLogger(__name__)
 
 
 def chat_logprobs(items: list[TokenLogprob] | None) -> ChatChoiceLogprobs | None:
@@ -182,11 +184,17 @@ class ServingChat(ServingBase):
     def _store_trace(self, plan: TracePlan, request: ChatCompletionRequest, request_id: str,
                      resolved: ResolvedAlignment, result: StrategyResult, report: dict, choices: list[dict],
                      usage_info: UsageInfo, started: float) -> bool:
-        trace = build_trace(
-            response_id=request_id, endpoint=plan.endpoint, request=request, messages=request.template_messages(),
-            tools=request.template_tools(), resolved=resolved, result=result, report=report, choices=choices,
-            usage=usage_info.model_dump(), started=started, profile=plan.profile,
-        )
+        try:
+            trace = build_trace(
+                response_id=request_id, endpoint=plan.endpoint, request=request,
+                messages=request.template_messages(), tools=request.template_tools(), resolved=resolved,
+                result=result, report=report, choices=choices, usage=usage_info.model_dump(), started=started,
+                profile=plan.profile,
+            )
+        except Exception:  # noqa: BLE001 - a trace that cannot be built must not cost the answer
+            logger.exception("could not build the trace of %s", request_id)
+            self.metrics.store_errors.labels("write_failed").inc()
+            return False
         return self.store.record(trace)
 
     def _response(self, request, request_id: str, resolved: ResolvedAlignment, result: StrategyResult) -> ChatCompletionResponse:

@@ -37,7 +37,8 @@ def make_client(store, *, api_key: str | None = KEY, **store_config) -> TestClie
 
 
 @pytest.fixture
-def client(store):
+def api(store):
+    """The app over a fake engine and a SQLite store, tracing every answer."""
     with make_client(store) as running:
         yield running
 
@@ -80,11 +81,11 @@ def assert_error(r, status: int, param: str | None, code: str | None = None) -> 
 # -- traces --------------------------------------------------------------------------------
 
 
-def test_a_best_of_n_answer_is_traced_under_its_id_with_every_candidate(client):
-    body = chat(client, BEST_OF_3, user="alice", seed=3, temperature=0.9)
+def test_a_best_of_n_answer_is_traced_under_its_id_with_every_candidate(api):
+    body = chat(api, BEST_OF_3, user="alice", seed=3, temperature=0.9)
     assert body["alignment"]["traced"] is True
     assert "candidates" not in body["alignment"]  # not asked for, yet kept in the trace
-    trace = trace_of(client, body["id"])
+    trace = trace_of(api, body["id"])
     assert trace["object"] == "alignment.trace" and trace["id"] == body["id"]
     assert trace["user"] == "alice" and trace["model"] == "fake-model" and trace["strategy"] == "best_of_n"
     # The conversation as the chat template saw it: developer is system.
@@ -107,19 +108,19 @@ def test_a_best_of_n_answer_is_traced_under_its_id_with_every_candidate(client):
     assert trace["request"] == {"max_tokens": 3, "seed": 3, "temperature": 0.9}
     assert trace["alignment"]["params"] == body["alignment"]["params"]
     assert trace["feedback"] == []
-    assert metric(client, "aligner_traces_written_total") == 1
+    assert metric(api, "aligner_traces_written_total") == 1
 
 
-def test_a_plain_answer_has_its_choices_as_candidates(client):
-    body = chat(client, n=2, temperature=1.0)
-    trace = trace_of(client, body["id"])
+def test_a_plain_answer_has_its_choices_as_candidates(api):
+    body = chat(api, n=2, temperature=1.0)
+    trace = trace_of(api, body["id"])
     assert trace["strategy"] == "none"
     assert [c["text"] for c in trace["candidates"]] == [c["message"]["content"] for c in body["choices"]]
     assert trace["selected"] == [0, 1]
 
 
-def test_a_streamed_answer_is_traced_when_it_ends(client):
-    r = client.post("/v1/chat/completions", headers=AUTH, json={
+def test_a_streamed_answer_is_traced_when_it_ends(api):
+    r = api.post("/v1/chat/completions", headers=AUTH, json={
         "model": "fake-model", "messages": MESSAGES, "max_tokens": 3, "stream": True,
         "stream_options": {"include_usage": True}, "alignment": BEST_OF_3})
     events = [json.loads(line[6:]) for line in r.text.splitlines()
@@ -127,42 +128,42 @@ def test_a_streamed_answer_is_traced_when_it_ends(client):
     last = events[-1]
     assert last["alignment"]["traced"] is True
     text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
-    trace = trace_of(client, last["id"])
+    trace = trace_of(api, last["id"])
     assert trace["choices"][0]["message"]["content"] == text
     assert trace["usage"] == last["usage"]
     assert len(trace["candidates"]) == 3
 
 
-def test_a_responses_answer_is_traced_under_the_response_id(client):
-    r = client.post("/v1/responses", headers=AUTH, json={
+def test_a_responses_answer_is_traced_under_the_response_id(api):
+    r = api.post("/v1/responses", headers=AUTH, json={
         "model": "fake-model", "input": "hello there", "instructions": "Be brief.", "max_output_tokens": 3,
         "user": "bob", "alignment": BEST_OF_3})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["alignment"]["traced"] is True
-    trace = trace_of(client, body["id"])
+    trace = trace_of(api, body["id"])
     assert trace["endpoint"] == "responses" and trace["user"] == "bob"
     assert trace["conversation"][0] == {"role": "system", "content": "Be brief."}
     assert trace["choices"][0]["message"]["content"] == body["output"][0]["content"][0]["text"]
 
 
-def test_a_profile_is_traced_with_the_version_it_resolved_to(client):
-    profiles = client.get("/v1/alignment/profiles", headers=AUTH).json()["data"]
+def test_a_profile_is_traced_with_the_version_it_resolved_to(api):
+    profiles = api.get("/v1/alignment/profiles", headers=AUTH).json()["data"]
     profile = profiles[0]
-    body = chat(client, {"profile": profile["name"]})
-    trace = trace_of(client, body["id"])
+    body = chat(api, {"profile": profile["name"]})
+    trace = trace_of(api, body["id"])
     assert (trace["profile"], trace["profile_version"]) == (profile["name"], str(profile["latest"]))
 
 
-def test_an_unknown_trace_is_a_404_naming_the_id(client):
-    assert_error(client.get("/v1/alignment/traces/chatcmpl-nope", headers=AUTH), 404, "id", "unknown_id")
+def test_an_unknown_trace_is_a_404_naming_the_id(api):
+    assert_error(api.get("/v1/alignment/traces/chatcmpl-nope", headers=AUTH), 404, "id", "unknown_id")
 
 
-def test_trace_endpoints_need_the_key(client):
-    body = chat(client)
-    assert client.get(f"/v1/alignment/traces/{body['id']}").status_code == 401
-    assert client.delete(f"/v1/alignment/traces/{body['id']}").status_code == 401
-    assert client.post("/v1/alignment/feedback", json={"id": body["id"], "thumbs": "up"}).status_code == 401
+def test_trace_endpoints_need_the_key(api):
+    body = chat(api)
+    assert api.get(f"/v1/alignment/traces/{body['id']}").status_code == 401
+    assert api.delete(f"/v1/alignment/traces/{body['id']}").status_code == 401
+    assert api.post("/v1/alignment/feedback", json={"id": body["id"], "thumbs": "up"}).status_code == 401
 
 
 def test_without_an_api_key_traces_are_kept_but_not_served(store):
@@ -198,14 +199,14 @@ def test_allowed_request_traces_store_only_the_answers_that_ask(store):
         assert_error(client.get(f"/v1/alignment/traces/{plain['id']}", headers=AUTH), 404, "id")
 
 
-def test_trace_must_be_a_boolean(client):
-    r = client.post("/v1/chat/completions", headers=AUTH, json={
+def test_trace_must_be_a_boolean(api):
+    r = api.post("/v1/chat/completions", headers=AUTH, json={
         "model": "fake-model", "messages": MESSAGES, "max_tokens": 2, "alignment": {"trace": "yes"}})
     assert_error(r, 400, "alignment.trace")
 
 
-def test_a_traced_user_must_fit_the_store(client):
-    r = client.post("/v1/chat/completions", headers=AUTH, json={
+def test_a_traced_user_must_fit_the_store(api):
+    r = api.post("/v1/chat/completions", headers=AUTH, json={
         "model": "fake-model", "messages": MESSAGES, "max_tokens": 2, "user": "u" * 256})
     assert_error(r, 400, "user")
 
@@ -232,9 +233,9 @@ def test_build_app_refuses_traces_without_a_store():
 # -- feedback -----------------------------------------------------------------------------------
 
 
-def test_feedback_of_each_kind_is_stored_and_counted(client, store):
-    first = chat(client, BEST_OF_3, seed=1, temperature=1.0)
-    second = chat(client, BEST_OF_3, seed=2, temperature=1.0)  # the same conversation
+def test_feedback_of_each_kind_is_stored_and_counted(api, store):
+    first = chat(api, BEST_OF_3, seed=1, temperature=1.0)
+    second = chat(api, BEST_OF_3, seed=2, temperature=1.0)  # the same conversation
     cases = [
         ({"thumbs": "up"}, "rating", {"rating": 1.0, "rating_scale": "thumbs"}),
         ({"thumbs": "down"}, "rating", {"rating": -1.0, "rating_scale": "thumbs"}),
@@ -244,7 +245,7 @@ def test_feedback_of_each_kind_is_stored_and_counted(client, store):
         ({"comment": "too terse"}, "comment", {"comment": "too terse"}),
     ]
     for body, kind, expected in cases:
-        r = feedback(client, id=first["id"], user="alice", **body)
+        r = feedback(api, id=first["id"], user="alice", **body)
         assert r.status_code == 200, r.text
         [row] = r.json()["data"]
         assert row["kind"] == kind and row["response_id"] == first["id"] and row["user"] == "alice"
@@ -252,13 +253,13 @@ def test_feedback_of_each_kind_is_stored_and_counted(client, store):
     assert [r["kind"] for r in store.feedback_for(first["id"])] == [kind for _, kind, _ in cases]
     assert [r["kind"] for r in store.feedback_for(second["id"])] == ["pairwise"]  # named as the other
     for kind, count in (("rating", 3), ("preference", 1), ("pairwise", 1), ("comment", 1)):
-        assert metric(client, f'aligner_feedback_total{{kind="{kind}"}}') == count
-    assert len(trace_of(client, first["id"])["feedback"]) == len(cases)
+        assert metric(api, f'aligner_feedback_total{{kind="{kind}"}}') == count
+    assert len(trace_of(api, first["id"])["feedback"]) == len(cases)
 
 
-def test_a_body_saying_several_things_is_several_rows_with_the_comment_on_the_first(client):
-    first, second = chat(client, BEST_OF_3), chat(client, BEST_OF_3)
-    r = feedback(client, id=first["id"], rating=5, preferred_candidate=1, preferred_over=second["id"],
+def test_a_body_saying_several_things_is_several_rows_with_the_comment_on_the_first(api):
+    first, second = chat(api, BEST_OF_3), chat(api, BEST_OF_3)
+    r = feedback(api, id=first["id"], rating=5, preferred_candidate=1, preferred_over=second["id"],
                  comment="the second candidate was best")
     rows = r.json()["data"]
     assert [row["kind"] for row in rows] == ["rating", "preference", "pairwise"]
@@ -283,32 +284,32 @@ def test_a_body_saying_several_things_is_several_rows_with_the_comment_on_the_fi
     ({"thumbs": "up", "user": ""}, 400, "user"),
     ({"thumbs": "up", "client_key": "k" * 201}, 400, "client_key"),
 ])
-def test_bad_feedback_is_refused_naming_the_field_and_stores_nothing(client, store, body, status, param):
-    answer = chat(client, BEST_OF_3)
-    r = feedback(client, **{"id": answer["id"], **body})
+def test_bad_feedback_is_refused_naming_the_field_and_stores_nothing(api, store, body, status, param):
+    answer = chat(api, BEST_OF_3)
+    r = feedback(api, **{"id": answer["id"], **body})
     assert_error(r, status, param)
     assert store.feedback_for(answer["id"]) == []
 
 
-def test_a_pairwise_preference_needs_the_same_conversation(client, store):
-    first = chat(client)
-    other = chat(client, messages=[{"role": "user", "content": "something else"}])
-    assert_error(feedback(client, id=first["id"], preferred_over=other["id"]), 400, "preferred_over")
-    assert_error(feedback(client, id=first["id"], preferred_over=first["id"]), 400, "preferred_over")
+def test_a_pairwise_preference_needs_the_same_conversation(api, store):
+    first = chat(api)
+    other = chat(api, messages=[{"role": "user", "content": "something else"}])
+    assert_error(feedback(api, id=first["id"], preferred_over=other["id"]), 400, "preferred_over")
+    assert_error(feedback(api, id=first["id"], preferred_over=first["id"]), 400, "preferred_over")
     # A refused pairwise row takes the body's other rows with it.
-    assert_error(feedback(client, id=first["id"], thumbs="up", preferred_over=other["id"]), 400, "preferred_over")
+    assert_error(feedback(api, id=first["id"], thumbs="up", preferred_over=other["id"]), 400, "preferred_over")
     assert store.feedback_for(first["id"]) == []
 
 
-def test_a_client_key_makes_feedback_idempotent(client, store):
-    answer = chat(client, BEST_OF_3)
+def test_a_client_key_makes_feedback_idempotent(api, store):
+    answer = chat(api, BEST_OF_3)
     body = {"id": answer["id"], "thumbs": "up", "preferred_candidate": 1, "client_key": "tap-1"}
-    first = feedback(client, **body).json()["data"]
-    again = feedback(client, **body).json()["data"]
+    first = feedback(api, **body).json()["data"]
+    again = feedback(api, **body).json()["data"]
     assert first == again and [row["client_key"] for row in first] == ["tap-1", "tap-1"]
     assert len(store.feedback_for(answer["id"])) == 2
-    assert metric(client, 'aligner_feedback_total{kind="rating"}') == 1  # the retry is not counted
-    error = assert_error(feedback(client, **{**body, "thumbs": "down"}), 409, "client_key")
+    assert metric(api, 'aligner_feedback_total{kind="rating"}') == 1  # the retry is not counted
+    error = assert_error(feedback(api, **{**body, "thumbs": "down"}), 409, "client_key")
     assert "tap-1" in error["message"]
 
 
@@ -332,25 +333,25 @@ def test_feedback_right_after_the_answer_waits_for_its_trace(store):
 # -- deletion -------------------------------------------------------------------------------------
 
 
-def test_delete_a_trace_and_its_feedback(client, store):
-    answer, other = chat(client), chat(client)
-    feedback(client, id=answer["id"], thumbs="up")
-    feedback(client, id=other["id"], preferred_over=answer["id"])
-    r = client.delete(f"/v1/alignment/traces/{answer['id']}", headers=AUTH)
+def test_delete_a_trace_and_its_feedback(api, store):
+    answer, other = chat(api), chat(api)
+    feedback(api, id=answer["id"], thumbs="up")
+    feedback(api, id=other["id"], preferred_over=answer["id"])
+    r = api.delete(f"/v1/alignment/traces/{answer['id']}", headers=AUTH)
     assert r.status_code == 200
     assert r.json() == {"object": "alignment.deletion", "response_id": answer["id"], "user": None,
                         "deleted": {"traces": 1, "feedback": 2}}
-    assert_error(client.get(f"/v1/alignment/traces/{answer['id']}", headers=AUTH), 404, "id")
-    assert_error(client.delete(f"/v1/alignment/traces/{answer['id']}", headers=AUTH), 404, "id")
+    assert_error(api.get(f"/v1/alignment/traces/{answer['id']}", headers=AUTH), 404, "id")
+    assert_error(api.delete(f"/v1/alignment/traces/{answer['id']}", headers=AUTH), 404, "id")
     assert store.get_trace(other["id"]) is not None
 
 
-def test_delete_everything_about_a_user(client, store):
-    theirs = [chat(client, user="alice") for _ in range(2)]
-    mine = chat(client, user="bob")
-    feedback(client, id=mine["id"], thumbs="down", user="alice")
-    feedback(client, id=theirs[0]["id"], thumbs="up", user="bob")
-    r = client.delete("/v1/alignment/users/alice", headers=AUTH)
+def test_delete_everything_about_a_user(api, store):
+    theirs = [chat(api, user="alice") for _ in range(2)]
+    mine = chat(api, user="bob")
+    feedback(api, id=mine["id"], thumbs="down", user="alice")
+    feedback(api, id=theirs[0]["id"], thumbs="up", user="bob")
+    r = api.delete("/v1/alignment/users/alice", headers=AUTH)
     assert r.status_code == 200
     assert r.json()["deleted"] == {"traces": 2, "feedback": 2, "assignments": 0}
     assert all(store.get_trace(t["id"]) is None for t in theirs)
@@ -448,3 +449,13 @@ def test_retention_prunes_old_traces_in_the_background(store):
             time.sleep(0.02)
         client.app.state.serving_store.writer.flush(5)
     assert store.get_trace("old") is None and store.get_trace("new") is not None
+
+
+def test_a_trace_that_cannot_be_built_costs_the_answer_nothing(api, monkeypatch):
+    def broken(**fields):
+        raise TypeError("a field the trace builder did not expect")
+
+    monkeypatch.setattr("server.serving_chat.build_trace", broken)
+    body = chat(api, BEST_OF_3)
+    assert body["choices"][0]["message"]["content"] and body["alignment"]["traced"] is False
+    assert metric(api, 'aligner_store_errors_total{kind="write_failed"}') == 1
