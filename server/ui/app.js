@@ -29,11 +29,12 @@ function route(moveFocus) {
 }
 
 async function start() {
+  const tried = apiKey();
   const models = await api("/v1/models");
   if (!models.ok) {
     if (models.error.status === 401) {
-      showKeyPanel(apiKey() ? `The server refused this key: ${models.error.message}` : "");
-      setApiKey("");
+      showKeyPanel(tried ? `The server refused this key: ${models.error.message}` : "");
+      if (apiKey() === tried) setApiKey("");  // not one entered meanwhile
     } else {
       $("#app-status").textContent = `Cannot reach the API (${models.error.status}): ${models.error.message}`;
     }

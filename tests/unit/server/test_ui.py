@@ -197,7 +197,7 @@ def driver():
     browser.quit()
 
 
-def wait_for(driver, script: str, timeout: float = 20):
+def wait_for(driver, script: str, timeout: float = 60):
     """Poll a JS expression until it is truthy; returns its value."""
     deadline = time.monotonic() + timeout
     while True:
@@ -205,7 +205,8 @@ def wait_for(driver, script: str, timeout: float = 20):
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {script}")
+            shown = driver.execute_script("return document.body.innerText.slice(0, 1500)")
+            raise AssertionError(f"timed out waiting for: {script}\nthe page shows:\n{shown}")
         time.sleep(0.1)
 
 
@@ -218,6 +219,7 @@ def console_errors(driver) -> list[str]:
 
 def open_with_key(driver, base: str, key: str = KEY):
     driver.get(f"{base}/ui/")
+    wait_for(driver, "document.body.dataset.ready === 'true' || !document.querySelector('#key-panel').hidden")
     driver.execute_script("sessionStorage.setItem('aligner.apiKey', arguments[0]);", key)
     driver.refresh()
     wait_for(driver, "document.body.dataset.ready === 'true'")
@@ -412,9 +414,9 @@ def test_the_dashboard_counts_requests_per_strategy(served, driver):
     from selenium.webdriver.common.by import By
 
     open_with_key(driver, served.url)
-    driver.find_element(By.ID, "message").send_keys("hello")
-    driver.find_element(By.ID, "send").click()
-    wait_for(driver, "document.querySelector('#send-status').textContent.startsWith('Done')")
+    set_best_of_n(driver, driver.find_elements(By.CSS_SELECTOR, ".column")[1], 2, "length_penalty")
+    send_and_wait(driver)
+    assert driver.find_element(By.ID, "send-status").text == "Done."
     driver.find_element(By.ID, "nav-dashboard").send_keys("\n")  # keyboard, not a click
     wait_for(driver, "document.querySelector('#strategy-table')")
     assert driver.switch_to.active_element.get_attribute("id") == "dashboard-title"
