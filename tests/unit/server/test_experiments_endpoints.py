@@ -57,7 +57,7 @@ def store(tmp_path):
     opened.close()
 
 
-def make_client(profiles, store, **store_config) -> TestClient:
+def make_api(profiles, store, **store_config) -> TestClient:
     # A store given with no trace flags, as `--store URL` alone: experiment requests are still traced.
     config = ServerConfig(served_model_name="fake-model", api_key=KEY, store=StoreConfig(**store_config))
     return TestClient(build_app(FakeEngine(max_model_len=1024), config, profiles=profiles, start_engine=False,
@@ -65,63 +65,63 @@ def make_client(profiles, store, **store_config) -> TestClient:
 
 
 @pytest.fixture
-def client(profiles, store):
-    with make_client(profiles, store) as running:
+def api(profiles, store):
+    with make_api(profiles, store) as running:
         yield running
 
 
-def post(client, alignment=None, path="/v1/chat/completions", **body):
+def post(api, alignment=None, path="/v1/chat/completions", **body):
     body = {"model": "fake-model", "messages": MESSAGES, "max_tokens": 3, **body}
     if alignment is not None:
         body["alignment"] = alignment
-    return client.post(path, json=body, headers=AUTH)
+    return api.post(path, json=body, headers=AUTH)
 
 
-def chat(client, alignment=None, **body) -> dict:
-    r = post(client, alignment, **body)
+def chat(api, alignment=None, **body) -> dict:
+    r = post(api, alignment, **body)
     assert r.status_code == 200, r.text
     return r.json()
 
 
-def flush(client) -> None:
-    assert client.app.state.serving_store.writer.flush(5)
+def flush(api) -> None:
+    assert api.app.state.serving_store.writer.flush(5)
 
 
-def test_a_request_gets_its_users_arm_and_the_answer_says_which(client, store, profiles):
+def test_a_request_gets_its_users_arm_and_the_answer_says_which(api, store, profiles):
     experiment = profiles.experiments["tone-test"]
     for user in ("ann", "bob", "cat", "dan"):
-        body = chat(client, {"experiment": "tone-test"}, user=user)
+        body = chat(api, {"experiment": "tone-test"}, user=user)
         arm = hashed_arm(experiment, user)
         assert body["alignment"]["experiment"] == {"name": "tone-test", "arm": arm, "unit": "user"}
         assert body["alignment"]["strategy"] == ("none" if arm == "tone@1" else "best_of_n")
         assert body["alignment"]["source"] == f"body:profile {arm}" and body["alignment"]["traced"] is True
-        flush(client)
+        flush(api)
         trace = store.get_trace(body["id"])
         assert (trace["experiment"], trace["arm"], trace["user"]) == ("tone-test", arm, user)
         assert (trace["profile"], trace["profile_version"]) == ("tone", arm[-1])
         assert trace["extra"]["alignment"]["experiment"] == body["alignment"]["experiment"]
     # Requests without an experiment are not traced under `--store URL` alone.
-    plain = chat(client, user="ann")
-    flush(client)
+    plain = chat(api, user="ann")
+    flush(api)
     assert store.get_trace(plain["id"]) is None and "traced" not in plain["alignment"]
 
 
-def test_the_arm_is_sticky_per_user(client):
+def test_the_arm_is_sticky_per_user(api):
     arms = {}
     for round_ in range(3):
         for i in range(12):
-            body = chat(client, {"experiment": "tone-test"}, user=f"user-{i}")
+            body = chat(api, {"experiment": "tone-test"}, user=f"user-{i}")
             arms.setdefault(f"user-{i}", set()).add(body["alignment"]["experiment"]["arm"])
     assert all(len(seen) == 1 for seen in arms.values())
     assert set().union(*arms.values()) == {"tone@1", "tone@2"}
 
 
-def test_without_a_user_or_in_a_random_experiment_the_arm_is_drawn(client, store):
-    drawn = [chat(client, {"experiment": "tone-test"})["alignment"]["experiment"] for _ in range(30)]
+def test_without_a_user_or_in_a_random_experiment_the_arm_is_drawn(api, store):
+    drawn = [chat(api, {"experiment": "tone-test"})["alignment"]["experiment"] for _ in range(30)]
     assert {d["unit"] for d in drawn} == {"random"} and {d["arm"] for d in drawn} == {"tone@1", "tone@2"}
-    coin = [chat(client, {"experiment": "coin"}, user="ann")["alignment"]["experiment"] for _ in range(30)]
+    coin = [chat(api, {"experiment": "coin"}, user="ann")["alignment"]["experiment"] for _ in range(30)]
     assert {c["unit"] for c in coin} == {"random"} and {c["arm"] for c in coin} == {"tone@1", "tone@2"}
-    flush(client)
+    flush(api)
     with store.engine.connect() as conn:  # random units are not kept as assignments
         assert conn.exec_driver_sql("SELECT COUNT(*) FROM experiment_assignments").scalar() == 0
 
@@ -134,49 +134,49 @@ def test_without_a_user_or_in_a_random_experiment_the_arm_is_drawn(client, store
     ({"experiment": "no-such"}, "alignment.experiment", "unknown_experiment"),
     ({"experiment": 3}, "alignment.experiment", "invalid_value"),
 ])
-def test_what_cannot_go_with_an_experiment_is_a_400_naming_it(client, alignment, param, code):
-    r = post(client, alignment, user="ann")
+def test_what_cannot_go_with_an_experiment_is_a_400_naming_it(api, alignment, param, code):
+    r = post(api, alignment, user="ann")
     assert r.status_code == 400, r.text
     assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (param, code)
 
 
-def test_request_wide_limits_and_switches_go_with_an_experiment(client):
-    body = chat(client, {"experiment": "tone-test", "deadline_s": 30, "return_candidates": True, "trace": True},
+def test_request_wide_limits_and_switches_go_with_an_experiment(api):
+    body = chat(api, {"experiment": "tone-test", "deadline_s": 30, "return_candidates": True, "trace": True},
                 user="bob")
     assert body["alignment"]["experiment"]["name"] == "tone-test"
     assert body["alignment"]["budget"]["deadline_s"] == 30
 
 
-def test_a_streamed_answer_names_its_arm_on_the_last_chunk(client, store):
+def test_a_streamed_answer_names_its_arm_on_the_last_chunk(api, store):
     body = {"model": "fake-model", "messages": MESSAGES, "max_tokens": 3, "stream": True, "user": "ann",
             "alignment": {"experiment": "tone-test"}}
-    with client.stream("POST", "/v1/chat/completions", json=body, headers=AUTH) as r:
+    with api.stream("POST", "/v1/chat/completions", json=body, headers=AUTH) as r:
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     last = events[-1]
     assert last["alignment"]["experiment"]["arm"] == hashed_arm_of("ann")
-    flush(client)
+    flush(api)
     assert store.get_trace(last["id"])["arm"] == hashed_arm_of("ann")
 
 
-def test_the_responses_api_takes_an_experiment(client, store):
-    r = client.post("/v1/responses", json={"model": "fake-model", "input": "hello there", "max_output_tokens": 3,
+def test_the_responses_api_takes_an_experiment(api, store):
+    r = api.post("/v1/responses", json={"model": "fake-model", "input": "hello there", "max_output_tokens": 3,
                                            "user": "cat", "alignment": {"experiment": "tone-test"}}, headers=AUTH)
     assert r.status_code == 200, r.text
-    flush(client)
+    flush(api)
     assert store.get_trace(r.json()["id"])["arm"] == hashed_arm_of("cat")
 
 
-def test_a_stored_arm_outlives_a_change_of_weights(client, store, profiles):
+def test_a_stored_arm_outlives_a_change_of_weights(api, store, profiles):
     # The user was assigned when the weights were different: the store keeps them on that arm.
     other = {"tone@1": "tone@2", "tone@2": "tone@1"}[hashed_arm_of("ann")]
     assert store.assign_arm("tone-test", "ann", lambda: other) == other
-    assert chat(client, {"experiment": "tone-test"}, user="ann")["alignment"]["experiment"]["arm"] == other
+    assert chat(api, {"experiment": "tone-test"}, user="ann")["alignment"]["experiment"]["arm"] == other
     # A first request stores the hashed arm.
-    chat(client, {"experiment": "tone-test"}, user="bob")
+    chat(api, {"experiment": "tone-test"}, user="bob")
     assert store.assign_arm("tone-test", "bob", lambda: "never") == hashed_arm_of("bob")
     # A stored arm since removed from the file gives way to the hashed one.
     store.assign_arm("tone-test", "cat", lambda: "tone@7")
-    assert chat(client, {"experiment": "tone-test"}, user="cat")["alignment"]["experiment"]["arm"] == hashed_arm_of("cat")
+    assert chat(api, {"experiment": "tone-test"}, user="cat")["alignment"]["experiment"]["arm"] == hashed_arm_of("cat")
 
 
 def test_a_slow_store_costs_the_assignment_its_memory_not_the_answer(profiles, store, monkeypatch):
@@ -187,43 +187,43 @@ def test_a_slow_store_costs_the_assignment_its_memory_not_the_answer(profiles, s
         return "tone@1"
 
     monkeypatch.setattr(store, "assign_arm", stuck)
-    with make_client(profiles, store, assignment_timeout_s=0.2) as client:
+    with make_api(profiles, store, assignment_timeout_s=0.2) as api:
         began = time.monotonic()
-        body = chat(client, {"experiment": "tone-test"}, user="dan")
+        body = chat(api, {"experiment": "tone-test"}, user="dan")
         release.set()
         assert time.monotonic() - began < 5
         assert body["alignment"]["experiment"]["arm"] == hashed_arm_of("dan")
-        metrics = client.get("/metrics", headers=AUTH).text
+        metrics = api.get("/metrics", headers=AUTH).text
         assert 'aligner_store_errors_total{kind="request_failed"} 1.0' in metrics
 
 
 def test_without_a_store_arms_are_still_sticky_and_the_report_says_why_not(profiles):
     config = ServerConfig(served_model_name="fake-model", api_key=KEY)
-    with TestClient(build_app(FakeEngine(max_model_len=1024), config, profiles=profiles, start_engine=False)) as client:
-        arms = {chat(client, {"experiment": "tone-test"}, user="eve")["alignment"]["experiment"]["arm"] for _ in range(5)}
+    with TestClient(build_app(FakeEngine(max_model_len=1024), config, profiles=profiles, start_engine=False)) as api:
+        arms = {chat(api, {"experiment": "tone-test"}, user="eve")["alignment"]["experiment"]["arm"] for _ in range(5)}
         assert arms == {hashed_arm_of("eve")}
-        r = client.get("/v1/alignment/experiments/tone-test", headers=AUTH)
+        r = api.get("/v1/alignment/experiments/tone-test", headers=AUTH)
         assert r.status_code == 404 and r.json()["error"]["code"] == "store_not_configured"
         assert "--store URL" in r.json()["error"]["message"]
 
 
-def test_the_report_counts_the_store(client, store):
+def test_the_report_counts_the_store(api, store):
     ids = {}
     for i in range(16):
-        body = chat(client, {"experiment": "tone-test"}, user=f"u{i}")
+        body = chat(api, {"experiment": "tone-test"}, user=f"u{i}")
         ids[body["id"]] = body["alignment"]["experiment"]["arm"]
     one = [i for i, arm in ids.items() if arm == "tone@1"]
     two = [i for i, arm in ids.items() if arm == "tone@2"]
     assert one and two
     for rid in one[:2]:
-        assert client.post("/v1/alignment/feedback", json={"id": rid, "thumbs": "down"}, headers=AUTH).status_code == 200
+        assert api.post("/v1/alignment/feedback", json={"id": rid, "thumbs": "down"}, headers=AUTH).status_code == 200
     for rid in two[:2]:
-        assert client.post("/v1/alignment/feedback", json={"id": rid, "rating": 5}, headers=AUTH).status_code == 200
-    r = client.post("/v1/alignment/feedback", json={"id": two[0], "preferred_over": one[0]}, headers=AUTH)
+        assert api.post("/v1/alignment/feedback", json={"id": rid, "rating": 5}, headers=AUTH).status_code == 200
+    r = api.post("/v1/alignment/feedback", json={"id": two[0], "preferred_over": one[0]}, headers=AUTH)
     assert r.status_code == 200, r.text
 
     # No flush: the report waits for this process's queued traces itself.
-    r = client.get("/v1/alignment/experiments/tone-test", headers=AUTH)
+    r = api.get("/v1/alignment/experiments/tone-test", headers=AUTH)
     assert r.status_code == 200, r.text
     report = r.json()
     assert report["object"] == "alignment.experiment_report" and report["requests"] == 16
@@ -242,35 +242,35 @@ def test_the_report_counts_the_store(client, store):
                                   "p_value": 1.0}
     assert report["experiment"]["arms"][0] == {"profile": "tone@1", "weight": 1.0, "share": 0.5}
 
-    later = client.get("/v1/alignment/experiments/tone-test", params={"since": time.time() + 60}, headers=AUTH)
+    later = api.get("/v1/alignment/experiments/tone-test", params={"since": time.time() + 60}, headers=AUTH)
     assert later.json()["requests"] == 0 and later.json()["since"] > time.time()
-    iso = client.get("/v1/alignment/experiments/tone-test", params={"since": "2000-01-01"}, headers=AUTH)
+    iso = api.get("/v1/alignment/experiments/tone-test", params={"since": "2000-01-01"}, headers=AUTH)
     assert iso.json()["requests"] == 16
 
 
-def test_report_refusals(client):
-    assert client.get("/v1/alignment/experiments/tone-test").status_code == 401  # the key, like every endpoint
-    r = client.get("/v1/alignment/experiments/no-such", headers=AUTH)
+def test_report_refusals(api):
+    assert api.get("/v1/alignment/experiments/tone-test").status_code == 401  # the key, like every endpoint
+    r = api.get("/v1/alignment/experiments/no-such", headers=AUTH)
     assert r.status_code == 404 and (r.json()["error"]["param"], r.json()["error"]["code"]) == ("name", "unknown_experiment")
     for bad in ("yesterday", "nan"):
-        r = client.get("/v1/alignment/experiments/tone-test", params={"since": bad}, headers=AUTH)
+        r = api.get("/v1/alignment/experiments/tone-test", params={"since": bad}, headers=AUTH)
         assert r.status_code == 400 and r.json()["error"]["param"] == "since"
     # A configured experiment without traces yet reports empty arms.
-    assert [a["requests"] for a in client.get("/v1/alignment/experiments/coin", headers=AUTH).json()["arms"]] == [0, 0]
+    assert [a["requests"] for a in api.get("/v1/alignment/experiments/coin", headers=AUTH).json()["arms"]] == [0, 0]
 
 
-def test_an_experiment_removed_from_the_file_still_reports_from_the_store(client, store):
+def test_an_experiment_removed_from_the_file_still_reports_from_the_store(api, store):
     store.put_trace({"id": "old-1", "conversation": MESSAGES, "experiment": "retired", "arm": "tone@1",
                      "usage": {"completion_tokens": 4}, "timings": {"total_s": 0.1}})
-    report = client.get("/v1/alignment/experiments/retired", headers=AUTH).json()
+    report = api.get("/v1/alignment/experiments/retired", headers=AUTH).json()
     assert report["experiment"] is None and [a["arm"] for a in report["arms"]] == ["tone@1"]
     assert report["arms"][0]["completion_tokens"]["mean"] == 4.0 and report["comparisons"] == []
 
 
-def test_experiments_are_listed_and_counted(client):
-    listed = client.get("/v1/alignment/experiments", headers=AUTH).json()
+def test_experiments_are_listed_and_counted(api):
+    listed = api.get("/v1/alignment/experiments", headers=AUTH).json()
     assert [e["name"] for e in listed["data"]] == ["coin", "tone-test"]
     assert listed["data"][0]["unit"] == "random"
-    arm = chat(client, {"experiment": "tone-test"}, user="ann")["alignment"]["experiment"]["arm"]
-    metrics = client.get("/metrics", headers=AUTH).text
+    arm = chat(api, {"experiment": "tone-test"}, user="ann")["alignment"]["experiment"]["arm"]
+    metrics = api.get("/metrics", headers=AUTH).text
     assert f'aligner_experiment_assignments_total{{arm="{arm}",experiment="tone-test",unit="user"}} 1.0' in metrics
