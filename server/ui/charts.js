@@ -58,6 +58,8 @@ export function barChart({ title, rows, series, format = (v) => String(v) }) {
       root.append(svg("text", { x: end + 4, y: y + 14, class: "chart-value" }, format(bar.value)));
     });
   });
+  figure.append(caption, root);
+  if (series.length < 2) return figure;  // the caption names the one series
   const legend = document.createElement("p");
   legend.className = "chart-legend";
   legend.setAttribute("aria-hidden", "true");
@@ -68,6 +70,6 @@ export function barChart({ title, rows, series, format = (v) => String(v) }) {
     item.append(key, ` ${name} `);
     legend.append(item);
   });
-  figure.append(caption, root, legend);
+  figure.append(legend);
   return figure;
 }

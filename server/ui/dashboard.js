@@ -1,25 +1,15 @@
 // The dashboard: per strategy from GET /metrics (requests, time to first token and latency
-// quantiles, tokens per request, fallbacks), the server's errors and store counters, and an
-// experiment's arms (ratings, win rates, costs with their intervals) where the server reports them.
+// quantiles, tokens per request, fallbacks), the server's errors and store counters, and the
+// experiments' arms from the store (experiments.js).
 
 import { api } from "./api.js";
 import { barChart } from "./charts.js";
-import { clear, el, formatNumber, formatSeconds } from "./dom.js";
+import { clear, el, formatNumber, formatSeconds, table } from "./dom.js";
+import { Experiments } from "./experiments.js";
 import { byLabel, parseMetrics, QUANTILES, strategySummary, value } from "./prometheus.js";
 
 const AUTO_REFRESH_MS = 5000;
 const pct = (q) => `p${Math.round(q * 100)}`;
-
-// A captioned table in a box that scrolls sideways on a narrow screen (focusable, so the
-// keyboard can scroll it too).
-export function table(caption, headers, rows, attrs = {}) {
-  return el("div", { class: "table-wrap", tabindex: 0, role: "region", "aria-label": caption },
-    el("table", attrs,
-      el("caption", {}, caption),
-      el("thead", {}, el("tr", {}, headers.map((h) => el("th", { scope: "col" }, h)))),
-      el("tbody", {}, rows.map((cells) => el("tr", {}, cells.map((c, i) =>
-        i === 0 ? el("th", { scope: "row" }, c) : el("td", {}, c)))))));
-}
 
 function strategyTable(summary) {
   const quantiles = QUANTILES.map(pct).join(" / ");
@@ -62,33 +52,6 @@ function serverTables(samples) {
     pairs("Store", ["What", "Count"], store));
 }
 
-// {value, low, high} from a report's number or interval object, whatever it calls its fields.
-export function estimate(field) {
-  if (typeof field === "number") return { value: field };
-  if (!field || typeof field !== "object") return null;
-  const pick = (...names) => names.map((n) => field[n]).find((v) => typeof v === "number");
-  const found = { value: pick("mean", "value", "rate", "estimate", "win_rate"),
-                  low: pick("low", "lower", "ci_low"), high: pick("high", "upper", "ci_high") };
-  if (found.value === undefined && Array.isArray(field.interval)) found.value = (field.interval[0] + field.interval[1]) / 2;
-  if (Array.isArray(field.interval)) [found.low, found.high] = field.interval;
-  return found.value === undefined ? null : found;
-}
-
-function experimentView(report) {
-  const arms = Array.isArray(report.arms) ? report.arms
-    : Object.entries(report.arms || {}).map(([name, arm]) => ({ name, ...arm }));
-  if (!arms.length) return el("p", {}, "This experiment has no arms with data yet.");
-  const metrics = [...new Set(arms.flatMap((arm) => Object.keys(arm).filter((k) => estimate(arm[k]) && k !== "name")))];
-  const cell = (e) => (e ? `${formatNumber(e.value)}${e.low !== undefined ? ` [${formatNumber(e.low)}, ${formatNumber(e.high)}]` : ""}` : "—");
-  return el("div", {},
-    table(`Experiment ${report.name || report.id || ""}: arms`, ["Arm", ...metrics],
-      arms.map((arm) => [String(arm.name ?? arm.arm ?? "?"), ...metrics.map((m) => cell(estimate(arm[m])))])),
-    el("div", { class: "charts" }, metrics.map((metric) => barChart({
-      title: metric.replaceAll("_", " "), series: [metric], format: (v) => formatNumber(v),
-      rows: arms.map((arm) => ({ label: String(arm.name ?? arm.arm ?? "?"),
-                                 bars: [{ series: metric, ...(estimate(arm[metric]) || { value: NaN }) }] })) }))));
-}
-
 export class Dashboard {
   constructor(root) {
     this.root = root;
@@ -99,10 +62,7 @@ export class Dashboard {
       clearInterval(this.timer);
       if (event.target.checked) this.timer = setInterval(() => this.refresh(), AUTO_REFRESH_MS);
     });
-    root.querySelector("#experiment-form").addEventListener("submit", (event) => {
-      event.preventDefault();
-      this.showExperiment(root.querySelector("#experiment-name").value.trim());
-    });
+    this.experiments = new Experiments(root.querySelector("#experiments"));
   }
 
   async refresh() {
@@ -116,28 +76,6 @@ export class Dashboard {
     const summary = strategySummary(samples);
     clear(this.body).append(strategyTable(summary), strategyCharts(summary), serverTables(samples));
     this.status.textContent = `Updated ${new Date().toLocaleTimeString()}.`;
-    if (!this.listed) this.listExperiments();
-  }
-
-  async listExperiments() {
-    this.listed = true;
-    const result = await api("/v1/alignment/experiments");
-    const names = result.ok ? (result.data.data || []).map((e) => e.name || e.id).filter(Boolean) : [];
-    clear(this.root.querySelector("#experiment-names")).append(...names.map((n) => el("option", { value: n })));
-  }
-
-  async showExperiment(name) {
-    const out = clear(this.root.querySelector("#experiment-body"));
-    if (!name) return;
-    out.append(el("p", { role: "status" }, "Loading…"));
-    const result = await api(`/v1/alignment/experiments/${encodeURIComponent(name)}`);
-    clear(out);
-    if (!result.ok) {
-      const why = result.error.status === 404 && result.error.message === "Not Found"
-        ? "this server reports no experiments" : result.error.message;
-      out.append(el("p", { class: "error", role: "status" }, `Cannot show ${name} (${result.error.status}): ${why}`));
-      return;
-    }
-    out.append(experimentView(result.data));
+    this.experiments.refresh();
   }
 }

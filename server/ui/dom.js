@@ -42,3 +42,14 @@ export function formatSeconds(seconds) {
   if (seconds === null || seconds === undefined || Number.isNaN(seconds)) return "—";
   return seconds < 1 ? `${Math.round(seconds * 1000)} ms` : `${seconds.toFixed(2)} s`;
 }
+
+// A captioned table in a box that scrolls sideways on a narrow screen (focusable, so the
+// keyboard can scroll it too).
+export function table(caption, headers, rows, attrs = {}) {
+  return el("div", { class: "table-wrap", tabindex: 0, role: "region", "aria-label": caption },
+    el("table", attrs,
+      el("caption", {}, caption),
+      el("thead", {}, el("tr", {}, headers.map((h) => el("th", { scope: "col" }, h)))),
+      el("tbody", {}, rows.map((cells) => el("tr", {}, cells.map((c, i) =>
+        i === 0 ? el("th", { scope: "row" }, c) : el("td", {}, c)))))));
+}

@@ -23,6 +23,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from aligner.alignment import check_profile_alignment
+from aligner.profiles import ProfileStore
 from aligner.store import Store
 from aligner.strategies import describe_strategies
 from server.app import build_app
@@ -38,10 +40,10 @@ CHROMIUM_HINT = ("browser tests skipped: they need Chromium and chromedriver (De
                  "chromium chromium-driver`; CI's .ci/run installs them) and selenium (`pip install -e .[dev]`)")
 
 
-def make_app(api_key: str | None = KEY, store=None):
+def make_app(api_key: str | None = KEY, store=None, profiles=None):
     config = ServerConfig(served_model_name="fake-model", api_key=api_key,
                           store=StoreConfig(traces=store is not None))
-    return build_app(FakeEngine(max_model_len=1024), config, start_engine=False, store=store)
+    return build_app(FakeEngine(max_model_len=1024), config, start_engine=False, store=store, profiles=profiles)
 
 
 # -- serving the files ----------------------------------------------------------------------
@@ -374,10 +376,26 @@ def test_a_rating_the_server_refuses_shows_its_reason(served, driver):
     assert status.text.startswith("Not recorded (404)") and "--store-traces" in status.text  # no store here
 
 
+PROFILES = """\
+profiles:
+  tone:
+    - version: 1
+      alignment: {strategy: none}
+    - version: 2
+      alignment: {strategy: best_of_n, n: 2, reward: length_penalty}
+experiments:
+  tone-test:
+    arms: [{profile: tone@1, weight: 1}, {profile: tone@2, weight: 1}]
+"""
+
+
 @pytest.fixture(scope="module")
 def served_with_store(tmp_path_factory):
-    store = Store.open(f"sqlite:///{tmp_path_factory.mktemp('ui-store') / 'store.db'}")
-    with ThreadedServer(make_app(store=store)) as running:
+    root = tmp_path_factory.mktemp("ui-store")
+    (root / "profiles.yaml").write_text(PROFILES)
+    profiles = ProfileStore.load(root / "profiles.yaml", check_profile_alignment)
+    store = Store.open(f"sqlite:///{root / 'store.db'}")
+    with ThreadedServer(make_app(store=store, profiles=profiles)) as running:
         yield running
     store.close()
 
@@ -440,6 +458,49 @@ def test_the_page_fits_a_phone_width(served):
         assert len(set(columns)) == 1  # stacked, not side by side
     finally:
         phone.quit()
+
+
+def test_the_dashboard_shows_an_experiments_arms_as_the_server_reports_them(served_with_store, driver):
+    from selenium.webdriver.common.by import By
+
+    base = served_with_store.url
+    for i in range(12):  # users hash onto both arms (3 of them onto tone@1); each answer is rated
+        answer = httpx.post(f"{base}/v1/chat/completions", headers=AUTH, json={
+            "model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3 + i,
+            "user": f"user-{i}", "alignment": {"experiment": "tone-test"}}).json()
+        feedback = httpx.post(f"{base}/v1/alignment/feedback", headers=AUTH,
+                              json={"id": answer["id"], "rating": 1 + i % 5})
+        assert feedback.status_code == 200, feedback.text
+    report = httpx.get(f"{base}/v1/alignment/experiments/tone-test", headers=AUTH).json()
+    assert all(arm["requests"] >= 2 for arm in report["arms"])
+    open_with_key(driver, base)
+    driver.find_element(By.ID, "nav-dashboard").click()
+    wait_for(driver, "document.querySelector('table.experiment-arms')")
+    rows = driver.execute_script("""return [...document.querySelectorAll('table.experiment-arms tbody tr')]
+        .map((tr) => [...tr.children].map((c) => c.textContent))""")
+    assert [r[0] for r in rows] == ["tone@1", "tone@2"]
+    for row, arm in zip(rows, report["arms"], strict=True):
+        assert row[1] == str(arm["requests"])
+        low, high = arm["rating"]["ci95"]
+        assert row[3] == str(arm["rating"]["n"])
+        assert row[4] == f"{arm['rating']['mean']:.3f} [{low:.3f}, {high:.3f}]"
+        assert row[7].startswith(f"{arm['completion_tokens']['mean']:.1f} [")
+    charts = driver.find_elements(By.CSS_SELECTOR, "#experiment-body figure.chart")
+    assert [c.find_element(By.TAG_NAME, "figcaption").text for c in charts] == \
+        ["Rating (0-1)", "Win rate", "Tokens per answer", "Latency p50"]
+    assert charts[0].find_elements(By.CSS_SELECTOR, "line.chart-interval")  # the intervals are drawn
+    assert "Against tone@1" in driver.find_element(By.ID, "experiment-body").text
+    assert console_errors(driver) == []
+
+
+def test_without_experiments_the_dashboard_says_so(served, driver):
+    from selenium.webdriver.common.by import By
+
+    open_with_key(driver, served.url)
+    driver.find_element(By.ID, "nav-dashboard").click()
+    wait_for(driver, "document.querySelector('#experiment-body').textContent")
+    assert driver.find_element(By.ID, "experiment-body").text == "This server's profiles file defines no experiments."
+    assert not driver.find_element(By.ID, "experiment-form").is_displayed()
 
 
 # -- the page's own arithmetic, run in the browser -------------------------------------------
