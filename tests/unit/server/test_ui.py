@@ -269,6 +269,27 @@ def test_each_strategy_form_has_one_labelled_field_per_parameter(served, driver)
     assert unlabelled == []
 
 
+def test_the_keyboard_reaches_every_control_in_reading_order(served, driver):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    open_with_key(driver, served.url)
+    driver.execute_script("document.activeElement.blur(); window.scrollTo(0, 0);")
+    reached = []
+    for _ in range(40):
+        ActionChains(driver).send_keys(Keys.TAB).perform()
+        reached.append(driver.execute_script(
+            "const a = document.activeElement; return a.id || a.textContent.trim().slice(0, 20);"))
+    expected = ["Skip to content", "nav-playground", "nav-dashboard", "forget-key", "system", "message", "model",
+                "max-tokens", "temperature", "seed", "trace", "send", "add-column", "Remove", "col1-choice", "Parameters"]
+    assert reached[:len(expected)] == expected
+    assert "col2-choice" in reached
+    ActionChains(driver).send_keys(Keys.SHIFT, Keys.TAB).perform()  # a keyboard user sees where focus is
+    ring = driver.execute_script("const a = document.activeElement; "
+                                 "return [a.matches(':focus-visible'), getComputedStyle(a).outlineStyle]")
+    assert ring == [True, "solid"]
+
+
 def set_best_of_n(driver, column, n: int, reward: str):
     driver.execute_script("arguments[0].querySelector('details.params-box').open = true;", column)
     field = column.find_element("css selector", '[data-param="n"] input')
@@ -493,6 +514,24 @@ def test_the_dashboard_shows_an_experiments_arms_as_the_server_reports_them(serv
     assert console_errors(driver) == []
 
 
+def test_a_profile_column_sends_the_profile_and_its_overrides(served_with_store, driver):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
+
+    open_with_key(driver, served_with_store.url)
+    column = driver.find_elements(By.CSS_SELECTOR, ".column")[0]
+    Select(column.find_element(By.TAG_NAME, "select")).select_by_value("profile:tone@2")
+    assert '"best_of_n"' in column.find_element(By.CSS_SELECTOR, "pre.profile").get_attribute("textContent")
+    driver.execute_script("arguments[0].querySelector('details.params-box').open = true;", column)
+    column.find_element(By.CSS_SELECTOR, '[data-param="return_candidates"] input').click()
+    driver.find_elements(By.CSS_SELECTOR, ".column .remove")[1].click()
+    send_and_wait(driver)
+    assert driver.find_element(By.ID, "send-status").text == "Done."
+    assert column.find_element(By.CSS_SELECTOR, '[data-stat="strategy"]').text == "best_of_n (body:profile tone@2)"
+    assert len(shown_candidates(column)) == 2
+    assert column.find_element(By.CSS_SELECTOR, '[data-stat="relative"]').text == "add a none column to compare"
+
+
 def test_without_experiments_the_dashboard_says_so(served, driver):
     from selenium.webdriver.common.by import By
 
@@ -555,6 +594,22 @@ def test_quantiles_and_the_summary_match_prometheus_arithmetic(served, driver):
     errors = run_module(driver, served.url, "prometheus.js",
                         f"return m.byLabel(m.parseMetrics({json.dumps(text)}), 'aligner_errors_total', 'type');")
     assert errors == [["invalid_request_error", 3], ['a "quoted" type', 1]]
+
+
+def test_what_a_strategy_reports_is_shown_guided_steps_fallback_and_budget(served, driver):
+    driver.get(f"{served.url}/ui/")
+    shown = run_module(driver, served.url, "results.js", """
+        const box = document.createElement('div');
+        document.body.append(box);
+        const handle = m.startResult(box);
+        m.finishResult(handle, {id: 'chatcmpl-1', text: 'hi', pieces: 3, ttft_s: 0.1, latency_s: 0.4,
+          usage: {completion_tokens: 12},
+          alignment: {strategy: 'guided', source: 'body', guided_steps: 12,
+                      fallback: {reward: 'helpful', error: 'timeout'}, budget: {exhausted: 'deadline'}}});
+        return Object.fromEntries([...box.querySelectorAll('dd')].map((d) => [d.dataset.stat, d.textContent]));""")
+    assert shown["guided_steps"] == "12 steps" and shown["tokens"] == "12" and shown["pieces"] == "in 3 pieces"
+    assert shown["fallback"] == '{"reward":"helpful","error":"timeout"}' and shown["budget"] == "stopped at deadline"
+    assert shown["ttft"] == "100 ms" and shown["latency"] == "400 ms" and shown["strategy"] == "guided (body)"
 
 
 def test_reward_fields_read_a_name_weights_or_json(served, driver):
