@@ -37,6 +37,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
         elif REAL_SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             raise pytest.UsageError(f"{item.nodeid} uses the real server: move it to tests/integration/")
+    skip_gpu_tests_without_a_gpu(items)  # one hook: a second definition would replace this one
 
 
 def has_package(name: str) -> bool:
@@ -218,7 +219,7 @@ def engine_unfinished(server: RunningServer) -> float:
     raise AssertionError("aligner_engine_unfinished_requests missing from /metrics")
 
 
-def pytest_collection_modifyitems(config, items):
+def skip_gpu_tests_without_a_gpu(items) -> None:
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
