@@ -32,7 +32,7 @@ model: $(STAMP)
 
 
 serve: setup
-	$(VENV)/bin/aligner serve --host $(HOST) --port $(PORT) --models-dir models $(SERVE_ARGS)
+	$(VENV)/bin/aligner serve --host $(HOST) --port $(PORT) --models-dir models --store-traces $(SERVE_ARGS)
 
 test: setup
 	$(PY) -m pytest -q
