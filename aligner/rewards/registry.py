@@ -204,12 +204,7 @@ class RewardRegistry:
         """A reward served by vLLM batches concurrent calls itself: no thread, the same bound
         on calls held at once; a call stops (and frees its slot) when its request gives up."""
         with self._lock:
-            if self._closed:
-                raise RewardError(name, "the server is shutting down")
-            pending = self._pending.get(name, 0)
-            if pending >= self.max_pending_per_reward:
-                raise RewardError(name, f"busy: {pending} calls waiting")
-            self._pending[name] = pending + 1
+            self._pending[name] = self._pending_if_room(name) + 1
         try:
             return await reward.score_async(prompts, responses)
         finally:
@@ -232,11 +227,7 @@ class RewardRegistry:
         queue is full. A call counts until its thread finishes it: a timed-out request stops
         waiting, but the forward it started still occupies the model."""
         with self._lock:
-            if self._closed:
-                raise RewardError(name, "the server is shutting down")
-            pending = self._pending.get(name, 0)
-            if pending >= self.max_pending_per_reward:
-                raise RewardError(name, f"busy: {pending} calls waiting")
+            pending = self._pending_if_room(name)
             executor = self._executors.get(name)
             if executor is None:
                 # One worker per model: its forwards run one at a time, never on the event loop.
@@ -245,6 +236,15 @@ class RewardRegistry:
             self._pending[name] = pending + 1
         future.add_done_callback(lambda _: self._release(name))
         return future
+
+    def _pending_if_room(self, name: str) -> int:
+        """The calls `name` holds, when it may take one more; else RewardError. Under the lock."""
+        if self._closed:
+            raise RewardError(name, "the server is shutting down")
+        pending = self._pending.get(name, 0)
+        if pending >= self.max_pending_per_reward:
+            raise RewardError(name, f"busy: {pending} calls waiting")
+        return pending
 
     def _release(self, name: str) -> None:
         with self._lock:
