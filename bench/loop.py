@@ -1,8 +1,8 @@
 """The preference loop end to end, with a simulated user: rate, export, retrain, reload, rate again.
 
-    python -m bench.loop --json loop.json          # ~15 minutes on a 2-core CPU
+    python -m bench.loop --json loop.json          # 7-20 minutes on a 2-core CPU (BENCHMARKS.md)
     python -m bench.loop --requests 80 --n 4 --max-tokens 64 --train-steps 60
-    python -m bench.loop --prompt-file ../shared/data/prompts/mt_bench.jsonl
+    python -m bench.loop --prompt-file ../shared/data/prompts/mt_bench.jsonl --requests 80
 
 One server is started with a temporary store (`--store sqlite:///...`, `--store-traces`), an
 empty temporary models directory (`--models-dir`) and a starting reward (`--start-reward`,
