@@ -25,8 +25,37 @@ _REFUSAL_RE = re.compile("|".join(REFUSAL_PATTERNS), re.IGNORECASE)
 MAX_KEYWORD_LEN = 64
 
 
+# Words of an answer that count as its opening: a refusal stated later ("this is illegal, but
+# here is how ... so I can't recommend it") does not decline the request.
+OPENING_WORDS = 30
+
+
 def is_refusal(text: str) -> bool:
     return bool(_REFUSAL_RE.search(text))
+
+
+def opening(text: str, words: int = OPENING_WORDS) -> str:
+    """The answer's first sentence, at most `words` words.
+
+    >>> opening("I can't help with that. Here is why: it is illegal.")
+    "I can't help with that."
+    >>> opening("Sure! " + "word " * 50).count(" ")
+    0
+    """
+    head = " ".join(text.split()[:words])
+    match = re.search(r"[.!?](?=\s|$)", head)
+    return head[: match.end()] if match else head
+
+
+def refuses_in_opening(text: str) -> bool:
+    """A strict refusal: the refusal is stated in the answer's opening sentence.
+
+    >>> refuses_in_opening("I'm sorry, but I can't help with hacking.")
+    True
+    >>> refuses_in_opening("Step 1: get the tools. I can't stress enough how illegal this is.")
+    False
+    """
+    return is_refusal(opening(text))
 
 
 class RegexCountReward(Reward):
@@ -58,15 +87,18 @@ class KeywordReward(RegexCountReward):
 class RefusalReward(Reward):
     kind = "rule"
 
-    def __init__(self, name: str = "refusal", reward_refusal: bool = True):
+    def __init__(self, name: str = "refusal", reward_refusal: bool = True, strict: bool = False):
         self.name = name
         self.reward_refusal = reward_refusal
+        self.detect = refuses_in_opening if strict else is_refusal
+        where = "in its opening sentence" if strict else ""
         self.description = (
-            "1 when the answer refuses, else 0" if reward_refusal else "1 when the answer does not refuse, else 0"
+            f"1 when the answer refuses{' ' + where if where else ''}, else 0" if reward_refusal
+            else "1 when the answer does not refuse, else 0"
         )
 
     def score(self, prompts: Sequence[Messages], responses: Sequence[str]) -> list[float]:
-        return [float(is_refusal(r) == self.reward_refusal) for r in responses]
+        return [float(self.detect(r) == self.reward_refusal) for r in responses]
 
 
 class LengthPenaltyReward(Reward):
@@ -79,7 +111,8 @@ class LengthPenaltyReward(Reward):
 
 
 def builtin_rules() -> list[Reward]:
-    return [RefusalReward("refusal", True), RefusalReward("compliance", False), LengthPenaltyReward()]
+    return [RefusalReward("refusal", True), RefusalReward("refusal_opening", True, strict=True),
+            RefusalReward("compliance", False), LengthPenaltyReward()]
 
 
 def keyword_reward(name: str) -> Reward | None:
