@@ -49,18 +49,25 @@ def add_subcommands(subparsers) -> None:
     quality.add_argument("--model", default="SmolLM2-135M-Instruct")
     quality.add_argument("--api-key", default=os.environ.get("ALIGNER_API_KEY"))
     quality.add_argument("--prompt-set", action="append", required=True, metavar="NAME=FILE",
-                         help="JSONL with `prompt` or `turns` (first turn used); repeatable")
+                         help="JSONL with `prompt` (a string, or messages: the last user message) or `turns` "
+                              "(the first); repeatable")
     quality.add_argument("--harmful", action="append", default=[], metavar="NAME",
-                         help="prompt sets a safe assistant should refuse (refusal rate reported)")
-    quality.add_argument("--limit", type=int, default=20, help="prompts per set")
+                         help="a prompt set a safe assistant should refuse (refusal and strict refusal rates)")
+    quality.add_argument("--benign", action="append", default=[], metavar="NAME",
+                         help="a prompt set a safe assistant should answer (over-refusal rates; the win rate "
+                              "against plain is then measured on these sets only)")
+    quality.add_argument("--limit", type=int, default=20, help="prompts per set (0: all)")
     quality.add_argument("--strategy", action="append", default=[], metavar="LABEL=JSON",
                          help='an alignment object, e.g. bon4=\'{"strategy": "best_of_n", "n": 4}\'')
     quality.add_argument("--profile", action="append", default=[], help="a profile name (or name@version)")
     quality.add_argument("--judge", required=True,
                          help="reward checkpoint PATH, or rule:NAME (refusal, compliance, length_penalty, keyword:<w>)")
     quality.add_argument("--max-tokens", type=int, default=128)
-    quality.add_argument("--seed", type=int, default=0)
-    quality.add_argument("--output", type=Path, default=None)
+    quality.add_argument("--temperature", type=float, default=0.7)
+    quality.add_argument("--seed", type=int, default=0, help="prompt i of a set is sent with seed + i by every arm")
+    quality.add_argument("--concurrency", type=int, default=1, help="requests in flight at once")
+    quality.add_argument("--output", type=Path, default=None,
+                         help="JSON: the config, the summary and every answer")
     quality.add_argument("--plot", type=Path, default=None, help="PNG: judge reward against cost")
     quality.set_defaults(func=cmd_quality)
 
@@ -176,8 +183,15 @@ def finish(args, payload: dict) -> None:
         plot_sweep(levels, args.plot)
 
 
+def judge_identity(spec: str) -> tuple[str, str | None]:
+    """(name, checkpoint path or None) of `--judge`, known before anything is loaded."""
+    if spec.startswith("rule:"):
+        return spec.removeprefix("rule:"), None
+    return Path(spec).name, spec
+
+
 def load_judge(spec: str):
-    """(name, checkpoint path or None, reward) for `--judge`."""
+    """The reward `--judge` names."""
     from aligner.rewards import RewardRegistry
 
     if spec.startswith("rule:"):
@@ -185,15 +199,22 @@ def load_judge(spec: str):
         reward = RewardRegistry.with_builtins().get(name)
         if reward is None:
             raise SystemExit(f"aligner bench quality: unknown rule judge {name!r}")
-        return name, None, reward
+        return reward
     from aligner.rewards.hf import SequenceClassifierReward
 
-    return Path(spec).name, spec, SequenceClassifierReward("judge", spec)
+    return SequenceClassifierReward("judge", spec)
 
 
 def cmd_quality(args) -> int:
-    from bench.quality import QualityConfig, check_judge_independent, collect, dump, format_table, plot, summarise
+    from bench.quality import (QualityConfig, check_judge_independent, collect, dump, format_table, load_prompt_file,
+                               plot, summarise)
 
+    def refuse(message: str) -> int:
+        print(f"aligner bench quality: {message}", file=sys.stderr)
+        return 2
+
+    if args.limit < 0 or args.concurrency < 1:
+        return refuse("--limit must be >= 0 and --concurrency >= 1")
     strategies: dict[str, dict] = {"plain": {}}
     for item in args.strategy:
         label, _, alignment = item.partition("=")
@@ -214,24 +235,35 @@ def cmd_quality(args) -> int:
     prompt_sets = {}
     for item in args.prompt_set:
         name, _, path = item.partition("=")
-        prompt_sets[name] = load_prompts(path)[: args.limit]
+        prompt_sets[name] = load_prompt_file(path, args.limit)
+    harmful, benign = set(args.harmful), set(args.benign)
+    if unknown := (harmful | benign) - set(prompt_sets):
+        return refuse(f"--harmful/--benign name no --prompt-set: {', '.join(sorted(unknown))}")
+    if both := harmful & benign:
+        return refuse(f"a set cannot be both harmful and benign: {', '.join(sorted(both))}")
     cfg = QualityConfig(base_url=args.base_url, model=args.model, strategies=strategies, prompt_sets=prompt_sets,
-                        harmful_sets=set(args.harmful), max_tokens=args.max_tokens, seed=args.seed,
+                        harmful_sets=harmful, benign_sets=benign, max_tokens=args.max_tokens,
+                        temperature=args.temperature, seed=args.seed, concurrency=args.concurrency,
                         api_key=args.api_key)
-    judge_name, judge_path, judge = load_judge(args.judge)
+    judge_name, judge_path = judge_identity(args.judge)
     registered = httpx.get(f"{args.base_url}/alignment/rewards", headers=headers, timeout=30).json()["data"]
     try:
-        check_judge_independent(judge_path, judge_name, QualityConfig(**{**cfg.__dict__, "strategies": resolved}), registered)
+        as_resolved = QualityConfig(**{**cfg.__dict__, "strategies": resolved})
+        check_judge_independent(judge_path, judge_name, as_resolved, registered)
     except ValueError as exc:
-        print(f"aligner bench quality: {exc}", file=sys.stderr)
-        return 2
+        return refuse(str(exc))
+    judge = load_judge(args.judge)
     answers = collect(cfg)
     for answer in answers:
-        answer.judge = judge.score([[{"role": "user", "content": answer.prompt}]], [answer.text])[0]
-    table = summarise(answers, cfg)
-    print(format_table(table))
+        if answer.error is None:
+            answer.judge = judge.score([[{"role": "user", "content": answer.prompt}]], [answer.text])[0]
+    summary = summarise(answers, cfg)
+    print(format_table(summary))
     if args.output:
-        dump(answers, table, args.output)
+        config = {"model": args.model, "judge": judge_name, "strategies": resolved, "prompt_sets": {
+            n: len(p) for n, p in prompt_sets.items()}, "max_tokens": args.max_tokens, "temperature": args.temperature,
+            "seed": args.seed, "concurrency": args.concurrency, "limit": args.limit}
+        dump(answers, summary, args.output, config)
     if args.plot:
-        plot(table, args.plot)
+        plot(summary, args.plot)
     return 0

@@ -1,26 +1,34 @@
 """Alignment quality: `aligner bench quality ...`.
 
-Runs a prompt set through plain decoding and several strategies (or profiles) on the same
-seeds, and judges every answer with a judge reward that is NOT the one guiding any
-strategy (the tool refuses otherwise: a strategy optimised against its own judge always
-looks good). Reports per strategy: mean judge reward; win rate against plain decoding with a
-bootstrap 95% interval; mean answer length and a length-controlled win rate (a logistic
-regression of wins on the length difference, read at zero difference); refusal rate on
-harmful prompt sets; generated tokens and latency per request.
+Runs prompt sets through plain decoding and several strategies (or profiles) on the same
+seeds, and judges every answer with a judge that neither guides a strategy as a reward nor
+steers one as a guide (the tool refuses otherwise: a strategy optimised against its own
+judge always looks good). Reports per strategy (`bench.quality_report`): mean judge reward;
+win rate against plain decoding with a bootstrap 95% interval and a length-controlled win
+rate (on the benign sets when there are any); refusal and strict refusal (stated in the
+opening sentence) on harmful sets, over-refusal and strict over-refusal on benign sets, each
+with its interval; tokens and seconds per request beside plain's; failed requests.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import numpy as np
 
-from aligner.rewards.rules import is_refusal
+from aligner.rewards.base import checkpoint_version
+from aligner.rewards.rules import is_refusal, refuses_in_opening
+from bench.load import load_prompts
+from bench.quality_report import format_table, length_controlled_win_rate, plot, summarise, win_rate_ci
+
+__all__ = ["Answer", "QualityConfig", "check_judge_independent", "collect", "dump", "format_table",
+           "length_controlled_win_rate", "load_prompt_file", "plot", "summarise", "win_rate_ci"]
+
+RETRIES = 1  # a failed request is sent once more, then recorded as an error
 
 
 @dataclass
@@ -28,10 +36,14 @@ class Answer:
     prompt_set: str
     prompt: str
     strategy: str
-    text: str
-    tokens: int
-    latency_s: float
-    judge: float = 0.0
+    seed: int
+    text: str = ""
+    tokens: int = 0
+    latency_s: float = 0.0
+    judge: float | None = None
+    refusal: bool = False  # a refusal anywhere in the answer
+    strict_refusal: bool = False  # a refusal stated in the opening sentence
+    error: str | None = None  # set when the request failed twice; nothing else then counts
 
 
 @dataclass
@@ -40,149 +52,152 @@ class QualityConfig:
     model: str
     strategies: dict[str, dict]  # label -> alignment object ({} = plain)
     prompt_sets: dict[str, list[str]]  # name -> prompts
-    harmful_sets: set[str] = field(default_factory=set)
+    harmful_sets: set[str] = field(default_factory=set)  # a safe assistant refuses these
+    benign_sets: set[str] = field(default_factory=set)  # a safe assistant answers these
     max_tokens: int = 128
+    temperature: float = 0.7
     seed: int = 0
+    concurrency: int = 1
     api_key: str | None = None
 
 
-def win_rate_ci(wins: np.ndarray, rounds: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of per-prompt outcomes (1 win, 0.5 tie, 0 loss) and its bootstrap 95% interval.
-
-    >>> win_rate_ci(np.array([1.0, 1.0, 1.0]))
-    (1.0, 1.0, 1.0)
-    """
-    rng = np.random.default_rng(seed)
-    samples = rng.choice(wins, size=(rounds, len(wins)), replace=True).mean(axis=1)
-    return float(wins.mean()), float(np.quantile(samples, 0.025)), float(np.quantile(samples, 0.975))
+def _user_text(content) -> str | None:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict)) or None
+    return None
 
 
-def length_controlled_win_rate(wins: np.ndarray, length_diff: np.ndarray, l2: float = 1e-2) -> float:
-    """P(win) at zero length difference, from a logistic regression of wins on the
-    (standardised) length difference, fitted by Newton's method. Ties count as half a win
-    (fractional targets are valid for the logistic log-likelihood).
+def prompt_of(row: dict) -> str:
+    """A JSONL row's prompt: `prompt` (a string, or a messages list: its last user message),
+    else the first of `turns`."""
+    prompt = row.get("prompt")
+    if isinstance(prompt, list):
+        users = [_user_text(m.get("content")) for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        prompt = next((u for u in reversed(users) if u), None)
+    if not prompt and row.get("turns"):
+        prompt = row["turns"][0]
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError(f"no prompt in {json.dumps(row)[:200]}: give `prompt` (a string or messages) or `turns`")
+    return prompt
 
-    >>> round(length_controlled_win_rate(np.array([1.0, 0.0, 1.0, 0.0]), np.array([10.0, -10.0, 10.0, -10.0])), 2)
-    0.5
-    """
-    scale = length_diff.std() or 1.0
-    x = np.stack([np.ones_like(length_diff), length_diff / scale], axis=1)
-    beta = np.zeros(2)
-    for _ in range(50):
-        p = 1 / (1 + np.exp(-x @ beta))
-        gradient = x.T @ (wins - p) - l2 * beta
-        hessian = -(x.T * (p * (1 - p))) @ x - l2 * np.eye(2)
-        step = np.linalg.solve(hessian, gradient)
-        beta -= step
-        if np.abs(step).max() < 1e-8:
-            break
-    return float(1 / (1 + math.exp(-beta[0])))
+
+def load_prompt_file(path: str | Path, limit: int = 0) -> list[str]:
+    """The prompts of a JSONL file (or ShareGPT-like JSON); the first `limit` (0: all)."""
+    path = Path(path)
+    if path.suffix == ".json":
+        prompts = load_prompts(path)
+    else:
+        prompts = [prompt_of(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    return prompts[:limit] if limit else prompts
+
+
+def guides_of(alignment: dict) -> tuple[set[str], set[str]]:
+    """(reward names, guide names) a strategy (or each pipeline stage) is steered by; "" stands
+    for the server's default reward or default guide, used by a stage that names none."""
+    rewards, guides = set(), set()
+    for stage in alignment.get("pipeline") or [alignment]:
+        if not stage:
+            continue
+        if stage.get("strategy") == "guided":
+            guides.add(stage.get("guide") or "")
+            continue
+        reward = stage.get("reward")
+        if isinstance(reward, str):
+            rewards.add(reward)
+        elif isinstance(reward, dict):
+            rewards.update(reward)
+        else:
+            rewards.add("")
+    return rewards, guides
 
 
 def guiding_rewards(alignment: dict) -> set[str]:
-    """Reward names a strategy (or each pipeline stage) is guided by."""
-    stages = alignment.get("pipeline") or [alignment]
-    names = set()
-    for stage in stages:
-        reward = stage.get("reward")
-        if isinstance(reward, str):
-            names.add(reward)
-        elif isinstance(reward, dict):
-            names.update(reward)
-    return names
+    """Reward names a strategy (or each pipeline stage) names (not the default it may use)."""
+    return guides_of(alignment)[0] - {""}
 
 
-def check_judge_independent(judge_path: str | None, judge_name: str, cfg: QualityConfig, registered: list[dict]) -> None:
-    """Refuse a judge that guides one of the strategies, by name or by checkpoint path."""
-    by_name = {r["name"]: r for r in registered}
-    default = next((r["name"] for r in registered if r.get("default")), None)
+def same_checkpoint(judge_path: str | None, row: dict) -> bool:
+    """Whether a listed reward or guide is the judge's checkpoint directory: the server lists a
+    checkpoint's folder name and fingerprint, not its path."""
+    if judge_path is None or not row.get("checkpoint") or not row.get("version"):
+        return False
+    path = Path(judge_path).resolve()
+    return path.is_dir() and path.name == row["checkpoint"] and checkpoint_version(path) == row["version"]
+
+
+def check_judge_independent(judge_path: str | None, judge_name: str, cfg: QualityConfig,
+                            registered: list[dict]) -> None:
+    """Refuse a judge that steers one of the strategies: as a reward or as a guide, by name or
+    by checkpoint. `registered` is the server's /v1/alignment/rewards listing (guides carry
+    `kind: guide`; the first one listed is the default guide)."""
+    rewards = {r["name"]: r for r in registered if r.get("kind") != "guide"}
+    guides = {r["name"]: r for r in registered if r.get("kind") == "guide"}
+    default_reward = next((n for n, r in rewards.items() if r.get("default")), None)
+    default_guide = next(iter(guides), None)
     for label, alignment in cfg.strategies.items():
-        guides = guiding_rewards(alignment)
-        if alignment and not guides and default:
-            guides = {default}  # a reward-using strategy without `reward` uses the server default
-        for name in guides:
-            guide = by_name.get(name, {})
-            same_path = judge_path is not None and guide.get("path") and Path(guide["path"]).resolve() == Path(judge_path).resolve()
-            if name == judge_name or same_path:
-                raise ValueError(f"the judge {judge_name!r} also guides strategy {label!r}: pick a different judge")
+        reward_names, guide_names = guides_of(alignment)
+        steering = ([(n or default_reward, rewards) for n in reward_names]
+                    + [(n or default_guide, guides) for n in guide_names])
+        for name, listing in steering:
+            if name is None:
+                continue
+            if name == judge_name or same_checkpoint(judge_path, listing.get(name, {})):
+                kind = "guides" if listing is guides else "rewards"
+                raise ValueError(f"the judge {judge_name!r} also guides strategy {label!r} "
+                                 f"(as the server's {kind[:-1]} {name!r}): pick a different judge")
 
 
-def collect(cfg: QualityConfig, progress=None) -> list[Answer]:
+def request(http: httpx.Client, cfg: QualityConfig, answer: Answer, alignment: dict) -> Answer:
+    """One chat request (retried once on failure); its latency is the successful attempt's."""
+    body = {"model": cfg.model, "messages": [{"role": "user", "content": answer.prompt}],
+            "max_tokens": cfg.max_tokens, "seed": answer.seed, "temperature": cfg.temperature}
+    if alignment:
+        body["alignment"] = alignment
+    for _attempt in range(RETRIES + 1):
+        start = time.perf_counter()
+        try:
+            r = http.post(f"{cfg.base_url}/chat/completions", json=body)
+        except httpx.HTTPError as exc:
+            answer.error = f"{type(exc).__name__}: {exc}"
+            continue
+        answer.latency_s = time.perf_counter() - start
+        if not r.is_success:
+            answer.error = f"HTTP {r.status_code}: {r.text[:300]}"
+            continue
+        data = r.json()
+        answer.text = data["choices"][0]["message"]["content"] or ""
+        answer.tokens = data["usage"]["completion_tokens"]
+        answer.refusal, answer.strict_refusal = is_refusal(answer.text), refuses_in_opening(answer.text)
+        answer.error = None
+        return answer
+    answer.latency_s = 0.0
+    return answer
+
+
+def collect(cfg: QualityConfig, progress=None, transport: httpx.BaseTransport | None = None) -> list[Answer]:
+    """Every (set, prompt, arm), `cfg.concurrency` requests at a time. The arms of a prompt
+    are queued one after another, so they run under the same load; each prompt's seed is
+    `seed + i` whatever the order of completion. `transport`: tests answer without a server."""
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else None
-    answers = []
-    with httpx.Client(timeout=900, headers=headers) as http:
-        for set_name, prompts in cfg.prompt_sets.items():
-            for i, prompt in enumerate(prompts):
-                for label, alignment in cfg.strategies.items():
-                    body = {"model": cfg.model, "messages": [{"role": "user", "content": prompt}],
-                            "max_tokens": cfg.max_tokens, "seed": cfg.seed + i, "temperature": 0.8}
-                    if alignment:
-                        body["alignment"] = alignment
-                    start = time.perf_counter()
-                    r = http.post(f"{cfg.base_url}/chat/completions", json=body)
-                    r.raise_for_status()
-                    data = r.json()
-                    answers.append(Answer(set_name, prompt, label, data["choices"][0]["message"]["content"],
-                                          data["usage"]["completion_tokens"], time.perf_counter() - start))
-                    if progress is not None:
-                        progress.update(1)
-    return answers
+    jobs = [Answer(set_name, prompt, label, cfg.seed + i)
+            for set_name, prompts in cfg.prompt_sets.items()
+            for i, prompt in enumerate(prompts)
+            for label in cfg.strategies]
+
+    def run(answer: Answer) -> Answer:
+        done = request(http, cfg, answer, cfg.strategies[answer.strategy])
+        if progress is not None:
+            progress.update(1)
+        return done
+
+    limits = httpx.Limits(max_connections=max(cfg.concurrency, 1) + 2)
+    with httpx.Client(timeout=900, headers=headers, limits=limits, transport=transport) as http, \
+            ThreadPoolExecutor(max_workers=max(cfg.concurrency, 1)) as pool:
+        return list(pool.map(run, jobs))
 
 
-def summarise(answers: list[Answer], cfg: QualityConfig, baseline: str = "plain") -> dict:
-    table = {}
-    base = {(a.prompt_set, a.prompt): a for a in answers if a.strategy == baseline}
-    for label in cfg.strategies:
-        rows = [a for a in answers if a.strategy == label]
-        entry = {
-            "mean_judge_reward": float(np.mean([a.judge for a in rows])),
-            "mean_words": float(np.mean([len(a.text.split()) for a in rows])),
-            "tokens_per_request": float(np.mean([a.tokens for a in rows])),
-            "latency_s_per_request": float(np.mean([a.latency_s for a in rows])),
-        }
-        harmful = [a for a in rows if a.prompt_set in cfg.harmful_sets]
-        if harmful:
-            entry["refusal_rate_harmful"] = float(np.mean([is_refusal(a.text) for a in harmful]))
-        if label != baseline:
-            pairs = [(a, base[(a.prompt_set, a.prompt)]) for a in rows]
-            wins = np.array([1.0 if a.judge > b.judge else 0.5 if a.judge == b.judge else 0.0 for a, b in pairs])
-            diff = np.array([len(a.text.split()) - len(b.text.split()) for a, b in pairs], dtype=float)
-            rate, low, high = win_rate_ci(wins)
-            entry.update(win_rate=rate, win_rate_ci95=[low, high],
-                         length_controlled_win_rate=length_controlled_win_rate(wins, diff))
-        table[label] = entry
-    return table
-
-
-def plot(table: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, entry in table.items():
-        ax.scatter(entry["tokens_per_request"], entry["mean_judge_reward"])
-        ax.annotate(label, (entry["tokens_per_request"], entry["mean_judge_reward"]), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("generated tokens per request (cost)")
-    ax.set_ylabel("mean judge reward")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def format_table(table: dict) -> str:
-    lines = ["| strategy | judge reward | win rate vs plain [95% CI] | LC win rate | words | refusals (harmful) | tokens/req | s/req |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for label, e in table.items():
-        win = f"{e['win_rate']:.2f} [{e['win_rate_ci95'][0]:.2f}, {e['win_rate_ci95'][1]:.2f}]" if "win_rate" in e else "—"
-        lc = f"{e['length_controlled_win_rate']:.2f}" if "length_controlled_win_rate" in e else "—"
-        refusal = f"{e['refusal_rate_harmful']:.2f}" if "refusal_rate_harmful" in e else "—"
-        lines.append(f"| {label} | {e['mean_judge_reward']:.3f} | {win} | {lc} | {e['mean_words']:.0f} | {refusal} | "
-                     f"{e['tokens_per_request']:.0f} | {e['latency_s_per_request']:.1f} |")
-    return "\n".join(lines)
-
-
-def dump(answers: list[Answer], table: dict, path: Path) -> None:
-    path.write_text(json.dumps({"summary": table, "answers": [a.__dict__ for a in answers]}, indent=2))
+def dump(answers: list[Answer], summary: dict, path: Path, config: dict | None = None) -> None:
+    payload = {"config": config or {}, "summary": summary, "answers": [a.__dict__ for a in answers]}
+    path.write_text(json.dumps(payload, indent=2))

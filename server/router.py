@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from aligner.rewards.base import checkpoint_version
 from aligner.strategies import describe_strategies
 from server.alignment import STRATEGY_HEADER, model_aliases
 from server.errors import engine_unavailable, make_error
@@ -142,8 +144,17 @@ async def experiment_report(name: str, raw: Request, since: str | None = None):
 @router.get("/v1/alignment/rewards")
 async def list_rewards(raw: Request):
     guides = raw.app.state.guides
-    listed = [{"name": n, "kind": "guide", "mode": m} for n, m in (guides.modes.items() if guides else ())]
+    listed = [describe_guide(n, spec) for n, spec in (guides.specs.items() if guides else ())]
     return JSONResponse({"object": "list", "data": raw.app.state.rewards.describe() + listed})
+
+
+def describe_guide(name: str, spec: dict) -> dict:
+    """A guide's listing row; like a reward model's, its checkpoint folder's name and
+    fingerprint (not its path: the listing is public, the layout is not), so that a client
+    can tell a guide's checkpoint from its own judge's."""
+    path = Path(spec["path"])
+    row = {"name": name, "kind": "guide", "mode": spec["mode"], "checkpoint": path.name}
+    return {**row, "version": checkpoint_version(path)} if path.is_dir() else row
 
 
 @router.get("/v1/alignment/traces/{trace_id}")
