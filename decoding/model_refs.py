@@ -119,7 +119,8 @@ def discover(models_dir: str | Path) -> tuple[list[str], list[str]]:
 
     Every subdirectory with an `aligner_reward.json` (what `aligner train` writes) counts, named
     after the directory: a `bt` model is a reward, and also an ARGS guide when its backbone is a
-    causal decoder the guide runtime supports; an `arm` model is a GenARM guide.
+    causal decoder the guide runtime supports; an `arm` model is a GenARM guide; a `classifier`
+    (`aligner train-classifier`: a request scored with response "") is a reward too.
     """
     rewards, guides = [], []
     for meta_file in sorted(Path(models_dir).glob(f"*/{REWARD_META_FILE}")):
@@ -131,6 +132,8 @@ def discover(models_dir: str | Path) -> tuple[list[str], list[str]]:
         spec = f"{path.name}={path}"
         if kind == "arm":
             guides.append(spec)
+        elif kind == "classifier":
+            rewards.append(spec)
         elif kind == "bt":
             rewards.append(spec)
             base = base_of(path) or path

