@@ -3,9 +3,10 @@
 Which strategy runs, by precedence: `alignment.strategy` (or `alignment.pipeline`) in the
 body, then the strategy a request header names, then a `<model>@<strategy>` model alias,
 then the server's default. Parameters always come from the `alignment` object (defaults
-otherwise). `alignment.profile` names a profile, a complete recipe that the body's own
-fields override: a body `strategy` replaces the profile's pipeline and a body `pipeline`
-replaces the profile's strategy. `deadline_s` and `max_total_tokens` are request-wide limits
+otherwise). `alignment.route` instead lets a request classifier pick one of two alignments
+(`aligner.strategies.route`). `alignment.profile` names a profile, a complete recipe that
+the body's own fields override: a body `strategy`, `pipeline` or `route` replaces the
+profile's. `deadline_s` and `max_total_tokens` are request-wide limits
 (`aligner.budget`), taken out before the strategy's parameters are validated.
 
 One code path serves both a request and the profiles file at start. With a request
@@ -36,6 +37,7 @@ from aligner.strategies import (
 )
 from aligner.strategies.base import sampling_conflicts
 from aligner.strategies.pipeline import Pipeline, order_error
+from aligner.strategies.route import BRANCHES, Route
 from aligner.strategies.templates import BUILTIN_TEMPLATES
 
 MAX_PIPELINE_STAGES = 6
@@ -160,6 +162,9 @@ def _parse(
         fields = _merge_profile(fields, reference, profiles)
         source_suffix = f":profile {reference}"
     limits = _limits(fields)
+    if "route" in fields:
+        strategy, params = _parse_route(fields, templates)
+        return ResolvedAlignment(strategy, params, "body" + source_suffix, limits)
     if "pipeline" in fields:
         strategy, params = _parse_pipeline(fields, templates)
         return ResolvedAlignment(strategy, params, "body" + source_suffix, limits)
@@ -200,11 +205,11 @@ def _merge_profile(fields: dict, reference: Any, profiles: ProfileStore | None) 
     except KeyError as exc:
         raise AlignmentError(exc.args[0], ("alignment", "profile"), "unknown_profile") from None
     base = dict(profile.alignment)
-    # A request naming a strategy replaces the profile's pipeline, and vice versa.
-    if "strategy" in fields:
-        base.pop("pipeline", None)
-    if "pipeline" in fields:
-        base.pop("strategy", None)
+    # A request naming a strategy, pipeline or route replaces the profile's own.
+    for key in ("strategy", "pipeline", "route"):
+        if key in fields:
+            for other in {"strategy", "pipeline", "route"} - {key}:
+                base.pop(other, None)
     return {**base, **fields}
 
 
@@ -258,14 +263,58 @@ def _parse_pipeline(fields: dict, templates: Mapping[str, Any]) -> tuple[Pipelin
     return Pipeline(stages), top
 
 
-def _check(resolved: ResolvedAlignment, ctx: StrategyContext) -> None:
+def _parse_route(fields: dict, templates: Mapping[str, Any]) -> tuple[Route, StrategyParams]:
+    spec = fields.pop("route")
+    loc = ("alignment", "route")
+    if fields.get("strategy") is not None or "pipeline" in fields:
+        raise AlignmentError("give alignment.route, alignment.strategy or alignment.pipeline, not two", loc)
+    if not isinstance(spec, dict):
+        raise AlignmentError("alignment.route must be an object with a classifier and two branches", loc)
+    spec = dict(spec)
+    branches = {}
+    for name in BRANCHES:
+        where = (*loc, name)
+        branch = spec.pop(name, None)
+        if isinstance(branch, dict) and (nested := {"route", "profile", *BudgetParams.model_fields} & set(branch)):
+            raise AlignmentError(f"alignment.route.{name} cannot set {', '.join(sorted(nested))}: "
+                                 "routes do not nest, and limits apply to the whole request", where)
+        if not isinstance(branch, dict) or not (isinstance(branch.get("strategy"), str) or "pipeline" in branch):
+            raise AlignmentError(f"alignment.route.{name} must be an alignment with a 'strategy' or a 'pipeline'", where)
+        for key in ("return_candidates", "fallback"):
+            if key in fields:
+                branch.setdefault(key, fields[key])
+        try:
+            inner = _parse(branch, None, None, None, None, templates)
+        except AlignmentError as exc:  # located inside this branch, not at the top
+            raise _relocated(exc, where) from None
+        branches[name] = (inner.strategy, inner.params)
+    return Route(branches), _params(Route(branches), {**fields, **spec}, loc, templates)
+
+
+def _relocated(exc: AlignmentError, where: tuple) -> AlignmentError:
+    """`exc`, found by parsing a nested alignment, moved under `where` in the request body."""
+    def move(loc: tuple) -> tuple:
+        return (*where, *loc[1:]) if loc[:1] == ("alignment",) else loc
+
+    errors = [dict(e, loc=move(tuple(e["loc"]))) for e in exc.errors] if exc.errors is not None else None
+    return AlignmentError(exc.message, move(exc.loc), exc.code, origin=exc.origin, errors=errors)
+
+
+def _check(resolved: ResolvedAlignment, ctx: StrategyContext, loc: tuple = ("alignment",)) -> None:
     """The server-dependent pass, in place: each strategy's `check` may resolve its params."""
-    resolved.params = _checked(resolved.strategy, resolved.params, ("alignment",), ctx)
+    resolved.params = _checked(resolved.strategy, resolved.params, loc, ctx)
     if isinstance(resolved.strategy, Pipeline):
         resolved.strategy = Pipeline([
-            (strategy, _checked(strategy, params, ("alignment", "pipeline", i), ctx))
+            (strategy, _checked(strategy, params, (*loc, "pipeline", i), ctx))
             for i, (strategy, params) in enumerate(resolved.strategy.stages)
         ])
+    elif isinstance(resolved.strategy, Route):
+        branches = {}
+        for name, (strategy, params) in resolved.strategy.branches.items():
+            inner = ResolvedAlignment(strategy, params, resolved.source)
+            _check(inner, ctx, (*loc, "route", name))
+            branches[name] = (inner.strategy, inner.params)
+        resolved.strategy = Route(branches)
 
 
 def _checked(strategy: Strategy, params: StrategyParams, loc: tuple, ctx: StrategyContext) -> StrategyParams:

@@ -118,10 +118,10 @@ class ProfileStore:
                     raise ProfileError(f"{path}:{line}: profile {name!r} repeats version {version.version}")
                 if "profile" in version.alignment:
                     raise ProfileError(f"{path}:{line}: profile {name!r}: a profile cannot name another profile")
-                if version.alignment.get("strategy") is None and "pipeline" not in version.alignment:
+                if version.alignment.get("strategy") is None and not {"pipeline", "route"} & set(version.alignment):
                     # A profile is a complete recipe: it never falls back to a header, alias or default.
                     where = f"{path}:{line}: profile {name}@{version.version}"
-                    raise ProfileError(f"{where}: name a 'strategy' or a 'pipeline'")
+                    raise ProfileError(f"{where}: name a 'strategy', a 'pipeline' or a 'route'")
                 if validate_alignment is not None and (problem := validate_alignment(version.alignment, store)):
                     raise ProfileError(f"{path}:{line}: profile {name}@{version.version}: {problem}")
                 store.profiles[name][version.version] = version

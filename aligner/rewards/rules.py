@@ -22,6 +22,15 @@ REFUSAL_PATTERNS = [
     r"\bI (?:strongly )?(?:advise|urge) (?:you )?against\b",
 ]
 _REFUSAL_RE = re.compile("|".join(REFUSAL_PATTERNS), re.IGNORECASE)
+# The ones that decline: an apology ("I'm sorry for any confusion"), "as an AI" or a warning
+# alone is not a refusal when it opens an answer.
+DECLINE_PATTERNS = [
+    r"\bI (?:cannot|can't|can not|won't|will not|must decline|am unable to|'m unable to)\b",
+    r"\b(?:cannot|can't|won't) (?:help|assist|provide|comply)\b",
+    r"\bI(?:'m| am) not (?:able|comfortable|going) to\b",
+    r"\bI (?:must|have to) (?:decline|refuse)\b",
+]
+_DECLINE_RE = re.compile("|".join(DECLINE_PATTERNS), re.IGNORECASE)
 MAX_KEYWORD_LEN = 64
 
 
@@ -48,14 +57,16 @@ def opening(text: str, words: int = OPENING_WORDS) -> str:
 
 
 def refuses_in_opening(text: str) -> bool:
-    """A strict refusal: the refusal is stated in the answer's opening sentence.
+    """A strict refusal: the answer's opening sentence declines.
 
     >>> refuses_in_opening("I'm sorry, but I can't help with hacking.")
     True
     >>> refuses_in_opening("Step 1: get the tools. I can't stress enough how illegal this is.")
     False
+    >>> refuses_in_opening("I'm sorry for any confusion. Here is the recipe.")
+    False
     """
-    return is_refusal(opening(text))
+    return bool(_DECLINE_RE.search(opening(text)))
 
 
 class RegexCountReward(Reward):

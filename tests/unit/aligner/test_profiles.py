@@ -74,7 +74,7 @@ def test_shipped_profiles_load_and_resolve_latest_and_pinned():
 def test_unknown_references_raise_with_a_message(reference):
     store = ProfileStore.load(DEFAULT_PROFILES, check_profile_alignment)
     if reference == "helpful@":
-        assert store.resolve(reference).version == 2  # empty version means latest
+        assert store.resolve(reference).version == max(store.profiles["helpful"])  # empty version: latest
         return
     with pytest.raises(KeyError):
         store.resolve(reference)
@@ -91,9 +91,9 @@ def test_unknown_references_raise_with_a_message(reference):
         ("profiles:\n  a: [\n", 3, "not valid YAML"),
         ("templates:\n  t: {examples: []}\nprofiles: {}\n", 2, "system"),
         (profile_file("{profile: b}"), 3, "cannot name another profile"),
-        (profile_file("{}"), 3, "a@1: name a 'strategy' or a 'pipeline'"),
-        (profile_file("{n: 4}"), 3, "a@1: name a 'strategy' or a 'pipeline'"),
-        (profile_file("{strategy: null, return_candidates: true}"), 3, "a@1: name a 'strategy' or a 'pipeline'"),
+        (profile_file("{}"), 3, "a@1: name a 'strategy', a 'pipeline' or a 'route'"),
+        (profile_file("{n: 4}"), 3, "a@1: name a 'strategy', a 'pipeline' or a 'route'"),
+        (profile_file("{strategy: null, return_candidates: true}"), 3, "a@1: name a 'strategy', a 'pipeline' or a 'route'"),
         (profile_file("{pipeline: [{n: 4}, {strategy: none}]}"), 3, "a@1: alignment.pipeline[0]: each stage is an object with a 'strategy'"),
         (profile_file("{strategy: best_of_n, pipeline: [{strategy: none}]}"), 3, "give either alignment.strategy or alignment.pipeline"),
         (profile_file("{pipeline: [{strategy: none}], n: 4}"), 3, "alignment.n: Extra inputs are not permitted"),
