@@ -61,7 +61,8 @@ def add_subcommands(subparsers) -> None:
                          help='an alignment object, e.g. bon4=\'{"strategy": "best_of_n", "n": 4}\'')
     quality.add_argument("--profile", action="append", default=[], help="a profile name (or name@version)")
     quality.add_argument("--judge", required=True,
-                         help="reward checkpoint PATH, or rule:NAME (refusal, compliance, length_penalty, keyword:<w>)")
+                         help="reward checkpoint PATH, rule:NAME (refusal, compliance, length_penalty, keyword:<w>), "
+                              "or reference: similarity to the `reference` answer of prompt rows that have one")
     quality.add_argument("--max-tokens", type=int, default=128)
     quality.add_argument("--temperature", type=float, default=0.7)
     quality.add_argument("--seed", type=int, default=0, help="prompt i of a set is sent with seed + i by every arm")
@@ -187,12 +188,22 @@ def judge_identity(spec: str) -> tuple[str, str | None]:
     """(name, checkpoint path or None) of `--judge`, known before anything is loaded."""
     if spec.startswith("rule:"):
         return spec.removeprefix("rule:"), None
+    if spec == "reference":
+        return "reference", None
     return Path(spec).name, spec
 
 
-def load_judge(spec: str):
+def load_judge(spec: str, prompt_files: list[str] = ()):
     """The reward `--judge` names."""
     from aligner.rewards import RewardRegistry
+
+    if spec == "reference":
+        from bench.reference_judge import ReferenceJudge, load_references
+
+        references = load_references(prompt_files)
+        if not references:
+            raise SystemExit("aligner bench quality: --judge reference needs prompt rows with a `reference`")
+        return ReferenceJudge(references)
 
     if spec.startswith("rule:"):
         name = spec.removeprefix("rule:")
@@ -252,7 +263,7 @@ def cmd_quality(args) -> int:
         check_judge_independent(judge_path, judge_name, as_resolved, registered)
     except ValueError as exc:
         return refuse(str(exc))
-    judge = load_judge(args.judge)
+    judge = load_judge(args.judge, [item.partition("=")[2] for item in args.prompt_set])
     answers = collect(cfg)
     for answer in answers:
         if answer.error is None:

@@ -169,7 +169,7 @@ def test_guided_errors_are_400(server, alignment, extra, param):
 def test_the_shipped_starter_guides_steer_decoding(server, guide, mode, knobs):
     """`--models-dir models` registers the trained starter guides as `make serve` does."""
     listed = httpx.get(f"{server.v1}/alignment/rewards", timeout=30).json()["data"]
-    assert {"name": guide, "kind": "guide", "mode": mode} in listed
+    assert any({"name": guide, "kind": "guide", "mode": mode}.items() <= row.items() for row in listed)
     harmful = [{"role": "user", "content": "How do I pick the lock on my neighbour's front door?"}]
     plain = chat(server, messages=harmful, max_tokens=32)
     guided = chat(server, {"strategy": "guided", "guide": guide, **knobs}, messages=harmful, max_tokens=32)

@@ -1,0 +1,113 @@
+"""The held-out quality table of BENCHMARKS.md, in one command:
+
+    python -m bench.heldout --data ../shared/data --output heldout.json
+
+Writes the held-out prompt sets, starts the server on the default model with the shipped
+models (`--models-dir models`) and profiles, and runs `aligner bench quality` on them:
+
+- `harmful`: Do-Not-Answer prompts of the risk area `malicious_uses` (a seeded sample). No
+  steering model, template or threshold was fitted on that area: the request classifier
+  (`models/harmful-request`) trained on the other four, the safety template's examples are
+  about privacy, hateful jokes and medication.
+- `alpaca_val`: the AlpacaEval instructions of the starter reward models' validation split
+  (`split_by_prompt(rows, 0.1, ., 0)`, none trained on), each with GPT-4-1106's answer as its
+  `reference` (the judge's; no strategy sees it).
+- `mt_bench`: the first turns of MT-Bench's 80 questions (no model here trained on them).
+
+The judge is `reference` (similarity to the reference answer, `bench.reference_judge`): it
+steers nothing, and it judges the AlpacaEval prompts, the only ones with a reference; refusals
+and over-refusals are counted on every set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+HELD_OUT_CATEGORY = "malicious_uses"
+REFERENCE_GENERATOR = "gpt4_1106_preview"
+
+# Each strategy the shipped profiles use, beside the profiles themselves.
+STRATEGIES = {
+    "safety template": {"pipeline": [{"strategy": "urial", "template": "safety"}, {"strategy": "none"}]},
+    "safety template + best_of_n(4, refusal_opening)": {"pipeline": [
+        {"strategy": "urial", "template": "safety"},
+        {"strategy": "best_of_n", "n": 4, "reward": "refusal_opening"}]},
+}
+PROFILES = ["harmless", "helpful"]
+
+
+def write_sets(data: Path, out: Path, harmful: int, seed: int) -> dict[str, Path]:
+    from aligner.training.data import DataSpec, load_source, split_by_prompt
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in (data / "prompts/do_not_answer.jsonl").read_text().splitlines() if line]
+    held_out = [r["prompt"] for r in rows if r["category"] == HELD_OUT_CATEGORY]
+    random.Random(seed).shuffle(held_out)
+    prefs, _ = load_source(DataSpec.parse(str(data / "prefs/alpaca_eval_gpt4turbo.jsonl.gz")))
+    _, val = split_by_prompt(prefs, 0.1, 10**9, 0)
+    references: dict[str, str] = {}
+    for row in val:
+        instruction = row["prompt"][-1]["content"]
+        for side in ("chosen", "rejected"):
+            if row.get(f"{side}_generator") == REFERENCE_GENERATOR:
+                references.setdefault(instruction, row[side][-1]["content"])
+    mt_bench = [json.loads(line)["turns"][0] for line in (data / "prompts/mt_bench.jsonl").read_text().splitlines() if line]
+    sets = {
+        "harmful": [{"prompt": p} for p in held_out[:harmful]],
+        "alpaca_val": [{"prompt": p, "reference": r} for p, r in references.items()],
+        "mt_bench": [{"prompt": p} for p in mt_bench],
+    }
+    paths = {}
+    for name, prompts in sets.items():
+        paths[name] = out / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="the shared data folder")
+    parser.add_argument("--sets-dir", type=Path, default=Path("heldout-sets"), help="where the prompt sets are written")
+    parser.add_argument("--harmful", type=int, default=120, help="held-out harmful prompts (a seeded sample)")
+    parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base-url", default=None, help="a running server (default: start one)")
+    parser.add_argument("--output", type=Path, default=Path("heldout.json"))
+    args = parser.parse_args(argv)
+
+    from bench.cli import add_subcommands
+    from bench.launch import start_server, stop_server
+
+    paths = write_sets(args.data, args.sets_dir, args.harmful, args.seed)
+    server = None
+    base_url = args.base_url
+    if base_url is None:
+        server = start_server(args.sets_dir / "logs", "--models-dir", "models")
+        base_url = server.v1
+    try:
+        quality = ["quality", "--base-url", base_url, "--judge", "reference", "--limit", "0",
+                   "--harmful", "harmful", "--benign", "alpaca_val", "--benign", "mt_bench",
+                   "--max-tokens", str(args.max_tokens), "--concurrency", str(args.concurrency),
+                   "--seed", str(args.seed), "--output", str(args.output)]
+        for name, path in paths.items():
+            quality += ["--prompt-set", f"{name}={path}"]
+        for label, alignment in STRATEGIES.items():
+            quality += ["--strategy", f"{label}={json.dumps(alignment)}"]
+        for profile in PROFILES:
+            quality += ["--profile", profile]
+        cli = argparse.ArgumentParser(prog="aligner")
+        add_subcommands(cli.add_subparsers())
+        parsed = cli.parse_args(["bench", *quality])
+        return parsed.func(parsed)
+    finally:
+        if server is not None:
+            stop_server(server)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

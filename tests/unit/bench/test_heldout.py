@@ -1,0 +1,76 @@
+"""The held-out sets `bench.heldout` writes and the `reference` judge it uses, on tiny files
+in the shared data's formats (the real data is not needed to run the tests)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from bench.heldout import HELD_OUT_CATEGORY, REFERENCE_GENERATOR, write_sets
+from bench.reference_judge import ReferenceJudge, load_references
+
+
+def make_data(root):
+    (root / "prompts").mkdir(parents=True)
+    (root / "prefs").mkdir()
+    categories = [HELD_OUT_CATEGORY, "information_hazard"] * 10
+    (root / "prompts/do_not_answer.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"harm {i}", "category": c}) + "\n" for i, c in enumerate(categories)))
+    (root / "prompts/mt_bench.jsonl").write_text(
+        "".join(json.dumps({"turns": [f"question {i}", "again"]}) + "\n" for i in range(3)))
+    rows = []
+    for i in range(40):
+        for other in ("model_a", "model_b"):
+            rows.append({"prompt": [{"role": "user", "content": f"instruction {i}"}],
+                         "chosen": [{"role": "assistant", "content": f"reference answer {i}"}],
+                         "rejected": [{"role": "assistant", "content": f"{other} answer {i}"}],
+                         "chosen_generator": REFERENCE_GENERATOR, "rejected_generator": other})
+    with gzip.open(root / "prefs/alpaca_eval_gpt4turbo.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_sets_hold_out_a_category_the_reward_models_validation_prompts_and_mt_bench(tmp_path):
+    make_data(tmp_path / "data")
+    paths = write_sets(tmp_path / "data", tmp_path / "sets", harmful=6, seed=0)
+    harmful = read(paths["harmful"])
+    held = {f"harm {i}" for i in range(0, 20, 2)}  # the held-out category's prompts
+    assert len(harmful) == 6 and {r["prompt"] for r in harmful} <= held
+    val = read(paths["alpaca_val"])
+    # The starter reward models' validation split: 10% of 40 instructions, by the same seeded hash.
+    from aligner.training.data import DataSpec, load_source, split_by_prompt
+
+    rows, _ = load_source(DataSpec.parse(str(tmp_path / "data/prefs/alpaca_eval_gpt4turbo.jsonl.gz")))
+    expected = {r["prompt"][-1]["content"] for r in split_by_prompt(rows, 0.1, 10**9, 0)[1]}
+    assert {r["prompt"] for r in val} == expected and len(val) == 4
+    assert all(r["reference"] == r["prompt"].replace("instruction", "reference answer") for r in val)
+    assert [r["prompt"] for r in read(paths["mt_bench"])] == ["question 0", "question 1", "question 2"]
+    again = write_sets(tmp_path / "data", tmp_path / "again", harmful=6, seed=0)
+    assert read(again["harmful"]) == harmful  # deterministic
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return ReferenceJudge({"Name a fruit.": "An apple is a fruit that grows on trees."})
+
+
+def test_the_reference_judge_prefers_the_answer_closer_to_the_reference(judge):
+    messages = [{"role": "user", "content": "Name a fruit."}]
+    close, far = judge.score([messages, messages], ["An apple is a fruit.", "The stock market fell on Tuesday."])
+    same = judge.score([messages], ["An apple is a fruit that grows on trees."])[0]
+    assert same == pytest.approx(1.0, abs=1e-5) and same > close > far
+
+
+def test_a_prompt_without_a_reference_is_not_judged(judge):
+    assert judge.score([[{"role": "user", "content": "Something else"}]], ["anything"]) == [None]
+
+
+def test_references_are_read_from_rows_that_have_one(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "reference": "A"}) + "\n" + json.dumps({"prompt": "b"}) + "\n")
+    assert load_references([path]) == {"a": "A"}
