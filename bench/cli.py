@@ -70,6 +70,9 @@ def add_subcommands(subparsers) -> None:
     quality.add_argument("--output", type=Path, default=None,
                          help="JSON: the config, the summary and every answer")
     quality.add_argument("--plot", type=Path, default=None, help="PNG: judge reward against cost")
+    quality.add_argument("--answers", type=Path, default=None, metavar="FILE",
+                         help="judge the answers an earlier run saved (its --output, same sets and strategies) "
+                              "with this --judge, instead of generating them")
     quality.set_defaults(func=cmd_quality)
 
 
@@ -216,6 +219,18 @@ def load_judge(spec: str, prompt_files: list[str] = ()):
     return SequenceClassifierReward("judge", spec)
 
 
+def saved_answers(path: Path, cfg):
+    """The answers of an earlier run, which must be those `cfg` would collect."""
+    from bench.quality import Answer
+
+    saved = [Answer(**{**row, "judge": None}) for row in json.loads(path.read_text())["answers"]]
+    wanted = {(name, prompt, label) for name, prompts in cfg.prompt_sets.items() for prompt in prompts
+              for label in cfg.strategies}
+    if {(a.prompt_set, a.prompt, a.strategy) for a in saved} != wanted:
+        raise ValueError(f"{path} holds other answers than these prompt sets and strategies ask for")
+    return saved
+
+
 def cmd_quality(args) -> int:
     from bench.quality import (QualityConfig, check_judge_independent, collect, dump, format_table, load_prompt_file,
                                plot, summarise)
@@ -264,7 +279,13 @@ def cmd_quality(args) -> int:
     except ValueError as exc:
         return refuse(str(exc))
     judge = load_judge(args.judge, [item.partition("=")[2] for item in args.prompt_set])
-    answers = collect(cfg)
+    if args.answers:
+        try:
+            answers = saved_answers(args.answers, cfg)
+        except ValueError as exc:
+            return refuse(str(exc))
+    else:
+        answers = collect(cfg)
     for answer in answers:
         if answer.error is None:
             answer.judge = judge.score([[{"role": "user", "content": answer.prompt}]], [answer.text])[0]

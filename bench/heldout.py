@@ -16,7 +16,10 @@ models (`--models-dir models`) and profiles, and runs `aligner bench quality` on
 
 The judge is `reference` (similarity to the reference answer, `bench.reference_judge`): it
 steers nothing, and it judges the AlpacaEval prompts, the only ones with a reference; refusals
-and over-refusals are counted on every set.
+and over-refusals are counted on every set. The same answers are then judged again, on every
+benign prompt, by `models/helpful-harmless-causal` (written beside `--output` as
+`*-causal-judge.json`): a reward model on another backbone (SmolLM2) than the `helpful`
+profile's (MiniLM), though trained on the same preference data, so it is the weaker check.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import sys
 from pathlib import Path
 
 HELD_OUT_CATEGORY = "malicious_uses"
+SECOND_JUDGE = "models/helpful-harmless-causal"
 REFERENCE_GENERATOR = "gpt4_1106_preview"
 
 # Each strategy the shipped profiles use, beside the profiles themselves.
@@ -90,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         server = start_server(args.sets_dir / "logs", "--models-dir", "models")
         base_url = server.v1
     try:
-        quality = ["quality", "--base-url", base_url, "--judge", "reference", "--limit", "0",
+        quality = ["quality", "--base-url", base_url, "--limit", "0",
                    "--harmful", "harmful", "--benign", "alpaca_val", "--benign", "mt_bench",
                    "--max-tokens", str(args.max_tokens), "--concurrency", str(args.concurrency),
-                   "--seed", str(args.seed), "--output", str(args.output)]
+                   "--seed", str(args.seed)]
         for name, path in paths.items():
             quality += ["--prompt-set", f"{name}={path}"]
         for label, alignment in STRATEGIES.items():
@@ -102,7 +106,14 @@ def main(argv: list[str] | None = None) -> int:
             quality += ["--profile", profile]
         cli = argparse.ArgumentParser(prog="aligner")
         add_subcommands(cli.add_subparsers())
-        parsed = cli.parse_args(["bench", *quality])
+        parsed = cli.parse_args(["bench", *quality, "--judge", "reference", "--output", str(args.output)])
+        if code := parsed.func(parsed):
+            return code
+        # The same answers under a second judge: a reward model of another backbone than the
+        # steering one (see the module docstring for what it shares with it).
+        second = args.output.with_name(args.output.stem + "-causal-judge.json")
+        parsed = cli.parse_args(["bench", *quality, "--judge", SECOND_JUDGE, "--answers", str(args.output),
+                                 "--output", str(second)])
         return parsed.func(parsed)
     finally:
         if server is not None:

@@ -74,3 +74,20 @@ def test_references_are_read_from_rows_that_have_one(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "a", "reference": "A"}) + "\n" + json.dumps({"prompt": "b"}) + "\n")
     assert load_references([path]) == {"a": "A"}
+
+
+def test_saved_answers_are_judged_again_only_when_they_are_this_runs(tmp_path):
+    from bench.cli import saved_answers
+    from bench.quality import Answer, QualityConfig, dump
+
+    cfg = QualityConfig(base_url="-", model="m", strategies={"plain": {}, "bon": {"strategy": "best_of_n"}},
+                        prompt_sets={"s": ["a", "b"]})
+    answers = [Answer("s", p, label, i, text=f"{p}-{label}", judge=0.3) for i, p in enumerate("ab") for label in cfg.strategies]
+    path = tmp_path / "run.json"
+    dump(answers, {}, path)
+    again = saved_answers(path, cfg)
+    assert [(a.prompt, a.strategy, a.text) for a in again] == [(a.prompt, a.strategy, a.text) for a in answers]
+    assert all(a.judge is None for a in again)  # the new judge scores them
+    cfg.prompt_sets["s"].append("c")
+    with pytest.raises(ValueError, match="other answers"):
+        saved_answers(path, cfg)
