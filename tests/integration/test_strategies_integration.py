@@ -73,6 +73,21 @@ def test_best_of_n_with_a_rule_reward_picks_the_most_matches(client):
     assert reply.choices[0].message.content.count("!") == max(counts)
 
 
+def test_mbr_returns_the_candidate_the_others_agree_with(client):
+    from sacrebleu.metrics import CHRF
+
+    reply = chat(client, {"strategy": "mbr", "n": 5, "return_candidates": True}, seed=4, max_tokens=24)
+    report = reply.alignment
+    texts = [c["text"] for c in report["candidates"]]
+    chrf = CHRF(word_order=2)
+    ours = [sum(chrf.sentence_score(t, [o]).score for j, o in enumerate(texts) if j != i) / 4 for i, t in enumerate(texts)]
+    assert [c["score"] for c in report["candidates"]] == pytest.approx(ours, abs=1e-3)
+    best = max(range(5), key=lambda i: (ours[i], -i))
+    assert report["selected"] == [best] and reply.choices[0].message.content == texts[best]
+    assert report["utility"] == "chrf++" and {s["stage"] for s in report["stages"]} == {"generate", "mbr"}
+    assert reply.usage.completion_tokens == sum(c["completion_tokens"] for c in report["candidates"])
+
+
 def test_n2_returns_the_two_best_distinct_candidates(client, tiny_rm):
     reply = chat(client, {"strategy": "best_of_n", "n": 6, "reward": "tiny", "return_candidates": True}, n=2, seed=3)
     candidates = reply.alignment["candidates"]

@@ -199,6 +199,17 @@ def check_self_refine(result: StrategyResult, world: World) -> None:
         assert all(r["score"] > prev["score"] for prev, r in zip(kept, kept[1:]))
 
 
+def check_mbr(result: StrategyResult, world: World) -> None:
+    from aligner.strategies.mbr import consensus
+
+    info = result.info
+    assert info["utility"] == "chrf++" and len(result.candidates) == world.engine.requests[0].sampling.n == 4
+    expected = consensus([c.text for c in result.candidates])
+    assert [c.score for c in result.candidates] == pytest.approx(expected, abs=1e-3)
+    assert info["selected"] == [c.index for c in result.choices] and info["scores"] == [c.score for c in result.choices]
+    assert result.choices[0].score == max(c.score for c in result.candidates)
+
+
 def check_correct(result: StrategyResult, world: World) -> None:
     report = result.info["correct"]
     assert len(report) == len(result.choices)
@@ -272,6 +283,7 @@ SETUPS: dict[str, Setup] = {
                      [({"rewriter": "nope"}, "rewriter"), ({"candidates": MAX_CANDIDATES + 1, **REWARD}, "candidates")],
                      scoring={"candidates": 2, "rewriter": HELPER}),
     "urial": Setup({"template": "default"}, True, check_urial, [({"template": "nope"}, "template")]),
+    "mbr": Setup({"n": 4}, True, check_mbr, [({"n": MAX_CANDIDATES + 1}, "n")]),
 }
 WITHOUT_SERVER_LIMITS = {"none"}  # nothing in their parameters depends on the server
 
