@@ -181,7 +181,7 @@ def test_profiles_are_listed_and_resolved_with_overrides(server):
     listing = httpx.get(f"{server.v1}/alignment/profiles", timeout=10).json()["data"]
     by_name = {p["name"]: p for p in listing}
     assert {"helpful", "harmless", "concise"} <= set(by_name)
-    assert by_name["helpful"]["latest"] == 2 and [v["version"] for v in by_name["helpful"]["versions"]] == [1, 2]
+    assert by_name["helpful"]["latest"] == 3 and [v["version"] for v in by_name["helpful"]["versions"]] == [1, 2, 3]
 
     pinned = ok(server, {"profile": "helpful@1"})["alignment"]
     assert pinned["strategy"] == "best_of_n" and pinned["params"]["n"] == 4
