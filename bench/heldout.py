@@ -40,6 +40,8 @@ STRATEGIES = {
     "safety template + best_of_n(4, refusal_opening)": {"pipeline": [
         {"strategy": "urial", "template": "safety"},
         {"strategy": "best_of_n", "n": 4, "reward": "refusal_opening"}]},
+    # What `helpful` was before `mbr`: selection by the starter reward model.
+    "best_of_n(4, helpful-harmless)": {"strategy": "best_of_n", "n": 4, "reward": "helpful-harmless"},
 }
 PROFILES = ["harmless", "helpful"]
 
