@@ -97,6 +97,13 @@ def guides_of(alignment: dict) -> tuple[set[str], set[str]]:
     """(reward names, guide names) a strategy (or each pipeline stage) is steered by; "" stands
     for the server's default reward or default guide, used by a stage that names none."""
     rewards, guides = set(), set()
+    if isinstance(route := alignment.get("route"), dict):  # the classifier steers too, and each branch
+        rewards.add(route.get("classifier") or "")
+        for branch in ("flagged", "otherwise"):
+            more = guides_of(route.get(branch) or {})
+            rewards |= more[0]
+            guides |= more[1]
+        return rewards, guides
     for stage in alignment.get("pipeline") or [alignment]:
         if not stage:
             continue

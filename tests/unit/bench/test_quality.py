@@ -241,3 +241,13 @@ def test_collect_counts_a_transport_failure_as_an_error():
     answers = collect(config({"plain": {}}), transport=httpx.MockTransport(broken))
     assert answers[0].error.startswith("ConnectError")
 
+
+
+def test_a_route_is_steered_by_its_classifier_and_both_branches():
+    from bench.quality import guides_of
+
+    alignment = {"route": {"classifier": "clf", "flagged": {"pipeline": [{"strategy": "urial"},
+                                                                         {"strategy": "best_of_n", "reward": "rm"}]},
+                           "otherwise": {"strategy": "guided", "guide": "g"}}}
+    rewards, guides = guides_of(alignment)
+    assert {"clf", "rm"} <= rewards and guides == {"g"}
