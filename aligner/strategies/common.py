@@ -38,13 +38,18 @@ def resolve_reward(params, ctx: StrategyContext) -> dict[str, float]:
 
 def check_candidates(params, ctx: StrategyContext) -> dict[str, float]:
     """Checks of the best-of-N family (`n` candidates); returns the resolved reward weights."""
-    if params.n > ctx.limits.max_candidates:
-        raise StrategyParamError(f"n must be at most {ctx.limits.max_candidates} on this server", "n")
-    if params.n < ctx.num_choices:
-        raise StrategyParamError(f"n ({params.n}) must be at least the number of returned choices ({ctx.num_choices})", "n")
-    if params.n > 1 and ctx.sampling.temperature == 0:
-        raise StrategyParamError("sampling N candidates needs temperature > 0", "n")
+    check_n(params.n, ctx)
     return resolve_reward(params, ctx)
+
+
+def check_n(n: int, ctx: StrategyContext) -> None:
+    """`n` candidates fit this server and the request (its choices, its temperature)."""
+    if n > ctx.limits.max_candidates:
+        raise StrategyParamError(f"n must be at most {ctx.limits.max_candidates} on this server", "n")
+    if n < ctx.num_choices:
+        raise StrategyParamError(f"n ({n}) must be at least the number of returned choices ({ctx.num_choices})", "n")
+    if n > 1 and ctx.sampling.temperature == 0:
+        raise StrategyParamError("sampling N candidates needs temperature > 0", "n")
 
 
 # Under a deadline, the share of the time left that sampling may spend when a reward model

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field
 
 from aligner.strategies.base import Candidate, StageReport, Strategy, StrategyContext, StrategyParams, StrategyResult, Timer, register
-from aligner.strategies.common import budget_pool, check_candidates, generate_candidates
+from aligner.strategies.common import budget_pool, check_n, generate_candidates
 from aligner.strategies.selection import top_distinct
 
 UTILITIES = {"chrf++": 2, "chrf": 0}  # sacrebleu's CHRF word_order
@@ -55,7 +55,7 @@ class MBRStrategy(Strategy):
     Params = MBRParams
 
     def check(self, params: MBRParams, ctx: StrategyContext) -> MBRParams:
-        check_candidates(params.model_copy(update={"reward": "length_penalty"}), ctx)  # n's limits; no reward used
+        check_n(params.n, ctx)
         return params
 
     def sequences(self, params, ctx: StrategyContext) -> int:
