@@ -288,7 +288,8 @@ def _parse_route(fields: dict, templates: Mapping[str, Any]) -> tuple[Route, Str
         except AlignmentError as exc:  # located inside this branch, not at the top
             raise _relocated(exc, where) from None
         branches[name] = (inner.strategy, inner.params)
-    return Route(branches), _params(Route(branches), {**fields, **spec}, loc, templates)
+    route = Route(branches)
+    return route, _params(route, {**fields, **spec}, loc, templates)
 
 
 def _relocated(exc: AlignmentError, where: tuple) -> AlignmentError:
