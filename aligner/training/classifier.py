@@ -208,25 +208,15 @@ def _keep_best_callback():
 def build_model(config: ClassifierTrainingConfig):
     """(peft model, tokenizer, max_length) from the base the config names, with a fresh 1-output head."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer, set_seed
 
-    from aligner.training.train import load_base_model, lora_target_modules, modules_to_save
-    from decoding.model_refs import resolve_base
+    from aligner.training.train import load_model, lora_target_modules, modules_to_save
 
-    base_dir = resolve_base(config.base)
-    set_seed(config.seed)  # the new head's initialisation
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model, new_modules = load_base_model("bt", base_dir)  # a one-output sequence classifier
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    model, tokenizer, new_modules, max_length = load_model(config, kind="bt")  # a one-output sequence classifier
     save = modules_to_save(model, new_modules)
     peft_config = LoraConfig(
         task_type="SEQ_CLS", r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=lora_target_modules(model, config.lora_targets, save), modules_to_save=save or None,
     )
-    max_length = min(config.max_length, getattr(model.config, "max_position_embeddings", config.max_length))
     return get_peft_model(model, peft_config), tokenizer, max_length
 
 

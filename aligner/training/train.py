@@ -233,8 +233,12 @@ def load_data(config: RewardTrainingConfig):
     return data
 
 
-def load_model(config: RewardTrainingConfig):
-    """(model, tokenizer, new head modules, max_length) from the base the config names."""
+def load_model(config, kind: str | None = None):
+    """(model, tokenizer, new head modules, max_length) from the base the config names.
+
+    `config` is any training config with `base`, `seed` and `max_length`; `kind` (default
+    `config.kind`) picks the head: "bt" a one-output sequence classifier, else a causal LM.
+    """
     from transformers import AutoTokenizer, set_seed
 
     base_dir = resolve_base(config.base)
@@ -242,7 +246,7 @@ def load_model(config: RewardTrainingConfig):
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model, new_modules = load_base_model(config.kind, base_dir)
+    model, new_modules = load_base_model(kind or config.kind, base_dir)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     max_length = min(config.max_length, getattr(model.config, "max_position_embeddings", config.max_length))
