@@ -16,6 +16,8 @@ import httpx
 from bench.launch import RunningServer, free_port, start_server, stop_server
 from bench.load import LoadConfig, format_table, load_prompts, parse_mix, plot_sweep, run_load
 
+JUDGE_BATCH = 32  # answers per judge forward pass
+
 
 def add_subcommands(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="load-test a server")
@@ -286,9 +288,12 @@ def cmd_quality(args) -> int:
             return refuse(str(exc))
     else:
         answers = collect(cfg)
-    for answer in answers:
-        if answer.error is None:
-            answer.judge = judge.score([[{"role": "user", "content": answer.prompt}]], [answer.text])[0]
+    judged = [a for a in answers if a.error is None]
+    for start in range(0, len(judged), JUDGE_BATCH):
+        batch = judged[start : start + JUDGE_BATCH]
+        scores = judge.score([[{"role": "user", "content": a.prompt}] for a in batch], [a.text for a in batch])
+        for answer, score in zip(batch, scores):
+            answer.judge = score
     summary = summarise(answers, cfg)
     print(format_table(summary))
     if args.output:

@@ -60,11 +60,11 @@ class ReferenceJudge:
         return self._cache[prompt]
 
     def score(self, prompts: Sequence[list[dict]], responses: Sequence[str]) -> list[float | None]:
-        scores: list[float | None] = []
-        for messages, response in zip(prompts, responses):
-            prompt = messages[-1]["content"]
-            if prompt not in self.references:
-                scores.append(None)
-                continue
-            scores.append(float(self.embed([response or " "])[0] @ self._reference(prompt)))
+        """Cosine of each response to its prompt's reference; None where the prompt has none."""
+        known = [i for i, messages in enumerate(prompts) if messages[-1]["content"] in self.references]
+        scores: list[float | None] = [None] * len(prompts)
+        if known:
+            embedded = self.embed([responses[i] or " " for i in known])
+            for row, i in zip(embedded, known):
+                scores[i] = float(row @ self._reference(prompts[i][-1]["content"]))
         return scores
