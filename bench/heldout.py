@@ -33,6 +33,9 @@ from pathlib import Path
 HELD_OUT_CATEGORY = "malicious_uses"
 SECOND_JUDGE = "models/helpful-harmless-causal"
 REFERENCE_GENERATOR = "gpt4_1106_preview"
+# The training-split instructions that `mbr` and its n were chosen on (seeded shuffles of the
+# split's instructions in file order: seed 5 took 96, seed 2 took 24); `--fresh` leaves them out.
+PILOT_SHUFFLES = ((5, 96), (2, 24))
 
 # Each strategy the shipped profiles use, beside the profiles themselves.
 STRATEGIES = {
@@ -55,12 +58,7 @@ def write_sets(data: Path, out: Path, harmful: int, seed: int) -> dict[str, Path
     random.Random(seed).shuffle(held_out)
     prefs, _ = load_source(DataSpec.parse(str(data / "prefs/alpaca_eval_gpt4turbo.jsonl.gz")))
     _, val = split_by_prompt(prefs, 0.1, 10**9, 0)
-    references: dict[str, str] = {}
-    for row in val:
-        instruction = row["prompt"][-1]["content"]
-        for side in ("chosen", "rejected"):
-            if row.get(f"{side}_generator") == REFERENCE_GENERATOR:
-                references.setdefault(instruction, row[side][-1]["content"])
+    references = references_of(val)
     mt_bench = [json.loads(line)["turns"][0] for line in (data / "prompts/mt_bench.jsonl").read_text().splitlines() if line]
     sets = {
         "harmful": [{"prompt": p} for p in held_out[:harmful]],
@@ -74,6 +72,43 @@ def write_sets(data: Path, out: Path, harmful: int, seed: int) -> dict[str, Path
     return paths
 
 
+def references_of(rows: list[dict]) -> dict[str, str]:
+    """Instruction -> GPT-4-1106's answer, in file order."""
+    references: dict[str, str] = {}
+    for row in rows:
+        instruction = row["prompt"][-1]["content"]
+        for side in ("chosen", "rejected"):
+            if row.get(f"{side}_generator") == REFERENCE_GENERATOR:
+                references.setdefault(instruction, row[side][-1]["content"])
+    return references
+
+
+def write_fresh_set(data: Path, out: Path, count: int, seed: int) -> Path:
+    """A second benign split for `helpful`, written after its first held-out result.
+
+    `helpful` (mbr) fits nothing on data; only its selection rule and n were chosen, on the
+    pilot's instructions. The rest of the reward models' training split is therefore held out
+    for it (not for `harmless`: the request classifier trained on those instructions as benign).
+    """
+    from aligner.training.data import DataSpec, load_source, split_by_prompt
+
+    prefs, _ = load_source(DataSpec.parse(str(data / "prefs/alpaca_eval_gpt4turbo.jsonl.gz")))
+    train, _ = split_by_prompt(prefs, 0.1, 10**9, 0)
+    seen = list(dict.fromkeys(row["prompt"][-1]["content"] for row in train))
+    piloted: set[str] = set()
+    for shuffle_seed, taken in PILOT_SHUFFLES:
+        order = seen[:]
+        random.Random(shuffle_seed).shuffle(order)
+        piloted.update(order[:taken])
+    references = references_of(train)
+    fresh = [p for p in seen if p not in piloted and p in references]
+    random.Random(seed).shuffle(fresh)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "alpaca_fresh.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "reference": references[p]}) + "\n" for p in fresh[:count]))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="the shared data folder")
@@ -84,32 +119,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base-url", default=None, help="a running server (default: start one)")
     parser.add_argument("--output", type=Path, default=Path("heldout.json"))
+    parser.add_argument("--fresh", type=int, default=0, metavar="N",
+                        help="instead: `helpful` against plain on N instructions of the second benign split")
     args = parser.parse_args(argv)
 
     from bench.cli import add_subcommands
     from bench.launch import start_server, stop_server
 
-    paths = write_sets(args.data, args.sets_dir, args.harmful, args.seed)
+    if args.fresh:
+        path = write_fresh_set(args.data, args.sets_dir, args.fresh, args.seed)
+        quality = ["--prompt-set", f"alpaca_fresh={path}", "--benign", "alpaca_fresh", "--profile", "helpful"]
+    else:
+        quality = ["--harmful", "harmful", "--benign", "alpaca_val", "--benign", "mt_bench"]
+        for name, path in write_sets(args.data, args.sets_dir, args.harmful, args.seed).items():
+            quality += ["--prompt-set", f"{name}={path}"]
+        for label, alignment in STRATEGIES.items():
+            quality += ["--strategy", f"{label}={json.dumps(alignment)}"]
+        for profile in PROFILES:
+            quality += ["--profile", profile]
     server = None
     base_url = args.base_url
     if base_url is None:
         server = start_server(args.sets_dir / "logs", "--models-dir", "models")
         base_url = server.v1
     try:
-        quality = ["quality", "--base-url", base_url, "--limit", "0",
-                   "--harmful", "harmful", "--benign", "alpaca_val", "--benign", "mt_bench",
+        quality = ["quality", "--base-url", base_url, "--limit", "0", *quality,
                    "--max-tokens", str(args.max_tokens), "--concurrency", str(args.concurrency),
                    "--seed", str(args.seed)]
-        for name, path in paths.items():
-            quality += ["--prompt-set", f"{name}={path}"]
-        for label, alignment in STRATEGIES.items():
-            quality += ["--strategy", f"{label}={json.dumps(alignment)}"]
-        for profile in PROFILES:
-            quality += ["--profile", profile]
         cli = argparse.ArgumentParser(prog="aligner")
         add_subcommands(cli.add_subparsers())
         parsed = cli.parse_args(["bench", *quality, "--judge", "reference", "--output", str(args.output)])
-        if code := parsed.func(parsed):
+        if (code := parsed.func(parsed)) or args.fresh:
+            # The causal reward model trained on the fresh split's instructions: no second judge.
             return code
         # The same answers under a second judge: a reward model of another backbone than the
         # steering one (see the module docstring for what it shares with it).

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from bench.heldout import HELD_OUT_CATEGORY, REFERENCE_GENERATOR, write_sets
+from bench.heldout import HELD_OUT_CATEGORY, REFERENCE_GENERATOR, write_fresh_set, write_sets
 from bench.reference_judge import ReferenceJudge, load_references
 
 
@@ -52,6 +52,31 @@ def test_sets_hold_out_a_category_the_reward_models_validation_prompts_and_mt_be
     assert [r["prompt"] for r in read(paths["mt_bench"])] == ["question 0", "question 1", "question 2"]
     again = write_sets(tmp_path / "data", tmp_path / "again", harmful=6, seed=0)
     assert read(again["harmful"]) == harmful  # deterministic
+
+
+def test_the_fresh_split_is_the_training_split_less_the_pilots_prompts(tmp_path, monkeypatch):
+    import random
+
+    import bench.heldout as heldout
+    from aligner.training.data import DataSpec, load_source, split_by_prompt
+
+    make_data(tmp_path / "data")
+    monkeypatch.setattr(heldout, "PILOT_SHUFFLES", ((5, 6), (2, 4)))  # 40 tiny instructions: pilots of 6 and 4
+    path = write_fresh_set(tmp_path / "data", tmp_path / "sets", count=100, seed=0)
+    fresh = read(path)
+    rows, _ = load_source(DataSpec.parse(str(tmp_path / "data/prefs/alpaca_eval_gpt4turbo.jsonl.gz")))
+    train, val = split_by_prompt(rows, 0.1, 10**9, 0)
+    seen = list(dict.fromkeys(r["prompt"][-1]["content"] for r in train))
+    piloted = set()
+    for shuffle_seed, taken in ((5, 6), (2, 4)):
+        order = seen[:]
+        random.Random(shuffle_seed).shuffle(order)
+        piloted |= set(order[:taken])
+    prompts = {r["prompt"] for r in fresh}
+    assert prompts == set(seen) - piloted and len(prompts) == len(fresh) > 20
+    assert not prompts & {r["prompt"][-1]["content"] for r in val}
+    assert all(r["reference"] == r["prompt"].replace("instruction", "reference answer") for r in fresh)
+    assert read(write_fresh_set(tmp_path / "data", tmp_path / "again", count=5, seed=0)) == fresh[:5]
 
 
 @pytest.fixture(scope="module")
