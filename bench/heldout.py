@@ -20,6 +20,11 @@ and over-refusals are counted on every set. The same answers are then judged aga
 benign prompt, by `models/helpful-harmless-causal` (written beside `--output` as
 `*-causal-judge.json`): a reward model on another backbone (SmolLM2) than the `helpful`
 profile's (MiniLM), though trained on the same preference data, so it is the weaker check.
+
+`--fresh N` measures `helpful` alone against plain on a second benign split, written after the
+first result: N instructions of the reward models' *training* split, less those `mbr` was
+piloted on (`PILOT_SHUFFLES`). `mbr` fits nothing on data, so these are held out for it; the
+causal reward model did train on them, which makes it an in-distribution second judge there.
 """
 
 from __future__ import annotations
@@ -149,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         cli = argparse.ArgumentParser(prog="aligner")
         add_subcommands(cli.add_subparsers())
         parsed = cli.parse_args(["bench", *quality, "--judge", "reference", "--output", str(args.output)])
-        if (code := parsed.func(parsed)) or args.fresh:
-            # The causal reward model trained on the fresh split's instructions: no second judge.
+        if code := parsed.func(parsed):
             return code
         # The same answers under a second judge: a reward model of another backbone than the
         # steering one (see the module docstring for what it shares with it).
