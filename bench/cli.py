@@ -8,15 +8,15 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
-from bench.launch import RunningServer, free_port, start_server, stop_server
+from bench.launch import RunningServer, free_port, start_server, stop_server, wait_until_up
 from bench.load import LoadConfig, format_table, load_prompts, parse_mix, plot_sweep, run_load
 
 JUDGE_BATCH = 32  # answers per judge forward pass
+VLLM_STARTUP_TIMEOUT_S = 900
 
 
 def add_subcommands(subparsers) -> None:
@@ -140,18 +140,13 @@ def start_vllm_server(model_dir: str, name: str, log_dir: Path, *extra_args: str
     with open(log_path, "w") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"vLLM server exited:\n{server.log_tail()}")
-        try:
-            if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    stop_server(server)
-    raise RuntimeError("vLLM server did not start")
+    state = wait_until_up(process, f"{server.base_url}/health", VLLM_STARTUP_TIMEOUT_S)
+    if state == "exited":
+        raise RuntimeError(f"vLLM server exited:\n{server.log_tail()}")
+    if state == "timeout":
+        stop_server(server)
+        raise RuntimeError("vLLM server did not start")
+    return server
 
 
 def cmd_load(args) -> int:

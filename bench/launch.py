@@ -23,6 +23,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_up(process: subprocess.Popen, url: str, timeout_s: float, headers: dict | None = None,
+                  ready: Callable[[httpx.Response], bool] | None = None) -> str:
+    """Poll `url` once a second: "up" when `ready(response)` (default: a 200), "exited" when
+    `process` ends first, "timeout" after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return "exited"
+        try:
+            response = httpx.get(url, headers=headers, timeout=2)
+            if ready(response) if ready else response.status_code == 200:
+                return "up"
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    return "timeout"
+
+
 @dataclass
 class RunningServer:
     base_url: str
@@ -56,19 +74,13 @@ def start_server(log_dir: Path, *extra_args: str, api_key: str | None = None, en
     with open(log_path, "w") as log:
         process = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=environment)
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path, api_key)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_tail()}")
-        try:
-            r = httpx.get(f"{server.base_url}/ready", headers=server.headers(), timeout=2)
-            if ready_when(r) if ready_when else r.status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    stop_server(server)
-    raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S}s:\n{server.log_tail()}")
+    state = wait_until_up(process, f"{server.base_url}/ready", STARTUP_TIMEOUT_S, server.headers(), ready_when)
+    if state == "exited":
+        raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_tail()}")
+    if state == "timeout":
+        stop_server(server)
+        raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S}s:\n{server.log_tail()}")
+    return server
 
 
 def stop_server(server: RunningServer) -> None:
@@ -102,18 +114,13 @@ class PoolingServer:
                 [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
                  "--runner", "pooling", "--port", str(self.port), *self.extra_args],
                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"vLLM pooling server exited with {self.process.returncode} (log in {self.log_dir})")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.kill()
-        raise RuntimeError(f"vLLM pooling server not healthy after {timeout_s:.0f}s (log in {self.log_dir})")
+        state = wait_until_up(self.process, f"{self.url}/health", timeout_s)
+        if state == "exited":
+            raise RuntimeError(f"vLLM pooling server exited with {self.process.returncode} (log in {self.log_dir})")
+        if state == "timeout":
+            self.kill()
+            raise RuntimeError(f"vLLM pooling server not healthy after {timeout_s:.0f}s (log in {self.log_dir})")
+        return self
 
     def kill(self) -> None:
         """SIGKILL the server and its engine process (what a crashed node does)."""

@@ -56,3 +56,24 @@ def test_the_gpu_check_refuses_to_run_without_a_gpu():
 
     done = subprocess.run([sys.executable, "-m", "bench.gpu_check"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "needs a CUDA GPU" in done.stderr
+
+
+def test_wait_until_up_tells_up_exited_and_timeout_apart():
+    import subprocess
+    import sys
+
+    from bench.launch import free_port, wait_until_up
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until_up(server, f"http://127.0.0.1:{port}/", 30) == "up"
+        # A predicate that never holds: the same server times out.
+        assert wait_until_up(server, f"http://127.0.0.1:{port}/", 1.5, ready=lambda r: False) == "timeout"
+    finally:
+        server.terminate()
+        server.wait()
+    quitter = subprocess.Popen([sys.executable, "-c", "pass"])
+    quitter.wait()
+    assert wait_until_up(quitter, f"http://127.0.0.1:{free_port()}/", 30) == "exited"
