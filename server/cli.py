@@ -91,9 +91,11 @@ def add_model_arguments(serve: argparse.ArgumentParser) -> None:
                        help="tokens per scored pair (models `aligner train` wrote keep the length they were trained with)")
     group.add_argument("--reward-batch-size", type=int, default=16)
     group.add_argument("--reward-dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
-                       help="reward models' weights (float32: as `eval-rm` scored them; auto: the checkpoint's)")
+                       help="reward models' weights (float32: as `eval-rm` scored them; auto: the checkpoint's); "
+                       "`vllm:` engines take it too, a remote server keeps its own")
     group.add_argument("--reward-device", default="auto", choices=["auto", "cpu", "cuda"],
-                       help="where reward models score (auto: the policy's device, a GPU when there is one)")
+                       help="where local reward models score (auto: the policy's device, a GPU when there is one); "
+                       "`vllm:` engines run on the policy's platform, a remote server on its own")
     group.add_argument("--reward-timeout-s", type=float, default=30.0, help="then the request falls back")
     group.add_argument("--reward-max-pending", type=int, default=32,
                        help="score calls one reward model may hold (running or waiting); beyond that a request falls back at once")
