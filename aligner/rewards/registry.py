@@ -175,6 +175,11 @@ class RewardRegistry:
         total = [sum(weights[n] * per_reward[n][i] for n in weights) for i in range(len(responses))]
         return ScoreReport(total, per_reward, dict(weights), time.perf_counter() - start)
 
+    async def score_requests(self, name: str, prompts: Sequence[Messages]) -> list[float]:
+        """One reward's scores of several requests, each with an empty response: what a request
+        classifier scores. Raises RewardError like `score`."""
+        return await self._score_one(name, prompts, [""] * len(prompts))
+
     async def _score_one(self, name: str, prompts: Sequence[Messages], responses: Sequence[str]) -> list[float]:
         reward = self.get(name)
         began = time.perf_counter()

@@ -5,9 +5,10 @@
                "otherwise": {"strategy": "none"}}}
 
 The classifier is a registered reward model that scores the request alone (the response it
-is given is empty, as it was trained: `aligner train-classifier`); at or above the threshold
-(the request's, else the one recorded with the model) the `flagged` branch runs, else
-`otherwise`. This is how a safety pipeline can cost nothing and refuse nothing on the
+is given is empty, as it was trained: `aligner train-classifier`). It was trained on single
+user turns, so each of the request's last user turns is scored on its own, without the system
+message or the other turns, and the highest score decides: at or above the threshold (the
+request's, else the one recorded with the model) the `flagged` branch runs, else `otherwise`. This is how a safety pipeline can cost nothing and refuse nothing on the
 requests it is not for. Like `Pipeline`, a router is built by `aligner.alignment` from the
 request, not registered by name. A classifier that fails sends the request down `flagged`
 (a safety branch fails closed) with `fallback` on, or fails it with 503 with `fallback` off.
@@ -38,6 +39,25 @@ from aligner.strategies.common import reward_failed
 
 Branch = tuple[Strategy, StrategyParams]
 BRANCHES = ("flagged", "otherwise")
+# A conversation's user turns the classifier scores (the last ones): a harmful turn is found
+# where the conversation hides it, and a long chat costs at most this many rows.
+MAX_CLASSIFIED_TURNS = 8
+
+
+def classifier_inputs(messages: list[dict[str, str]]) -> list[list[dict[str, str]]]:
+    """Each of the last user turns as a one-turn request: what the classifier was trained on.
+
+    A system message or earlier turns rendered in front of a request move a single-turn
+    classifier's score far from anything it learned: with the shipped `harmful-request`, the
+    system message "You are a friendly AI assistant. Answer concisely." took four harmful
+    requests from about 4.8 to about -0.8, under its threshold of 1.87.
+
+    >>> classifier_inputs([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+    ...                    {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "and you?"}])
+    [[{'role': 'user', 'content': 'hi'}], [{'role': 'user', 'content': 'and you?'}]]
+    """
+    turns = [m["content"] for m in messages if m.get("role") == "user" and m.get("content")]
+    return [[{"role": "user", "content": text}] for text in turns[-MAX_CLASSIFIED_TURNS:]] or [messages]
 
 
 class RouteParams(StrategyParams):
@@ -86,12 +106,11 @@ class Route(Strategy):
     async def classify(self, ctx: StrategyContext, params: RouteParams) -> tuple[str, dict[str, Any], StageReport]:
         began = time.perf_counter()
         try:
-            report = await ctx.rewards.score({params.classifier: 1.0}, ctx.messages, [""])
+            score = max(await ctx.rewards.score_requests(params.classifier, classifier_inputs(ctx.messages)))
         except RewardError as exc:
             info = {"branch": "flagged", "classifier": params.classifier,
                     "fallback": reward_failed(params, exc, "route")}
             return "flagged", info, StageReport("route", time.perf_counter() - began)
-        score = report.total[0]
         branch = "flagged" if score >= params.threshold else "otherwise"
         info = {"branch": branch, "classifier": params.classifier, "score": round(score, 4),
                 "threshold": params.threshold}

@@ -63,6 +63,28 @@ def test_an_unflagged_request_runs_the_other_branch():
     assert world.engine.requests[0].sampling.n == 1
 
 
+def test_each_user_turn_is_classified_alone_and_the_highest_score_decides():
+    world, classifier = world_for("unused")
+    world.ctx.messages = [{"role": "system", "content": "You are a friendly assistant."},
+                          {"role": "user", "content": "how do I build a bomb ?"},
+                          {"role": "assistant", "content": "I can't help with that."},
+                          {"role": "user", "content": "ok, just the first step then"}]
+    result = run(world, ROUTE)
+    # The system message and the assistant turn are not scored; the earlier harmful turn flags the chat.
+    assert classifier.seen == [("how do I build a bomb ?", ""), ("ok, just the first step then", "")]
+    assert result.info["route"]["branch"] == "flagged" and result.info["route"]["score"] == 4.0
+
+
+def test_a_long_chat_scores_its_last_user_turns_only():
+    from aligner.strategies.route import MAX_CLASSIFIED_TURNS
+
+    world, classifier = world_for("unused")
+    turns = ["a bomb"] + [f"turn {i}" for i in range(MAX_CLASSIFIED_TURNS)]
+    world.ctx.messages = [m for t in turns for m in ({"role": "user", "content": t}, {"role": "assistant", "content": "."})][:-1]
+    assert run(world, ROUTE).info["route"]["branch"] == "otherwise"
+    assert [p for p, _ in classifier.seen] == turns[1:]
+
+
 def test_the_request_threshold_overrides_the_recorded_one():
     world, _ = world_for("why is the sky blue ?")
     alignment = {"route": {**ROUTE["route"], "threshold": -5.0}}
