@@ -8,10 +8,11 @@ The classifier is a registered reward model that scores the request alone (the r
 is given is empty, as it was trained: `aligner train-classifier`). It was trained on single
 user turns, so each of the request's last user turns is scored on its own, without the system
 message or the other turns, and the highest score decides: at or above the threshold (the
-request's, else the one recorded with the model) the `flagged` branch runs, else `otherwise`. This is how a safety pipeline can cost nothing and refuse nothing on the
-requests it is not for. Like `Pipeline`, a router is built by `aligner.alignment` from the
-request, not registered by name. A classifier that fails sends the request down `flagged`
-(a safety branch fails closed) with `fallback` on, or fails it with 503 with `fallback` off.
+request's, else the one recorded with the model) the `flagged` branch runs, else `otherwise`.
+This is how a safety pipeline can cost nothing and refuse nothing on the requests it is not
+for. Like `Pipeline`, a router is built by `aligner.alignment` from the request, not registered
+by name. A classifier that fails sends the request down `flagged` (a safety branch fails
+closed) with `fallback` on, or fails it with 503 with `fallback` off.
 """
 
 from __future__ import annotations
