@@ -68,6 +68,8 @@ def add_subcommands(subparsers) -> None:
     quality.add_argument("--max-tokens", type=int, default=128)
     quality.add_argument("--temperature", type=float, default=0.7)
     quality.add_argument("--seed", type=int, default=0, help="prompt i of a set is sent with seed + i by every arm")
+    quality.add_argument("--system", default=None, metavar="TEXT",
+                         help="a system message sent before every prompt, as a client's own (default: none)")
     quality.add_argument("--concurrency", type=int, default=1, help="requests in flight at once")
     quality.add_argument("--output", type=Path, default=None,
                          help="JSON: the config, the summary and every answer")
@@ -220,7 +222,10 @@ def saved_answers(path: Path, cfg):
     """The answers of an earlier run, which must be those `cfg` would collect."""
     from bench.quality import Answer
 
-    saved = [Answer(**{**row, "judge": None}) for row in json.loads(path.read_text())["answers"]]
+    run = json.loads(path.read_text())
+    if (run.get("config") or {}).get("system") != cfg.system:
+        raise ValueError(f"{path} was answered with another system message than --system gives")
+    saved = [Answer(**{**row, "judge": None}) for row in run["answers"]]
     wanted = {(name, prompt, label) for name, prompts in cfg.prompt_sets.items() for prompt in prompts
               for label in cfg.strategies}
     if {(a.prompt_set, a.prompt, a.strategy) for a in saved} != wanted:
@@ -267,7 +272,7 @@ def cmd_quality(args) -> int:
     cfg = QualityConfig(base_url=args.base_url, model=args.model, strategies=strategies, prompt_sets=prompt_sets,
                         harmful_sets=harmful, benign_sets=benign, max_tokens=args.max_tokens,
                         temperature=args.temperature, seed=args.seed, concurrency=args.concurrency,
-                        api_key=args.api_key)
+                        api_key=args.api_key, system=args.system)
     judge_name, judge_path = judge_identity(args.judge)
     registered = httpx.get(f"{args.base_url}/alignment/rewards", headers=headers, timeout=30).json()["data"]
     try:
@@ -294,7 +299,7 @@ def cmd_quality(args) -> int:
     if args.output:
         config = {"model": args.model, "judge": judge_name, "strategies": resolved, "prompt_sets": {
             n: len(p) for n, p in prompt_sets.items()}, "max_tokens": args.max_tokens, "temperature": args.temperature,
-            "seed": args.seed, "concurrency": args.concurrency, "limit": args.limit}
+            "seed": args.seed, "concurrency": args.concurrency, "limit": args.limit, "system": args.system}
         dump(answers, summary, args.output, config)
     if args.plot:
         plot(summary, args.plot)

@@ -59,6 +59,7 @@ class QualityConfig:
     seed: int = 0
     concurrency: int = 1
     api_key: str | None = None
+    system: str | None = None  # a system message sent before every prompt (as a client's own)
 
 
 def _user_text(content) -> str | None:
@@ -158,7 +159,10 @@ def check_judge_independent(judge_path: str | None, judge_name: str, cfg: Qualit
 
 def request(http: httpx.Client, cfg: QualityConfig, answer: Answer, alignment: dict) -> Answer:
     """One chat request (retried once on failure); its latency is the successful attempt's."""
-    body = {"model": cfg.model, "messages": [{"role": "user", "content": answer.prompt}],
+    messages = [{"role": "user", "content": answer.prompt}]
+    if cfg.system:
+        messages.insert(0, {"role": "system", "content": cfg.system})
+    body = {"model": cfg.model, "messages": messages,
             "max_tokens": cfg.max_tokens, "seed": answer.seed, "temperature": cfg.temperature}
     if alignment:
         body["alignment"] = alignment

@@ -113,6 +113,8 @@ def test_saved_answers_are_judged_again_only_when_they_are_this_runs(tmp_path):
     again = saved_answers(path, cfg)
     assert [(a.prompt, a.strategy, a.text) for a in again] == [(a.prompt, a.strategy, a.text) for a in answers]
     assert all(a.judge is None for a in again)  # the new judge scores them
+    with pytest.raises(ValueError, match="system message"):  # answered without one
+        saved_answers(path, QualityConfig(**{**cfg.__dict__, "system": "Be brief."}))
     cfg.prompt_sets["s"].append("c")
     with pytest.raises(ValueError, match="other answers"):
         saved_answers(path, cfg)

@@ -191,7 +191,7 @@ def fake_server(fail: dict[str, int], delay: float = 0.05):
 
     def handle(request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
-        prompt = body["messages"][0]["content"]
+        prompt = body["messages"][-1]["content"]
         with lock:
             seen.append(body)
             in_flight["now"] += 1
@@ -232,6 +232,19 @@ def test_collect_runs_k_at_a_time_with_fixed_seeds_and_records_errors():
         a.judge = None if a.error else float(a.strategy == "bon")
     summary = summarise(answers, cfg)
     assert summary["strategies"]["bon"]["errors"] == 1 and summary["strategies"]["bon"]["win_rate_pairs"] == 3
+
+
+def test_a_system_message_goes_before_every_prompt_of_every_arm():
+    cfg = config({"plain": {}, "bon": {"strategy": "best_of_n"}}, prompt_sets={"a": ["p0", "p1"]},
+                 system="You are a helpful assistant.")
+    transport, seen, _ = fake_server({})
+    answers = collect(cfg, transport=transport)
+    assert all(a.error is None for a in answers) and len(seen) == 4
+    assert all(b["messages"] == [{"role": "system", "content": "You are a helpful assistant."},
+                                 {"role": "user", "content": b["messages"][-1]["content"]}] for b in seen)
+    transport, seen, _ = fake_server({})
+    collect(config({"plain": {}}, prompt_sets={"a": ["p0"]}), transport=transport)
+    assert seen[0]["messages"] == [{"role": "user", "content": "p0"}]
 
 
 def test_collect_counts_a_transport_failure_as_an_error():
