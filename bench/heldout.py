@@ -114,7 +114,24 @@ def write_fresh_set(data: Path, out: Path, count: int, seed: int) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
+def quality_arguments(args: argparse.Namespace) -> list[str]:
+    """`aligner bench quality`'s arguments (all but the server and the judge); writes the sets."""
+    if args.fresh:
+        path = write_fresh_set(args.data, args.sets_dir, args.fresh, args.seed)
+        quality = ["--prompt-set", f"alpaca_fresh={path}", "--benign", "alpaca_fresh", "--profile", "helpful"]
+    else:
+        quality = ["--harmful", "harmful", "--benign", "alpaca_val", "--benign", "mt_bench"]
+        for name, path in write_sets(args.data, args.sets_dir, args.harmful, args.seed).items():
+            quality += ["--prompt-set", f"{name}={path}"]
+        for label, alignment in ({} if args.profile else STRATEGIES).items():
+            quality += ["--strategy", f"{label}={json.dumps(alignment)}"]
+        for profile in args.profile or PROFILES:
+            quality += ["--profile", profile]
+    return [*quality, "--limit", "0", "--max-tokens", str(args.max_tokens), "--concurrency", str(args.concurrency),
+            "--seed", str(args.seed), *(["--system", args.system] if args.system else [])]
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="the shared data folder")
     parser.add_argument("--sets-dir", type=Path, default=Path("heldout-sets"), help="where the prompt sets are written")
@@ -124,33 +141,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base-url", default=None, help="a running server (default: start one)")
     parser.add_argument("--output", type=Path, default=Path("heldout.json"))
+    parser.add_argument("--system", default=None, metavar="TEXT", help="a system message before every prompt")
+    parser.add_argument("--profile", action="append", default=None, choices=PROFILES,
+                        help="run plain and this profile only (repeatable; default: both profiles and each strategy)")
     parser.add_argument("--fresh", type=int, default=0, metavar="N",
                         help="instead: `helpful` against plain on N instructions of the second benign split")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from bench.cli import add_subcommands
     from bench.launch import start_server, stop_server
 
-    if args.fresh:
-        path = write_fresh_set(args.data, args.sets_dir, args.fresh, args.seed)
-        quality = ["--prompt-set", f"alpaca_fresh={path}", "--benign", "alpaca_fresh", "--profile", "helpful"]
-    else:
-        quality = ["--harmful", "harmful", "--benign", "alpaca_val", "--benign", "mt_bench"]
-        for name, path in write_sets(args.data, args.sets_dir, args.harmful, args.seed).items():
-            quality += ["--prompt-set", f"{name}={path}"]
-        for label, alignment in STRATEGIES.items():
-            quality += ["--strategy", f"{label}={json.dumps(alignment)}"]
-        for profile in PROFILES:
-            quality += ["--profile", profile]
+    quality = quality_arguments(args)
     server = None
     base_url = args.base_url
     if base_url is None:
         server = start_server(args.sets_dir / "logs", "--models-dir", "models")
         base_url = server.v1
     try:
-        quality = ["quality", "--base-url", base_url, "--limit", "0", *quality,
-                   "--max-tokens", str(args.max_tokens), "--concurrency", str(args.concurrency),
-                   "--seed", str(args.seed)]
+        quality = ["quality", "--base-url", base_url, *quality]
         cli = argparse.ArgumentParser(prog="aligner")
         add_subcommands(cli.add_subparsers())
         parsed = cli.parse_args(["bench", *quality, "--judge", "reference", "--output", str(args.output)])

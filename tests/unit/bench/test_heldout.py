@@ -118,3 +118,29 @@ def test_saved_answers_are_judged_again_only_when_they_are_this_runs(tmp_path):
     cfg.prompt_sets["s"].append("c")
     with pytest.raises(ValueError, match="other answers"):
         saved_answers(path, cfg)
+
+
+def test_the_arguments_handed_to_bench_quality(tmp_path):
+    import argparse
+
+    from bench.cli import add_subcommands
+    from bench.heldout import PROFILES, STRATEGIES, build_parser, quality_arguments
+
+    make_data(tmp_path / "data")
+    cli = argparse.ArgumentParser(prog="aligner")
+    add_subcommands(cli.add_subparsers())
+
+    def parsed(*argv):
+        args = build_parser().parse_args(["--data", str(tmp_path / "data"), "--sets-dir", str(tmp_path / "sets"), *argv])
+        return cli.parse_args(["bench", "quality", *quality_arguments(args), "--judge", "reference"])
+
+    full = parsed()
+    assert full.profile == PROFILES and [s.partition("=")[0] for s in full.strategy] == list(STRATEGIES)
+    assert (full.harmful, full.benign, full.limit, full.system) == (["harmful"], ["alpaca_val", "mt_bench"], 0, None)
+    one = parsed("--profile", "harmless", "--system", "You are a helpful assistant.", "--max-tokens", "32")
+    assert one.profile == ["harmless"] and one.strategy == [] and one.max_tokens == 32
+    assert one.system == "You are a helpful assistant."
+    fresh = parsed("--fresh", "5")
+    assert fresh.profile == ["helpful"] and fresh.benign == ["alpaca_fresh"] and fresh.harmful == []
+    assert fresh.prompt_set == [f"alpaca_fresh={tmp_path / 'sets/alpaca_fresh.jsonl'}"]
+    assert (tmp_path / "sets/alpaca_fresh.jsonl").is_file()  # empty here: the pilots' 120 cover these 36
