@@ -42,6 +42,23 @@ def test_urial_prefix_is_added_and_served_from_the_prefix_cache(server):
     assert first["usage"]["prompt_tokens"] > prefix_tokens
 
 
+def test_urial_puts_a_clients_system_message_into_the_templates(server):
+    # Served exactly as the conversation with one merged system message, the client's first:
+    # same prompt tokens, same greedy answer.
+    from aligner.strategies.templates import BUILTIN_TEMPLATES
+
+    own = {"role": "system", "content": "Answer in one short sentence."}
+    prefix = BUILTIN_TEMPLATES["default"].prefix()
+    merged = [{"role": "system", "content": f"{own['content']}\n\n{prefix[0]['content']}"}, *prefix[1:], *MESSAGES]
+    routed = ok(server, {"strategy": "urial"}, messages=[own, *MESSAGES], temperature=0)
+    by_hand = ok(server, {"strategy": "none"}, messages=merged, temperature=0)
+    assert routed["usage"]["prompt_tokens"] == by_hand["usage"]["prompt_tokens"]
+    assert routed["choices"][0]["message"]["content"] == by_hand["choices"][0]["message"]["content"]
+    # Not the old order (the template, its examples, then the client's system message).
+    after = ok(server, {"strategy": "none"}, messages=[*prefix, own, *MESSAGES], temperature=0)
+    assert after["usage"]["prompt_tokens"] != routed["usage"]["prompt_tokens"]
+
+
 def test_urial_streams_token_by_token(server):
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 16, "stream": True,
             "stream_options": {"include_usage": True}, "alignment": {"strategy": "urial"}}
