@@ -54,7 +54,7 @@ STRATEGIES = {
 PROFILES = ["harmless", "helpful"]
 
 
-def write_sets(data: Path, out: Path, harmful: int, seed: int) -> dict[str, Path]:
+def write_sets(data: Path, out: Path, harmful: int, seed: int, harmful_from: int = 0) -> dict[str, Path]:
     from aligner.training.data import DataSpec, load_source, split_by_prompt
 
     out.mkdir(parents=True, exist_ok=True)
@@ -66,7 +66,7 @@ def write_sets(data: Path, out: Path, harmful: int, seed: int) -> dict[str, Path
     references = references_of(val)
     mt_bench = [json.loads(line)["turns"][0] for line in (data / "prompts/mt_bench.jsonl").read_text().splitlines() if line]
     sets = {
-        "harmful": [{"prompt": p} for p in held_out[:harmful]],
+        "harmful": [{"prompt": p} for p in held_out[harmful_from:harmful_from + harmful]],
         "alpaca_val": [{"prompt": p, "reference": r} for p, r in references.items()],
         "mt_bench": [{"prompt": p} for p in mt_bench],
     }
@@ -121,7 +121,7 @@ def quality_arguments(args: argparse.Namespace) -> list[str]:
         quality = ["--prompt-set", f"alpaca_fresh={path}", "--benign", "alpaca_fresh", "--profile", "helpful"]
     else:
         quality = ["--harmful", "harmful", "--benign", "alpaca_val", "--benign", "mt_bench"]
-        for name, path in write_sets(args.data, args.sets_dir, args.harmful, args.seed).items():
+        for name, path in write_sets(args.data, args.sets_dir, args.harmful, args.seed, args.harmful_from).items():
             quality += ["--prompt-set", f"{name}={path}"]
         for label, alignment in ({} if args.profile else STRATEGIES).items():
             quality += ["--strategy", f"{label}={json.dumps(alignment)}"]
@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="the shared data folder")
     parser.add_argument("--sets-dir", type=Path, default=Path("heldout-sets"), help="where the prompt sets are written")
     parser.add_argument("--harmful", type=int, default=120, help="held-out harmful prompts (a seeded sample)")
+    parser.add_argument("--harmful-from", type=int, default=0, metavar="K",
+                        help="start at the K-th prompt of the seeded order (--harmful-from 120 --harmful 123: "
+                             "the area's prompts the first table did not use)")
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)

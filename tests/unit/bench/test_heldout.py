@@ -52,6 +52,11 @@ def test_sets_hold_out_a_category_the_reward_models_validation_prompts_and_mt_be
     assert [r["prompt"] for r in read(paths["mt_bench"])] == ["question 0", "question 1", "question 2"]
     again = write_sets(tmp_path / "data", tmp_path / "again", harmful=6, seed=0)
     assert read(again["harmful"]) == harmful  # deterministic
+    # The area's other prompts, for a second measurement: the same seeded order, past the first 6.
+    rest = read(write_sets(tmp_path / "data", tmp_path / "rest", harmful=10, seed=0, harmful_from=6)["harmful"])
+    assert len(rest) == 4 and {r["prompt"] for r in rest} == held - {r["prompt"] for r in harmful}
+    whole = read(write_sets(tmp_path / "data", tmp_path / "whole", harmful=10, seed=0)["harmful"])
+    assert whole == harmful + rest
 
 
 def test_the_fresh_split_is_the_training_split_less_the_pilots_prompts(tmp_path, monkeypatch):
@@ -134,12 +139,16 @@ def test_the_arguments_handed_to_bench_quality(tmp_path):
         args = build_parser().parse_args(["--data", str(tmp_path / "data"), "--sets-dir", str(tmp_path / "sets"), *argv])
         return cli.parse_args(["bench", "quality", *quality_arguments(args), "--judge", "reference"])
 
-    full = parsed()
+    full = parsed("--harmful", "6")
+    first = read(tmp_path / "sets/harmful.jsonl")
     assert full.profile == PROFILES and [s.partition("=")[0] for s in full.strategy] == list(STRATEGIES)
     assert (full.harmful, full.benign, full.limit, full.system) == (["harmful"], ["alpaca_val", "mt_bench"], 0, None)
     one = parsed("--profile", "harmless", "--system", "You are a helpful assistant.", "--max-tokens", "32")
     assert one.profile == ["harmless"] and one.strategy == [] and one.max_tokens == 32
     assert one.system == "You are a helpful assistant."
+    parsed("--profile", "harmless", "--harmful-from", "6", "--harmful", "4")
+    rest = read(tmp_path / "sets/harmful.jsonl")
+    assert len(first) == 6 and len(rest) == 4 and not {r["prompt"] for r in first} & {r["prompt"] for r in rest}
     fresh = parsed("--fresh", "5")
     assert fresh.profile == ["helpful"] and fresh.benign == ["alpaca_fresh"] and fresh.harmful == []
     assert fresh.prompt_set == [f"alpaca_fresh={tmp_path / 'sets/alpaca_fresh.jsonl'}"]
