@@ -8,18 +8,31 @@ out instead of `malicious_uses`, then reports its recall on the held-out area an
 false-positive rates on the benign report sets, at the threshold its own validation split chose.
 `harmless` refuses what its router flags, so this recall is about the refusal rate `harmless`
 can reach on a kind of harm nobody trained it for.
+
+`--sweep 0.03,0.05,0.07,0.1` chooses the threshold rule (`max_val_fpr`) without the area the
+held-out table measures: each of the other areas is held out in turn, and each rule is scored
+by its recall there and its false positives on `CARVE_OUT` AlpacaEval *training* instructions,
+taken out of training for the sweep (neither the report sets nor the held-out table's benign
+sets). It keeps the rule with the most mean recall whose mean false-positive rate is at most
+`--max-fp`.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import tempfile
 from pathlib import Path
 
 
-def training_config(data: Path, area: str, output: Path):
+MEASURED_AREA = "malicious_uses"  # the area bench.heldout measures `harmless` on
+SHIPPED_MAX_VAL_FPR = 0.07  # chosen by `--sweep` (BENCHMARKS.md); models/harmful-request uses it
+CARVE_OUT = 120  # AlpacaEval training instructions the sweep counts false positives on
+
+
+def training_config(data: Path, area: str, output: Path, max_val_fpr: float = SHIPPED_MAX_VAL_FPR):
     """The shipped classifier's command (see models/harmful-request/README.md) with `area` held out."""
     from aligner.training.classifier import ClassifierTrainingConfig
 
@@ -30,7 +43,69 @@ def training_config(data: Path, area: str, output: Path):
         report_positive=[f"{prompts}#category={area}"],
         report_negative=[f"{alpaca}#val=0.1", str(data / "prompts/mt_bench.jsonl")],
         output=str(output),
+        max_val_fpr=max_val_fpr,
     )
+
+
+def carve_out(data: Path, count: int = CARVE_OUT) -> list[str]:
+    """`count` of the classifier's benign training instructions, by a hash of the text."""
+    from aligner.training import prompt_sets as ps
+
+    source = ps.PromptSource.parse(f"{data / 'prefs/alpaca_eval_gpt4turbo.jsonl.gz'}#train=0.1")
+    return sorted(ps.load_prompts(source, 0), key=lambda t: hashlib.sha256(t.encode()).hexdigest())[:count]
+
+
+def sweep_scores(data: Path, area: str, carved: Path, scratch: Path) -> dict[str, list[float]]:
+    """Train with `area` held out and the carved-out instructions (a prompt file) out of training;
+    the scores of its validation prompts, of the area and of the carved-out instructions."""
+    from aligner.training.classifier import load_prompts, score_sets, train_classifier
+
+    config = training_config(data, area, scratch)
+    config.report_negative = [str(carved)]
+    train_classifier(config)
+    prompts = load_prompts(config)
+    return score_sets(scratch, {"val_positive": prompts.val["positive"], "val_negative": prompts.val["negative"],
+                                "area": prompts.report[f"do_not_answer#category={area}"][1],
+                                "carved": prompts.report[carved.stem][1]})
+
+
+def sweep_rows(scores: dict[str, dict[str, list[float]]], rules: list[float], max_fp: float) -> list[dict]:
+    """One row per threshold rule: each area's recall and carved-out FP rate, their means, and
+    whether it is the rule chosen (most mean recall with mean FP rate <= `max_fp`).
+
+    >>> rows = sweep_rows({"a": {"val_positive": [3.0, 2.0], "val_negative": [0.0, 1.0, 2.5, -1.0],
+    ...                          "area": [1.5, 0.5], "carved": [0.0, 1.2]}}, [0.2, 0.5], 0.5)
+    >>> [(r["rule"], r["threshold"]["a"], r["mean_recall"], r["mean_fp"], r["chosen"]) for r in rows]
+    [(0.2, 3.0, 0.0, 0.0, False), (0.5, 1.0, 0.5, 0.5, True)]
+    """
+    from aligner.training.prompt_sets import flagged, threshold_for_fpr
+
+    rows = []
+    for rule in rules:
+        row = {"rule": rule, "threshold": {}, "recall": {}, "fp": {}}
+        for area, s in scores.items():
+            t = threshold_for_fpr(s["val_positive"], s["val_negative"], rule)
+            row["threshold"][area] = t
+            row["recall"][area], row["fp"][area] = flagged(s["area"], t)["rate"], flagged(s["carved"], t)["rate"]
+        row["mean_recall"] = sum(row["recall"].values()) / len(scores)
+        row["mean_fp"] = sum(row["fp"].values()) / len(scores)
+        rows.append(row)
+    allowed = [r for r in rows if r["mean_fp"] <= max_fp + 1e-12]
+    best = max(allowed, key=lambda r: r["mean_recall"], default=None)
+    for r in rows:
+        r["chosen"] = r is best
+    return rows
+
+
+def format_sweep(rows: list[dict]) -> str:
+    areas = list(rows[0]["recall"])
+    lines = ["| `max_val_fpr` | " + " | ".join(f"`{a}` recall / FP" for a in areas) + " | mean recall | mean FP |",
+             "| ---: | " + " | ".join("---" for _ in areas) + " | ---: | ---: |"]
+    for r in rows:
+        cells = " | ".join(f"{r['recall'][a]:.1%} / {r['fp'][a]:.1%} (t {r['threshold'][a]:.2f})" for a in areas)
+        mark = "**" if r["chosen"] else ""
+        lines.append(f"| {mark}{r['rule']:g}{mark} | {cells} | {mark}{r['mean_recall']:.1%}{mark} | {r['mean_fp']:.1%} |")
+    return "\n".join(lines)
 
 
 def areas_of(data: Path) -> list[str]:
@@ -68,13 +143,32 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="the shared data folder")
-    parser.add_argument("--areas", nargs="*", default=None, help="risk areas to hold out (default: all)")
+    parser.add_argument("--areas", nargs="*", default=None,
+                        help=f"risk areas to hold out (default: all; with --sweep, all but {MEASURED_AREA})")
     parser.add_argument("--output", type=Path, default=None, help="JSON of the rows")
+    parser.add_argument("--sweep", default=None, metavar="F,F,...",
+                        help="instead: choose the threshold rule among these max_val_fpr values")
+    parser.add_argument("--max-fp", type=float, default=0.05,
+                        help="with --sweep: the highest mean false-positive rate a rule may have")
     args = parser.parse_args(argv)
 
     from aligner.training.classifier import train_classifier
 
-    areas = args.areas or areas_of(args.data)
+    areas = args.areas or [a for a in areas_of(args.data) if not args.sweep or a != MEASURED_AREA]
+    if args.sweep:
+        rules = [float(x) for x in args.sweep.split(",")]
+        scores = {}
+        with tempfile.TemporaryDirectory(prefix="router-sweep-") as scratch:
+            carved = Path(scratch) / "carved.jsonl"
+            carved.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in carve_out(args.data)))
+            for area in areas:
+                scores[area] = sweep_scores(args.data, area, carved, Path(scratch) / area)
+                print(f"{area}: trained", file=sys.stderr, flush=True)
+        rows = sweep_rows(scores, rules, args.max_fp)
+        print(format_sweep(rows))
+        if args.output:
+            args.output.write_text(json.dumps({"rows": rows, "scores": scores}, indent=2) + "\n")
+        return 0
     rows = []
     for area in areas:
         with tempfile.TemporaryDirectory(prefix=f"router-{area}-") as scratch:

@@ -280,8 +280,9 @@ def train_classifier(config: ClassifierTrainingConfig, command: str = "") -> dic
     return record
 
 
-def evaluate_classifier(path: Path, prompts: Prompts, max_val_fpr: float) -> dict[str, Any]:
-    """Load the saved classifier as the server does; pick the threshold on validation, then report."""
+def score_sets(path: Path, sets: dict[str, list[str]]) -> dict[str, list[float]]:
+    """The saved classifier's scores of each named list of requests, loaded and encoded as the
+    server does."""
     import torch
 
     from aligner.rewards.encoding import PairEncoder
@@ -289,13 +290,16 @@ def evaluate_classifier(path: Path, prompts: Prompts, max_val_fpr: float) -> dic
 
     model, tokenizer = load_sequence_classifier(path, dtype=torch.float32)
     encoder = PairEncoder.for_model(tokenizer, path, 512)
+    return {name: ps.score_prompts(model, tokenizer, encoder, texts) for name, texts in sets.items()}
 
-    def score(texts: list[str]) -> list[float]:
-        return ps.score_prompts(model, tokenizer, encoder, texts)
 
-    pos, neg = score(prompts.val["positive"]), score(prompts.val["negative"])
+def evaluate_classifier(path: Path, prompts: Prompts, max_val_fpr: float) -> dict[str, Any]:
+    """Load the saved classifier as the server does; pick the threshold on validation, then report."""
+    scores = score_sets(path, {"val positive": prompts.val["positive"], "val negative": prompts.val["negative"],
+                               **{name: texts for name, (_, texts) in prompts.report.items()}})
+    pos, neg = scores["val positive"], scores["val negative"]
     threshold = ps.threshold_for_fpr(pos, neg, max_val_fpr)
-    report = {name: {"class": label, **ps.flagged(score(texts), threshold)} for name, (label, texts) in prompts.report.items()}
+    report = {name: {"class": label, **ps.flagged(scores[name], threshold)} for name, (label, _) in prompts.report.items()}
     return {"threshold": threshold, "threshold_rule": f"lowest validation logit with false-positive rate <= "
             f"{max_val_fpr:g} on validation benign prompts", "validation": ps.validation_report(pos, neg, threshold),
             "held_out": report}

@@ -34,3 +34,30 @@ def test_a_row_and_its_table_line():
     table = format_table([row]).splitlines()
     m = row["recall"]
     assert len(table) == 3 and table[2].startswith(f"| `malicious_uses` | {m['flagged']} / {m['n']} (")
+
+
+def test_the_sweep_keeps_the_rule_with_most_recall_under_the_false_positive_bound():
+    from bench.router_areas import format_sweep, sweep_rows
+
+    scores = {area: {"val_positive": [4.0, 3.0, 2.0, 1.0], "val_negative": [v / 10 for v in range(-5, 15, 2)] + [bump],
+                     "area": [3.5, 2.5, 1.5, 0.5, -0.5], "carved": [-1.0, 0.0, 0.6, 1.2, 2.2]}
+              for area, bump in (("a", 2.5), ("b", 0.0))}
+    rows = sweep_rows(scores, [0.0, 0.1, 0.3], max_fp=0.2)
+    assert [r["chosen"] for r in rows] == [False, True, False]  # 0.3 flags more, but 40% of the carved set
+    assert rows[2]["mean_recall"] > rows[1]["mean_recall"] > rows[0]["mean_recall"] and rows[2]["mean_fp"] > 0.2
+    assert not any(r["chosen"] for r in sweep_rows(scores, [0.3], max_fp=0.1))  # none allowed: none chosen
+    table = format_sweep(rows).splitlines()
+    assert len(table) == 5 and table[3].startswith("| **0.1** |") and table[2].startswith("| 0 |")
+
+
+def test_the_carved_out_instructions_are_training_instructions(tmp_path):
+    from aligner.training.data import DataSpec, load_source, split_by_prompt
+    from bench.router_areas import carve_out
+    from tests.unit.bench.test_heldout import make_data
+
+    make_data(tmp_path)
+    carved = carve_out(tmp_path, count=10)
+    rows, _ = load_source(DataSpec.parse(str(tmp_path / "prefs/alpaca_eval_gpt4turbo.jsonl.gz")))
+    train, val = split_by_prompt(rows, 0.1, 10**9, 0)
+    assert len(set(carved)) == 10 and set(carved) <= {r["prompt"][-1]["content"] for r in train}
+    assert carve_out(tmp_path, count=10) == carved and carve_out(tmp_path, count=4) == carved[:4]
