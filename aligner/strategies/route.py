@@ -51,7 +51,7 @@ def classifier_inputs(messages: list[dict[str, str]]) -> list[list[dict[str, str
     A system message or earlier turns rendered in front of a request move a single-turn
     classifier's score far from anything it learned: with the shipped `harmful-request`, the
     system message "You are a friendly AI assistant. Answer concisely." took four harmful
-    requests from 4.6-5.2 to between -1.0 and -0.3, under its threshold of 1.87.
+    requests from 4.6-5.2 to between -1.0 and -0.3, under its threshold (1.87 then, 0.90 now).
 
     >>> classifier_inputs([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
     ...                    {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "and you?"}])
