@@ -131,12 +131,18 @@ def quality_arguments(args: argparse.Namespace) -> list[str]:
             "--seed", str(args.seed), *(["--system", args.system] if args.system else [])]
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="the shared data folder")
     parser.add_argument("--sets-dir", type=Path, default=Path("heldout-sets"), help="where the prompt sets are written")
-    parser.add_argument("--harmful", type=int, default=120, help="held-out harmful prompts (a seeded sample)")
-    parser.add_argument("--harmful-from", type=int, default=0, metavar="K",
+    parser.add_argument("--harmful", type=_count, default=120, help="held-out harmful prompts (a seeded sample)")
+    parser.add_argument("--harmful-from", type=_count, default=0, metavar="K",
                         help="start at the K-th prompt of the seeded order (--harmful-from 120 --harmful 123: "
                              "the area's prompts the first table did not use)")
     parser.add_argument("--max-tokens", type=int, default=160)
@@ -147,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--system", default=None, metavar="TEXT", help="a system message before every prompt")
     parser.add_argument("--profile", action="append", default=None, choices=PROFILES,
                         help="run plain and this profile only (repeatable; default: both profiles and each strategy)")
-    parser.add_argument("--fresh", type=int, default=0, metavar="N",
+    parser.add_argument("--fresh", type=_count, default=0, metavar="N",
                         help="instead: `helpful` against plain on N instructions of the second benign split")
     return parser
 

@@ -108,6 +108,32 @@ def format_sweep(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sweep(data: Path, areas: list[str], rules: list[float], max_fp: float, output: Path | None) -> int:
+    """Train once per area with it held out and the carve-out out of training; print the rules' table."""
+    scores = {}
+    with tempfile.TemporaryDirectory(prefix="router-sweep-") as scratch:
+        carved = Path(scratch) / "carved.jsonl"
+        carved.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in carve_out(data)))
+        for area in areas:
+            scores[area] = sweep_scores(data, area, carved, Path(scratch) / area)
+            print(f"{area}: trained", file=sys.stderr, flush=True)
+    rows = sweep_rows(scores, rules, max_fp)
+    print(format_sweep(rows))
+    if output:
+        output.write_text(json.dumps({"rows": rows, "scores": scores}, indent=2) + "\n")
+    return 0
+
+
+def _rules(text: str) -> list[float]:
+    try:
+        rules = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated rates, got {text!r}") from None
+    if not all(0 <= r < 1 for r in rules):
+        raise argparse.ArgumentTypeError(f"each max_val_fpr must be in [0, 1), got {text!r}")
+    return rules
+
+
 def areas_of(data: Path) -> list[str]:
     rows = [json.loads(line) for line in (data / "prompts/do_not_answer.jsonl").read_text().splitlines() if line]
     return sorted({r["category"] for r in rows})
@@ -146,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--areas", nargs="*", default=None,
                         help=f"risk areas to hold out (default: all; with --sweep, all but {MEASURED_AREA})")
     parser.add_argument("--output", type=Path, default=None, help="JSON of the rows")
-    parser.add_argument("--sweep", default=None, metavar="F,F,...",
+    parser.add_argument("--sweep", type=_rules, default=None, metavar="F,F,...",
                         help="instead: choose the threshold rule among these max_val_fpr values")
     parser.add_argument("--max-fp", type=float, default=0.05,
                         help="with --sweep: the highest mean false-positive rate a rule may have")
@@ -156,19 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
     areas = args.areas or [a for a in areas_of(args.data) if not args.sweep or a != MEASURED_AREA]
     if args.sweep:
-        rules = [float(x) for x in args.sweep.split(",")]
-        scores = {}
-        with tempfile.TemporaryDirectory(prefix="router-sweep-") as scratch:
-            carved = Path(scratch) / "carved.jsonl"
-            carved.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in carve_out(args.data)))
-            for area in areas:
-                scores[area] = sweep_scores(args.data, area, carved, Path(scratch) / area)
-                print(f"{area}: trained", file=sys.stderr, flush=True)
-        rows = sweep_rows(scores, rules, args.max_fp)
-        print(format_sweep(rows))
-        if args.output:
-            args.output.write_text(json.dumps({"rows": rows, "scores": scores}, indent=2) + "\n")
-        return 0
+        return sweep(args.data, areas, args.sweep, args.max_fp, args.output)
     rows = []
     for area in areas:
         with tempfile.TemporaryDirectory(prefix=f"router-{area}-") as scratch:

@@ -61,3 +61,19 @@ def test_the_carved_out_instructions_are_training_instructions(tmp_path):
     train, val = split_by_prompt(rows, 0.1, 10**9, 0)
     assert len(set(carved)) == 10 and set(carved) <= {r["prompt"][-1]["content"] for r in train}
     assert carve_out(tmp_path, count=10) == carved and carve_out(tmp_path, count=4) == carved[:4]
+
+
+def test_bad_sweep_rules_and_counts_are_refused_before_any_training(capsys):
+    import pytest
+
+    from bench.heldout import build_parser
+    from bench.router_areas import main
+
+    for argv in (["--sweep", "0.05,x"], ["--sweep", "0.05,1.5"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and "--sweep" in capsys.readouterr().err
+    for argv in (["--harmful-from", "-3"], ["--harmful", "ten"], ["--fresh", "-1"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(argv)
+        assert "whole number" in capsys.readouterr().err
