@@ -52,6 +52,7 @@ STRATEGIES = {
     "best_of_n(4, helpful-harmless)": {"strategy": "best_of_n", "n": 4, "reward": "helpful-harmless"},
 }
 PROFILES = ["harmless", "helpful"]
+HARMFUL = 120  # held-out harmful prompts by default
 
 
 def write_sets(data: Path, out: Path, harmful: int, seed: int, harmful_from: int = 0) -> dict[str, Path]:
@@ -121,7 +122,8 @@ def quality_arguments(args: argparse.Namespace) -> list[str]:
         quality = ["--prompt-set", f"alpaca_fresh={path}", "--benign", "alpaca_fresh", "--profile", "helpful"]
     else:
         quality = ["--harmful", "harmful", "--benign", "alpaca_val", "--benign", "mt_bench"]
-        for name, path in write_sets(args.data, args.sets_dir, args.harmful, args.seed, args.harmful_from).items():
+        for name, path in write_sets(args.data, args.sets_dir, HARMFUL if args.harmful is None else args.harmful,
+                                          args.seed, args.harmful_from).items():
             quality += ["--prompt-set", f"{name}={path}"]
         for label, alignment in ({} if args.profile else STRATEGIES).items():
             quality += ["--strategy", f"{label}={json.dumps(alignment)}"]
@@ -141,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="the shared data folder")
     parser.add_argument("--sets-dir", type=Path, default=Path("heldout-sets"), help="where the prompt sets are written")
-    parser.add_argument("--harmful", type=_count, default=120, help="held-out harmful prompts (a seeded sample)")
+    parser.add_argument("--harmful", type=_count, default=None,
+                        help=f"held-out harmful prompts (a seeded sample; default {HARMFUL})")
     parser.add_argument("--harmful-from", type=_count, default=0, metavar="K",
                         help="start at the K-th prompt of the seeded order (--harmful-from 120 --harmful 123: "
                              "the area's prompts the first table did not use)")
@@ -158,8 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, refusing those `--fresh` would ignore (it runs `helpful` on its own split)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.fresh:
+        ignored = [flag for flag, value in (("--harmful", args.harmful is not None), ("--harmful-from", args.harmful_from),
+                                            ("--profile", args.profile)) if value]
+        if ignored:
+            parser.error(f"--fresh runs `helpful` on its own benign split; it cannot take {', '.join(ignored)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
 
     from bench.cli import add_subcommands
     from bench.launch import start_server, stop_server

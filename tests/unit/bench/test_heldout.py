@@ -153,3 +153,19 @@ def test_the_arguments_handed_to_bench_quality(tmp_path):
     assert fresh.profile == ["helpful"] and fresh.benign == ["alpaca_fresh"] and fresh.harmful == []
     assert fresh.prompt_set == [f"alpaca_fresh={tmp_path / 'sets/alpaca_fresh.jsonl'}"]
     assert (tmp_path / "sets/alpaca_fresh.jsonl").is_file()  # empty here: the pilots' 120 cover these 36
+
+
+def test_bad_counts_and_options_fresh_would_ignore_are_refused(capsys):
+    import pytest
+
+    from bench.heldout import parse_args
+
+    for argv in (["--harmful-from", "-3"], ["--harmful", "ten"], ["--fresh", "-1"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert "whole number" in capsys.readouterr().err
+    assert parse_args(["--fresh", "5", "--system", "Be brief."]).fresh == 5
+    for extra in (["--harmful", "10"], ["--harmful-from", "120"], ["--profile", "harmless"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--fresh", "5", *extra])
+        assert f"cannot take {extra[0]}" in capsys.readouterr().err
