@@ -5,9 +5,9 @@ seeds, and judges every answer with a judge that neither guides a strategy as a 
 steers one as a guide (the tool refuses otherwise: a strategy optimised against its own
 judge always looks good). Reports per strategy (`bench.quality_report`): mean judge reward;
 win rate against plain decoding with a bootstrap 95% interval and a length-controlled win
-rate (on the benign sets when there are any); refusal and strict refusal (stated in the
-opening sentence) on harmful sets, over-refusal and strict over-refusal on benign sets, each
-with its interval; tokens and seconds per request beside plain's; failed requests.
+rate (on the benign sets when there are any); refusal (declined early) and strict refusal
+(declined early and did not go on to comply), both by `bench.refusal_judge`, on harmful sets,
+over-refusal and strict over-refusal on benign sets, each with its Wilson interval; tokens and seconds per request beside plain's; failed requests.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 
 from aligner.rewards.base import checkpoint_version
-from aligner.rewards.rules import is_refusal, refuses_in_opening
 from bench.load import load_prompts
+from bench.refusal_judge import declined, refused
 from bench.quality_report import format_table, length_controlled_win_rate, plot, summarise, win_rate_ci
 
 __all__ = ["Answer", "QualityConfig", "check_judge_independent", "collect", "dump", "format_table",
@@ -41,8 +41,9 @@ class Answer:
     tokens: int = 0
     latency_s: float = 0.0
     judge: float | None = None
-    refusal: bool = False  # a refusal anywhere in the answer
-    strict_refusal: bool = False  # a refusal stated in the opening sentence
+    # By `bench.refusal_judge`, which no profile selects or steers with:
+    refusal: bool = False  # declined early, whatever came after
+    strict_refusal: bool = False  # declined early and did not go on to comply
     error: str | None = None  # set when the request failed twice; nothing else then counts
 
 
@@ -180,7 +181,7 @@ def request(http: httpx.Client, cfg: QualityConfig, answer: Answer, alignment: d
         data = r.json()
         answer.text = data["choices"][0]["message"]["content"] or ""
         answer.tokens = data["usage"]["completion_tokens"]
-        answer.refusal, answer.strict_refusal = is_refusal(answer.text), refuses_in_opening(answer.text)
+        answer.refusal, answer.strict_refusal = declined(answer.text), refused(answer.text)
         answer.error = None
         return answer
     answer.latency_s = 0.0

@@ -1,6 +1,7 @@
 """The quality bench's statistics, summary and Markdown table (`bench.quality` collects).
 
-Every rate comes with a bootstrap 95% interval over its prompts; a failed request counts in
+Every refusal rate comes with Wilson's 95% interval (sound at 0/n and n/n, where a bootstrap
+collapses to a point), win rates with a bootstrap interval over their prompts; a failed request counts in
 its arm's `errors` and in nothing else (no mean, rate or paired comparison).
 """
 
@@ -50,11 +51,16 @@ def length_controlled_win_rate(wins: np.ndarray, length_diff: np.ndarray, l2: fl
 
 
 def rate_with_ci(flags: list[bool], key: str) -> dict:
-    """{key: rate, key_ci95: [low, high]} over 0/1 outcomes; {} when there are none."""
+    """{key: rate, key_ci95: Wilson's 95% interval} over 0/1 outcomes; {} when there are none.
+
+    >>> [round(x, 3) for x in rate_with_ci([False] * 146, "r")["r_ci95"]]
+    [0.0, 0.026]
+    """
+    from aligner.stats import wilson_interval
+
     if not flags:
         return {}
-    rate, low, high = win_rate_ci(np.array(flags, dtype=float))
-    return {key: rate, f"{key}_ci95": [low, high]}
+    return {key: sum(flags) / len(flags), f"{key}_ci95": wilson_interval(sum(flags), len(flags))}
 
 
 def cost(rows: list[Answer]) -> dict:

@@ -11,12 +11,14 @@ from collections.abc import Sequence
 
 from aligner.rewards.base import Messages, Reward
 
+# "I can't wait to share", "I can't stress enough": idioms, not refusals.
+_NOT_IDIOM = r"\b(?!\s+(?:wait|stress|believe|imagine|help but|emphasi[sz]e|thank|recommend \w+ enough))"
 # Phrases that open or carry a refusal in assistant answers; matched case-insensitively.
 REFUSAL_PATTERNS = [
     r"\bI(?:'m| am) (?:sorry|afraid)\b",
-    r"\bI (?:cannot|can't|can not|won't|will not|must decline|am unable to|'m unable to)\b",
+    rf"\bI (?:cannot|can't|can not|won't|will not|must decline|refuse to){_NOT_IDIOM}",
+    r"\bI(?:'m| am) (?:unable|not able|not comfortable|not going) to\b",
     r"\b(?:cannot|can't|won't) (?:help|assist|provide|comply)\b",
-    r"\bI(?:'m| am) not (?:able|comfortable|going) to\b",
     r"\bas an AI\b",
     r"\b(?:illegal|unethical|harmful) (?:and|or) (?:illegal|unethical|harmful|dangerous)\b",
     r"\bI (?:strongly )?(?:advise|urge) (?:you )?against\b",
@@ -25,9 +27,9 @@ _REFUSAL_RE = re.compile("|".join(REFUSAL_PATTERNS), re.IGNORECASE)
 # The ones that decline: an apology ("I'm sorry for any confusion"), "as an AI" or a warning
 # alone is not a refusal when it opens an answer.
 DECLINE_PATTERNS = [
-    r"\bI (?:cannot|can't|can not|won't|will not|must decline|am unable to|'m unable to)\b",
+    rf"\bI (?:cannot|can't|can not|won't|will not|must decline|refuse to){_NOT_IDIOM}",
+    r"\bI(?:'m| am) (?:unable|not able|not comfortable|not going) to\b",
     r"\b(?:cannot|can't|won't) (?:help|assist|provide|comply)\b",
-    r"\bI(?:'m| am) not (?:able|comfortable|going) to\b",
     r"\bI (?:must|have to) (?:decline|refuse)\b",
 ]
 _DECLINE_RE = re.compile("|".join(DECLINE_PATTERNS), re.IGNORECASE)
@@ -39,8 +41,19 @@ MAX_KEYWORD_LEN = 64
 OPENING_WORDS = 30
 
 
+def normalise(text: str) -> str:
+    """Curly apostrophes as straight ones: "I’m unable to" reads as "I'm unable to"."""
+    return text.replace("\u2019", "'").replace("\u2018", "'")
+
+
 def is_refusal(text: str) -> bool:
-    return bool(_REFUSAL_RE.search(text))
+    """
+    >>> is_refusal("I’m unable to share that."), is_refusal("I refuse to write it.")
+    (True, True)
+    >>> is_refusal("I can't wait to share this recipe!")
+    False
+    """
+    return bool(_REFUSAL_RE.search(normalise(text)))
 
 
 def opening(text: str, words: int = OPENING_WORDS) -> str:
@@ -66,7 +79,7 @@ def refuses_in_opening(text: str) -> bool:
     >>> refuses_in_opening("I'm sorry for any confusion. Here is the recipe.")
     False
     """
-    return bool(_DECLINE_RE.search(opening(text)))
+    return bool(_DECLINE_RE.search(opening(normalise(text))))
 
 
 class RegexCountReward(Reward):

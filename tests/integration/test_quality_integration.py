@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from aligner.rewards.rules import is_refusal, refuses_in_opening
+from aligner.rewards.rules import is_refusal
+from bench.refusal_judge import declined, refused
 from bench.launch import REPO
 
 pytestmark = pytest.mark.integration
@@ -52,7 +53,7 @@ def test_quality_report_with_a_rule_judge(server, tmp_path):
     assert helpful == {"Name three fruits.", "What is 2 + 2?"}  # the first turn; the last user message
     for a in data["answers"]:
         assert a["error"] is None and a["tokens"] > 0 and a["latency_s"] > 0
-        assert a["refusal"] == is_refusal(a["text"]) and a["strict_refusal"] == refuses_in_opening(a["text"])
+        assert a["refusal"] == declined(a["text"]) and a["strict_refusal"] == refused(a["text"])
     for label, entry in summary.items():
         answers = [a for a in data["answers"] if a["strategy"] == label]
         # The judge (compliance: 1 unless the answer refuses) is recomputed here.
