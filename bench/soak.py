@@ -33,8 +33,9 @@ from bench.launch import start_server, stop_server
 
 MODEL = "SmolLM2-135M-Instruct"
 MIX = [
-    ({}, 0.15),
+    ({}, 0.11),
     ({"strategy": "mbr", "n": 4}, 0.05),
+    ({"strategy": "decline", "n": 4}, 0.04),
     ({"strategy": "best_of_n", "n": 4, "reward": "rm"}, 0.1),
     ({"strategy": "best_of_n", "n": 8, "batch": 2, "stop_margin": 0.05, "reward": "rm"}, 0.05),
     ({"strategy": "soft_best_of_n", "n": 4, "reward": {"rm": 1.0, "length_penalty": 0.5}, "lambda": 0.5}, 0.05),

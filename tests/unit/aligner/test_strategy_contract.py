@@ -246,6 +246,19 @@ def check_urial(result: StrategyResult, world: World) -> None:
     assert request.prompt_ids == world.engine.tokenizer.encode_chat(DEFAULT_IN_CONTEXT.prefix() + MESSAGES)
 
 
+def check_decline(result: StrategyResult, world: World) -> None:
+    from aligner.strategies.decline import FALLBACK, declined
+
+    info = result.info["decline"]
+    (request,) = world.engine.requests
+    assert info["candidates"] == request.sampling.n == 3 and request.sampling.max_tokens <= 64
+    texts = [world.engine.tokenizer.decode(ids) for ids in request.outputs]
+    assert info["declined"] == sum(declined(t) is not None for t in texts)
+    assert info["fallback"] == max(0, len(result.choices) - info["declined"])
+    for choice in result.choices:  # a decline cut from a candidate, or the fixed refusal
+        assert choice.text == FALLBACK or declined(choice.text) == choice.text
+
+
 def check_none(result: StrategyResult, world: World) -> None:
     assert result.info == {}
 
@@ -284,6 +297,7 @@ SETUPS: dict[str, Setup] = {
                      scoring={"candidates": 2, "rewriter": HELPER}),
     "urial": Setup({"template": "default"}, True, check_urial, [({"template": "nope"}, "template")]),
     "mbr": Setup({"n": 4}, True, check_mbr, [({"n": MAX_CANDIDATES + 1}, "n")]),
+    "decline": Setup({"n": 3}, True, check_decline, [({"n": MAX_CANDIDATES + 1}, "n")]),
 }
 WITHOUT_SERVER_LIMITS = {"none"}  # nothing in their parameters depends on the server
 
