@@ -133,6 +133,8 @@ def load_prompts(config: ClassifierTrainingConfig) -> Prompts:
         classes[label] = texts
     both = set(classes["positive"]) & set(classes["negative"])
     stats["in_both_classes"] = len(both)
+    # (request, response) pairs make an output rail's model, requests alone a request classifier.
+    stats["pairs"] = any(ps.PAIR_SEP in t for texts in classes.values() for t in texts)
     train, val = {}, {}
     for label, texts in classes.items():
         train[label], val[label] = ps.split_prompts([t for t in texts if t not in both], config.val_fraction, config.seed)

@@ -20,21 +20,34 @@ def render_classifier_card(name: str, record: dict[str, Any]) -> str:
     config, train, data = record["config"], record["train"], record["data"]
     val, threshold = record.get("validation"), record.get("threshold")
     sources = "\n".join(
-        f"- `{source}` ({s['class']}): {s['prompts']} distinct prompts"
+        f"- `{source}` ({s['class']}): {s['prompts']} distinct {'pairs' if data.get('pairs') else 'prompts'}"
         + (f", {s['in_report_sets']} dropped because a report set holds them" if s["in_report_sets"] else "")
         for source, s in data["sources"].items()
     )
+    if data.get("pairs"):
+        head = (
+            f"# {name}\n\nAn answer classifier for an output rail (\"does this answer serve a harmful request?\"), "
+            f"trained with `aligner train-classifier` on (request, answer) pairs, base `{config['base']}`: LoRA "
+            "adapter + a one-output head, class-weighted binary cross-entropy. Its score is the raw logit of "
+            "\"harmful\" for the pair (request, answer or a window of it), encoded as the server encodes a reward "
+            "model's (prompt, response) pair (`aligner.rewards.encoding.PairEncoder`, layout and length in "
+            "`aligner_reward.json`). `alignment.rail` (`aligner.rail`) scores a window of the answer with it.")
+        unit = "pairs"
+    else:
+        head = (
+            f"# {name}\n\nA request classifier (\"is this request harmful?\"), trained with `aligner train-classifier` "
+            f"on base `{config['base']}`: LoRA adapter + a one-output head, class-weighted binary cross-entropy. "
+            "Its score is the raw logit of \"harmful\" for the pair (request, empty response), encoded as the server "
+            "encodes a reward model's (prompt, response) pair (`aligner.rewards.encoding.PairEncoder`, layout and "
+            "length in `aligner_reward.json`): score the request with response `\"\"`.")
+        unit = "prompts"
     sections = [
-        f"# {name}\n\nA request classifier (\"is this request harmful?\"), trained with `aligner train-classifier` "
-        f"on base `{config['base']}`: LoRA adapter + a one-output head, class-weighted binary cross-entropy. "
-        "Its score is the raw logit of \"harmful\" for the pair (request, empty response), encoded as the server "
-        "encodes a reward model's (prompt, response) pair (`aligner.rewards.encoding.PairEncoder`, layout and "
-        "length in `aligner_reward.json`): score the request with response `\"\"`.",
+        head,
         f"`aligner serve --models-dir` registers it as the reward `{name}` (kind `classifier`: never the default "
-        "reward). Flag a request when its score is >= the threshold"
+        "reward). Flag a request (or an answer) when its score is >= the threshold"
         + (f" **{threshold:.4f}** (logit units, `threshold` in `aligner_reward.json`)." if threshold is not None else "."),
         f"## Data\n\n{sources}\n\n"
-        f"- training: {data['positive']['train']} harmful, {data['negative']['train']} benign prompts; "
+        f"- training: {data['positive']['train']} harmful, {data['negative']['train']} benign {unit}; "
         f"validation: {data['positive']['val']} harmful, {data['negative']['val']} benign "
         f"(a seeded {config['val_fraction']:g} of each class, by a hash of the text); "
         f"{data['in_both_classes']} prompts in both classes left out.",

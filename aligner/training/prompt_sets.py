@@ -25,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 SELECTORS = ("category", "not-category", "train", "val")
+# A (request, response) item of a pair file (rows with `prompt` and `response`), kept as one
+# string so that de-duplication, hashing and splits treat it like a request.
+PAIR_SEP = "\u241e"
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,10 @@ def load_prompts(source: PromptSource, seed: int) -> list[str]:
         rows = [r for r in rows if r.get("category") == source.value]
     elif source.key == "not-category":
         rows = [r for r in rows if r.get("category") != source.value]
-    texts = [first_user_text(r["prompt"]) if "prompt" in r else (r.get("turns") or [None])[0] for r in rows]
+    if rows and "response" in rows[0]:  # (request, response) pairs: an output rail's items
+        texts = [pair_item(first_user_text(r.get("prompt")), r.get("response")) for r in rows]
+    else:
+        texts = [first_user_text(r["prompt"]) if "prompt" in r else (r.get("turns") or [None])[0] for r in rows]
     kept = dict.fromkeys(t.strip() for t in texts if isinstance(t, str) and t.strip())
     if not kept:
         raise ValueError(f"{source.path}: no prompts selected by {source.key}={source.value}")
@@ -119,9 +125,28 @@ def as_messages(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
+def pair_item(prompt: str | None, response: str | None) -> str | None:
+    """One (request, response) pair as an item.
+
+    >>> split_item(pair_item("q", "a")), split_item("q")
+    (('q', 'a'), ('q', ''))
+    """
+    if not isinstance(prompt, str) or not isinstance(response, str) or not prompt.strip() or not response.strip():
+        return None
+    return f"{prompt.strip()}{PAIR_SEP}{response.strip()}"
+
+
+def split_item(item: str) -> tuple[str, str]:
+    """(request, response) of an item; a plain request has the empty response."""
+    prompt, _, response = item.partition(PAIR_SEP)
+    return prompt, response
+
+
 def encode_prompt(encoder, text: str) -> list[int]:
-    """Token ids of a request with an EMPTY response: what the server scores with response ""."""
-    prompt_ids, response_ids = encoder.encode(as_messages(text), "")
+    """Token ids of an item: a request with an EMPTY response (what the server scores with
+    response ""), or a (request, response) pair as the server scores a reward's pair."""
+    prompt, response = split_item(text)
+    prompt_ids, response_ids = encoder.encode(as_messages(prompt), response)
     return prompt_ids + response_ids
 
 
