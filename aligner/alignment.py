@@ -27,6 +27,8 @@ from pydantic import ValidationError
 
 from aligner.budget import BudgetParams
 from aligner.profiles import ProfileStore
+from aligner import rail as output_rail
+from aligner.rail import RailParams
 from aligner.strategies import (
     Strategy,
     StrategyContext,
@@ -109,6 +111,20 @@ class ResolvedAlignment:
     reward_versions: dict[str, str] = field(default_factory=dict)
     # {"name", "arm", "unit"} when the request named an experiment (set by the server).
     experiment: dict[str, str] | None = None
+    # `alignment.rail`: the answer's own check (`aligner.rail`), on whatever strategy runs.
+    rail: RailParams | None = None
+
+    def run(self, ctx: StrategyContext):
+        """The strategy's result, through the rail when there is one (a coroutine)."""
+        if self.rail is None:
+            return self.strategy.run(ctx, self.params)
+        return output_rail.run(self.strategy, self.params, self.rail, ctx)
+
+    def stream(self, ctx: StrategyContext):
+        """The strategy's stream, through the rail when there is one."""
+        if self.rail is None:
+            return self.strategy.stream(ctx, self.params)
+        return output_rail.stream(self.strategy, self.params, self.rail, ctx)
 
 
 def resolve_alignment(
@@ -162,12 +178,13 @@ def _parse(
         fields = _merge_profile(fields, reference, profiles)
         source_suffix = f":profile {reference}"
     limits = _limits(fields)
+    rail = _rail(fields)
     if "route" in fields:
         strategy, params = _parse_route(fields, templates)
-        return ResolvedAlignment(strategy, params, "body" + source_suffix, limits)
+        return ResolvedAlignment(strategy, params, "body" + source_suffix, limits, rail=rail)
     if "pipeline" in fields:
         strategy, params = _parse_pipeline(fields, templates)
-        return ResolvedAlignment(strategy, params, "body" + source_suffix, limits)
+        return ResolvedAlignment(strategy, params, "body" + source_suffix, limits, rail=rail)
     body_strategy = fields.pop("strategy", None)
     if body_strategy is not None and not isinstance(body_strategy, str):
         raise AlignmentError("alignment.strategy must be a string", ("alignment", "strategy"))
@@ -185,7 +202,7 @@ def _parse(
     if strategy is None:
         raise _unknown(name, loc, source)
     return ResolvedAlignment(strategy, _params(strategy, fields, ("alignment",), templates), source + source_suffix,
-                             limits)
+                             limits, rail=rail)
 
 
 def _limits(fields: dict) -> BudgetParams:
@@ -195,6 +212,19 @@ def _limits(fields: dict) -> BudgetParams:
         return BudgetParams.model_validate(asked)
     except ValidationError as exc:
         raise AlignmentError.from_validation(exc, ("alignment",)) from None
+
+
+def _rail(fields: dict) -> RailParams | None:
+    """Take `rail` out of `fields` (it checks whatever strategy runs); null turns a profile's off."""
+    spec = fields.pop("rail", None)
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise AlignmentError("alignment.rail must be an object, or null for none", ("alignment", "rail"))
+    try:
+        return RailParams.model_validate(spec)
+    except ValidationError as exc:
+        raise AlignmentError.from_validation(exc, ("alignment", "rail")) from None
 
 
 def _merge_profile(fields: dict, reference: Any, profiles: ProfileStore | None) -> dict:
@@ -303,6 +333,11 @@ def _relocated(exc: AlignmentError, where: tuple) -> AlignmentError:
 
 def _check(resolved: ResolvedAlignment, ctx: StrategyContext, loc: tuple = ("alignment",)) -> None:
     """The server-dependent pass, in place: each strategy's `check` may resolve its params."""
+    if resolved.rail is not None:
+        try:
+            resolved.rail = output_rail.check_rail(resolved.rail, ctx)
+        except StrategyParamError as exc:
+            raise AlignmentError(str(exc), (*loc, *exc.param.split("."))) from None
     resolved.params = _checked(resolved.strategy, resolved.params, loc, ctx)
     if isinstance(resolved.strategy, Pipeline):
         resolved.strategy = Pipeline([

@@ -138,12 +138,12 @@ class ServingChat(ServingBase):
             return ticket
         self.metrics.candidates.labels(strategy.name).observe(sequences)
         if request.stream:
-            events = await prime(holding(ticket, strategy.stream(ctx, params)))
+            events = await prime(holding(ticket, resolved.stream(ctx)))
             if isinstance(events, ErrorResponse):
                 return events
             return self._stream(request, request_id, resolved, events, started, budget, trace)
         try:
-            async for result in holding(ticket, once(strategy.run(ctx, params))):
+            async for result in holding(ticket, once(resolved.run(ctx))):
                 pass
         except ENGINE_ERRORS as exc:
             return engine_error(exc)

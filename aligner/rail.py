@@ -1,0 +1,251 @@
+"""The output rail: a check of the *answer*, not only of the request, on every strategy's output.
+
+    {"alignment": {"profile": "harmless"}}                 # harmless@4 and later carry one
+    {"alignment": {"strategy": "best_of_n", "rail": {"model": "harmful-response"}}}
+
+A registered classifier scores (the request's last user turn, a window of the answer): the
+last `window_words` words of the answer so far, every `every_words` words and at the end.
+At or above its threshold (the request's `rail.threshold`, else the one recorded with the
+model) the answer stops there: what was already checked stays, the rest is replaced by
+`refusal`, and the choice finishes with OpenAI's `content_filter`. `alignment.rail` says what
+was checked and where it stopped.
+
+Streamed, the rail holds each piece of text back until a check has passed over it, so a
+window that fails is never sent: a stream costs up to `every_words` words of delay, and a
+benign answer arrives unchanged, byte for byte. When every choice has stopped, the strategy's
+decoding is aborted.
+
+The rail's model must not select or steer what it checks (it is not a reward of the
+strategies it guards), and a bench must not judge with it: `bench.safety` judges with
+`bench.refusal_judge`. A rail whose model fails lets the answer through and says so
+(`alignment.rail.error`): a safety stage that fails closed is the router's job (`route`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from aligner.rewards import RewardError
+from aligner.strategies.base import (
+    Candidate,
+    KeepAlive,
+    StageReport,
+    Strategy,
+    StrategyContext,
+    StrategyParamError,
+    StrategyParams,
+    StrategyResult,
+    StreamEvent,
+)
+from decoding.engine import SequenceDelta
+
+logger = logging.getLogger(__name__)
+
+CONTENT_FILTER = "content_filter"  # OpenAI's finish reason for an answer a filter stopped
+REFUSAL = "I'm sorry, but I can't continue with this."
+
+
+class RailParams(BaseModel):
+    """`alignment.rail`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="a registered classifier of (request, answer) pairs, e.g. harmful-response")
+    threshold: float | None = Field(default=None, description="stop at or above this score (default: the model's)")
+    every_words: int = Field(default=16, ge=4, le=256, description="check after this many new words of the answer")
+    window_words: int = Field(default=48, ge=8, le=256, description="the answer's last words each check reads")
+    refusal: str = Field(default=REFUSAL, min_length=1, max_length=300, description="what replaces the rest")
+
+
+def check_rail(rail: RailParams, ctx: StrategyContext) -> RailParams:
+    """The model is registered and has a threshold (or the request gives one)."""
+    model = ctx.rewards.get(rail.model)
+    if model is None:
+        known = ", ".join(sorted(ctx.rewards.rewards)) or "none"
+        raise StrategyParamError(f"unknown rail model {rail.model!r} (registered rewards: {known})", "rail.model")
+    if rail.threshold is None:
+        recorded = getattr(model, "threshold", None)
+        if recorded is None:
+            raise StrategyParamError(f"{rail.model!r} records no threshold: give rail.threshold", "rail.threshold")
+        rail = rail.model_copy(update={"threshold": float(recorded)})
+    return rail
+
+
+def window(text: str, words: int) -> str:
+    """The last `words` words of `text`.
+
+    >>> window("a b c d", 2)
+    'c d'
+    """
+    return " ".join(text.split()[-words:])
+
+
+def boundaries(text: str, every: int) -> list[int]:
+    """Word counts at which a whole answer is checked: every `every` words, and its end.
+
+    >>> boundaries("w " * 40, 16)
+    [16, 32, 40]
+    >>> boundaries("", 16)
+    []
+    """
+    n = len(text.split())
+    return [*range(every, n, every), n] if n else []
+
+
+@dataclass
+class Choice:
+    """One choice's state in a railed stream."""
+
+    text: str = ""  # everything the strategy sent
+    sent: str = ""  # what passed a check and went to the client
+    held: list[SequenceDelta] = field(default_factory=list)
+    next_check: int = 0
+    stopped_at: int | None = None  # words of `sent` when the rail stopped it
+    finish_reason: str | None = None
+
+
+@dataclass
+class Rail:
+    """One request's rail: its params (checked), the request turn it reads, what it did."""
+
+    params: RailParams
+    request: list[dict[str, str]]
+    checks: int = 0
+    seconds: float = 0.0
+    top: float | None = None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, params: RailParams, ctx: StrategyContext) -> Rail:
+        users = [m["content"] for m in ctx.messages if m.get("role") == "user" and m.get("content")]
+        return cls(params, [{"role": "user", "content": users[-1] if users else ""}])
+
+    async def flags(self, ctx: StrategyContext, texts: list[str]) -> list[bool]:
+        """Whether each window is at or above the threshold (all False when the model fails)."""
+        if not texts or self.error is not None:
+            return [False] * len(texts)
+        began = time.perf_counter()
+        try:
+            report = await ctx.rewards.score({self.params.model: 1.0}, self.request, texts)
+        except RewardError as exc:
+            logger.warning("rail model %s failed; answer let through: %s", self.params.model, exc)
+            self.error = f"the rail model failed ({exc.name}); the answer was not checked further"
+            return [False] * len(texts)
+        finally:
+            self.seconds += time.perf_counter() - began
+        self.checks += len(texts)
+        scores = list(report.total)
+        self.top = max([*scores, *([self.top] if self.top is not None else [])])
+        return [s >= self.params.threshold for s in scores]
+
+    def report(self, stopped: list[int]) -> dict[str, Any]:
+        out = {"model": self.params.model, "threshold": self.params.threshold, "checks": self.checks,
+               "max_score": None if self.top is None else round(self.top, 4), "stopped": stopped}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+    def stage(self) -> StageReport:
+        return StageReport("rail", self.seconds)
+
+
+def _stopped_text(text: str, words: int, refusal: str) -> str:
+    kept = " ".join(text.split()[:words])
+    return f"{kept} {refusal}" if kept else refusal
+
+
+async def run(strategy: Strategy, params: StrategyParams, rail_params: RailParams, ctx: StrategyContext) -> StrategyResult:
+    """The strategy's answers, each checked whole at every boundary (one scoring call)."""
+    rail = Rail.of(rail_params, ctx)
+    result = await strategy.run(ctx, params)
+    windows, where = [], []
+    for i, choice in enumerate(result.choices):
+        words = choice.text.split()
+        previous = 0
+        for k in boundaries(choice.text, rail_params.every_words):
+            windows.append(" ".join(words[max(0, k - rail_params.window_words):k]))
+            where.append((i, previous))  # what stays if this window fails: the words checked before it
+            previous = k
+    stopped: dict[int, int] = {}
+    for (i, kept), flagged in zip(where, await rail.flags(ctx, windows)):
+        if flagged and i not in stopped:
+            stopped[i] = kept
+    for i, kept in stopped.items():
+        choice = result.choices[i]
+        result.choices[i] = Candidate(choice.index, _stopped_text(choice.text, kept, rail_params.refusal), [],
+                                      CONTENT_FILTER)
+    result.stages.append(rail.stage())
+    result.info["rail"] = rail.report(sorted(stopped))
+    return result
+
+
+async def stream(strategy: Strategy, params: StrategyParams, rail_params: RailParams,
+                 ctx: StrategyContext) -> AsyncIterator[StreamEvent]:
+    """The strategy's stream with each piece held back until a check passes over it."""
+    rail = Rail.of(rail_params, ctx)
+    every = rail_params.every_words
+    choices = {i: Choice(next_check=every) for i in range(ctx.num_choices)}
+    tokens = 0
+    began = time.perf_counter()
+
+    async def check(i: int, final: bool) -> list[StreamEvent]:
+        state = choices[i]
+        if state.stopped_at is not None or not state.held:
+            return []
+        if not final and len(state.text.split()) < state.next_check:
+            return []
+        (flagged,) = await rail.flags(ctx, [window(state.text, rail_params.window_words)])
+        if flagged:
+            state.stopped_at = len(state.sent.split())
+            state.held.clear()
+            prefix = " " if state.sent and not state.sent[-1].isspace() else ""
+            return [SequenceDelta(i, prefix + rail_params.refusal, [], None, CONTENT_FILTER)]
+        out, state.held = state.held, []
+        state.sent = state.text
+        state.next_check = len(state.text.split()) + every
+        return out
+
+    events = strategy.stream(ctx, params)
+    result = None
+    async with contextlib.aclosing(events):
+        async for event in events:
+            if isinstance(event, KeepAlive):
+                yield event
+            elif isinstance(event, SequenceDelta):
+                state = choices.setdefault(event.index, Choice(next_check=every))
+                tokens += len(event.token_ids)
+                if state.stopped_at is not None:
+                    continue
+                state.text += event.text
+                state.held.append(event)
+                for out in await check(event.index, event.finish_reason is not None):
+                    yield out
+                if all(c.stopped_at is not None for c in choices.values()):
+                    break  # nothing left to send: closing the stream aborts the decoding
+            elif isinstance(event, StrategyResult):
+                result = event
+                for i in choices:
+                    for out in await check(i, True):
+                        yield out
+                break
+    stopped = sorted(i for i, c in choices.items() if c.stopped_at is not None)
+    if result is None:  # every choice stopped: the strategy's own result never came
+        result = StrategyResult(choices=[], stages=[StageReport("generate", time.perf_counter() - began,
+                                                                len(ctx.prompt_ids), tokens)])
+        result.choices = [Candidate(i, "", [], CONTENT_FILTER) for i in sorted(choices)]
+    for i in stopped:
+        state = choices[i]
+        prefix = " " if state.sent and not state.sent[-1].isspace() else ""
+        text = state.sent + prefix + rail_params.refusal
+        if i < len(result.choices):
+            result.choices[i] = Candidate(i, text, [], CONTENT_FILTER)
+    result.stages.append(rail.stage())
+    result.info["rail"] = rail.report(stopped)
+    yield result
