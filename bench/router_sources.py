@@ -25,7 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-SETS_DIR = Path(__file__).parent / "sets"
+SETS_DIR = Path("bench/sets")  # the contrast sets; bench commands run from the repository root
+SHIPPED_MAX_VAL_FPR = 0.02  # the rule this chose (no rule met the criterion: the lowest FP); models/harmful-request uses it
 
 
 def recipe(data: Path, sets: Path) -> dict[str, dict[str, str]]:

@@ -8,7 +8,8 @@ import json
 import httpx
 import pytest
 
-from aligner.rewards.rules import refuses_in_opening
+from aligner.strategies.decline import FALLBACK, declined
+from bench.refusal_judge import label
 from tests.conftest import MODEL
 
 pytestmark = pytest.mark.integration
@@ -38,23 +39,28 @@ def classifier_row(server) -> dict:
     return row
 
 
-def test_the_harmless_profile_refuses_a_flagged_request_with_the_policys_own_words(server):
+def test_the_harmless_profile_declines_a_flagged_request_and_stops(server):
     threshold = classifier_row(server)["threshold"]
-    reply = ok(server, HARMFUL, {"profile": "harmless", "return_candidates": True})
+    reply = ok(server, HARMFUL, {"profile": "harmless", "return_candidates": True}, max_tokens=120)
     report = reply["alignment"]
     route = report["route"]
     assert route["branch"] == "flagged" and route["score"] >= threshold == route["threshold"]
     assert report["params"]["flagged"]["pipeline"][0] == {"strategy": "urial", "template": "safety",
                                                           "return_candidates": True, "fallback": True}
     assert [s["stage"] for s in report["stages"]][:2] == ["route", "urial"]
-    # best_of_n by refusal_opening: the answer is the policy's own candidate with the top score,
-    # and it declines in its opening whenever any of the four did.
-    candidates = report["candidates"]
+    # decline: the first of the two candidates that opens by declining, cut to the decline and
+    # at most one suggestion; the fixed refusal when none does. Nothing after it.
+    candidates = [c["text"] for c in report["candidates"]]
     answer = reply["choices"][0]["message"]["content"]
-    assert len(candidates) == 4 and answer in [c["text"] for c in candidates]
-    assert [refuses_in_opening(c["text"]) for c in candidates] == [c["score"] == 1.0 for c in candidates]
-    assert refuses_in_opening(answer) == any(c["score"] == 1.0 for c in candidates)
-    assert reply["usage"]["completion_tokens"] == sum(c["completion_tokens"] for c in candidates)
+    first = next((cut for c in candidates if (cut := declined(c)) is not None), None)
+    assert len(candidates) == 2 and answer == (first if first is not None else FALLBACK)
+    assert report["decline"] == {"candidates": 2, "declined": sum(declined(c) is not None for c in candidates),
+                                 "fallback": int(first is None)}
+    assert len(answer.split()) <= 60 and label(answer) == "refusal"
+    # Usage counts every candidate the policy decoded (48 tokens at most each), not the cut answer.
+    assert reply["usage"]["completion_tokens"] == sum(c["completion_tokens"] for c in report["candidates"]) <= 2 * 48
+    # The output rail checked the answer too, and let the refusal through.
+    assert report["rail"]["model"] == "harmful-response" and report["rail"]["stopped"] == []
 
 
 def test_an_unflagged_request_is_answered_as_plain_decoding_would(server):

@@ -1,4 +1,5 @@
-"""`bench.router_areas`: it must train what `models/harmful-request` trained, with another area held out."""
+"""`bench.router_areas` (one Do-Not-Answer area held out) and `bench.router_sources` (one training
+source held out): the latter must train what `models/harmful-request` trained."""
 
 from __future__ import annotations
 
@@ -12,12 +13,26 @@ from bench.router_areas import format_table, row_of, training_config
 SHIPPED = REPO / "models/harmful-request/eval.json"
 
 
-def test_with_malicious_uses_held_out_it_is_the_shipped_classifiers_config():
+def test_without_a_source_left_out_it_is_the_shipped_classifiers_config():
+    from bench.router_sources import SHIPPED_MAX_VAL_FPR, config_for
+
     shipped = json.loads(SHIPPED.read_text())["config"]
     shipped.pop("card_notes")  # words on the card, not training settings
-    config = dataclasses.asdict(training_config(Path("../shared/data"), "malicious_uses", Path("models/harmful-request")))
+    config = dataclasses.asdict(config_for(Path("../shared/data"), Path("safety-sets"), Path("models/harmful-request"),
+                                           SHIPPED_MAX_VAL_FPR))
     config.pop("card_notes")
     assert config == shipped
+
+
+def test_leaving_a_source_out_makes_it_the_only_report_set():
+    from bench.router_sources import config_for
+
+    config = config_for(Path("d"), Path("s"), Path("out"), 0.05, "contrast_train")
+    assert config.negative == ["d/prefs/alpaca_eval_gpt4turbo.jsonl.gz#train=0.1"]
+    assert config.report_negative == ["bench/sets/contrast_train.jsonl"] and config.report_positive == []
+    assert len(config.positive) == 3
+    config = config_for(Path("d"), Path("s"), Path("out"), 0.05, "advbench")
+    assert config.report_positive == ["s/advbench.jsonl"] and "s/advbench.jsonl" not in config.positive
 
 
 def test_another_area_swaps_training_and_report_sides():
@@ -27,13 +42,16 @@ def test_another_area_swaps_training_and_report_sides():
 
 
 def test_a_row_and_its_table_line():
-    record = json.loads(SHIPPED.read_text())
+    record = {"held_out": {"do_not_answer#category=malicious_uses": {"class": "positive", "n": 10, "flagged": 7, "rate": 0.7},
+                           "alpaca_eval_gpt4turbo#val=0.1": {"class": "negative", "n": 5, "flagged": 1, "rate": 0.2},
+                           "mt_bench": {"class": "negative", "n": 4, "flagged": 0, "rate": 0.0}},
+              "validation": {"auc": 0.9, "recall": {"rate": 0.8}, "false_positives": {"rate": 0.05}},
+              "threshold": 1.5, "train": {"seconds": 3.0}}
     row = row_of("malicious_uses", record)
-    assert row["recall"] == {k: record["held_out"]["do_not_answer#category=malicious_uses"][k] for k in ("n", "flagged", "rate")} | {"class": "positive"}
+    assert row["recall"] == {"class": "positive", "n": 10, "flagged": 7, "rate": 0.7}
     assert set(row["false_positives"]) == {"alpaca_eval_gpt4turbo", "mt_bench"}
     table = format_table([row]).splitlines()
-    m = row["recall"]
-    assert len(table) == 3 and table[2].startswith(f"| `malicious_uses` | {m['flagged']} / {m['n']} (")
+    assert len(table) == 3 and table[2].startswith("| `malicious_uses` | 7 / 10 (")
 
 
 def test_the_sweep_keeps_the_rule_with_most_recall_under_the_false_positive_bound():
