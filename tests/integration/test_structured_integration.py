@@ -299,6 +299,10 @@ def test_refused_combinations_name_the_parameter(server, body, param):
 def test_responses_api_text_in_text_out(client, strategy):
     settings = sampling(strategy)
     seed = {"seed": settings.pop("seed")} if "seed" in settings else {}  # an extension the SDK does not know
+    if strategy == "best_of_n":
+        # At 0.8 the 135M model names a landmark instead of Paris on some CPUs (AVX2: "L'Etoile de
+        # France ..."); this checks the Responses API under best-of-N, not the model's sampling.
+        settings["temperature"] = 0.3
     response = client.responses.create(model=MODEL, input="What is the capital of France?", max_output_tokens=24,
                                        instructions="Answer in one sentence.", **settings,
                                        extra_body={"alignment": ALIGN[strategy], **seed})
@@ -365,7 +369,7 @@ def test_langchain_bind_tools(server, strategy):
 @pytest.mark.parametrize("mode", ["JSON", "TOOLS"])
 def test_instructor_modes(client, strategy, mode):
     import instructor
-    from instructor.core.exceptions import InstructorRetryException
+    from instructor.core.exceptions import IncompleteOutputException, InstructorRetryException
 
     patched = instructor.from_openai(client, mode=getattr(instructor.Mode, mode))
     try:
@@ -378,6 +382,13 @@ def test_instructor_modes(client, strategy, mode):
         # often ignores when sampling: what the server guarantees there is a JSON object.
         assert mode == "JSON" and strategy == "best_of_n", exc
         assert all(isinstance(json.loads(a.completion.choices[0].message.content), dict) for a in exc.failed_attempts)
+        return
+    except IncompleteOutputException as exc:
+        # The same mode when a sampled object runs past max_tokens: the answer is cut, so it is
+        # a JSON prefix, and the server says so with finish_reason "length".
+        assert mode == "JSON" and strategy == "best_of_n", exc
+        choice = exc.last_completion.choices[0]
+        assert choice.finish_reason == "length" and choice.message.content.lstrip().startswith("{")
         return
     assert isinstance(city, City) and city.name
 
