@@ -34,7 +34,7 @@ class StructuredOutput:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Engine-neutral sampling settings; `decoding.vllm_engine` maps them to vLLM's."""
+    """Engine-neutral sampling settings; `decoding.vllm_convert` maps them to vLLM's."""
 
     max_tokens: int
     n: int = 1
@@ -175,6 +175,46 @@ class InvalidRequestError(ValueError):
         self.param = param
 
 
+EngineState = Literal["ready", "starting", "restarting", "dead", "failed"]
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """Where an engine stands, for `/ready`. `reason`: "(ErrorType): first line" when it failed
+    to start (the whole error and its traceback are in the log); `numerics`: what was built and
+    its self-check, so far."""
+
+    state: EngineState
+    reason: str | None = None
+    numerics: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, *, ready: bool, dead: bool, restarting: bool = False, start_error: BaseException | None = None,
+           numerics: dict[str, Any] | None = None) -> EngineStatus:
+        """The status an engine's flags mean, the most telling first.
+
+        >>> EngineStatus.of(ready=False, dead=False, start_error=OSError("no weights\\nat ...")).problem()
+        'failed to start (OSError): no weights'
+        >>> EngineStatus.of(ready=True, dead=False).problem() is None
+        True
+        """
+        if ready:
+            return cls("ready", numerics=numerics)
+        if restarting:
+            return cls("restarting", numerics=numerics)
+        if dead:
+            return cls("dead", numerics=numerics)
+        if start_error is not None:
+            reason = (str(start_error).splitlines() or [""])[0][:200]
+            return cls("failed", f"({type(start_error).__name__}): {reason}", numerics)
+        return cls("starting", numerics=numerics)
+
+    def problem(self) -> str | None:
+        """Why the engine cannot serve, as the end of a sentence ("the engine ..."), or None."""
+        return {"ready": None, "starting": "is still loading", "restarting": "is restarting after a fault",
+                "dead": "is dead", "failed": f"failed to start {self.reason}"}[self.state]
+
+
 class Engine(Protocol):
     """What the server needs from an engine. `decoding.vllm_engine.VLLMEngine` implements it."""
 
@@ -191,6 +231,10 @@ class Engine(Protocol):
 
     @property
     def tokenizer(self) -> ChatTokenizer: ...
+
+    def status(self) -> EngineStatus:
+        """Ready, starting, restarting, dead or failed (with why), and its numerics."""
+        ...
 
     async def start(self) -> None: ...
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from decoding.engine import EngineDeadError, EngineError
+from decoding.engine import EngineDeadError, EngineError, EngineStatus
 
 logger = logging.getLogger(__name__)
 
@@ -95,14 +95,14 @@ class VLLMPoolingEngine:
     def dead(self) -> bool:
         return self._failed or (self._llm is not None and bool(self._llm.errored))
 
-    @property
-    def start_error(self) -> BaseException | None:
-        return self._start_error
+    def status(self) -> EngineStatus:
+        return EngineStatus.of(ready=self.ready, dead=self.dead, restarting=self.restarting,
+                               start_error=self._start_error, numerics=self.numerics)
 
     def _build(self):
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from decoding.vllm_engine import detect_device
+        from decoding.vllm_config import detect_device
 
         device = detect_device()
         logger.info("building vLLM pooling engine for reward %s (%s) on %s", self.model_name, self.config.model, device)

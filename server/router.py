@@ -186,34 +186,19 @@ async def health(raw: Request):
     return JSONResponse({"status": "ok"})
 
 
-def _not_ready(engine) -> str | None:
-    """Why `engine` cannot serve, or None when it can."""
-    if engine.ready:
-        return None
-    start_error = getattr(engine, "start_error", None)
-    if getattr(engine, "restarting", False):
-        return "is restarting after a fault"
-    if engine.dead:
-        return "is dead"
-    if start_error is not None:
-        # A short reason for the probe; the whole error and its traceback are in the log.
-        reason = (str(start_error).splitlines() or [""])[0][:200]
-        return f"failed to start ({type(start_error).__name__}): {reason}"
-    return "is still loading"
-
-
 @router.get("/ready")
 async def ready(raw: Request):
     """200 once the policy's engine, every helper model's engine and every reward model's
     in-process vLLM engine can serve. Remote reward servers are reported, not waited for: when
     one fails, requests fall back."""
     engine, helpers = raw.app.state.engine, raw.app.state.helpers
-    reward_engines = getattr(raw.app.state, "reward_engines", {})
-    problems = [f"the engine {why}" for why in [_not_ready(engine)] if why]
-    problems += [f"helper model {name!r} {why}" for name, e in helpers.items() if (why := _not_ready(e))]
-    problems += [f"reward model {name!r} {why}" for name, e in reward_engines.items() if (why := _not_ready(e))]
-    numerics = {"policy": getattr(engine, "numerics", None),
-                **{name: getattr(e, "numerics", None) for name, e in helpers.items()}}
+    status = engine.status()
+    helper_status = {name: e.status() for name, e in helpers.items()}
+    reward_status = {name: e.status() for name, e in raw.app.state.reward_engines.items()}
+    problems = [f"the engine {why}" for why in [status.problem()] if why]
+    problems += [f"helper model {name!r} {why}" for name, s in helper_status.items() if (why := s.problem())]
+    problems += [f"reward model {name!r} {why}" for name, s in reward_status.items() if (why := s.problem())]
+    numerics = {"policy": status.numerics, **{name: s.numerics for name, s in helper_status.items()}}
     served = {r.name: r.state() for r in raw.app.state.rewards.served()}
     if not problems:
         return JSONResponse({"status": "ready", "model": engine.model_name, "helper_models": sorted(helpers),

@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from decoding.engine import GenerationChunk, SamplingConfig, SequenceDelta, TokenLogprob, TopLogprob
+from decoding.engine import EngineStatus, GenerationChunk, SamplingConfig, SequenceDelta, TokenLogprob, TopLogprob
 
 EOS_ID = 2  # end of answer: counted as a token, decoded as nothing (as vLLM skips special tokens)
 GENERATION_PROMPT = "assistant:"  # the last token of a chat prompt; the answer starts after it
@@ -164,6 +164,8 @@ class FakeEngine:
         self.step_delay = 0.0
         self._abort_requested: set[str] = set()
         self._seen: list[list[int]] = []  # token sequences whose KV the prefix cache holds
+        self.start_error: BaseException | None = None
+        self.numerics: dict | None = None
 
     @property
     def ready(self) -> bool:
@@ -172,6 +174,9 @@ class FakeEngine:
     @property
     def dead(self) -> bool:
         return False
+
+    def status(self) -> EngineStatus:
+        return EngineStatus.of(ready=self.ready, dead=self.dead, start_error=self.start_error, numerics=self.numerics)
 
     @property
     def max_model_len(self) -> int:

@@ -40,6 +40,7 @@ class ServedReward(Reward):
     """A one-output sequence classifier scored through `backend.classify(token_id_lists)`."""
 
     kind = "model"
+    served = True
 
     def __init__(self, name: str, backend, *, checkpoint: str | Path | None, max_length: int = 1024):
         self.name = name
@@ -137,7 +138,8 @@ class EngineBackend:
         return "vLLM's pooling runner in this process"
 
     def state(self) -> str:
-        return "ready" if self.engine.ready else ("restarting" if self.engine.restarting else "not running")
+        state = self.engine.status().state
+        return state if state in ("ready", "restarting") else "not running"
 
     async def model_root(self) -> str | None:
         return self.engine.config.model
