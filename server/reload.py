@@ -79,7 +79,7 @@ class Reloader:
         for spec in specs:
             name = spec.partition("=")[0]
             old = current.get(name)
-            if old is not None and hasattr(old, "score_async"):
+            if old is not None and old.served:
                 kept[name] = old  # served by vLLM: its engine or client lives with the server
                 if old.spec != spec or _changed(old):
                     restart_required.append(f"reward {name}")
@@ -96,7 +96,7 @@ class Reloader:
                 raise ReloadError(str(exc).removeprefix("aligner: ")) from None
             except Exception as exc:  # noqa: BLE001 - any bad checkpoint: keep the old registry
                 raise ReloadError(f"reward {name!r}: {type(exc).__name__}: {exc}") from exc
-            if hasattr(new, "score_async"):
+            if new.served:
                 kept.pop(name)  # a new served reward needs an engine or client started with the server
                 restart_required.append(f"reward {name}")
                 continue
@@ -138,10 +138,9 @@ def guide_versions(specs: list[str]) -> dict[str, str]:
 
 def _changed(reward: Reward) -> bool:
     """Whether a model's checkpoint files changed since it was loaded."""
-    path = getattr(reward, "path", None) or getattr(reward, "checkpoint", None)
-    if reward.version is None or path is None:
+    if reward.version is None or reward.checkpoint is None:
         return False
     try:
-        return checkpoint_version(path) != reward.version
+        return checkpoint_version(reward.checkpoint) != reward.version
     except OSError:
         return True

@@ -21,6 +21,11 @@ class Reward(ABC):
     description: str = ""
     version: str | None = None  # a model's checkpoint fingerprint (`checkpoint_version`); rules have none
     spec: str | None = None  # the `--reward-model` spec it was built from, if any
+    # Scored by a vLLM engine or server (`aligner.rewards.served.ServedReward`): `score_async`,
+    # and a lifecycle (`start`, `state`, `aclose`) that lives with the server.
+    served: bool = False
+    checkpoint: Path | None = None  # a model's checkpoint folder (what `version` fingerprints)
+    threshold: float | None = None  # a classifier's decision threshold, recorded with its model
 
     @abstractmethod
     def score(self, prompts: Sequence[Messages], responses: Sequence[str]) -> list[float]:

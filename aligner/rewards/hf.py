@@ -43,6 +43,7 @@ class SequenceClassifierReward(Reward):
 
         self.name = name
         self.path = Path(path)
+        self.checkpoint = self.path
         self.version = checkpoint_version(self.path)  # before loading: a file replaced meanwhile is a new version
         self.model, self.tokenizer = load_sequence_classifier(self.path, dtype=dtype)
         self.device = device

@@ -186,7 +186,7 @@ class RewardRegistry:
         try:
             if reward.kind == "rule":
                 scores = reward.score(prompts, responses)
-            elif hasattr(reward, "score_async"):
+            elif reward.served:
                 scores = await asyncio.wait_for(self._score_served(name, reward, prompts, responses), self.timeout_s)
             else:
                 call = asyncio.wrap_future(self._submit(name, reward, prompts, responses))
@@ -217,7 +217,7 @@ class RewardRegistry:
 
     def served(self) -> list[Reward]:
         """The rewards scored by vLLM (their engines and clients have a lifecycle)."""
-        return [r for r in self.rewards.values() if hasattr(r, "score_async")]
+        return [r for r in self.rewards.values() if r.served]
 
     async def start(self) -> None:
         """Find the checkpoint files of rewards given only a server URL (retrying until it answers)."""
