@@ -39,11 +39,11 @@ from aligner.strategies.base import (
     StageReport,
     Strategy,
     StrategyContext,
-    StrategyParamError,
     StrategyParams,
     StrategyResult,
     StreamEvent,
 )
+from aligner.strategies.common import recorded_threshold
 from decoding.engine import SequenceDelta
 
 logger = logging.getLogger(__name__)
@@ -66,16 +66,8 @@ class RailParams(BaseModel):
 
 def check_rail(rail: RailParams, ctx: StrategyContext) -> RailParams:
     """The model is registered and has a threshold (or the request gives one)."""
-    model = ctx.rewards.get(rail.model)
-    if model is None:
-        known = ", ".join(sorted(ctx.rewards.rewards)) or "none"
-        raise StrategyParamError(f"unknown rail model {rail.model!r} (registered rewards: {known})", "rail.model")
-    if rail.threshold is None:
-        recorded = getattr(model, "threshold", None)
-        if recorded is None:
-            raise StrategyParamError(f"{rail.model!r} records no threshold: give rail.threshold", "rail.threshold")
-        rail = rail.model_copy(update={"threshold": float(recorded)})
-    return rail
+    threshold = recorded_threshold(ctx, rail.model, rail.threshold, "rail", what="rail model", field="model")
+    return rail.model_copy(update={"threshold": threshold})
 
 
 def window(text: str, words: int) -> str:
@@ -97,6 +89,19 @@ def boundaries(text: str, every: int) -> list[int]:
     """
     n = len(text.split())
     return [*range(every, n, every), n] if n else []
+
+
+def checked_windows(text: str, rail: RailParams) -> list[tuple[int, str]]:
+    """What a whole answer's checks read: (the words that stay if this window fails, the window).
+
+    >>> checked_windows("a b c d e f g h i", RailParams(model="m", every_words=4, window_words=8))
+    [(0, 'a b c d'), (4, 'a b c d e f g h'), (8, 'b c d e f g h i')]
+    """
+    words, previous, out = text.split(), 0, []
+    for k in boundaries(text, rail.every_words):
+        out.append((previous, " ".join(words[max(0, k - rail.window_words):k])))
+        previous = k
+    return out
 
 
 @dataclass
@@ -167,12 +172,9 @@ async def run(strategy: Strategy, params: StrategyParams, rail_params: RailParam
     result = await strategy.run(ctx, params)
     windows, where = [], []
     for i, choice in enumerate(result.choices):
-        words = choice.text.split()
-        previous = 0
-        for k in boundaries(choice.text, rail_params.every_words):
-            windows.append(" ".join(words[max(0, k - rail_params.window_words):k]))
-            where.append((i, previous))  # what stays if this window fails: the words checked before it
-            previous = k
+        for kept, text in checked_windows(choice.text, rail_params):
+            windows.append(text)
+            where.append((i, kept))
     stopped: dict[int, int] = {}
     for (i, kept), flagged in zip(where, await rail.flags(ctx, windows)):
         if flagged and i not in stopped:

@@ -122,7 +122,7 @@ def offline_rail(answers: list[dict], model: Path, arm: str = "plain") -> dict[s
     """Where the output rail's model would stop `arm`'s answers, scored as `alignment.rail` does
     (the last user turn with the answer's last 48 words, every 16 words and at the end), per set:
     on plain answers to harmful requests it should stop most, on benign ones almost none."""
-    from aligner.rail import RailParams, boundaries
+    from aligner.rail import RailParams, checked_windows
     from aligner.training.classifier import score_sets
     from aligner.training.prompt_sets import pair_item
 
@@ -131,10 +131,9 @@ def offline_rail(answers: list[dict], model: Path, arm: str = "plain") -> dict[s
     rows = [a for a in answers if a["arm"] == arm and a.get("error") is None]
     items, owner = [], []
     for k, a in enumerate(rows):
-        words = a["text"].split()
         request = [m["content"] for m in a["messages"] if m["role"] == "user"][-1]
-        for b in boundaries(a["text"], rail.every_words):
-            items.append(pair_item(request, " ".join(words[max(0, b - rail.window_words):b])))
+        for _, window_text in checked_windows(a["text"], rail):
+            items.append(pair_item(request, window_text))
             owner.append(k)
     scores = score_sets(model, {"all": items})["all"] if items else []
     stopped = [False] * len(rows)

@@ -16,8 +16,6 @@ from aligner.profiles import ProfileStore
 from aligner.rewards import RewardSpecError
 from aligner.strategies import StrategyContext, strategy_names
 from aligner.strategies.base import StrategyResult
-from aligner.strategies.pipeline import Pipeline
-from aligner.strategies.route import Route
 from server.config import ServerConfig
 from server.errors import from_validation_errors, invalid_request, param_name
 from server.protocol import ErrorResponse
@@ -72,15 +70,10 @@ def _envelope(exc: AlignmentError) -> ErrorResponse:
 
 
 def alignment_report(resolved: ResolvedAlignment, result: StrategyResult) -> dict[str, Any]:
-    params = resolved.params.model_dump(by_alias=True)
-    if isinstance(resolved.strategy, Pipeline):
-        params["pipeline"] = resolved.strategy.describe()
-    elif isinstance(resolved.strategy, Route):
-        params = {**params, **resolved.strategy.describe(resolved.params)}
     report: dict[str, Any] = {
         "strategy": resolved.strategy.name,
         "source": resolved.source,
-        "params": params,
+        "params": resolved.strategy.describe(resolved.params),
         **result.info,
         "stages": [stage.public() for stage in result.stages],
     }

@@ -195,6 +195,14 @@ class Strategy(ABC):
         """Server-dependent validation (limits, reward names); may return resolved params."""
         return params
 
+    def spec(self, params: StrategyParams) -> dict[str, Any]:
+        """The alignment object that asks for this strategy with these parameters."""
+        return {"strategy": self.name, **params.model_dump(by_alias=True)}
+
+    def describe(self, params: StrategyParams) -> dict[str, Any]:
+        """`alignment.params` in an answer: the parameters, and what the strategy holds inside."""
+        return params.model_dump(by_alias=True)
+
     def sequences(self, params: StrategyParams, ctx: StrategyContext) -> int:
         """How many sequences the engine decodes at once for this request (admission weight)."""
         return ctx.num_choices

@@ -28,6 +28,21 @@ RewardField = Field(
 )
 
 
+def recorded_threshold(ctx: StrategyContext, name: str, threshold: float | None, where: str,
+                       what: str = "classifier", field: str = "classifier") -> float:
+    """`threshold`, else the one recorded with the registered classifier `name`. Errors name
+    `where.field` (an unknown model) or `where.threshold` (no threshold anywhere)."""
+    model = ctx.rewards.get(name)
+    if model is None:
+        known = ", ".join(sorted(ctx.rewards.rewards)) or "none"
+        raise StrategyParamError(f"unknown {what} {name!r} (registered rewards: {known})", f"{where}.{field}")
+    if threshold is not None:
+        return threshold
+    if model.threshold is None:
+        raise StrategyParamError(f"{name!r} records no threshold: give {where}.threshold", f"{where}.threshold")
+    return float(model.threshold)
+
+
 def resolve_reward(params, ctx: StrategyContext) -> dict[str, float]:
     """The request's `reward` field -> {name: weight}, as a parameter error if invalid."""
     try:

@@ -116,8 +116,11 @@ class Pipeline(Strategy):
     def guide_slots(self, params, ctx: StrategyContext) -> int:
         return max(strategy.guide_slots(p, ctx) for strategy, p in self.stages)
 
-    def describe(self) -> list[dict[str, Any]]:
-        return [{"strategy": s.name, **p.model_dump(by_alias=True)} for s, p in self.stages]
+    def spec(self, params) -> dict[str, Any]:
+        return {"pipeline": [s.spec(p) for s, p in self.stages]}
+
+    def describe(self, params) -> dict[str, Any]:
+        return {**super().describe(params), **self.spec(params)}
 
     async def _prompt_stages(self, ctx: StrategyContext) -> tuple[StrategyContext, list[StageReport], list[dict]]:
         reports: list[StageReport] = []

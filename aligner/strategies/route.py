@@ -30,13 +30,12 @@ from aligner.strategies.base import (
     StageReport,
     Strategy,
     StrategyContext,
-    StrategyParamError,
     StrategyParams,
     StrategyResult,
     StreamEvent,
     keepalive_until,
 )
-from aligner.strategies.common import reward_failed
+from aligner.strategies.common import recorded_threshold, reward_failed
 
 Branch = tuple[Strategy, StrategyParams]
 BRANCHES = ("flagged", "otherwise")
@@ -75,18 +74,8 @@ class Route(Strategy):
         self.branches = branches
 
     def check(self, params: RouteParams, ctx: StrategyContext) -> RouteParams:
-        classifier = ctx.rewards.get(params.classifier)
-        if classifier is None:
-            known = ", ".join(sorted(ctx.rewards.rewards)) or "none"
-            raise StrategyParamError(f"unknown classifier {params.classifier!r} (registered rewards: {known})",
-                                     "route.classifier")
-        if params.threshold is None:
-            recorded = getattr(classifier, "threshold", None)
-            if recorded is None:
-                raise StrategyParamError(f"{params.classifier!r} records no threshold: give route.threshold",
-                                         "route.threshold")
-            params = params.model_copy(update={"threshold": float(recorded)})
-        return params
+        threshold = recorded_threshold(ctx, params.classifier, params.threshold, "route")
+        return params.model_copy(update={"threshold": threshold})
 
     def sequences(self, params, ctx: StrategyContext) -> int:
         # Admission cannot know the branch before the classifier runs: weigh the heavier one.
@@ -95,14 +84,12 @@ class Route(Strategy):
     def guide_slots(self, params, ctx: StrategyContext) -> int:
         return max(strategy.guide_slots(p, ctx) for strategy, p in self.branches.values())
 
-    def describe(self, params: RouteParams) -> dict[str, Any]:
-        def branch(strategy: Strategy, p: StrategyParams) -> dict[str, Any]:
-            if hasattr(strategy, "stages"):
-                return {"pipeline": strategy.describe()}
-            return {"strategy": strategy.name, **p.model_dump(by_alias=True)}
+    def spec(self, params: RouteParams) -> dict[str, Any]:
+        return {"route": self.describe(params)}
 
-        return {"classifier": params.classifier, "threshold": params.threshold,
-                **{name: branch(*self.branches[name]) for name in BRANCHES}}
+    def describe(self, params: RouteParams) -> dict[str, Any]:
+        return {**super().describe(params), **{name: self.branches[name][0].spec(self.branches[name][1])
+                                               for name in BRANCHES}}
 
     async def classify(self, ctx: StrategyContext, params: RouteParams) -> tuple[str, dict[str, Any], StageReport]:
         began = time.perf_counter()

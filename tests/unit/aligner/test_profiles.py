@@ -110,7 +110,7 @@ def test_malformed_files_name_the_line(tmp_path, text, line, fragment):
 def test_profile_templates_are_known_at_load_and_at_request(tmp_path):
     store = load(tmp_path, TEMPLATES_AND_A_PROFILE)
     resolved = resolve_alignment({"profile": "t"}, None, None, "none", context(store), store)
-    assert resolved.strategy.describe()[0]["template"] == "terse"
+    assert resolved.strategy.describe(resolved.params)["pipeline"][0]["template"] == "terse"
     error = at_request({"strategy": "urial", "template": "nope"}, store=store)
     assert (error.message, error.param) == ("unknown template 'nope'; known: default, terse", "alignment.template")
 
@@ -176,7 +176,7 @@ def test_a_body_pipeline_replaces_a_profiles_strategy_and_keeps_its_switches(tmp
     store = load(tmp_path, profile_file("{strategy: rewrite, return_candidates: true}"))
     resolved = resolve_alignment({"profile": "a", "pipeline": [{"strategy": "none"}]}, None, None, "none", context(store), store)
     assert (resolved.strategy.name, resolved.source) == ("pipeline", "body:profile a")
-    assert resolved.strategy.describe() == [{"strategy": "none", "return_candidates": True, "fallback": True}]
+    assert resolved.strategy.describe(resolved.params)["pipeline"] == [{"strategy": "none", "return_candidates": True, "fallback": True}]
     # The profile's other parameters stay, and must fit the replacement.
     store = ProfileStore.load(DEFAULT_PROFILES, check_profile_alignment)
     error = at_request({"profile": "helpful@1", "pipeline": [{"strategy": "none"}]}, store=store)
@@ -189,7 +189,7 @@ def test_body_fields_override_a_profile_and_pipeline_switches_reach_every_stage(
     assert resolved.params.n == 2
     resolved = resolve_alignment({"profile": "concise", "return_candidates": True}, None, None, "none", context(store), store)
     assert resolved.params.return_candidates
-    assert resolved.strategy.describe()[0] == {"strategy": "urial", "template": "concise", "return_candidates": True, "fallback": True}
+    assert resolved.strategy.describe(resolved.params)["pipeline"][0] == {"strategy": "urial", "template": "concise", "return_candidates": True, "fallback": True}
 
 
 # The server's envelopes: the same messages, params and codes as the HTTP tests expect.
