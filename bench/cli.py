@@ -120,25 +120,15 @@ def run_levels(args, base_url: str) -> list[dict]:
     return results
 
 
-def vllm_engine_flags(device: str) -> list[str]:
-    """`vllm serve` flags for the engine settings `aligner serve` uses by default on `device`
-    (decoding.vllm_engine), so that a comparison measures the server, not the settings."""
-    common = ["--max-model-len", "2048", "--max-num-seqs", "64", "--disable-log-stats"]
-    if device == "cpu":
-        return common + ["--enforce-eager", "--no-enable-chunked-prefill", "--max-num-batched-tokens", "2048",
-                         "--block-size", "32", "--kv-cache-memory-bytes", str(1 << 30)]
-    return common + ["--gpu-memory-utilization", "0.9"]
-
-
 def start_vllm_server(model_dir: str, name: str, log_dir: Path, *extra_args: str) -> RunningServer:
     """vLLM's own OpenAI server with the engine settings `aligner serve` uses on this device."""
-    from decoding.vllm_engine import detect_device
+    from decoding.vllm_config import VLLMEngineConfig, detect_device
 
     port = free_port()
     log_path = log_dir / f"vllm-{port}.log"
     args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
             "--served-model-name", name, "--port", str(port), "--host", "127.0.0.1",
-            *vllm_engine_flags(detect_device()), *extra_args]
+            *VLLMEngineConfig(model=model_dir).serve_flags(detect_device()), *extra_args]
     with open(log_path, "w") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)

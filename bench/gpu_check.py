@@ -9,7 +9,7 @@
    best-of-N, one GenARM and one ARGS request must answer 200 with text;
 4. output tokens/s at one concurrency, side by side: plain, GenARM and ARGS (k = 10) on this
    server, then `vllm serve` on the same model with the same engine settings
-   (`bench.cli.vllm_engine_flags`).
+   (`decoding.vllm_config.VLLMEngineConfig.serve_flags`).
 
 It prints one table, each measured ratio beside its target, and writes it as JSON. Without a
 GPU it refuses to run (the pieces it composes are tested on the CPU by `make test`).

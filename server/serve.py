@@ -75,7 +75,7 @@ def served_reward(args):
 
 def reward_builder(args):
     """spec -> the reward it names, built with the flags' settings (at start and on reload)."""
-    from decoding.vllm_engine import detect_device
+    from decoding.vllm_config import detect_device
 
     device = detect_device() if args.reward_device == "auto" else args.reward_device
 
@@ -134,7 +134,8 @@ def build_guides(args, policy: str) -> GuideCatalog:
 
 def build_helpers(args) -> dict:
     """name -> VLLMEngine for every `--helper-model NAME=PATH` (not started yet)."""
-    from decoding.vllm_engine import VLLMEngine, VLLMEngineConfig
+    from decoding.vllm_config import VLLMEngineConfig
+    from decoding.vllm_engine import VLLMEngine
 
     helpers = {}
     for spec in args.helper_model:
@@ -156,7 +157,8 @@ def build_helpers(args) -> dict:
 
 
 def build_policy(args, model: str, name: str, guides: GuideCatalog, helpers: int):
-    from decoding.vllm_engine import VLLMEngine, VLLMEngineConfig, detect_device
+    from decoding.vllm_config import VLLMEngineConfig, detect_device
+    from decoding.vllm_engine import VLLMEngine
 
     if args.guide_quantization and detect_device() != "cpu":
         raise SystemExit("aligner: --guide-quantization int8 runs on vLLM's CPU kernels only; drop it on a GPU")
@@ -170,7 +172,7 @@ def build_policy(args, model: str, name: str, guides: GuideCatalog, helpers: int
 
 
 def server_config(args, name: str) -> ServerConfig:
-    from decoding.vllm_engine import detect_device
+    from decoding.vllm_config import detect_device
 
     if get_strategy(args.default_strategy) is None:
         raise SystemExit(f"aligner: unknown --default-strategy {args.default_strategy!r}")

