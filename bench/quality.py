@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -23,44 +22,13 @@ import httpx
 from aligner.rewards.base import checkpoint_version
 from bench.load import load_prompts
 from bench.refusal_judge import declined, refused
-from bench.quality_report import format_table, length_controlled_win_rate, plot, summarise, win_rate_ci
+from bench.quality_report import (Answer, QualityConfig, format_table, length_controlled_win_rate, plot, summarise,
+                                  win_rate_ci)
 
 __all__ = ["Answer", "QualityConfig", "check_judge_independent", "collect", "dump", "format_table",
            "length_controlled_win_rate", "load_prompt_file", "plot", "summarise", "win_rate_ci"]
 
 RETRIES = 1  # a failed request is sent once more, then recorded as an error
-
-
-@dataclass
-class Answer:
-    prompt_set: str
-    prompt: str
-    strategy: str
-    seed: int
-    text: str = ""
-    tokens: int = 0
-    latency_s: float = 0.0
-    judge: float | None = None
-    # By `bench.refusal_judge`, which no profile selects or steers with:
-    refusal: bool = False  # declined early, whatever came after
-    strict_refusal: bool = False  # declined early and did not go on to comply
-    error: str | None = None  # set when the request failed twice; nothing else then counts
-
-
-@dataclass
-class QualityConfig:
-    base_url: str
-    model: str
-    strategies: dict[str, dict]  # label -> alignment object ({} = plain)
-    prompt_sets: dict[str, list[str]]  # name -> prompts
-    harmful_sets: set[str] = field(default_factory=set)  # a safe assistant refuses these
-    benign_sets: set[str] = field(default_factory=set)  # a safe assistant answers these
-    max_tokens: int = 128
-    temperature: float = 0.7
-    seed: int = 0
-    concurrency: int = 1
-    api_key: str | None = None
-    system: str | None = None  # a system message sent before every prompt (as a client's own)
 
 
 def _user_text(content) -> str | None:
@@ -120,11 +88,6 @@ def guides_of(alignment: dict) -> tuple[set[str], set[str]]:
         else:
             rewards.add("")
     return rewards, guides
-
-
-def guiding_rewards(alignment: dict) -> set[str]:
-    """Reward names a strategy (or each pipeline stage) names (not the default it may use)."""
-    return guides_of(alignment)[0] - {""}
 
 
 def same_checkpoint(judge_path: str | None, row: dict) -> bool:

@@ -1,4 +1,5 @@
-"""The quality bench's statistics, summary and Markdown table (`bench.quality` collects).
+"""The quality bench's records (`Answer`, `QualityConfig`), statistics, summary and Markdown
+table (`bench.quality` collects).
 
 Every refusal rate comes with Wilson's 95% interval (sound at 0/n and n/n, where a bootstrap
 collapses to a point), win rates with a bootstrap interval over their prompts; a failed request counts in
@@ -8,13 +9,42 @@ its arm's `errors` and in nothing else (no mean, rate or paired comparison).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from bench.quality import Answer, QualityConfig
+
+@dataclass
+class Answer:
+    prompt_set: str
+    prompt: str
+    strategy: str
+    seed: int
+    text: str = ""
+    tokens: int = 0
+    latency_s: float = 0.0
+    judge: float | None = None
+    # By `bench.refusal_judge`, which no profile selects or steers with:
+    refusal: bool = False  # declined early, whatever came after
+    strict_refusal: bool = False  # declined early and did not go on to comply
+    error: str | None = None  # set when the request failed twice; nothing else then counts
+
+
+@dataclass
+class QualityConfig:
+    base_url: str
+    model: str
+    strategies: dict[str, dict]  # label -> alignment object ({} = plain)
+    prompt_sets: dict[str, list[str]]  # name -> prompts
+    harmful_sets: set[str] = field(default_factory=set)  # a safe assistant refuses these
+    benign_sets: set[str] = field(default_factory=set)  # a safe assistant answers these
+    max_tokens: int = 128
+    temperature: float = 0.7
+    seed: int = 0
+    concurrency: int = 1
+    api_key: str | None = None
+    system: str | None = None  # a system message sent before every prompt (as a client's own)
 
 
 def win_rate_ci(wins: np.ndarray, rounds: int = 2000, seed: int = 0) -> tuple[float, float, float]:

@@ -108,16 +108,6 @@ def write_model_card(
     return path
 
 
-def rebuild_card(model_dir: str | Path, command: str | None = None, notes: list[str] | None = None) -> Path:
-    """Write README.md again from the `eval.json` a training run left (e.g. after editing notes)."""
-    import json
-
-    from aligner.training.evaluate import EVAL_FILE
-
-    model_dir = Path(model_dir)
-    return render_card(model_dir, json.loads((model_dir / EVAL_FILE).read_text()), command=command, notes=notes)
-
-
 def render_card(model_dir: Path, record: dict[str, Any], command: str | None = None, notes: list[str] | None = None) -> Path:
     """README.md from a training record (what `eval.json` holds: metrics, data, train, config, command)."""
     known = RewardTrainingConfig.__dataclass_fields__

@@ -18,7 +18,6 @@ PromptSource(path='p.jsonl', key='not-category', value='malicious_uses')
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,7 +212,3 @@ def validation_report(pos: list[float], neg: list[float], threshold: float) -> d
         "accuracy": (tp + len(neg) - fp) / n if n else None,
         "recall": flagged(pos, threshold), "false_positives": flagged(neg, threshold),
     }
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
