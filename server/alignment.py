@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from aligner import alignment as rules
 from aligner.alignment import AlignmentError, ResolvedAlignment
+from aligner.plan import RequestPlan, ServerCaps, plan_request
 from aligner.profiles import ProfileStore
-from aligner.rewards import RewardSpecError
 from aligner.strategies import StrategyContext, strategy_names
 from aligner.strategies.base import StrategyResult
 from server.config import ServerConfig
@@ -26,7 +25,7 @@ __all__ = [
     "ResolvedAlignment",
     "alignment_report",
     "model_aliases",
-    "resolve_alignment",
+    "plan_or_error",
     "split_model",
 ]
 
@@ -46,16 +45,25 @@ def model_aliases(config: ServerConfig) -> list[str]:
     return [f"{config.served_model_name}{ALIAS_SEPARATOR}{name}" for name in strategy_names()]
 
 
-def resolve_alignment(
+def plan_or_error(
     alignment: dict[str, Any] | None,
-    header: str | None,
-    alias: str | None,
-    config: ServerConfig,
     ctx: StrategyContext,
+    config: ServerConfig,
+    *,
+    header: str | None = None,
+    model: str | None = None,
     profiles: ProfileStore | None = None,
-) -> ResolvedAlignment | ErrorResponse:
+    experiment: dict[str, str] | None = None,
+    arrived: float | None = None,
+) -> RequestPlan | ErrorResponse:
+    """The request's plan (`aligner.plan.plan_request`) under this server's caps, or its 400.
+    `header`: the X-Alignment-Strategy header; `model`: the request's model, whose
+    `@strategy` alias names a strategy."""
+    caps = ServerCaps(config.default_strategy, config.max_request_seconds, config.max_request_tokens)
+    alias = split_model(model)[1] if model else None
     try:
-        return rules.resolve_alignment(alignment, header, alias, config.default_strategy, ctx, profiles)
+        return plan_request(alignment, ctx, caps, header=header, alias=alias, profiles=profiles, experiment=experiment,
+                            arrived=arrived)
     except AlignmentError as exc:
         return _envelope(exc)
 
@@ -84,15 +92,3 @@ def alignment_report(resolved: ResolvedAlignment, result: StrategyResult) -> dic
     if resolved.params.return_candidates and result.candidates:
         report["candidates"] = [c.public() for c in result.candidates]
     return report
-
-
-def reward_versions(resolved: ResolvedAlignment, rewards) -> dict[str, str]:
-    """{name: checkpoint version} of the reward models this request scores with (the default
-    when it names none), so that an answer says which version of a reloaded model judged it."""
-    if "reward" not in type(resolved.params).model_fields:
-        return {}
-    try:
-        names = rewards.resolve(resolved.params.reward)
-    except RewardSpecError:
-        return {}
-    return rewards.versions(names)

@@ -7,13 +7,13 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from aligner.budget import Budget
 from aligner.experiments import Assignment
+from aligner.plan import RequestPlan
 from aligner.profiles import ProfileStore
 from aligner.rewards import RewardRegistry
 from aligner.strategies import KeepAlive, StrategyContext, StrategyLimits, StrategyResult
 from decoding.engine import SequenceDelta, TokenLogprob
-from server.alignment import ResolvedAlignment, alignment_report, resolve_alignment, reward_versions, split_model
+from server.alignment import alignment_report, plan_or_error
 from server.config import ServerConfig
 from server.protocol import (
     ChatChoiceLogprobs,
@@ -88,73 +88,57 @@ class ServingChat(ServingBase):
         self, request: ChatCompletionRequest, strategy_header: str | None = None, *,
         response_id: str | None = None, endpoint: str = "chat.completions",
     ) -> ErrorResponse | ChatCompletionResponse | AsyncIterator[str]:
-        """`response_id`: the id the client gets (the Responses API's own); `endpoint` names
-        the API in the answer's trace."""
+        """Check, plan, admit, run (or stream), render. `response_id`: the id the client gets
+        (the Responses API's own); `endpoint` names the API in the answer's trace."""
         started, arrived = time.perf_counter(), time.monotonic()
-        if error := self.check_common(request):
+        if error := self.check_common(request) or self._check_tools(request):
             return error
-        if request.tool_kind == "auto" and self.tool_parser is None:
-            return invalid_request(AUTO_REFUSAL, "tool_choice")
-        # A reload swaps rewards and profiles; this request keeps the ones it started with.
-        profiles = self.profiles
+        profiles = self.profiles  # a reload swaps profiles and rewards: this request keeps its own
         planned = await self._trace_plan(request, endpoint, profiles)
         if isinstance(planned, ErrorResponse):
             return planned
         alignment, trace, assignment = planned
-        messages = request.template_messages()
-        tools = request.template_tools()
+        ctx = await self._context(request, response_id or random_id("chatcmpl"), profiles)
+        if isinstance(ctx, ErrorResponse):
+            return ctx
+        plan = plan_or_error(alignment, ctx, self.config, header=strategy_header, model=request.model,
+                             profiles=profiles, experiment=assignment.public() if assignment else None, arrived=arrived)
+        if isinstance(plan, ErrorResponse):
+            return plan
+        ticket = await self.admit(plan.sequences, plan.guide_slots, max_wait_s=plan.budget.remaining_s())
+        if isinstance(ticket, ErrorResponse):
+            return ticket
+        self.metrics.candidates.labels(plan.strategy_name).observe(plan.sequences)
+        if request.stream:
+            events = await prime(holding(ticket, plan.stream()))
+            return events if isinstance(events, ErrorResponse) else self._stream(request, plan, events, started, trace)
+        try:
+            async for result in holding(ticket, once(plan.run())):
+                pass
+        except ENGINE_ERRORS as exc:
+            return engine_error(exc)
+        return self._respond(request, plan, result, started, trace)
+
+    def _check_tools(self, request: ChatCompletionRequest) -> ErrorResponse | None:
+        if request.tool_kind == "auto" and self.tool_parser is None:
+            return invalid_request(AUTO_REFUSAL, "tool_choice")
+        return None
+
+    async def _context(self, request: ChatCompletionRequest, request_id: str,
+                       profiles: ProfileStore) -> StrategyContext | ErrorResponse:
+        """The request as strategies see it: its templated prompt, sampling and this server's
+        engines, rewards, templates and limits."""
+        messages, tools = request.template_messages(), request.template_tools()
         prompt_ids = await self.tokenize(self.engine.tokenizer.encode_chat, messages, tools)
         max_tokens = self.resolve_max_tokens(request, len(prompt_ids), "messages")
         if isinstance(max_tokens, ErrorResponse):
             return max_tokens
-        request_id = response_id or random_id("chatcmpl")
-        ctx = StrategyContext(
-            engine=self.engine,
-            rewards=self.rewards.snapshot(),
-            request_id=request_id,
-            messages=messages,
-            prompt_ids=prompt_ids,
-            sampling=request.to_sampling_config(max_tokens, request.logprobs_k()),
-            limits=StrategyLimits(max_candidates=self.config.max_candidates),
-            keepalive_s=self.config.stream_keepalive_s,
-            templates=profiles.templates,
-            guides=self.guides,
-            helpers=self.helpers,
-            tools=tools,
+        return StrategyContext(
+            engine=self.engine, rewards=self.rewards.snapshot(), request_id=request_id, messages=messages,
+            prompt_ids=prompt_ids, sampling=request.to_sampling_config(max_tokens, request.logprobs_k()),
+            limits=StrategyLimits(max_candidates=self.config.max_candidates), keepalive_s=self.config.stream_keepalive_s,
+            templates=profiles.templates, guides=self.guides, helpers=self.helpers, tools=tools,
         )
-        _, alias = split_model(request.model)
-        resolved = resolve_alignment(alignment, strategy_header, alias, self.config, ctx, profiles)
-        if isinstance(resolved, ErrorResponse):
-            return resolved
-        resolved.reward_versions = reward_versions(resolved, ctx.rewards)
-        resolved.experiment = assignment.public() if assignment is not None else None
-        strategy, params = resolved.strategy, resolved.params
-        budget = Budget.capped(resolved.limits, self.config.max_request_seconds, self.config.max_request_tokens,
-                               started=arrived)
-        ctx = ctx.with_budget(budget)
-        sequences = strategy.sequences(params, ctx)
-        ticket = await self.admit(sequences, strategy.guide_slots(params, ctx), max_wait_s=budget.remaining_s())
-        if isinstance(ticket, ErrorResponse):
-            return ticket
-        self.metrics.candidates.labels(strategy.name).observe(sequences)
-        if request.stream:
-            events = await prime(holding(ticket, resolved.stream(ctx)))
-            if isinstance(events, ErrorResponse):
-                return events
-            return self._stream(request, request_id, resolved, events, started, budget, trace)
-        try:
-            async for result in holding(ticket, once(resolved.run(ctx))):
-                pass
-        except ENGINE_ERRORS as exc:
-            return engine_error(exc)
-        self._record(strategy.name, result, started, budget)
-        response = self._response(request, request_id, resolved, result)
-        if trace is not None:
-            # Queued only (never awaited): the answer does not wait on the store.
-            response.alignment["traced"] = self._store_trace(
-                trace, request, request_id, resolved, result, response.alignment,
-                [c.model_dump(exclude={"logprobs"}) for c in response.choices], response.usage, started)
-        return response
 
     async def _trace_plan(
         self, request: ChatCompletionRequest, endpoint: str, profiles: ProfileStore,
@@ -181,15 +165,17 @@ class ServingChat(ServingBase):
             return wanted
         return alignment, TracePlan(endpoint, profile_of(alignment, profiles)) if wanted else None, assignment
 
-    def _store_trace(self, plan: TracePlan, request: ChatCompletionRequest, request_id: str,
-                     resolved: ResolvedAlignment, result: StrategyResult, report: dict, choices: list[dict],
-                     usage_info: UsageInfo, started: float) -> bool:
+    def _store_trace(self, plan: TracePlan, request: ChatCompletionRequest, request_plan: RequestPlan,
+                     result: StrategyResult, report: dict, choices: list[ChatCompletionChoice], usage_info: UsageInfo,
+                     started: float) -> bool:
+        """Queue the answer's trace (never awaited: the answer does not wait on the store)."""
+        request_id = request_plan.ctx.request_id
         try:
             trace = build_trace(
                 response_id=request_id, endpoint=plan.endpoint, request=request,
-                messages=request.template_messages(), tools=request.template_tools(), resolved=resolved,
-                result=result, report=report, choices=choices, usage=usage_info.model_dump(), started=started,
-                profile=plan.profile,
+                messages=request.template_messages(), tools=request.template_tools(), resolved=request_plan.resolved,
+                result=result, report=report, choices=[c.model_dump(exclude={"logprobs"}) for c in choices],
+                usage=usage_info.model_dump(), started=started, profile=plan.profile,
             )
         except Exception:  # noqa: BLE001 - a trace that cannot be built must not cost the answer
             logger.exception("could not build the trace of %s", request_id)
@@ -197,25 +183,39 @@ class ServingChat(ServingBase):
             return False
         return self.store.record(trace)
 
-    def _response(self, request, request_id: str, resolved: ResolvedAlignment, result: StrategyResult) -> ChatCompletionResponse:
-        return ChatCompletionResponse(
-            id=request_id,
-            model=request.model,
-            choices=[
-                ChatCompletionChoice(
-                    index=i,
-                    message=ChatResponseMessage(content=answer.content, tool_calls=answer.tool_calls),
-                    logprobs=chat_logprobs(choice.logprobs) if request.logprobs else None,
-                    finish_reason=answer.finish_reason,
-                )
-                for i, choice in enumerate(result.choices)
-                for answer in [tool_answer(request, choice.text, choice.finish_reason, self.tool_parser)]
-            ],
-            usage=usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
-            alignment=alignment_report(resolved, result),
-        )
+    def _choices(self, request: ChatCompletionRequest, result: StrategyResult,
+                 finish: dict[int, str | None] | None = None) -> list[ChatCompletionChoice]:
+        """The answer's choices, tool calls parsed (the one place they are built); `finish`:
+        the finish reasons a stream already sent, which win over the result's."""
+        return [
+            ChatCompletionChoice(
+                index=i,
+                message=ChatResponseMessage(content=answer.content, tool_calls=answer.tool_calls),
+                logprobs=chat_logprobs(choice.logprobs) if request.logprobs else None,
+                finish_reason=answer.finish_reason,
+            )
+            for i, choice in enumerate(result.choices)
+            for answer in [tool_answer(request, choice.text, (finish or {}).get(i) or choice.finish_reason,
+                                       self.tool_parser)]
+        ]
 
-    def _record(self, strategy: str, result: StrategyResult, started: float, budget: Budget) -> None:
+    def _respond(self, request: ChatCompletionRequest, plan: RequestPlan, result: StrategyResult, started: float,
+                 trace: TracePlan | None) -> ChatCompletionResponse:
+        self._record(plan, result, started)
+        response = ChatCompletionResponse(
+            id=plan.ctx.request_id,
+            model=request.model,
+            choices=self._choices(request, result),
+            usage=usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
+            alignment=alignment_report(plan.resolved, result),
+        )
+        if trace is not None:
+            response.alignment["traced"] = self._store_trace(trace, request, plan, result, response.alignment,
+                                                             response.choices, response.usage, started)
+        return response
+
+    def _record(self, plan: RequestPlan, result: StrategyResult, started: float) -> None:
+        strategy, budget = plan.strategy_name, plan.budget
         if budget.limited:
             result.info["budget"] = budget.public()
             if budget.ran_out:
@@ -226,10 +226,10 @@ class ServingChat(ServingBase):
             self.metrics.fallbacks.labels(strategy).inc()
 
     async def _stream(
-        self, request: ChatCompletionRequest, request_id: str, resolved: ResolvedAlignment, events: AsyncIterator,
-        started: float, budget: Budget, trace: TracePlan | None = None,
+        self, request: ChatCompletionRequest, plan: RequestPlan, events: AsyncIterator, started: float,
+        trace: TracePlan | None = None,
     ) -> AsyncIterator[str]:
-        chunk = ChunkWriter(request, request_id)
+        chunk = ChunkWriter(request, plan.ctx.request_id)
         calls = ToolCallStream(request, self.tool_parser)
         first_token_seen = False
         # Finish reasons are held back until the strategy's result arrives, so that the
@@ -247,23 +247,17 @@ class ServingChat(ServingBase):
                     if event.text or event.logprobs:
                         if not first_token_seen:
                             first_token_seen = True
-                            self.metrics.ttft.labels(resolved.strategy.name).observe(time.perf_counter() - started)
+                            self.metrics.ttft.labels(plan.strategy_name).observe(time.perf_counter() - started)
                         logprobs = chat_logprobs(event.logprobs) if request.logprobs else None
                         if (delta := calls.delta(event.index, event.text)) is not None or logprobs:
                             yield chunk([ChatCompletionStreamChoice(
                                 index=event.index, delta=delta or DeltaMessage(), logprobs=logprobs)])
                 elif isinstance(event, StrategyResult):
-                    self._record(resolved.strategy.name, event, started, budget)
-                    report = alignment_report(resolved, event)
+                    self._record(plan, event, started)
+                    report = alignment_report(plan.resolved, event)
                     if trace is not None:  # queued before the last chunks go: the report says so
-                        choices = [ChatCompletionChoice(
-                            index=i, message=ChatResponseMessage(content=answer.content, tool_calls=answer.tool_calls),
-                            finish_reason=answer.finish_reason).model_dump(exclude={"logprobs"})
-                            for i, choice in enumerate(event.choices)
-                            for answer in [tool_answer(request, choice.text, finish.get(i) or choice.finish_reason,
-                                                       self.tool_parser)]]
                         report["traced"] = self._store_trace(
-                            trace, request, request_id, resolved, event, report, choices,
+                            trace, request, plan, event, report, self._choices(request, event, finish),
                             usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens), started)
                     for line in chunk.final(event, finish, report, calls):
                         yield line

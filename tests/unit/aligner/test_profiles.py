@@ -53,7 +53,8 @@ def at_request(alignment, store=None) -> AlignmentError:
 def envelope(alignment, header=None, alias=None, default="none") -> ErrorResponse:
     config = ServerConfig(served_model_name="m", default_strategy=default)
     store = ProfileStore.load(DEFAULT_PROFILES, check_profile_alignment)
-    error = server_alignment.resolve_alignment(alignment, header, alias, config, context(store), store)
+    model = f"m@{alias}" if alias else "m"
+    error = server_alignment.plan_or_error(alignment, context(store), config, header=header, model=model, profiles=store)
     assert isinstance(error, ErrorResponse)
     assert error.status_code == 400 and error.error.type == "invalid_request_error"
     return error
