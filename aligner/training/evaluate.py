@@ -106,7 +106,7 @@ def score_pairs(
     from tqdm.auto import tqdm
 
     from aligner.rewards.hf import classifier_scores
-    from aligner.training.arm import response_logprobs
+    from aligner.training.genarm import response_logprobs
     from aligner.training.encoding import pad_sequences
 
     def key(e: dict, side: str) -> tuple:

@@ -44,7 +44,7 @@ def response_logprobs(model, input_ids, attention_mask, completion_mask) -> torc
     return out.index_add(0, rows[targets_mask], token_logps)
 
 
-def arm_loss(chosen_logps, rejected_logps, beta: float, margin=None) -> torch.Tensor:
+def genarm_loss(chosen_logps, rejected_logps, beta: float, margin=None) -> torch.Tensor:
     """Mean of ``-log sigmoid(beta * (chosen - rejected) - margin)``; inputs are `(pairs,)`."""
     logits = beta * (chosen_logps - rejected_logps)
     if margin is not None:
@@ -52,8 +52,8 @@ def arm_loss(chosen_logps, rejected_logps, beta: float, margin=None) -> torch.Te
     return -F.logsigmoid(logits).mean()
 
 
-class ARMTrainer(Trainer):
-    """`Trainer` whose loss is `arm_loss` over `PairCollator` batches (chosen rows first)."""
+class GenARMTrainer(Trainer):
+    """`Trainer` whose loss is `genarm_loss` over `PairCollator` batches (chosen rows first)."""
 
     loss_is_scaled_for_ga = False
 
@@ -67,7 +67,7 @@ class ARMTrainer(Trainer):
             model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
         )
         chosen, rejected = logps.chunk(2)
-        loss = arm_loss(chosen, rejected, self.beta, inputs.get("margin"))
+        loss = genarm_loss(chosen, rejected, self.beta, inputs.get("margin"))
         with torch.no_grad():
             gap = self.beta * (chosen - rejected)
             self._metrics["accuracy"].append((gap > 0).float().mean().item())

@@ -1,7 +1,7 @@
 """Train a reward model end to end: data -> tokens -> (LoRA) model -> trainer -> save -> eval -> card.
 
 `bt` runs TRL's `RewardTrainer` on pre-tokenized pairs (our encoder decides truncation and
-layout, TRL the loss, margin, loop and checkpoints); `arm` runs `ARMTrainer`. The saved
+layout, TRL the loss, margin, loop and checkpoints); `arm` runs `GenARMTrainer`. The saved
 directory loads back through `decoding.model_refs` with nothing downloaded.
 """
 
@@ -155,14 +155,14 @@ def build_trainer(config: RewardTrainingConfig, model, tokenizer, train_dataset,
     from peft import get_peft_model
     from transformers import TrainingArguments
 
-    from aligner.training.arm import ARMTrainer
+    from aligner.training.genarm import GenARMTrainer
     from aligner.training.encoding import PairCollator
 
     if peft_config is not None:
         model = get_peft_model(model, peft_config)
     _disable_dropout(model)
     args = _training_arguments(config, TrainingArguments, remove_unused_columns=False)
-    return ARMTrainer(
+    return GenARMTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
