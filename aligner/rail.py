@@ -192,62 +192,67 @@ async def stream(strategy: Strategy, params: StrategyParams, rail_params: RailPa
                  ctx: StrategyContext) -> AsyncIterator[StreamEvent]:
     """The strategy's stream with each piece held back until a check passes over it."""
     rail = Rail.of(rail_params, ctx)
-    every = rail_params.every_words
-    choices = {i: Choice(next_check=every) for i in range(ctx.num_choices)}
-    tokens = 0
-    began = time.perf_counter()
-
-    async def check(i: int, final: bool) -> list[StreamEvent]:
-        state = choices[i]
-        if state.stopped_at is not None or not state.held:
-            return []
-        if not final and len(state.text.split()) < state.next_check:
-            return []
-        (flagged,) = await rail.flags(ctx, [window(state.text, rail_params.window_words)])
-        if flagged:
-            state.stopped_at = len(state.sent.split())
-            state.held.clear()
-            prefix = " " if state.sent and not state.sent[-1].isspace() else ""
-            return [SequenceDelta(i, prefix + rail_params.refusal, [], None, CONTENT_FILTER)]
-        out, state.held = state.held, []
-        state.sent = state.text
-        state.next_check = len(state.text.split()) + every
-        return out
-
+    choices = {i: Choice(next_check=rail_params.every_words) for i in range(ctx.num_choices)}
+    tokens, began, result = 0, time.perf_counter(), None
     events = strategy.stream(ctx, params)
-    result = None
     async with contextlib.aclosing(events):
         async for event in events:
             if isinstance(event, KeepAlive):
                 yield event
             elif isinstance(event, SequenceDelta):
-                state = choices.setdefault(event.index, Choice(next_check=every))
+                state = choices.setdefault(event.index, Choice(next_check=rail_params.every_words))
                 tokens += len(event.token_ids)
                 if state.stopped_at is not None:
                     continue
                 state.text += event.text
                 state.held.append(event)
-                for out in await check(event.index, event.finish_reason is not None):
+                for out in await _release(rail, ctx, event.index, state, event.finish_reason is not None):
                     yield out
                 if all(c.stopped_at is not None for c in choices.values()):
                     break  # nothing left to send: closing the stream aborts the decoding
             elif isinstance(event, StrategyResult):
                 result = event
-                for i in choices:
-                    for out in await check(i, True):
+                for i, state in choices.items():
+                    for out in await _release(rail, ctx, i, state, True):
                         yield out
                 break
-    stopped = sorted(i for i, c in choices.items() if c.stopped_at is not None)
     if result is None:  # every choice stopped: the strategy's own result never came
-        result = StrategyResult(choices=[], stages=[StageReport("generate", time.perf_counter() - began,
-                                                                len(ctx.prompt_ids), tokens)])
-        result.choices = [Candidate(i, "", [], CONTENT_FILTER) for i in sorted(choices)]
+        result = StrategyResult(choices=[Candidate(i, "", [], CONTENT_FILTER) for i in sorted(choices)],
+                                stages=[StageReport("generate", time.perf_counter() - began, len(ctx.prompt_ids),
+                                                    tokens)])
+    yield _streamed_result(rail, choices, result)
+
+
+async def _release(rail: Rail, ctx: StrategyContext, i: int, state: Choice, final: bool) -> list[StreamEvent]:
+    """What choice `i` may send now: nothing until its next check is due (or it ended); then
+    what it held, when the check passes, or the refusal that stops it."""
+    if state.stopped_at is not None or not state.held:
+        return []
+    if not final and len(state.text.split()) < state.next_check:
+        return []
+    (flagged,) = await rail.flags(ctx, [window(state.text, rail.params.window_words)])
+    if flagged:
+        state.stopped_at = len(state.sent.split())
+        state.held.clear()
+        return [SequenceDelta(i, _joined(state.sent, rail.params.refusal), [], None, CONTENT_FILTER)]
+    out, state.held = state.held, []
+    state.sent = state.text
+    state.next_check = len(state.text.split()) + rail.params.every_words
+    return out
+
+
+def _streamed_result(rail: Rail, choices: dict[int, Choice], result: StrategyResult) -> StrategyResult:
+    """The strategy's result with each stopped choice as the client saw it, and the report."""
+    stopped = sorted(i for i, c in choices.items() if c.stopped_at is not None)
     for i in stopped:
-        state = choices[i]
-        prefix = " " if state.sent and not state.sent[-1].isspace() else ""
-        text = state.sent + prefix + rail_params.refusal
         if i < len(result.choices):
-            result.choices[i] = Candidate(i, text, [], CONTENT_FILTER)
+            sent = choices[i].sent
+            result.choices[i] = Candidate(i, sent + _joined(sent, rail.params.refusal), [], CONTENT_FILTER)
     result.stages.append(rail.stage())
     result.info["rail"] = rail.report(stopped)
-    yield result
+    return result
+
+
+def _joined(sent: str, refusal: str) -> str:
+    """The refusal as it follows `sent` (a space between them unless `sent` ends in one)."""
+    return (" " if sent and not sent[-1].isspace() else "") + refusal
