@@ -69,8 +69,7 @@ class SpeculativeRejectionStrategy(Strategy):
 
     async def run(self, ctx: StrategyContext, params: SpeculativeRejectionParams) -> StrategyResult:
         budget = min(ctx.sampling.max_tokens, ctx.engine.max_model_len - len(ctx.prompt_ids))
-        tokenizer = ctx.engine.tokenizer
-        stalled: set[int] = set()  # an extension that produced nothing ends its candidate
+        stalled: set[int] = set()
         done = lambda c: c.finish_reason == "stop" or len(c.token_ids) >= budget or c.index in stalled  # noqa: E731
         # The first chunk is one request with n=N, sharing the prompt's KV cache.
         alive, first = await generate_candidates(ctx, params.n, stage="chunk-0", max_tokens=min(params.chunk_tokens, budget))
@@ -95,10 +94,7 @@ class SpeculativeRejectionStrategy(Strategy):
                       "scores": [c.score for c in alive], "finished": sorted(ended)}
             finished += [c for c in alive if c.index in ended]
             alive = [c for c in alive if c.index not in ended]
-            if len(alive) > params.min_survivors:
-                order = rank([c.score for c in alive])
-                keep = max(params.min_survivors, len(alive) - math.floor(params.rejection_rate * len(alive)))
-                alive = [alive[i] for i in sorted(order[:keep])]
+            alive = self._thin(alive, params)
             record["kept"] = [c.index for c in alive]
             rounds.append(record)
             if not alive:
@@ -108,23 +104,8 @@ class SpeculativeRejectionStrategy(Strategy):
             step += 1
             # Survivors that rejection can no longer thin out run to the end in one request.
             final = len(alive) <= params.min_survivors
-
-            async def extend(c: Candidate, seed_offset: int) -> StageReport:
-                seed = None if ctx.sampling.seed is None else ctx.sampling.seed + 7919 * step + seed_offset
-                room = budget - len(c.token_ids)
-                (more,), report = await generate_candidates(
-                    ctx, 1, stage=f"chunk-{step}-{c.index}", prompt_ids=ctx.prompt_ids + c.token_ids,
-                    max_tokens=room if final else min(params.chunk_tokens, room), seed=seed,
-                )
-                c.text = tokenizer.decode(c.token_ids + more.token_ids)
-                c.token_ids = c.token_ids + more.token_ids
-                c.finish_reason = more.finish_reason
-                c.cut = c.cut or more.cut
-                if not more.token_ids:
-                    stalled.add(c.index)
-                return report
-
-            stages += await asyncio.gather(*(extend(c, i) for i, c in enumerate(alive)))
+            stages += await asyncio.gather(*(self._extend(ctx, params, c, step, i, budget, final, stalled)
+                                             for i, c in enumerate(alive)))
         best = finished[rank([c.score for c in finished])[0]]
         return StrategyResult(
             choices=[best],
@@ -133,6 +114,33 @@ class SpeculativeRejectionStrategy(Strategy):
             info={"selected": [best.index], "scores": [best.score], "rounds": rounds,
                   "stopped_early": params.n - len(finished)},
         )
+
+    @staticmethod
+    def _thin(alive: list[Candidate], params: SpeculativeRejectionParams) -> list[Candidate]:
+        """The best-scoring survivors of a round, in their order (at least `min_survivors`)."""
+        if len(alive) <= params.min_survivors:
+            return alive
+        order = rank([c.score for c in alive])
+        keep = max(params.min_survivors, len(alive) - math.floor(params.rejection_rate * len(alive)))
+        return [alive[i] for i in sorted(order[:keep])]
+
+    @staticmethod
+    async def _extend(ctx: StrategyContext, params: SpeculativeRejectionParams, c: Candidate, step: int,
+                      seed_offset: int, budget: int, final: bool, stalled: set[int]) -> StageReport:
+        """Decode candidate `c` one more chunk (to the end when `final`), in place."""
+        seed = None if ctx.sampling.seed is None else ctx.sampling.seed + 7919 * step + seed_offset
+        room = budget - len(c.token_ids)
+        (more,), report = await generate_candidates(
+            ctx, 1, stage=f"chunk-{step}-{c.index}", prompt_ids=ctx.prompt_ids + c.token_ids,
+            max_tokens=room if final else min(params.chunk_tokens, room), seed=seed,
+        )
+        c.text = ctx.engine.tokenizer.decode(c.token_ids + more.token_ids)
+        c.token_ids = c.token_ids + more.token_ids
+        c.finish_reason = more.finish_reason
+        c.cut = c.cut or more.cut
+        if not more.token_ids:
+            stalled.add(c.index)  # an extension that produced nothing ends its candidate
+        return report
 
     @staticmethod
     def _best_so_far(ctx, params, finished, alive, stages, everyone, rounds, step) -> StrategyResult:
