@@ -81,26 +81,12 @@ class ServingCompletion(ServingBase):
             return invalid_request(
                 f"at most {self.config.max_prompts_per_request} prompts per request", "prompt"
             )
-        tokenizer = self.engine.tokenizer
-        vocab = tokenizer.vocab_size
-        prompt_ids: list[list[int]] = []
-        for prompt in prompts:
-            ids = prompt if isinstance(prompt, list) else await self.tokenize(tokenizer.encode, prompt)
-            if not ids:
-                return invalid_request("prompt must not be empty", "prompt")
-            if isinstance(prompt, list) and max(ids) >= vocab:
-                return invalid_request(f"token ids must be below the vocabulary size {vocab}", "prompt")
-            prompt_ids.append(ids)
-        budgets = []
-        for ids in prompt_ids:
-            max_tokens = self.resolve_max_tokens(request, len(ids), "prompt")
-            if isinstance(max_tokens, ErrorResponse):
-                return max_tokens
-            budgets.append(max_tokens)
-        # With no max_tokens OpenAI's completions default is 16 tokens, not "the rest".
-        if request.max_tokens is None:
-            budgets = [min(b, 16) for b in budgets]
-
+        prompt_ids = await self._prompt_ids(prompts)
+        if isinstance(prompt_ids, ErrorResponse):
+            return prompt_ids
+        budgets = self._max_tokens(request, prompt_ids)
+        if isinstance(budgets, ErrorResponse):
+            return budgets
         ticket = await self.admit(request.n * len(prompt_ids), max_wait_s=budget.remaining_s())
         if isinstance(ticket, ErrorResponse):
             return ticket
@@ -119,6 +105,31 @@ class ServingCompletion(ServingBase):
         except ENGINE_ERRORS as exc:
             return engine_error(exc)
         return self._response(request, request_id, prompts, prompt_ids, generations)
+
+    async def _prompt_ids(self, prompts: list) -> list[list[int]] | ErrorResponse:
+        """Each prompt's token ids (text tokenized, token lists checked against the vocabulary)."""
+        tokenizer = self.engine.tokenizer
+        vocab = tokenizer.vocab_size
+        prompt_ids: list[list[int]] = []
+        for prompt in prompts:
+            ids = prompt if isinstance(prompt, list) else await self.tokenize(tokenizer.encode, prompt)
+            if not ids:
+                return invalid_request("prompt must not be empty", "prompt")
+            if isinstance(prompt, list) and max(ids) >= vocab:
+                return invalid_request(f"token ids must be below the vocabulary size {vocab}", "prompt")
+            prompt_ids.append(ids)
+        return prompt_ids
+
+    def _max_tokens(self, request: CompletionRequest, prompt_ids: list[list[int]]) -> list[int] | ErrorResponse:
+        """Each prompt's max_tokens within the context; OpenAI's default for completions is 16
+        tokens, not the rest of the context."""
+        budgets = []
+        for ids in prompt_ids:
+            max_tokens = self.resolve_max_tokens(request, len(ids), "prompt")
+            if isinstance(max_tokens, ErrorResponse):
+                return max_tokens
+            budgets.append(max_tokens if request.max_tokens is not None else min(max_tokens, 16))
+        return budgets
 
     def _events(self, engine, request, request_id: str, prompt_ids, budgets) -> AsyncIterator[tuple[int, GenerationChunk]]:
         """Every prompt's engine stream, interleaved and tagged with the prompt's position."""
