@@ -13,6 +13,7 @@ from typing import Any
 from aligner.alignment import AlignmentError, ResolvedAlignment
 from aligner.plan import RequestPlan, ServerCaps, plan_request
 from aligner.profiles import ProfileStore
+from aligner.spec import AlignmentSpec
 from aligner.strategies import StrategyContext, strategy_names
 from aligner.strategies.base import StrategyResult
 from server.config import ServerConfig
@@ -25,6 +26,7 @@ __all__ = [
     "ResolvedAlignment",
     "alignment_report",
     "model_aliases",
+    "parse_spec",
     "plan_or_error",
     "split_model",
 ]
@@ -64,6 +66,14 @@ def plan_or_error(
     try:
         return plan_request(alignment, ctx, caps, header=header, alias=alias, profiles=profiles, experiment=experiment,
                             arrived=arrived)
+    except AlignmentError as exc:
+        return _envelope(exc)
+
+
+def parse_spec(alignment: dict[str, Any] | None) -> AlignmentSpec | ErrorResponse:
+    """The request's `alignment` object parsed (`aligner.spec`), or its 400."""
+    try:
+        return AlignmentSpec.parse(alignment)
     except AlignmentError as exc:
         return _envelope(exc)
 

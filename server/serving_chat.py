@@ -9,11 +9,12 @@ from dataclasses import dataclass
 
 from aligner.experiments import Assignment
 from aligner.plan import RequestPlan
+from aligner.spec import AlignmentSpec
 from aligner.profiles import ProfileStore
 from aligner.rewards import RewardRegistry
 from aligner.strategies import KeepAlive, StrategyContext, StrategyLimits, StrategyResult
 from decoding.engine import SequenceDelta, TokenLogprob
-from server.alignment import alignment_report, plan_or_error
+from server.alignment import alignment_report, parse_spec, plan_or_error
 from server.config import ServerConfig
 from server.protocol import (
     ChatChoiceLogprobs,
@@ -33,7 +34,7 @@ from server.protocol import (
 from server.errors import invalid_request
 from server.serving_experiments import ServingExperiments
 from server.serving_store import ServingStore
-from server.traces import build_trace, profile_of, take_trace_option
+from server.traces import build_trace, profile_of
 from server.tools import AUTO_REFUSAL, ToolCallStream, tool_answer
 from server.serving_common import ENGINE_ERRORS, SSE_DONE, ServingBase, engine_error, holding, once, prime, sse, usage
 
@@ -97,11 +98,11 @@ class ServingChat(ServingBase):
         planned = await self._trace_plan(request, endpoint, profiles)
         if isinstance(planned, ErrorResponse):
             return planned
-        alignment, trace, assignment = planned
+        spec, trace, assignment = planned
         ctx = await self._context(request, response_id or random_id("chatcmpl"), profiles)
         if isinstance(ctx, ErrorResponse):
             return ctx
-        plan = plan_or_error(alignment, ctx, self.config, header=strategy_header, model=request.model,
+        plan = plan_or_error(spec.alignment(), ctx, self.config, header=strategy_header, model=request.model,
                              profiles=profiles, experiment=assignment.public() if assignment else None, arrived=arrived)
         if isinstance(plan, ErrorResponse):
             return plan
@@ -142,28 +143,27 @@ class ServingChat(ServingBase):
 
     async def _trace_plan(
         self, request: ChatCompletionRequest, endpoint: str, profiles: ProfileStore,
-    ) -> tuple[dict | None, TracePlan | None, Assignment | None] | ErrorResponse:
-        """(the alignment object without its `trace` switch and with an experiment's arm as its
-        profile, how the answer will be traced or None, the experiment's assignment or None),
-        or why the request is refused."""
-        taken = take_trace_option(request.alignment)
-        if isinstance(taken, ErrorResponse):
-            return taken
-        alignment, asked = taken
+    ) -> tuple[AlignmentSpec, TracePlan | None, Assignment | None] | ErrorResponse:
+        """(the request's alignment, parsed, with an experiment's arm as its profile; how the
+        answer will be traced or None; the experiment's assignment or None), or why the
+        request is refused."""
+        spec = parse_spec(request.alignment)
+        if isinstance(spec, ErrorResponse):
+            return spec
         assignment = None
         if self.experiments is not None:
-            applied = await self.experiments.apply(alignment, request.user or None, profiles.experiments)
+            applied = await self.experiments.apply(spec, request.user or None, profiles.experiments)
             if isinstance(applied, ErrorResponse):
                 return applied
-            alignment, assignment = applied
+            spec, assignment = applied
         if self.store is None:
-            if asked:
+            if spec.trace:
                 return invalid_request("this server does not store traces", "alignment.trace", "unsupported_value")
-            return alignment, None, assignment
-        wanted = self.store.trace_wanted(asked, request.user or None, experiment=assignment is not None)
+            return spec, None, assignment
+        wanted = self.store.trace_wanted(spec.trace, request.user or None, experiment=assignment is not None)
         if isinstance(wanted, ErrorResponse):
             return wanted
-        return alignment, TracePlan(endpoint, profile_of(alignment, profiles)) if wanted else None, assignment
+        return spec, TracePlan(endpoint, profile_of(spec.profile, profiles)) if wanted else None, assignment
 
     def _store_trace(self, plan: TracePlan, request: ChatCompletionRequest, request_plan: RequestPlan,
                      result: StrategyResult, report: dict, choices: list[ChatCompletionChoice], usage_info: UsageInfo,

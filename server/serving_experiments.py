@@ -9,7 +9,7 @@ is used (counted as a store `request_failed`): a store never costs an answer. Wi
 or in a `unit: random` experiment, the arm is drawn at random by the weights.
 
 An experiment's arm is the whole recipe: a request naming one may add only request-wide
-switches (`ALLOWED_WITH_EXPERIMENT`); `profile`, `strategy`, `pipeline` or any strategy parameter
+switches (`aligner.spec.ALLOWED_WITH_EXPERIMENT`); `profile`, `strategy`, `pipeline` or any strategy parameter
 beside it is a 400 naming the field. Its trace is stored whenever the server has a store
 (`--store URL` is enough), since the report counts traces.
 """
@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from aligner.experiments import Assignment, Experiment, assign, experiment_report
+from aligner.spec import ALLOWED_WITH_EXPERIMENT, AlignmentSpec
 from aligner.store import Store
 from server.errors import invalid_request, make_error
 from server.metrics import ServerMetrics
@@ -32,9 +33,6 @@ from server.serving_store import ServingStore
 
 logger = logging.getLogger(__name__)
 
-EXPERIMENT_OPTION = "experiment"
-# What a request may set beside an experiment: limits and switches that change no arm's recipe.
-ALLOWED_WITH_EXPERIMENT = frozenset({"deadline_s", "max_total_tokens", "return_candidates", "fallback"})
 NO_STORE = ("this server keeps no store, and an experiment's report is counted from the traces in it: start "
             "the server with --store URL (experiment requests are then traced)")
 
@@ -44,30 +42,26 @@ class ServingExperiments:
         self.store, self.metrics = store, metrics
         self.rng = rng or random.Random()  # draws for requests without a user
 
-    async def apply(self, alignment: dict[str, Any] | None, user: str | None,
-                    experiments: Mapping[str, Experiment]) -> tuple[dict[str, Any] | None, Assignment | None] | ErrorResponse:
-        """(the alignment object with `experiment` turned into the arm's `profile`, the
-        assignment), unchanged with None when it names no experiment, or why it is refused."""
-        if not alignment or EXPERIMENT_OPTION not in alignment:
-            return alignment, None
-        name = alignment[EXPERIMENT_OPTION]
-        param = f"alignment.{EXPERIMENT_OPTION}"
-        if not isinstance(name, str):
-            return invalid_request(f"{param} must name an experiment", param)
-        experiment = experiments.get(name)
+    async def apply(self, spec: AlignmentSpec, user: str | None,
+                    experiments: Mapping[str, Experiment]) -> tuple[AlignmentSpec, Assignment | None] | ErrorResponse:
+        """(the request with its experiment's arm as its profile, the assignment), unchanged
+        with None when it names no experiment, or why it is refused."""
+        if spec.experiment is None:
+            return spec, None
+        param = "alignment.experiment"
+        experiment = experiments.get(spec.experiment)
         if experiment is None:
             known = ", ".join(sorted(experiments)) or "none"
-            return invalid_request(f"unknown experiment {name!r}; available: {known}", param, "unknown_experiment")
-        for key in alignment:
-            if key != EXPERIMENT_OPTION and key not in ALLOWED_WITH_EXPERIMENT:
-                return invalid_request(
-                    f"alignment.{key} cannot go with an experiment: its arm (a profile version) is the whole "
-                    f"recipe; besides alignment.experiment only {', '.join(sorted(ALLOWED_WITH_EXPERIMENT))} "
-                    "may be set", f"alignment.{key}", "unsupported_combination")
+            return invalid_request(f"unknown experiment {spec.experiment!r}; available: {known}", param,
+                                   "unknown_experiment")
+        if (key := spec.beside_experiment()) is not None:
+            return invalid_request(
+                f"alignment.{key} cannot go with an experiment: its arm (a profile version) is the whole "
+                f"recipe; besides alignment.experiment only {', '.join(sorted(ALLOWED_WITH_EXPERIMENT))} "
+                "may be set", f"alignment.{key}", "unsupported_combination")
         chosen = await self._sticky(experiment, assign(experiment, user, self.rng))
         self.metrics.experiment_assignments.labels(experiment.name, chosen.arm, chosen.unit).inc()
-        rest = {k: v for k, v in alignment.items() if k != EXPERIMENT_OPTION}
-        return {**rest, "profile": chosen.arm}, chosen
+        return spec.with_arm(chosen.arm), chosen
 
     async def _sticky(self, experiment: Experiment, hashed: Assignment) -> Assignment:
         """With a store, the user's first arm (the hashed one is stored if there is none yet)."""

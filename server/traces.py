@@ -13,38 +13,14 @@ from aligner.profiles import ProfileStore
 from aligner.strategies import StrategyResult
 from aligner.strategies.base import Candidate
 from server.alignment import ResolvedAlignment
-from server.errors import invalid_request
-from server.protocol import ErrorResponse
 
-TRACE_OPTION = "trace"
 # Report fields the trace keeps in columns of their own.
 _REPORT_COLUMNS = ("stages", "candidates")
 
 
-def take_trace_option(alignment: dict[str, Any] | None) -> tuple[dict[str, Any] | None, bool] | ErrorResponse:
-    """(`alignment` without its `trace` switch, whether the request asked for a trace).
-
-    `trace` asks the server to store this response; it belongs to no strategy, so it is
-    taken out before the strategy's parameters are validated.
-
-    >>> take_trace_option({"strategy": "best_of_n", "trace": True})
-    ({'strategy': 'best_of_n'}, True)
-    >>> take_trace_option(None)
-    (None, False)
-    """
-    if not alignment or TRACE_OPTION not in alignment:
-        return alignment, False
-    rest = {k: v for k, v in alignment.items() if k != TRACE_OPTION}
-    asked = alignment[TRACE_OPTION]
-    if not isinstance(asked, bool):
-        return invalid_request(f"alignment.trace must be true or false, got {asked!r}", "alignment.trace")
-    return rest, asked
-
-
-def profile_of(alignment: dict[str, Any] | None, profiles: ProfileStore | None) -> tuple[str | None, str | None]:
+def profile_of(reference: str | None, profiles: ProfileStore | None) -> tuple[str | None, str | None]:
     """(profile name, version) the request used, the version a bare name resolved to."""
-    reference = (alignment or {}).get("profile")
-    if not isinstance(reference, str) or profiles is None:
+    if reference is None or profiles is None:
         return None, None
     try:
         version = profiles.resolve(reference).version
