@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from decoding.home import aligner_home
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +35,6 @@ class GgufSource:
     @property
     def path(self) -> Path:
         return self.directory / self.filename
-
-
-def aligner_home() -> Path:
-    return Path(os.environ.get("ALIGNER_HOME", Path.home() / ".cache" / "aligner"))
 
 
 def default_model_dir(home: Path | None = None) -> Path:

@@ -21,7 +21,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from decoding.model_prep import aligner_home
+from decoding.home import aligner_home
 
 logger = logging.getLogger(__name__)
 
