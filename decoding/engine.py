@@ -93,6 +93,9 @@ class GenerationChunk:
     sequences: list[SequenceDelta] = field(default_factory=list)
     finished: bool = False
     cached_tokens: int = 0  # prompt tokens served from the engine's prefix cache
+    # What a guided logits processor reported of the rows it could not guide, on the last
+    # chunk: [{"guided_steps", "unguided_steps", "reason", ...}] (`decoding.guided_processor`).
+    guide_reports: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -114,6 +117,7 @@ class Generation:
     sequences: list[SequenceOutput]
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    guide_reports: list[dict[str, Any]] = field(default_factory=list)  # see GenerationChunk
 
     @property
     def completion_tokens(self) -> int:
@@ -123,6 +127,7 @@ class Generation:
         """Fold one chunk of the stream in (the only place deltas are accumulated)."""
         self.prompt_tokens = chunk.prompt_tokens or self.prompt_tokens
         self.cached_tokens = max(self.cached_tokens, chunk.cached_tokens)
+        self.guide_reports += chunk.guide_reports
         for delta in chunk.sequences:
             seq = self.sequences[delta.index]
             seq.text += delta.text

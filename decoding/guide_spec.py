@@ -8,7 +8,9 @@ sequences have slots; the engine's slot pool (`guide_model.SlotDecoder`) is size
 budget, so a guided request never finds the pool full.
 
 The engine tells what it could not guide through small report files: the logits processor
-runs in vLLM's engine process, where nothing flows back with the tokens but the tokens.
+runs in vLLM's engine process, where nothing flows back with the tokens but the tokens. The
+engine (`decoding.vllm_engine`) reads a request's reports when it finishes and returns them
+with its last chunk (`GenerationChunk.guide_reports`); strategies never see the files.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 CONFIG_KEY = "aligner_guides"  # in vllm_config.additional_config
 EXTRA_ARGS_KEY = "aligner_guide"  # in SamplingParams.extra_args
@@ -66,6 +69,16 @@ def write_guide_report(report_dir: str, key: str, report: dict) -> None:
     tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
     tmp.write_text(json.dumps(report))
     os.replace(tmp, path)
+
+
+def guide_report_key(extra_args: dict[str, Any] | None) -> str | None:
+    """The report key a guided request's sampling carries (None for an unguided request).
+
+    >>> guide_report_key({EXTRA_ARGS_KEY: {"guide": "g", REPORT_KEY: "req-1-ab"}}), guide_report_key(None)
+    ('req-1-ab', None)
+    """
+    spec = (extra_args or {}).get(EXTRA_ARGS_KEY)
+    return spec.get(REPORT_KEY) if isinstance(spec, dict) else None
 
 
 def read_guide_reports(report_dir: str | None, prefix: str) -> list[dict]:

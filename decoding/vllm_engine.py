@@ -25,6 +25,7 @@ from decoding.engine import (
     InvalidRequestError,
     SamplingConfig,
 )
+from decoding.guide_spec import guide_report_key, read_guide_reports
 from decoding.hf_tokenizer import HFChatTokenizer
 from decoding.self_check import SelfCheckFailed
 from decoding.vllm_config import VLLMEngineConfig, detect_device, engine_summary
@@ -237,7 +238,11 @@ class VLLMEngine:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                yield to_chunk(item, top_k=sampling.logprobs)
+                chunk = to_chunk(item, top_k=sampling.logprobs)
+                if chunk.finished and (key := guide_report_key(sampling.extra_args)):
+                    # The engine core's processor writes them; the request reads them here, once.
+                    chunk.guide_reports = read_guide_reports(self.config.guides.report_dir, key)
+                yield chunk
         finally:
             if not pump.done():
                 pump.cancel()

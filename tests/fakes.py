@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from decoding.engine import EngineStatus, GenerationChunk, SamplingConfig, SequenceDelta, TokenLogprob, TopLogprob
+from decoding.guide_spec import guide_report_key
 
 EOS_ID = 2  # end of answer: counted as a token, decoded as nothing (as vLLM skips special tokens)
 GENERATION_PROMPT = "assistant:"  # the last token of a chat prompt; the answer starts after it
@@ -166,6 +167,8 @@ class FakeEngine:
         self._seen: list[list[int]] = []  # token sequences whose KV the prefix cache holds
         self.start_error: BaseException | None = None
         self.numerics: dict | None = None
+        # What a guided request's last chunk reports unguided, as vLLM's guided processor would.
+        self.guide_reports: list[dict] = []
 
     @property
     def ready(self) -> bool:
@@ -251,7 +254,9 @@ class FakeEngine:
                         continue
                     deltas.append(self._step(record, i, step, salt, answer_start, texts))
                 finished = all(r is not None for r in record.finish_reasons)
-                yield GenerationChunk(len(prompt), deltas, finished=finished, cached_tokens=record.cached_tokens)
+                reports = list(self.guide_reports) if finished and guide_report_key(sampling.extra_args) else []
+                yield GenerationChunk(len(prompt), deltas, finished=finished, cached_tokens=record.cached_tokens,
+                                      guide_reports=reports)
                 if finished:
                     return
         finally:

@@ -3,6 +3,8 @@ in one engine request, scoring them, and the one policy for a reward that fails.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -20,7 +22,7 @@ from aligner.strategies.base import (
     StrategyUnavailable,
     Timer,
 )
-from decoding.engine import collect
+from decoding.engine import Generation, SequenceDelta, collect
 
 RewardField = Field(
     default=None,
@@ -41,6 +43,17 @@ def recorded_threshold(ctx: StrategyContext, name: str, threshold: float | None,
     if model.threshold is None:
         raise StrategyParamError(f"{name!r} records no threshold: give {where}.threshold", f"{where}.threshold")
     return float(model.threshold)
+
+
+async def stream_generation(ctx: StrategyContext, generation: Generation) -> AsyncIterator[SequenceDelta]:
+    """Plain decoding of the request, each delta as it comes, folded into `generation`;
+    closing the stream early aborts the engine's request."""
+    stream = ctx.engine.generate(f"{ctx.request_id}-generate", ctx.prompt_ids, ctx.sampling)
+    async with contextlib.aclosing(stream) as chunks:
+        async for chunk in chunks:
+            generation.add(chunk)
+            for delta in chunk.sequences:
+                yield delta
 
 
 def resolve_reward(params, ctx: StrategyContext) -> dict[str, float]:

@@ -4,7 +4,8 @@ The engine's logits processor (`decoding.guided_processor`) does the work, batch
 other request; this strategy validates the request, asks admission for one guide slot per
 sequence (`guide_slots`), checks the length against the guide's limit on the prompt it
 actually decodes (after any prompt stage), streams tokens like plain decoding, and reports
-how many steps the guide shaped (the engine reports the ones it could not).
+how many steps the guide shaped (the engine returns what it could not guide with its last
+chunk).
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from aligner.strategies.base import (
     StrategyParams,
     StrategyResult,
     StreamEvent,
+    Timer,
     register,
 )
-from aligner.strategies.none import NoneStrategy
-from decoding.guide_spec import EXTRA_ARGS_KEY, MAX_ALPHA, MAX_K, MAX_WEIGHT, REPORT_KEY, read_guide_reports
+from aligner.strategies.common import candidates_of, stage_report, stream_generation
+from decoding.engine import Generation
+from decoding.guide_spec import EXTRA_ARGS_KEY, MAX_ALPHA, MAX_K, MAX_WEIGHT, REPORT_KEY
 
 
 class GuidedParams(StrategyParams):
@@ -111,12 +114,15 @@ class GuidedStrategy(Strategy):
         ctx = fit_guide(ctx)
         guided = replace(ctx, sampling=replace(ctx.sampling, extra_args={**(ctx.sampling.extra_args or {}),
                                                                           EXTRA_ARGS_KEY: spec}))
-        async with contextlib.aclosing(NoneStrategy().stream(guided, StrategyParams())) as events:
-            async for event in events:
-                if isinstance(event, StrategyResult):
-                    reports = read_guide_reports(ctx.guides.report_dir, report)
-                    event.info = {"guide": params.guide, "mode": params.mode,
-                                  "guided_steps": guided_steps(event.choices, reports)}
-                    if reports:
-                        event.info["unguided_reasons"] = sorted({r["reason"] for r in reports})
-                yield event
+        generation = Generation.empty(ctx.num_choices, len(ctx.prompt_ids))
+        with Timer() as timer:
+            async with contextlib.aclosing(stream_generation(guided, generation)) as deltas:
+                async for delta in deltas:
+                    yield delta
+        choices = candidates_of(generation, ctx.sampling.logprobs is not None)
+        # The engine returns what it could not guide with the request's last chunk.
+        reports = generation.guide_reports
+        info = {"guide": params.guide, "mode": params.mode, "guided_steps": guided_steps(choices, reports)}
+        if reports:
+            info["unguided_reasons"] = sorted({r["reason"] for r in reports})
+        yield StrategyResult(choices=choices, stages=[stage_report("generate", timer.seconds, generation)], info=info)

@@ -14,7 +14,7 @@ from aligner.strategies.base import (
     Timer,
     register,
 )
-from aligner.strategies.common import candidates_of, generate_candidates, stage_report
+from aligner.strategies.common import candidates_of, generate_candidates, stage_report, stream_generation
 from decoding.engine import Generation
 
 
@@ -30,12 +30,9 @@ class NoneStrategy(Strategy):
 
     async def stream(self, ctx: StrategyContext, params: StrategyParams) -> AsyncIterator[StreamEvent]:
         generation = Generation.empty(ctx.num_choices, len(ctx.prompt_ids))
-        stream = ctx.engine.generate(f"{ctx.request_id}-generate", ctx.prompt_ids, ctx.sampling)
         with Timer() as timer:
-            async with contextlib.aclosing(stream) as chunks:  # closed early: the engine aborts it
-                async for chunk in chunks:
-                    generation.add(chunk)
-                    for delta in chunk.sequences:
-                        yield delta
+            async with contextlib.aclosing(stream_generation(ctx, generation)) as deltas:
+                async for delta in deltas:
+                    yield delta
         choices = candidates_of(generation, ctx.sampling.logprobs is not None)
         yield StrategyResult(choices=choices, stages=[stage_report("generate", timer.seconds, generation)])

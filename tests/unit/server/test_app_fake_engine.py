@@ -223,6 +223,20 @@ def test_the_guide_length_limit_is_checked_on_the_prompt_a_prompt_stage_wrote():
     assert "guide" in r.json()["error"]["message"] and not engine.calls
 
 
+def test_what_the_engine_could_not_guide_comes_back_with_its_last_chunk():
+    """The engine returns a guided request's reports with the finished chunk; the answer counts
+    the steps the guide did not shape out and names why."""
+    from decoding.guide_spec import GuideCatalog
+
+    engine = FakeEngine(max_model_len=100_000)
+    engine.guide_reports = [{"guided_steps": 5, "unguided_steps": 3, "lagged_steps": 3, "reason": "lagged"}]
+    guides = GuideCatalog({"g": {"path": "unused", "mode": "genarm"}}, max_slots=2, max_len=10_000)
+    app = build_app(engine, ServerConfig(served_model_name="fake-model"), guides=guides, start_engine=False)
+    body = {"model": "fake-model", "messages": MESSAGES, "max_tokens": 8, "alignment": {"strategy": "guided"}}
+    report = TestClient(app).post("/v1/chat/completions", json=body).json()["alignment"]
+    assert report["guided_steps"] == 5 and report["unguided_reasons"] == ["lagged"]
+
+
 def test_a_failed_start_is_one_short_line_on_ready():
     engine = FakeEngine(ready=False)
     engine.start_error = RuntimeError("CUDA out of memory\n" + "Traceback line\n" * 50)
