@@ -4,7 +4,7 @@ in one engine request, scoring them, and the one policy for a reward that fails.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -20,9 +20,10 @@ from aligner.strategies.base import (
     StrategyParams,
     StrategyResult,
     StrategyUnavailable,
+    StreamEvent,
     Timer,
 )
-from decoding.engine import Generation, SequenceDelta, collect
+from decoding.engine import Generation, collect
 
 RewardField = Field(
     default=None,
@@ -45,15 +46,24 @@ def recorded_threshold(ctx: StrategyContext, name: str, threshold: float | None,
     return float(model.threshold)
 
 
-async def stream_generation(ctx: StrategyContext, generation: Generation) -> AsyncIterator[SequenceDelta]:
-    """Plain decoding of the request, each delta as it comes, folded into `generation`;
-    closing the stream early aborts the engine's request."""
+async def stream_plain(ctx: StrategyContext,
+                       finish: Callable[[StrategyResult, Generation], None] | None = None) -> AsyncIterator[StreamEvent]:
+    """Plain decoding of the request: each delta as it comes, then the result; `finish` may add
+    to the result what the engine returned with the tokens. Closing it early aborts the
+    engine's request."""
+    generation = Generation.empty(ctx.num_choices, len(ctx.prompt_ids))
     stream = ctx.engine.generate(f"{ctx.request_id}-generate", ctx.prompt_ids, ctx.sampling)
-    async with contextlib.aclosing(stream) as chunks:
-        async for chunk in chunks:
-            generation.add(chunk)
-            for delta in chunk.sequences:
-                yield delta
+    with Timer() as timer:
+        async with contextlib.aclosing(stream) as chunks:
+            async for chunk in chunks:
+                generation.add(chunk)
+                for delta in chunk.sequences:
+                    yield delta
+    result = StrategyResult(choices=candidates_of(generation, ctx.sampling.logprobs is not None),
+                            stages=[stage_report("generate", timer.seconds, generation)])
+    if finish is not None:
+        finish(result, generation)
+    yield result
 
 
 def resolve_reward(params, ctx: StrategyContext) -> dict[str, float]:

@@ -25,10 +25,9 @@ from aligner.strategies.base import (
     StrategyParams,
     StrategyResult,
     StreamEvent,
-    Timer,
     register,
 )
-from aligner.strategies.common import candidates_of, stage_report, stream_generation
+from aligner.strategies.common import stream_plain
 from decoding.engine import Generation
 from decoding.guide_spec import EXTRA_ARGS_KEY, MAX_ALPHA, MAX_K, MAX_WEIGHT, REPORT_KEY
 
@@ -114,15 +113,14 @@ class GuidedStrategy(Strategy):
         ctx = fit_guide(ctx)
         guided = replace(ctx, sampling=replace(ctx.sampling, extra_args={**(ctx.sampling.extra_args or {}),
                                                                           EXTRA_ARGS_KEY: spec}))
-        generation = Generation.empty(ctx.num_choices, len(ctx.prompt_ids))
-        with Timer() as timer:
-            async with contextlib.aclosing(stream_generation(guided, generation)) as deltas:
-                async for delta in deltas:
-                    yield delta
-        choices = candidates_of(generation, ctx.sampling.logprobs is not None)
-        # The engine returns what it could not guide with the request's last chunk.
-        reports = generation.guide_reports
-        info = {"guide": params.guide, "mode": params.mode, "guided_steps": guided_steps(choices, reports)}
-        if reports:
-            info["unguided_reasons"] = sorted({r["reason"] for r in reports})
-        yield StrategyResult(choices=choices, stages=[stage_report("generate", timer.seconds, generation)], info=info)
+        def report(result: StrategyResult, generation: Generation) -> None:
+            # The engine returns what it could not guide with the request's last chunk.
+            reports = generation.guide_reports
+            result.info = {"guide": params.guide, "mode": params.mode,
+                           "guided_steps": guided_steps(result.choices, reports)}
+            if reports:
+                result.info["unguided_reasons"] = sorted({r["reason"] for r in reports})
+
+        async with contextlib.aclosing(stream_plain(guided, report)) as events:
+            async for event in events:
+                yield event

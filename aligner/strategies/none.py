@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 
 from aligner.strategies.base import (
@@ -11,11 +10,9 @@ from aligner.strategies.base import (
     StrategyParams,
     StrategyResult,
     StreamEvent,
-    Timer,
     register,
 )
-from aligner.strategies.common import candidates_of, generate_candidates, stage_report, stream_generation
-from decoding.engine import Generation
+from aligner.strategies.common import generate_candidates, stream_plain
 
 
 @register
@@ -28,11 +25,5 @@ class NoneStrategy(Strategy):
         candidates, report = await generate_candidates(ctx, ctx.num_choices)
         return StrategyResult(choices=candidates, stages=[report])
 
-    async def stream(self, ctx: StrategyContext, params: StrategyParams) -> AsyncIterator[StreamEvent]:
-        generation = Generation.empty(ctx.num_choices, len(ctx.prompt_ids))
-        with Timer() as timer:
-            async with contextlib.aclosing(stream_generation(ctx, generation)) as deltas:
-                async for delta in deltas:
-                    yield delta
-        choices = candidates_of(generation, ctx.sampling.logprobs is not None)
-        yield StrategyResult(choices=choices, stages=[stage_report("generate", timer.seconds, generation)])
+    def stream(self, ctx: StrategyContext, params: StrategyParams) -> AsyncIterator[StreamEvent]:
+        return stream_plain(ctx)  # an async generator: closing it aborts the engine's request
