@@ -2,8 +2,12 @@
 
     python -m bench.router_areas --data ../shared/data --output router-areas.json
 
-For each Do-Not-Answer risk area, trains a classifier exactly as `models/harmful-request` was
-trained (`aligner train-classifier`, same sources, settings and seed) but with that area held
+The recipe of the classifier `harmless` v3 shipped (Do-Not-Answer and HH-RLHF red-team against
+AlpacaEval: the BENCHMARKS.md tables of this bench). The shipped classifier is now trained
+across sources and chosen by `bench.router_sources`, which supersedes this bench's choice.
+
+For each Do-Not-Answer risk area, trains a classifier with that recipe (`aligner
+train-classifier`, same sources, settings and seed) but with that area held
 out instead of `malicious_uses`, then reports its recall on the held-out area and its
 false-positive rates on the benign report sets, at the threshold its own validation split chose.
 `harmless` refuses what its router flags, so this recall is about the refusal rate `harmless`
@@ -28,7 +32,7 @@ from pathlib import Path
 
 
 MEASURED_AREA = "malicious_uses"  # the area bench.heldout measures `harmless` on
-SHIPPED_MAX_VAL_FPR = 0.07  # chosen by `--sweep` (BENCHMARKS.md); models/harmful-request uses it
+SHIPPED_MAX_VAL_FPR = 0.07  # chosen by `--sweep` (BENCHMARKS.md) for the v3 recipe
 CARVE_OUT = 120  # AlpacaEval training instructions the sweep counts false positives on
 
 
