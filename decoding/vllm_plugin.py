@@ -11,12 +11,8 @@ What it does, only on vLLM's CPU build:
   with AMX, while the same engine with the "vec" kernel (AMX GEMMs left on) is correct and as
   fast. The plugin turns that one choice into "vec". `ALIGNER_CPU_AMX_ATTENTION=1` restores
   vLLM's choice (the AMX-only reproduction test uses it to see whether vLLM fixed the kernel).
-- **A fault for tests** (`ALIGNER_TEST_CORRUPT_LOGITS=bfloat16[,float32]|all`): the logits of
-  a model running in a listed dtype are rotated by one vocabulary entry, so the engine's
-  top-1 tokens are all wrong in that dtype: a stand-in for a broken kernel on a machine
-  nobody here has, for testing the start-up self-check and its fallback. Never set it to serve.
-
-Both only wrap functions; importing this module does nothing.
+It only wraps a function; importing this module does nothing. (The tests' fault, corrupted
+logits for the start-up self-check, is a plugin of their own: `tests/vllm_faults.py`.)
 """
 
 from __future__ import annotations
@@ -28,7 +24,6 @@ import os
 logger = logging.getLogger(__name__)
 
 AMX_ATTENTION_ENV = "ALIGNER_CPU_AMX_ATTENTION"
-CORRUPT_LOGITS_ENV = "ALIGNER_TEST_CORRUPT_LOGITS"
 
 _registered = False
 
@@ -60,15 +55,6 @@ def attention_choice(device: str, dtype: str) -> dict:
             "the vec kernel is used, AMX GEMMs stay on"}
 
 
-def _corrupted_dtypes() -> set[str]:
-    value = os.environ.get(CORRUPT_LOGITS_ENV, "").strip()
-    if not value:
-        return set()
-    if value == "all":
-        return {"float32", "bfloat16", "float16"}
-    return {part.strip() for part in value.split(",") if part.strip()}
-
-
 def register() -> None:
     """The `vllm.general_plugins` entry point: safe to call more than once per process."""
     global _registered
@@ -79,9 +65,6 @@ def register() -> None:
 
     if current_platform.is_cpu():
         _avoid_amx_attention()
-    corrupted = _corrupted_dtypes()
-    if corrupted:
-        _corrupt_logits(corrupted)
 
 
 def _avoid_amx_attention() -> None:
@@ -102,24 +85,3 @@ def _avoid_amx_attention() -> None:
         return "vec" if isa == "amx" else isa
 
     cpu_attn._get_attn_isa = _safe_attn_isa
-
-
-def _corrupt_logits(dtypes: set[str]) -> None:
-    import torch
-    from vllm.model_executor.layers.logits_processor import LogitsProcessor
-
-    original = LogitsProcessor.forward
-    if hasattr(original, "__wrapped__"):
-        return
-    names = {getattr(torch, name) for name in dtypes if isinstance(getattr(torch, name, None), torch.dtype)}
-
-    @functools.wraps(original)
-    def forward(self, lm_head, hidden_states, *args, **kwargs):
-        logits = original(self, lm_head, hidden_states, *args, **kwargs)
-        if logits is not None and hidden_states.dtype in names:
-            logits = logits.roll(1, dims=-1)
-        return logits
-
-    LogitsProcessor.forward = forward
-    logger.warning("aligner: %s=%s: logits of models in %s are corrupted (test fault)",
-                   CORRUPT_LOGITS_ENV, os.environ.get(CORRUPT_LOGITS_ENV), sorted(dtypes))

@@ -1,7 +1,8 @@
 """The start-up self-check through the real server: a kernel broken in bf16 (injected by the
-plugin's test fault, which rotates the logits of bf16 models in every engine process) is caught
-before /ready turns 200 and the server rebuilds in float32; broken in every dtype, it stays not
-ready with the reason, and never serves."""
+tests' own vLLM plugin, `tests/vllm_faults.py`, which rotates the logits of bf16 models in
+every engine process) is caught before /ready turns 200 and the server rebuilds in float32;
+broken in float32 too, it stays not ready with the reason, and never serves (that server is
+asked for float32 from the start: the bf16 -> float32 step is the first test's)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import httpx
 import pytest
 
 from bench.launch import start_server, stop_server
-from decoding.vllm_plugin import CORRUPT_LOGITS_ENV
 from tests.conftest import MODEL
+from tests.vllm_faults import fault_env
 
 pytestmark = pytest.mark.integration
 
@@ -25,8 +26,8 @@ def _self_check(response: httpx.Response) -> dict | None:
 
 
 def test_a_kernel_broken_in_bf16_is_caught_and_the_server_serves_float32(tmp_path_factory):
-    server = start_server(tmp_path_factory.mktemp("numerics-fallback"), "--max-model-len", "512",
-                          env={CORRUPT_LOGITS_ENV: "bfloat16"})
+    folder = tmp_path_factory.mktemp("numerics-fallback")
+    server = start_server(folder, "--max-model-len", "512", env=fault_env(folder / "plugin", "bfloat16"))
     try:
         ready = httpx.get(f"{server.base_url}/ready", timeout=10)
         assert ready.status_code == 200
@@ -45,8 +46,9 @@ def test_a_kernel_broken_in_bf16_is_caught_and_the_server_serves_float32(tmp_pat
 
 
 def test_a_kernel_broken_everywhere_keeps_the_server_not_ready(tmp_path_factory):
-    server = start_server(tmp_path_factory.mktemp("numerics-broken"), "--max-model-len", "512",
-                          env={CORRUPT_LOGITS_ENV: "all"},
+    folder = tmp_path_factory.mktemp("numerics-broken")
+    server = start_server(folder, "--max-model-len", "512", "--dtype", "float32",
+                          env=fault_env(folder / "plugin", "all"),
                           ready_when=lambda r: (_self_check(r) or {}).get("status") == "failed")
     try:
         ready = httpx.get(f"{server.base_url}/ready", timeout=10)
