@@ -1,5 +1,7 @@
 """API keys on the real server: required everywhere but /health, compared in constant time,
-and a key file rotated by SIGHUP without a restart."""
+and a key file rotated by SIGHUP without a restart. One keyed server (its keys from a file)
+answers the first checks with key A, then rotates; the servers of the store, UI and
+experiments tests take their key from `--api-key`."""
 
 from __future__ import annotations
 
@@ -15,46 +17,6 @@ from bench.launch import STARTUP_TIMEOUT_S
 from tests.conftest import MODEL, start_server, stop_server
 
 pytestmark = pytest.mark.integration
-
-KEY = "test-key-123"
-
-
-@pytest.fixture(scope="module")
-def keyed_server(tmp_path_factory):
-    running = start_server(tmp_path_factory.mktemp("keyed"), "--max-model-len", "1024", api_key=KEY)
-    yield running
-    stop_server(running)
-
-
-def test_right_key_is_served(keyed_server):
-    client = openai.OpenAI(base_url=keyed_server.v1, api_key=KEY, max_retries=0)
-    reply = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
-    )
-    assert reply.choices[0].message.content
-
-
-@pytest.mark.parametrize("key", ["wrong-key", "test-key-12", "test-key-1234"])
-def test_wrong_key_is_refused_with_the_envelope(keyed_server, key):
-    client = openai.OpenAI(base_url=keyed_server.v1, api_key=key, max_retries=0)
-    with pytest.raises(openai.AuthenticationError) as info:
-        client.models.list()
-    assert info.value.status_code == 401
-    assert info.value.body["type"] == "authentication_error"
-
-
-@pytest.mark.parametrize("path", ["/v1/models", "/ready", "/metrics"])
-def test_missing_key_is_refused_everywhere_but_health(keyed_server, path):
-    r = httpx.get(keyed_server.base_url + path, timeout=10)
-    assert r.status_code == 401
-    assert r.json()["error"]["message"].startswith("missing API key")
-    assert httpx.get(keyed_server.base_url + "/health", timeout=10).status_code == 200
-
-
-def test_server_without_key_needs_none(server):
-    r = httpx.get(f"{server.v1}/models", timeout=10)
-    assert r.status_code == 200
-
 
 KEY_A, KEY_B = "file-key-alpha", "file-key-bravo"
 
@@ -85,6 +47,37 @@ def key_file_server(tmp_path_factory):
         time.sleep(1)
     yield running, keys
     stop_server(running)
+
+
+def test_right_key_is_served(key_file_server):
+    client = openai.OpenAI(base_url=key_file_server[0].v1, api_key=KEY_A, max_retries=0)
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+    )
+    assert reply.choices[0].message.content
+
+
+@pytest.mark.parametrize("key", ["wrong-key", KEY_A[:-1], KEY_A + "4"])  # a prefix, a longer key
+def test_wrong_key_is_refused_with_the_envelope(key_file_server, key):
+    client = openai.OpenAI(base_url=key_file_server[0].v1, api_key=key, max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as info:
+        client.models.list()
+    assert info.value.status_code == 401
+    assert info.value.body["type"] == "authentication_error"
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/ready", "/metrics"])
+def test_missing_key_is_refused_everywhere_but_health(key_file_server, path):
+    running, _ = key_file_server
+    r = httpx.get(running.base_url + path, timeout=10)
+    assert r.status_code == 401
+    assert r.json()["error"]["message"].startswith("missing API key")
+    assert httpx.get(running.base_url + "/health", timeout=10).status_code == 200
+
+
+def test_server_without_key_needs_none(server):
+    r = httpx.get(f"{server.v1}/models", timeout=10)
+    assert r.status_code == 200
 
 
 def test_key_file_rotates_on_sighup_and_survives_a_bad_file(key_file_server):

@@ -1,8 +1,10 @@
-"""The guided-decoding integration tests again, on servers whose guides run differently:
-- `triton`: the Triton kernels switched on in the engine (Triton's interpreter on a CPU,
-  compiled kernels on a GPU);
-- `int8`: the guides' projections in int8 (`--guide-quantization int8`, vLLM's oneDNN int8
-  GEMM; that the flag reaches the guide runners is checked in-process by
+"""The guided-decoding integration tests again, on one server whose guides run differently
+from the main server's in both ways at once (one engine start instead of two; the defaults
+are the main server's):
+- the Triton kernels switched on in the engine (Triton's interpreter on a CPU, compiled
+  kernels on a GPU);
+- the guides' projections in int8 (`--guide-quantization int8`, vLLM's oneDNN int8 GEMM;
+  that the flag reaches the guide runners is checked in-process by
   `tests/unit/decoding/test_guided_processor.py::test_int8_reaches_the_guide_runners`)."""
 
 from __future__ import annotations
@@ -19,15 +21,12 @@ from tests.integration.test_guided_integration import (  # noqa: F401 - collecte
 pytestmark = pytest.mark.integration
 
 
-VARIANTS = {
-    "triton": ((), {"ALIGNER_KERNELS": "triton", "TRITON_INTERPRET": "1"}),
-    "int8": (("--guide-quantization", "int8"), None),
-}
+TRITON = {"ALIGNER_KERNELS": "triton", "TRITON_INTERPRET": "1"}
+INT8 = ("--guide-quantization", "int8")
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
-def server(request, tmp_path_factory, guide_dirs):
-    extra, env = VARIANTS[request.param]
-    running = start_guide_server(tmp_path_factory, guide_dirs, f"{request.param}-server", *extra, env=env)
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, guide_dirs):
+    running = start_guide_server(tmp_path_factory, guide_dirs, "triton-int8-server", *INT8, env=TRITON)
     yield running
     stop_server(running)
