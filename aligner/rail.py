@@ -163,7 +163,7 @@ class Rail:
 
 def _stopped_text(text: str, words: int, refusal: str) -> str:
     kept = " ".join(text.split()[:words])
-    return f"{kept} {refusal}" if kept else refusal
+    return kept + _joined(kept, refusal)
 
 
 async def run(strategy: Strategy, params: StrategyParams, rail_params: RailParams, ctx: StrategyContext) -> StrategyResult:
