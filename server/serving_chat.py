@@ -184,14 +184,15 @@ class ServingChat(ServingBase):
         return self.store.record(trace)
 
     def _choices(self, request: ChatCompletionRequest, result: StrategyResult,
-                 finish: dict[int, str | None] | None = None) -> list[ChatCompletionChoice]:
+                 finish: dict[int, str | None] | None = None, logprobs: bool = True) -> list[ChatCompletionChoice]:
         """The answer's choices, tool calls parsed (the one place they are built); `finish`:
-        the finish reasons a stream already sent, which win over the result's."""
+        the finish reasons a stream already sent, which win over the result's; `logprobs`:
+        False for what only a trace keeps (it keeps none)."""
         return [
             ChatCompletionChoice(
                 index=i,
                 message=ChatResponseMessage(content=answer.content, tool_calls=answer.tool_calls),
-                logprobs=chat_logprobs(choice.logprobs) if request.logprobs else None,
+                logprobs=chat_logprobs(choice.logprobs) if request.logprobs and logprobs else None,
                 finish_reason=answer.finish_reason,
             )
             for i, choice in enumerate(result.choices)
@@ -257,7 +258,7 @@ class ServingChat(ServingBase):
                     report = alignment_report(plan.resolved, event)
                     if trace is not None:  # queued before the last chunks go: the report says so
                         report["traced"] = self._store_trace(
-                            trace, request, plan, event, report, self._choices(request, event, finish),
+                            trace, request, plan, event, report, self._choices(request, event, finish, logprobs=False),
                             usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens), started)
                     for line in chunk.final(event, finish, report, calls):
                         yield line
