@@ -28,7 +28,7 @@ from bench.launch import REPO, RunningServer, start_server, stop_server
 MODEL = "SmolLM2-135M-Instruct"
 __all__ = ["MODEL", "RunningServer", "start_server", "stop_server"]
 INTEGRATION = Path(__file__).parent / "integration"
-REAL_SERVER_FIXTURES = {"server", "client"}
+REAL_SERVER_FIXTURES = {"server", "client", "store_server"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -190,6 +190,49 @@ def server(tmp_path_factory, tiny_reward_dir, guide_dirs, banana_lm_dir) -> Iter
         "--helper-model", f"banana-lm={banana_lm_dir}",
         "--tool-call-parser", "hermes",
     )
+    yield running
+    stop_server(running)
+
+
+# The keyed server with a store, shared by the auth, experiments, preference-loop, store and UI
+# tests (one engine start instead of five). Every test there works on its own users, experiment and answers, and
+# counts what it adds, not what the server holds.
+STORE_SERVER_KEY = "store-server-key"
+ROTATED_KEY = "file-key-alpha"  # the key file's first key, which the auth test rotates away
+# Two cheap arms (two 8-token candidates each), scored by different rules; weights 1:3.
+EXPERIMENT_PROFILES = """\
+profiles:
+  tone:
+    - version: 1
+      alignment: {strategy: best_of_n, n: 2, reward: {length_penalty: 1.0}}
+    - version: 2
+      alignment: {strategy: best_of_n, n: 2, reward: {exclaim: 1.0}}
+experiments:
+  tone-test:
+    unit: user
+    arms:
+      - {profile: tone@1, weight: 1}
+      - {profile: tone@2, weight: 3}
+"""
+
+
+@pytest.fixture(scope="session")
+def store_server(tmp_path_factory) -> Iterator[RunningServer]:
+    """Every answer traced into SQLite (`.db_path`, `.store_url`), the experiment `tone-test`,
+    a fixed key (`--api-key`), a key file (`.key_file`, holding `ROTATED_KEY`) and an empty
+    models directory (`.root / "models"`)."""
+    root = tmp_path_factory.mktemp("store-server")
+    (root / "models").mkdir()  # empty: the preference loop trains its reward model into it
+    (root / "profiles.yaml").write_text(EXPERIMENT_PROFILES)
+    (root / "keys").write_text(f"# rotated by the test\n{ROTATED_KEY}\n\n")
+    db_path = root / "store.db"
+    running = start_server(root, "--max-model-len", "1024", "--reward-model", "exclaim=regex:!",
+                           "--reward-model", "bang=regex:!", "--models-dir", str(root / "models"),
+                           "--store", f"sqlite:///{db_path}", "--store-traces",
+                           "--profiles", str(root / "profiles.yaml"), "--api-key-file", str(root / "keys"),
+                           api_key=STORE_SERVER_KEY)
+    running.db_path, running.store_url, running.key_file = db_path, f"sqlite:///{db_path}", root / "keys"
+    running.root = root
     yield running
     stop_server(running)
 

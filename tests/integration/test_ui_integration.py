@@ -17,24 +17,20 @@ import httpx
 import pytest
 
 from aligner.store import Store
-from tests.conftest import MODEL, start_server, stop_server
+from tests.conftest import MODEL, STORE_SERVER_KEY
 from tests.unit.server.test_ui import (chromium_driver, console_errors, open_with_key, set_best_of_n, shown_candidates,
                                       wait_for)
 
-KEY = "ui-integration-key"
+KEY = STORE_SERVER_KEY
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MESSAGE = "Say hello to me with enthusiasm!"
 REWARD = {"exclaim": 1.0, "length_penalty": 1.0}
 
 
 @pytest.fixture(scope="module")
-def ui_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ui-server")
-    running = start_server(root, "--max-model-len", "1024", "--reward-model", "exclaim=regex:!",
-                           "--store", f"sqlite:///{root / 'store.db'}", "--store-traces", api_key=KEY)
-    running.store_url = f"sqlite:///{root / 'store.db'}"
-    yield running
-    stop_server(running)
+def ui_server(store_server):
+    """The shared keyed server with a store (`tests.conftest.store_server`)."""
+    return store_server
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from server.app import build_app
 from server.config import ServerConfig
 from tests.fakes import FakeEngine
 
-CASES_PER_OPERATION = 400
+CASES_PER_OPERATION = 250
 
 fake_app = build_app(FakeEngine(max_model_len=256), ServerConfig(served_model_name="fake-model"), start_engine=False)
 fake_schema = schemathesis.openapi.from_asgi("/openapi.json", fake_app)
