@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from aligner.alignment import AlignmentError, ResolvedAlignment
-from aligner.plan import RequestPlan, ServerCaps, plan_request
+from aligner.plan import ExperimentArms, Planner, RequestOrigin, RequestPlan, ServerCaps, TraceStore
 from aligner.profiles import ProfileStore
 from aligner.spec import AlignmentSpec
 from aligner.strategies import StrategyContext, strategy_names
@@ -26,8 +26,9 @@ __all__ = [
     "ResolvedAlignment",
     "alignment_report",
     "model_aliases",
-    "parse_spec",
+    "origin_of",
     "plan_or_error",
+    "planner_for",
     "split_model",
 ]
 
@@ -47,33 +48,26 @@ def model_aliases(config: ServerConfig) -> list[str]:
     return [f"{config.served_model_name}{ALIAS_SEPARATOR}{name}" for name in strategy_names()]
 
 
-def plan_or_error(
-    alignment: dict[str, Any] | None,
-    ctx: StrategyContext,
-    config: ServerConfig,
-    *,
-    header: str | None = None,
-    model: str | None = None,
-    profiles: ProfileStore | None = None,
-    experiment: dict[str, str] | None = None,
-    arrived: float | None = None,
-) -> RequestPlan | ErrorResponse:
-    """The request's plan (`aligner.plan.plan_request`) under this server's caps, or its 400.
-    `header`: the X-Alignment-Strategy header; `model`: the request's model, whose
-    `@strategy` alias names a strategy."""
+def planner_for(config: ServerConfig, profiles: ProfileStore | None = None, arms: ExperimentArms | None = None,
+                traces: TraceStore | None = None) -> Planner:
+    """This server's planner (`aligner.plan`): its caps, and the profiles a request keeps."""
     caps = ServerCaps(config.default_strategy, config.max_request_seconds, config.max_request_tokens)
-    alias = split_model(model)[1] if model else None
-    try:
-        return plan_request(alignment, ctx, caps, header=header, alias=alias, profiles=profiles, experiment=experiment,
-                            arrived=arrived)
-    except AlignmentError as exc:
-        return _envelope(exc)
+    return Planner(caps, profiles, arms, traces)
 
 
-def parse_spec(alignment: dict[str, Any] | None) -> AlignmentSpec | ErrorResponse:
-    """The request's `alignment` object parsed (`aligner.spec`), or its 400."""
+def origin_of(endpoint: str, *, user: str | None = None, header: str | None = None, model: str | None = None,
+              arrived: float | None = None) -> RequestOrigin:
+    """`header`: the X-Alignment-Strategy header; `model`: the request's model, whose
+    `@strategy` alias names a strategy."""
+    return RequestOrigin(endpoint, user or None, header, split_model(model)[1] if model else None, arrived)
+
+
+async def plan_or_error(planner: Planner, alignment: dict[str, Any] | None, ctx: StrategyContext,
+                        origin: RequestOrigin) -> RequestPlan | ErrorResponse:
+    """The request's `alignment` object parsed (`aligner.spec`) and planned
+    (`aligner.plan.Planner.plan`), or its 400."""
     try:
-        return AlignmentSpec.parse(alignment)
+        return await planner.plan(AlignmentSpec.parse(alignment), ctx, origin)
     except AlignmentError as exc:
         return _envelope(exc)
 

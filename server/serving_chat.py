@@ -5,16 +5,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-from aligner.experiments import Assignment
 from aligner.plan import RequestPlan
-from aligner.spec import AlignmentSpec
 from aligner.profiles import ProfileStore
 from aligner.rewards import RewardRegistry
 from aligner.strategies import KeepAlive, StrategyContext, StrategyLimits, StrategyResult
 from decoding.engine import SequenceDelta, TokenLogprob
-from server.alignment import alignment_report, parse_spec, plan_or_error
+from server.alignment import alignment_report, origin_of, plan_or_error, planner_for
 from server.config import ServerConfig
 from server.protocol import (
     ChatChoiceLogprobs,
@@ -34,7 +31,7 @@ from server.protocol import (
 from server.errors import invalid_request
 from server.serving_experiments import ServingExperiments
 from server.serving_store import ServingStore
-from server.traces import build_trace, profile_of
+from server.traces import build_trace
 from server.tools import AUTO_REFUSAL, ToolCallStream, tool_answer
 from server.serving_common import ENGINE_ERRORS, SSE_DONE, ServingBase, engine_error, holding, once, prime, sse, usage
 
@@ -59,14 +56,6 @@ def chat_logprobs(items: list[TokenLogprob] | None) -> ChatChoiceLogprobs | None
             for lp in items
         ]
     )
-
-
-@dataclass(frozen=True)
-class TracePlan:
-    """An answer to be traced: the API it came through, the profile (name, version) it used."""
-
-    endpoint: str
-    profile: tuple[str | None, str | None]
 
 
 class ServingChat(ServingBase):
@@ -94,16 +83,13 @@ class ServingChat(ServingBase):
         started, arrived = time.perf_counter(), time.monotonic()
         if error := self.check_common(request) or self._check_tools(request):
             return error
-        profiles = self.profiles  # a reload swaps profiles and rewards: this request keeps its own
-        planned = await self._trace_plan(request, endpoint, profiles)
-        if isinstance(planned, ErrorResponse):
-            return planned
-        spec, trace, assignment = planned
-        ctx = await self._context(request, response_id or random_id("chatcmpl"), profiles)
+        # A reload swaps profiles and rewards: this request keeps the ones it started with.
+        planner = planner_for(self.config, self.profiles, self.experiments, self.store)
+        ctx = await self._context(request, response_id or random_id("chatcmpl"), planner.profiles)
         if isinstance(ctx, ErrorResponse):
             return ctx
-        plan = plan_or_error(spec.alignment(), ctx, self.config, header=strategy_header, model=request.model,
-                             profiles=profiles, experiment=assignment.public() if assignment else None, arrived=arrived)
+        origin = origin_of(endpoint, user=request.user, header=strategy_header, model=request.model, arrived=arrived)
+        plan = await plan_or_error(planner, request.alignment, ctx, origin)
         if isinstance(plan, ErrorResponse):
             return plan
         ticket = await self.admit(plan.sequences, plan.guide_slots, max_wait_s=plan.budget.remaining_s())
@@ -112,13 +98,13 @@ class ServingChat(ServingBase):
         self.metrics.candidates.labels(plan.strategy_name).observe(plan.sequences)
         if request.stream:
             events = await prime(holding(ticket, plan.stream()))
-            return events if isinstance(events, ErrorResponse) else self._stream(request, plan, events, started, trace)
+            return events if isinstance(events, ErrorResponse) else self._stream(request, plan, events, started)
         try:
             async for result in holding(ticket, once(plan.run())):
                 pass
         except ENGINE_ERRORS as exc:
             return engine_error(exc)
-        return self._respond(request, plan, result, started, trace)
+        return self._respond(request, plan, result, started)
 
     def _check_tools(self, request: ChatCompletionRequest) -> ErrorResponse | None:
         if request.tool_kind == "auto" and self.tool_parser is None:
@@ -141,41 +127,16 @@ class ServingChat(ServingBase):
             templates=profiles.templates, guides=self.guides, helpers=self.helpers, tools=tools,
         )
 
-    async def _trace_plan(
-        self, request: ChatCompletionRequest, endpoint: str, profiles: ProfileStore,
-    ) -> tuple[AlignmentSpec, TracePlan | None, Assignment | None] | ErrorResponse:
-        """(the request's alignment, parsed, with an experiment's arm as its profile; how the
-        answer will be traced or None; the experiment's assignment or None), or why the
-        request is refused."""
-        spec = parse_spec(request.alignment)
-        if isinstance(spec, ErrorResponse):
-            return spec
-        assignment = None
-        if self.experiments is not None:
-            applied = await self.experiments.apply(spec, request.user or None, profiles.experiments)
-            if isinstance(applied, ErrorResponse):
-                return applied
-            spec, assignment = applied
-        if self.store is None:
-            if spec.trace:
-                return invalid_request("this server does not store traces", "alignment.trace", "unsupported_value")
-            return spec, None, assignment
-        wanted = self.store.trace_wanted(spec.trace, request.user or None, experiment=assignment is not None)
-        if isinstance(wanted, ErrorResponse):
-            return wanted
-        return spec, TracePlan(endpoint, profile_of(spec.profile, profiles)) if wanted else None, assignment
-
-    def _store_trace(self, plan: TracePlan, request: ChatCompletionRequest, request_plan: RequestPlan,
-                     result: StrategyResult, report: dict, choices: list[ChatCompletionChoice], usage_info: UsageInfo,
-                     started: float) -> bool:
+    def _store_trace(self, request: ChatCompletionRequest, request_plan: RequestPlan, result: StrategyResult,
+                     report: dict, choices: list[ChatCompletionChoice], usage_info: UsageInfo, started: float) -> bool:
         """Queue the answer's trace (never awaited: the answer does not wait on the store)."""
-        request_id = request_plan.ctx.request_id
+        request_id, kept = request_plan.ctx.request_id, request_plan.trace
         try:
             trace = build_trace(
-                response_id=request_id, endpoint=plan.endpoint, request=request,
+                response_id=request_id, endpoint=kept.endpoint, request=request,
                 messages=request.template_messages(), tools=request.template_tools(), resolved=request_plan.resolved,
                 result=result, report=report, choices=[c.model_dump(exclude={"logprobs"}) for c in choices],
-                usage=usage_info.model_dump(), started=started, profile=plan.profile,
+                usage=usage_info.model_dump(), started=started, profile=kept.profile,
             )
         except Exception:  # noqa: BLE001 - a trace that cannot be built must not cost the answer
             logger.exception("could not build the trace of %s", request_id)
@@ -200,8 +161,8 @@ class ServingChat(ServingBase):
                                        self.tool_parser)]
         ]
 
-    def _respond(self, request: ChatCompletionRequest, plan: RequestPlan, result: StrategyResult, started: float,
-                 trace: TracePlan | None) -> ChatCompletionResponse:
+    def _respond(self, request: ChatCompletionRequest, plan: RequestPlan, result: StrategyResult,
+                 started: float) -> ChatCompletionResponse:
         self._record(plan, result, started)
         response = ChatCompletionResponse(
             id=plan.ctx.request_id,
@@ -210,8 +171,8 @@ class ServingChat(ServingBase):
             usage=usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
             alignment=alignment_report(plan.resolved, result),
         )
-        if trace is not None:
-            response.alignment["traced"] = self._store_trace(trace, request, plan, result, response.alignment,
+        if plan.trace is not None:
+            response.alignment["traced"] = self._store_trace(request, plan, result, response.alignment,
                                                              response.choices, response.usage, started)
         return response
 
@@ -228,7 +189,6 @@ class ServingChat(ServingBase):
 
     async def _stream(
         self, request: ChatCompletionRequest, plan: RequestPlan, events: AsyncIterator, started: float,
-        trace: TracePlan | None = None,
     ) -> AsyncIterator[str]:
         chunk = ChunkWriter(request, plan.ctx.request_id)
         calls = ToolCallStream(request, self.tool_parser)
@@ -256,9 +216,9 @@ class ServingChat(ServingBase):
                 elif isinstance(event, StrategyResult):
                     self._record(plan, event, started)
                     report = alignment_report(plan.resolved, event)
-                    if trace is not None:  # queued before the last chunks go: the report says so
+                    if plan.trace is not None:  # queued before the last chunks go: the report says so
                         report["traced"] = self._store_trace(
-                            trace, request, plan, event, report, self._choices(request, event, finish, logprobs=False),
+                            request, plan, event, report, self._choices(request, event, finish, logprobs=False),
                             usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens), started)
                     for line in chunk.final(event, finish, report, calls):
                         yield line

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
+from aligner.alignment import AlignmentError
 from aligner.experiments import Assignment, Experiment, assign, experiment_report
 from aligner.spec import ALLOWED_WITH_EXPERIMENT, AlignmentSpec
 from aligner.store import Store
@@ -42,23 +43,24 @@ class ServingExperiments:
         self.store, self.metrics = store, metrics
         self.rng = rng or random.Random()  # draws for requests without a user
 
-    async def apply(self, spec: AlignmentSpec, user: str | None,
-                    experiments: Mapping[str, Experiment]) -> tuple[AlignmentSpec, Assignment | None] | ErrorResponse:
+    async def assign(self, spec: AlignmentSpec, user: str | None,
+                     experiments: Mapping[str, Experiment]) -> tuple[AlignmentSpec, Assignment | None]:
         """(the request with its experiment's arm as its profile, the assignment), unchanged
-        with None when it names no experiment, or why it is refused."""
+        with None when it names no experiment (`aligner.plan.ExperimentArms`). Raises
+        AlignmentError (a 400) for an unknown experiment or a field that cannot go with one."""
         if spec.experiment is None:
             return spec, None
-        param = "alignment.experiment"
+        loc = ("alignment", "experiment")
         experiment = experiments.get(spec.experiment)
         if experiment is None:
             known = ", ".join(sorted(experiments)) or "none"
-            return invalid_request(f"unknown experiment {spec.experiment!r}; available: {known}", param,
-                                   "unknown_experiment")
+            raise AlignmentError(f"unknown experiment {spec.experiment!r}; available: {known}", loc,
+                                 "unknown_experiment")
         if (key := spec.beside_experiment()) is not None:
-            return invalid_request(
+            raise AlignmentError(
                 f"alignment.{key} cannot go with an experiment: its arm (a profile version) is the whole "
                 f"recipe; besides alignment.experiment only {', '.join(sorted(ALLOWED_WITH_EXPERIMENT))} "
-                "may be set", f"alignment.{key}", "unsupported_combination")
+                "may be set", ("alignment", key), "unsupported_combination")
         chosen = await self._sticky(experiment, assign(experiment, user, self.rng))
         self.metrics.experiment_assignments.labels(experiment.name, chosen.arm, chosen.unit).inc()
         return spec.with_arm(chosen.arm), chosen

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from aligner.alignment import AlignmentError
 from aligner.store import BackgroundWriter, Store, StoreConflictError, StoreValidationError
 from aligner.store import feedback as store_feedback
 from server.config import StoreConfig
@@ -104,23 +105,25 @@ class ServingStore:
 
     # -- traces, as answers go out ----------------------------------------------------------
 
-    def trace_wanted(self, asked: bool, user: str | None, experiment: bool = False) -> bool | ErrorResponse:
-        """Whether this answer is traced: every answer under `--store-traces`, one that asked
-        (`alignment.trace: true`) under `--allow-request-traces`, one in an experiment whenever
-        there is a store (its report counts traces); a request asking where none of these holds
-        is refused (400), not answered untraced."""
+    def wanted(self, asked: bool, user: str | None, experiment: bool = False) -> bool:
+        """Whether this answer is traced (`aligner.plan.TraceStore`): every answer under
+        `--store-traces`, one that asked (`alignment.trace: true`) under
+        `--allow-request-traces`, one in an experiment whenever there is a store (its report
+        counts traces). A request asking where none of these holds is refused (AlignmentError,
+        a 400), not answered untraced."""
         if self.writer is not None and (self.config.traces or experiment):
             wanted = True
         elif asked and self.writer is not None and self.config.allow_request_traces:
             wanted = True
         elif asked:
-            return invalid_request("this server does not store traces on request (start it with "
-                                   "--allow-request-traces or --store-traces)", "alignment.trace", "unsupported_value")
+            raise AlignmentError("this server does not store traces on request (start it with "
+                                 "--allow-request-traces or --store-traces)", ("alignment", "trace"),
+                                 "unsupported_value")
         else:
             wanted = False
         if wanted and user is not None and len(user) > MAX_ID_CHARS:
-            return invalid_request(f"user is longer than {MAX_ID_CHARS} characters; this server stores it with "
-                                   "the answer's trace, for deletion by user", "user")
+            raise AlignmentError(f"user is longer than {MAX_ID_CHARS} characters; this server stores it with "
+                                 "the answer's trace, for deletion by user", ("user",))
         return wanted
 
     def record(self, trace: dict[str, Any]) -> bool:

@@ -9,24 +9,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from aligner.profiles import ProfileStore
 from aligner.strategies import StrategyResult
 from aligner.strategies.base import Candidate
 from server.alignment import ResolvedAlignment
 
 # Report fields the trace keeps in columns of their own.
 _REPORT_COLUMNS = ("stages", "candidates")
-
-
-def profile_of(reference: str | None, profiles: ProfileStore | None) -> tuple[str | None, str | None]:
-    """(profile name, version) the request used, the version a bare name resolved to."""
-    if reference is None or profiles is None:
-        return None, None
-    try:
-        version = profiles.resolve(reference).version
-    except KeyError:  # the request was refused for it already; nothing to trace
-        return None, None
-    return reference.partition("@")[0], str(version)
 
 
 def trace_candidates(result: StrategyResult) -> tuple[list[dict[str, Any]], list[int]]:

@@ -3,6 +3,8 @@ refuses the same alignment object at load and at request time for the same reaso
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from aligner.alignment import AlignmentError, check_profile_alignment, resolve_alignment
@@ -54,7 +56,9 @@ def envelope(alignment, header=None, alias=None, default="none") -> ErrorRespons
     config = ServerConfig(served_model_name="m", default_strategy=default)
     store = ProfileStore.load(DEFAULT_PROFILES, check_profile_alignment)
     model = f"m@{alias}" if alias else "m"
-    error = server_alignment.plan_or_error(alignment, context(store), config, header=header, model=model, profiles=store)
+    planner = server_alignment.planner_for(config, store)
+    origin = server_alignment.origin_of("chat.completions", header=header, model=model)
+    error = asyncio.run(server_alignment.plan_or_error(planner, alignment, context(store), origin))
     assert isinstance(error, ErrorResponse)
     assert error.status_code == 400 and error.error.type == "invalid_request_error"
     return error
