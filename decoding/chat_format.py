@@ -19,8 +19,10 @@ def template_knows_tools(template: str | None) -> bool:
     return bool(template) and "tools" in template and "tool_calls" in template
 
 
-def fold_tools(messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    """`messages` with `tools` and each turn's `tool_calls` written into the text.
+def fold_tools(messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None,
+               call_format: str | None = None) -> list[dict[str, Any]]:
+    """`messages` with `tools` and each turn's `tool_calls` written into the text;
+    `call_format` (how to call, `decoding.tool_grammar.CALL_FORMAT`) closes the tools' note.
 
     >>> fold_tools([{"role": "user", "content": "hi"},
     ...             {"role": "assistant", "content": "", "tool_calls": [
@@ -37,6 +39,8 @@ def fold_tools(messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any
         folded.append(out)
     if tools:
         note = TOOLS_NOTE.format(tools="\n".join(json.dumps(t["function"] if "function" in t else t) for t in tools))
+        if call_format:
+            note = f"{note}\n{call_format}"
         if folded and folded[0]["role"] == "system":
             folded[0] = {"role": "system", "content": f"{folded[0]['content']}\n\n{note}"}
         else:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from aligner.plan import RequestPlan
 from aligner.profiles import ProfileStore
 from aligner.rewards import RewardRegistry
 from aligner.strategies import KeepAlive, StrategyContext, StrategyLimits, StrategyResult
-from decoding.engine import SequenceDelta, TokenLogprob
+from decoding.chat_format import fold_tools
+from decoding.engine import SequenceDelta, StructuredOutput, TokenLogprob
+from decoding.tool_grammar import CALL_FORMAT, call_or_message_grammar
 from server.alignment import alignment_report, origin_of, plan_or_error, planner_for
 from server.config import ServerConfig
 from server.protocol import (
@@ -32,7 +35,7 @@ from server.errors import invalid_request
 from server.serving_experiments import ServingExperiments
 from server.serving_store import ServingStore
 from server.traces import build_trace
-from server.tools import AUTO_REFUSAL, ToolCallStream, tool_answer
+from server.tools import AUTO_BESIDE_A_FORMAT, ToolCallStream, auto_path, tool_answer
 from server.serving_common import ENGINE_ERRORS, SSE_DONE, ServingBase, engine_error, holding, once, prime, sse, usage
 
 SSE_KEEPALIVE = ": keep-alive\n\n"
@@ -107,8 +110,9 @@ class ServingChat(ServingBase):
         return self._respond(request, plan, result, started)
 
     def _check_tools(self, request: ChatCompletionRequest) -> ErrorResponse | None:
-        if request.tool_kind == "auto" and self.tool_parser is None:
-            return invalid_request(AUTO_REFUSAL, "tool_choice")
+        if auto_path(request, self.tool_parser) == "grammar" and (fixed := request.structured()) is not None:
+            return invalid_request(AUTO_BESIDE_A_FORMAT.format(param=fixed.param), fixed.param,
+                                   "unsupported_combination")
         return None
 
     async def _context(self, request: ChatCompletionRequest, request_id: str,
@@ -116,13 +120,19 @@ class ServingChat(ServingBase):
         """The request as strategies see it: its templated prompt, sampling and this server's
         engines, rewards, templates and limits."""
         messages, tools = request.template_messages(), request.template_tools()
+        grammar = None
+        if auto_path(request, self.tool_parser) == "grammar":  # the tools and how to call, in the prompt
+            grammar = StructuredOutput(grammar=call_or_message_grammar(tools, request.parallel_tool_calls is not False),
+                                       param="tool_choice")
+            messages, tools = fold_tools(messages, tools, CALL_FORMAT), None
         prompt_ids = await self.tokenize(self.engine.tokenizer.encode_chat, messages, tools)
         max_tokens = self.resolve_max_tokens(request, len(prompt_ids), "messages")
         if isinstance(max_tokens, ErrorResponse):
             return max_tokens
+        sampling = request.to_sampling_config(max_tokens, request.logprobs_k())
         return StrategyContext(
             engine=self.engine, rewards=self.rewards.snapshot(), request_id=request_id, messages=messages,
-            prompt_ids=prompt_ids, sampling=request.to_sampling_config(max_tokens, request.logprobs_k()),
+            prompt_ids=prompt_ids, sampling=replace(sampling, structured=grammar) if grammar else sampling,
             limits=StrategyLimits(max_candidates=self.config.max_candidates), keepalive_s=self.config.stream_keepalive_s,
             templates=profiles.templates, guides=self.guides, helpers=self.helpers, tools=tools,
         )
@@ -169,12 +179,19 @@ class ServingChat(ServingBase):
             model=request.model,
             choices=self._choices(request, result),
             usage=usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens),
-            alignment=alignment_report(plan.resolved, result),
+            alignment=self._report(request, plan, result),
         )
         if plan.trace is not None:
             response.alignment["traced"] = self._store_trace(request, plan, result, response.alignment,
                                                              response.choices, response.usage, started)
         return response
+
+    def _report(self, request: ChatCompletionRequest, plan: RequestPlan, result: StrategyResult) -> dict:
+        """The response's `alignment` object; under `auto`, how its tool calls were found."""
+        report = alignment_report(plan.resolved, result)
+        if (path := auto_path(request, self.tool_parser)) is not None:
+            report["auto_tool_calls"] = path
+        return report
 
     def _record(self, plan: RequestPlan, result: StrategyResult, started: float) -> None:
         strategy, budget = plan.strategy_name, plan.budget
@@ -215,7 +232,7 @@ class ServingChat(ServingBase):
                                 index=event.index, delta=delta or DeltaMessage(), logprobs=logprobs)])
                 elif isinstance(event, StrategyResult):
                     self._record(plan, event, started)
-                    report = alignment_report(plan.resolved, event)
+                    report = self._report(request, plan, event)
                     if plan.trace is not None:  # queued before the last chunks go: the report says so
                         report["traced"] = self._store_trace(
                             request, plan, event, report, self._choices(request, event, finish, logprobs=False),

@@ -3,9 +3,10 @@
 With `tool_choice` naming a function or `required`, the engine decodes the answer under a
 JSON grammar (`ChatCompletionRequest.structured`): the named function's arguments, or a list
 of `{"name", "parameters"}` calls (vLLM's layout). Here that text becomes `tool_calls`, whole
-or as streamed deltas. Under `auto` the model writes calls in its own format and vLLM's
-parser for that format (`--tool-call-parser`) splits the finished answer; without one,
-`auto` is refused before anything runs (`AUTO_REFUSAL`).
+or as streamed deltas. Under `auto` the model decides: with `--tool-call-parser`, in its own
+call format, which vLLM's parser for that format splits from the finished answer; without
+one, under a grammar that allows a plain message or a list of `{"name", "arguments"}` calls
+(`decoding.tool_grammar`), which works on any model. `auto_path` says which.
 """
 
 from __future__ import annotations
@@ -14,18 +15,25 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from decoding.tool_grammar import parse_calls
 from server.protocol import ChatCompletionRequest, DeltaMessage
 from server.protocol_tools import DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall, tool_call_id
 
 if TYPE_CHECKING:
     from decoding.tool_parsing import ToolCallParser
 
-AUTO_REFUSAL = (
-    "tool_choice 'auto' (OpenAI's default when tools are given) lets the model decide whether to call a tool, "
-    "which needs a parser for the model's own call format: this server was started without --tool-call-parser. "
-    "Send tool_choice 'required' or {'type': 'function', 'function': {'name': ...}} (enforced by a JSON grammar, "
-    "any model), or 'none'"
-)
+AUTO_BESIDE_A_FORMAT = (
+    "tool_choice 'auto' (OpenAI's default when tools are given) is held to a grammar on this server (a message "
+    "or a list of calls; it has no --tool-call-parser), and {param} is another grammar: give one, or send "
+    "tool_choice 'none'")
+
+
+def auto_path(request: ChatCompletionRequest, parser: ToolCallParser | None) -> str | None:
+    """How an `auto` answer's calls are found: "parser" (vLLM's, for the model's own format)
+    or "grammar" (`decoding.tool_grammar`); None when the request is not `auto`."""
+    if request.tool_kind != "auto":
+        return None
+    return "parser" if parser is not None else "grammar"
 
 
 @dataclass
@@ -49,6 +57,11 @@ def tool_answer(request: ChatCompletionRequest, text: str, finish_reason: str | 
         if calls is None:
             return ToolAnswer(text, [], finish_reason)
         return ToolAnswer(None, calls, "tool_calls" if finish_reason == "stop" else finish_reason)
+    if kind == "auto" and parser is None:
+        found = parse_calls(text, request.template_tools())
+        if found:
+            calls = [ToolCall(function=FunctionCall(name=name, arguments=arguments)) for name, arguments in found]
+            return ToolAnswer(None, calls, "tool_calls" if finish_reason == "stop" else finish_reason)
     if kind == "auto" and parser is not None:
         parsed = parser.parse(text, request.model, request.model_dump(exclude_none=True)["messages"],
                               request.template_tools())
@@ -71,14 +84,16 @@ def _parse_calls(text: str) -> list[ToolCall] | None:
 @dataclass
 class ToolCallStream:
     """One streamed request's content deltas as tool-call deltas: a named call's arguments
-    stream as they are decoded; `required` and `auto` answers are sent whole when the choice
-    ends (a list cannot be split into calls before it parses, and the parser reads a
-    finished answer)."""
+    stream as they are decoded; `required` answers and `auto` answers read by a parser are
+    sent whole when the choice ends (a list cannot be split into calls before it parses, and
+    the parser reads a finished answer). Under `auto` held to the grammar, a choice whose first
+    character opens a list of calls is sent whole at its end, any other streams as content."""
 
     request: ChatCompletionRequest
     parser: ToolCallParser | None = None
     _opened: dict[int, str] = field(default_factory=dict)
     _texts: dict[int, str] = field(default_factory=dict)
+    _streaming: set[int] = field(default_factory=set)  # grammar `auto` choices found to be messages
 
     def delta(self, index: int, text: str) -> DeltaMessage | None:
         kind = self.request.tool_kind
@@ -89,19 +104,27 @@ class ToolCallStream:
                     index=0, id=call_id, type="function",
                     function=DeltaFunctionCall(name=self.request.tool_choice.function.name, arguments=text))])
             return DeltaMessage(tool_calls=[DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=text))])
-        if self._buffered:
+        if self._buffered(index, text):
             self._texts[index] = self._texts.get(index, "") + text
             return None
         return DeltaMessage(content=text)
 
-    @property
-    def _buffered(self) -> bool:
+    def _buffered(self, index: int, text: str = "") -> bool:
         kind = self.request.tool_kind
-        return kind == "required" or (kind == "auto" and self.parser is not None)
+        if kind == "required" or (kind == "auto" and self.parser is not None):
+            return True
+        if kind != "auto" or index in self._streaming:
+            return False
+        so_far = self._texts.get(index, "") + text
+        if not so_far or so_far.startswith("["):
+            return True  # nothing yet, or a list of calls
+        self._texts.pop(index, None)  # only ever empty here: nothing held back
+        self._streaming.add(index)
+        return False
 
     def finish(self, index: int, finish_reason: str | None) -> tuple[DeltaMessage | None, str | None]:
         """What is still to send for a finished choice, and its finish reason."""
-        if not self._buffered:
+        if not self._buffered(index):
             return None, finish_reason
         answer = tool_answer(self.request, self._texts.get(index, ""), finish_reason, self.parser)
         if not answer.tool_calls:

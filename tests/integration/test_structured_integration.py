@@ -224,6 +224,61 @@ def test_auto_tool_choice_is_parsed_by_vllms_parser(client, strategy, stream):
     assert plain.choices[0].message.content and not plain.choices[0].message.tool_calls
 
 
+def weather_arguments(call) -> dict:
+    """A get_weather call's arguments, checked against its schema."""
+    assert call.function.name == "get_weather", call
+    args = json.loads(call.function.arguments)
+    assert set(args) == {"city", "unit"} and args["unit"] in ("c", "f") and len(args["city"]) <= 24, args
+    return args
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_tools_work_on_a_server_without_a_tool_parser(store_server, tokenizer, strategy, stream):
+    """`tools` without `tool_choice` (what LangChain and the Agents SDK send) on a server started
+    without --tool-call-parser: the answer is held to "a message or a list of calls", so it is
+    a real message or real calls. A bias on `[` makes the model open a list: then it is calls
+    whose arguments follow the tool's schema, and the tool's result turn is answered."""
+    client = openai.OpenAI(base_url=store_server.v1, api_key=store_server.api_key, max_retries=0, timeout=300)
+    bracket = tokenizer.encode("[", add_special_tokens=False)
+    assert len(bracket) == 1
+    alignment = {**ALIGN[strategy], "reward": {"exclaim": 1.0}} if strategy == "best_of_n" else ALIGN[strategy]
+    base = dict(model=MODEL, messages=WEATHER_QUESTION, tools=[WEATHER], max_tokens=60, **sampling(strategy),
+                extra_body={"alignment": alignment})
+
+    def ask(**kw):
+        if not stream:
+            reply = client.chat.completions.create(**{**base, **kw})
+            choice = reply.choices[0]
+            return choice.message.content, choice.message.tool_calls, choice.finish_reason, reply.alignment
+        content, calls, finish, report = "", [], None, None
+        for chunk in client.chat.completions.create(stream=True, **{**base, **kw}):
+            for choice in chunk.choices:
+                content += choice.delta.content or ""
+                calls += choice.delta.tool_calls or []
+                finish = choice.finish_reason or finish
+            report = getattr(chunk, "alignment", None) or report
+        return content or None, calls, finish, report
+
+    content, calls, finish, report = ask()
+    assert report["auto_tool_calls"] == "grammar"
+    if calls:  # the model's choice: either is fine, and well formed
+        assert finish == "tool_calls" and all(weather_arguments(c) for c in calls)
+    else:
+        assert content and not content.startswith("[") and finish in ("stop", "length")
+    content, calls, finish, report = ask(logit_bias={str(bracket[0]): 100})
+    assert finish == "tool_calls" and not content, (content, calls)
+    args = [weather_arguments(c) for c in calls][0]
+    call = calls[0]
+    call_id = getattr(call, "id", None) or "call_1"
+    turn = [*WEATHER_QUESTION,
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": json.dumps(args)}}]},
+            {"role": "tool", "tool_call_id": call_id, "content": '{"temperature": 21, "sky": "clear"}'}]
+    content, calls, finish, _ = ask(messages=turn, max_tokens=30)
+    assert content or calls
+
+
 # --- sampling parameters that change output --------------------------------------------------
 
 

@@ -59,7 +59,6 @@ def test_errors_name_the_responses_fields():
     client, _ = make_client()
     cases = [({"previous_response_id": "resp_1"}, "previous_response_id"),
              ({"tools": [{"type": "web_search"}]}, "tools"),
-             ({"tools": [WEATHER]}, "tool_choice"),  # auto without a parser
              ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
              ({"input": []}, "input"),
              ({"top_logprobs": 3}, "top_logprobs"),
@@ -113,3 +112,21 @@ def test_function_calls_and_their_outputs_become_the_chat_history():
                                                                                    "name": "get_weather"}})
     (call,) = named.json()["output"]
     assert call["type"] == "function_call" and call["name"] == "get_weather" and call["call_id"].startswith("call_")
+
+
+def test_function_tools_without_a_tool_choice_give_a_call_or_text_on_a_server_without_a_parser():
+    from tests.unit.server.test_tools import CallLM
+
+    engine = FakeEngine(max_model_len=512, lm=CallLM())
+    client = TestClient(build_app(engine, ServerConfig(served_model_name="fake-model"), start_engine=False))
+    r = client.post("/v1/responses", json={"model": "fake-model", "max_output_tokens": 10, "input": "weather?",
+                                           "tools": [WEATHER]})
+    assert r.status_code == 200, r.text
+    (call,) = r.json()["output"]
+    assert call["type"] == "function_call" and call["name"] == "get_weather"
+    assert json.loads(call["arguments"]) == {"city": "Oslo"}
+    assert engine.calls[0][2].structured.param == "tool_choice"  # held to the call-or-message grammar
+    text, _ = make_client()
+    r = text.post("/v1/responses", json={"model": "fake-model", "max_output_tokens": 3, "input": "weather?",
+                                         "tools": [WEATHER]})
+    assert r.status_code == 200 and r.json()["output"][0]["type"] == "message", r.text

@@ -87,14 +87,67 @@ def test_streamed_required_and_auto_calls_arrive_whole_at_the_finish():
     assert ToolCallStream(request(tool_choice="none")).delta(0, "hi").content == "hi"
 
 
-def test_the_http_layer_refuses_auto_without_a_parser_and_renders_tools_into_the_prompt():
+class CallLM:
+    """Answers with one call to get_weather in the grammar's envelope, a piece per token."""
+
+    PIECES = ('[{"name":"get_weather",', '"arguments":', '{"city":"Oslo"}}]')
+
+    def next_token(self, draw):
+        return self.PIECES[draw.step] if draw.step < len(self.PIECES) else None
+
+    def top_logprobs(self, draw, token, k):
+        return -0.5, ()
+
+
+def test_auto_without_a_parser_is_held_to_the_call_or_message_grammar():
+    from decoding.tool_grammar import CALL_FORMAT
+
     engine = FakeEngine()
     client = TestClient(build_app(engine, ServerConfig(served_model_name="fake-model"), start_engine=False))
     body = {"model": "fake-model", "messages": [{"role": "user", "content": "weather?"}], "tools": [WEATHER],
             "max_tokens": 3}
-    refused = client.post("/v1/chat/completions", json=body)
-    assert refused.status_code == 400 and refused.json()["error"]["param"] == "tool_choice"
-    assert "--tool-call-parser" in refused.json()["error"]["message"] and engine.calls == []
+    reply = client.post("/v1/chat/completions", json=body)  # no tool_choice: OpenAI's default, auto
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["alignment"]["auto_tool_calls"] == "grammar"
+    assert reply.json()["choices"][0]["message"]["content"]  # the fake model answers in words
+    _, prompt, sampling = engine.calls[0]
+    assert sampling.structured.param == "tool_choice" and "get_weather" in sampling.structured.grammar
+    assert engine.tokenizer.encode(CALL_FORMAT.split()[0])[0] in prompt  # how to call, in the prompt
+    # Another grammar beside it is refused, naming it.
+    refused = client.post("/v1/chat/completions", json={**body, "response_format": {"type": "json_object"}})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "response_format"
+
+    calling = TestClient(build_app(FakeEngine(max_model_len=512, lm=CallLM()),
+                                   ServerConfig(served_model_name="fake-model"), start_engine=False))
+    answered = calling.post("/v1/chat/completions", json={**body, "max_tokens": 10})
+    assert answered.status_code == 200, answered.text
+    (choice,) = answered.json()["choices"]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert (call["function"]["name"], json.loads(call["function"]["arguments"])) == ("get_weather", {"city": "Oslo"})
+
+
+def test_a_streamed_grammar_auto_answer_streams_a_message_and_sends_a_call_whole():
+    held = ToolCallStream(request())
+    assert held.delta(0, "") is None and held.delta(0, "It").content == "It"  # empty: nothing to decide on
+    stream = ToolCallStream(request())
+    assert stream.delta(0, "It is").content == "It is" and stream.delta(0, " [sunny]").content == " [sunny]"
+    assert stream.finish(0, "stop") == (None, "stop")
+    calls = ToolCallStream(request())
+    assert calls.delta(1, '[{"name":"get_time",') is None and calls.delta(1, '"arguments":{}}]') is None
+    delta, finish = calls.finish(1, "stop")
+    assert finish == "tool_calls" and delta.tool_calls[0].function.name == "get_time"
+    cut = ToolCallStream(request())
+    assert cut.delta(0, '[{"name":"get_ti') is None
+    delta, finish = cut.finish(0, "length")  # cut by max_tokens: the partial list, as content
+    assert (delta.content, delta.tool_calls, finish) == ('[{"name":"get_ti', None, "length")
+
+
+def test_the_http_layer_renders_tools_into_the_prompt():
+    engine = FakeEngine()
+    client = TestClient(build_app(engine, ServerConfig(served_model_name="fake-model"), start_engine=False))
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "weather?"}], "tools": [WEATHER],
+            "max_tokens": 3}
     named = client.post("/v1/chat/completions", json={**body, "tool_choice": NAMED})
     assert named.status_code == 200, named.text
     (choice,) = named.json()["choices"]
