@@ -240,8 +240,10 @@ class VLLMEngine:
                     raise item
                 chunk = to_chunk(item, top_k=sampling.logprobs)
                 if chunk.finished and (key := guide_report_key(sampling.extra_args)):
-                    # The engine core's processor writes them; the request reads them here, once.
-                    chunk.guide_reports = read_guide_reports(self.config.guides.report_dir, key)
+                    # The engine core's processor writes them; the request reads them here, once,
+                    # in a thread (a glob and small files: no disk wait on the event loop).
+                    chunk.guide_reports = await asyncio.to_thread(read_guide_reports, self.config.guides.report_dir,
+                                                                  key)
                 yield chunk
         finally:
             if not pump.done():
