@@ -3,6 +3,8 @@ this server (plain and best-of-N) and vLLM's own OpenAI server on the same model
 
     python -m bench.dropin                  # start both servers, one after the other
     python -m bench.dropin --base-url URL   # only the server at URL (plain decoding)
+    python -m bench.dropin --json-cuts 60   # instructor's JSON mode, N seeds: vLLM's default
+                                            # grammar (any whitespace) against compact JSON
 
 Each case drives a real client (the `openai` SDK, LangChain's `ChatOpenAI`, `instructor`)
 and passes when the client gets what it asked for (a parsed model, a call whose arguments
@@ -124,6 +126,23 @@ def sdk_auto_tool(col: Column) -> None:
     check(len(calls) == 1 and calls[0].function.name == "get_weather", f"calls: {calls}")
 
 
+def sdk_auto_tool_default(col: Column) -> None:
+    """Tools without tool_choice (OpenAI's default `auto`, what frameworks send), no forced
+    format: a message, or calls whose arguments parse; either passes."""
+    reply = col.chat(messages=QUESTION, tools=[WEATHER], max_tokens=60)
+    message = reply.choices[0].message
+    calls = message.tool_calls or []
+    check(bool(calls) or bool(message.content), "neither a message nor calls")
+    check(all(c.function.name == "get_weather" and json.loads(c.function.arguments).get("city") for c in calls),
+          f"calls: {calls}")
+
+
+def langchain_bind_tools_auto(col: Column) -> None:
+    message = col.langchain(max_tokens=60).bind_tools([WEATHER]).invoke("What is the weather in Paris?")
+    check(bool(message.tool_calls) or bool(message.content), repr(message))
+    check(all(call["args"].get("city") for call in message.tool_calls), repr(message.tool_calls))
+
+
 def sdk_tool_result_turn(col: Column) -> None:
     call = {"id": "call_1", "type": "function",
             "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}}
@@ -214,9 +233,9 @@ def instructor_mode(mode: str) -> Callable[[Column], None]:
 
 CASES: list[Callable[[Column], None]] = [
     sdk_parse, sdk_json_object, sdk_json_schema_stream, sdk_choice, sdk_regex, sdk_named_tool, sdk_required_tool,
-    sdk_auto_tool, sdk_tool_result_turn, sdk_logit_bias, sdk_min_tokens, sdk_logprobs, responses_text,
-    responses_stream, responses_function_call, langchain_json_schema, langchain_function_calling,
-    langchain_bind_tools, instructor_mode("JSON"), instructor_mode("TOOLS"),
+    sdk_auto_tool, sdk_auto_tool_default, sdk_tool_result_turn, sdk_logit_bias, sdk_min_tokens, sdk_logprobs,
+    responses_text, responses_stream, responses_function_call, langchain_json_schema, langchain_function_calling,
+    langchain_bind_tools, langchain_bind_tools_auto, instructor_mode("JSON"), instructor_mode("TOOLS"),
 ]
 
 
@@ -248,11 +267,70 @@ def table(columns: dict[str, dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
+# instructor's JSON mode: `json_object`, and the schema only in a system message like this one.
+JSON_MODE_SYSTEM = ("As a genius expert, your task is to understand the content and provide the parsed objects in "
+                    "json that match the following json_schema:\n\n" + json.dumps(City.model_json_schema())
+                    + "\n\nMake sure to return an instance of the JSON, not the schema itself")
+
+
+def json_cuts(base_url: str, n: int, max_tokens: int = 200) -> dict:
+    """JSON mode as instructor sends it, `n` seeds at temperature 0.8: how many answers end at
+    `max_tokens` ("length") and how many are a `City`, with Wilson intervals."""
+    from openai import OpenAI
+
+    from aligner.stats import wilson_interval
+
+    client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
+    rows = []
+    for seed in range(n):
+        reply = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "system", "content": JSON_MODE_SYSTEM}, *CITY],
+            response_format={"type": "json_object"}, max_tokens=max_tokens, temperature=0.8, seed=seed)
+        choice = reply.choices[0]
+        try:
+            City.model_validate_json(choice.message.content)
+            valid = True
+        except ValueError:
+            valid = False
+        rows.append({"seed": seed, "finish_reason": choice.finish_reason, "valid": valid,
+                     "tokens": reply.usage.completion_tokens, "text": choice.message.content})
+    cut, valid = sum(r["finish_reason"] == "length" for r in rows), sum(r["valid"] for r in rows)
+    return {"n": n, "cut": cut, "cut_ci95": wilson_interval(cut, n), "valid": valid,
+            "valid_ci95": wilson_interval(valid, n), "answers": rows}
+
+
+def compare_json_cuts(n: int) -> dict[str, dict]:
+    """This server as shipped (vLLM's default JSON grammar: any whitespace between tokens) and
+    with compact JSON (vLLM's `disable_any_whitespace`, which needs a named backend)."""
+    from bench.launch import start_server, stop_server
+
+    work = Path(tempfile.mkdtemp(prefix="bench-json-cuts-"))
+    results = {}
+    compact = '{"backend": "xgrammar", "disable_any_whitespace": true}'
+    for label, flags in (("any whitespace (default)", ()), ("compact", ("--structured-outputs-config", compact))):
+        server = start_server(work / label.split()[0], "--max-model-len", "1024", *flags)
+        try:
+            results[label] = json_cuts(server.v1, n)
+        finally:
+            stop_server(server)
+        print(f"{label}: cut {results[label]['cut']}/{n}, valid {results[label]['valid']}/{n}", file=sys.stderr)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-url", default=None, help="check only this server (plain decoding)")
     parser.add_argument("--output", type=Path, default=None, help="JSON results")
+    parser.add_argument("--json-cuts", type=int, default=None, metavar="N",
+                        help="only JSON mode's answers: N seeds on two servers (any whitespace, compact JSON)")
     args = parser.parse_args(argv)
+    if args.json_cuts:
+        results = compare_json_cuts(args.json_cuts)
+        for label, r in results.items():
+            print(f"| {label} | {r['cut']}/{r['n']} {r['cut_ci95']} | {r['valid']}/{r['n']} {r['valid_ci95']} |")
+        if args.output:
+            args.output.write_text(json.dumps(results, indent=2))
+        return 0
     if args.base_url:
         columns = {"server": run_column(Column("server", args.base_url, None))}
     else:
