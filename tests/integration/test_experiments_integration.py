@@ -1,5 +1,5 @@
 """A/B experiments through the real server (vLLM on CPU) on a SQLite store: a user keeps one arm
-on every request, 120 users split close to the weights, and the experiment's report equals a
+on every request, 80 users split close to the weights, and the experiment's report equals a
 recount done here from the store file with plain SQL. The server is the shared keyed one
 (`store_server`, whose profiles hold the experiment `tone-test`); only this module uses that
 experiment."""
@@ -24,8 +24,8 @@ pytestmark = pytest.mark.integration
 KEY = STORE_SERVER_KEY
 AUTH = {"Authorization": f"Bearer {KEY}"}
 HTTP_TIMEOUT_S = 300
-USERS = 120  # the split is checked within 4.5 sigma of the weights at this count
-RETURNING = 12  # users who come back twice more
+USERS = 80  # the split is checked within 4.5 sigma of the weights at this count
+RETURNING = 8  # users who come back twice more
 QUESTIONS = ["Say something cheerful!", "Name a fruit.", "Greet me.", "What is two plus two?"]
 # The arms of `tone-test` (`tests.conftest.EXPERIMENT_PROFILES`), weighted 1:3.
 SHARES = {"tone@1": 0.25, "tone@2": 0.75}
