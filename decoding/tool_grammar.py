@@ -11,6 +11,7 @@ has no `--tool-call-parser` for the model's own call format.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -43,10 +44,15 @@ def call_or_message_grammar(tools: Sequence[dict[str, Any]], parallel: bool = Tr
     >>> grammar.startswith("root ::=") and '"\\\\"f\\\\""' in grammar
     True
     """
+    return _grammar(json.dumps(calls_schema(tools, parallel), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=256)
+def _grammar(schema: str) -> str:
+    """Built once per distinct tool set: clients send the same tools with every request."""
     import xgrammar as xgr
 
-    calls = xgr.Grammar.from_json_schema(json.dumps(calls_schema(tools, parallel)), any_whitespace=False,
-                                         separators=(",", ":"))
+    calls = xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=(",", ":"))
     return str(xgr.Grammar.union(calls, xgr.Grammar.from_ebnf(_MESSAGE)))
 
 
