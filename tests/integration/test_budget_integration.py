@@ -37,7 +37,11 @@ def test_a_pipeline_that_would_run_for_minutes_answers_by_its_deadline(server):
     body = r.json()
     budget = body["alignment"]["budget"]
     assert budget["deadline_s"] == 6 and budget["exhausted"] == "deadline"
-    assert "pipeline stage 2 (self_refine)" in budget["skipped"]
+    # The refinement never ran a round: either the pipeline skipped the whole stage, or (when
+    # best-of-N handed over just before the deadline, as on faster CPUs) the stage began and
+    # skipped all its rounds.
+    assert ({"pipeline stage 2 (self_refine)", "self_refine rounds 1-4 of choice 0"}
+            & set(budget["skipped"])), budget["skipped"]
     (choice,) = body["choices"]
     assert choice["message"]["content"].strip() and choice["finish_reason"] == "length"
     assert body["usage"]["completion_tokens"] == budget["used_tokens"] > 0
