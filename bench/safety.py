@@ -175,14 +175,29 @@ TEMPLATE_ARM = ("safety template, uncut", {"pipeline": [{"strategy": "urial", "t
                                                         {"strategy": "none"}]})
 
 
+def answer_key(name: str, arm: str, seed: int, messages: list[dict]) -> str:
+    return json.dumps([name, arm, seed, messages], sort_keys=True)
+
+
 def collect(base_url: str, sets: dict[str, list[dict]], arms: dict[str, dict], max_tokens: int, seed: int,
-            concurrency: int, harmful_only: frozenset[str] = frozenset()) -> list[dict]:
+            concurrency: int, harmful_only: frozenset[str] = frozenset(),
+            reuse: dict[str, dict] | None = None, transport: httpx.BaseTransport | None = None) -> list[dict]:
     """Every (set, prompt, arm); a prompt's arms are queued together and share its seed. Arms in
-    `harmful_only` answer the harmful sets only."""
+    `harmful_only` answer the harmful sets only. An answer in `reuse` (by `answer_key`: the same
+    set, arm, seed and conversation, from an earlier run) is kept, not asked again."""
     jobs = [(name, i, row, arm) for name, rows in sets.items() for i, row in enumerate(rows) for arm in arms
             if arm not in harmful_only or name in HARMFUL]
+    reuse = reuse or {}
     done = []
-    with httpx.Client(timeout=900) as http, ThreadPoolExecutor(max_workers=concurrency) as pool:
+    for name, i, row, arm in jobs:
+        old = reuse.get(answer_key(name, arm, seed + i, row["messages"]))
+        if old is not None and not old.get("error"):
+            done.append(old)
+    kept = {answer_key(a["set"], a["arm"], a["seed"], a["messages"]) for a in done}
+    jobs = [j for j in jobs if answer_key(j[0], j[3], seed + j[1], j[2]["messages"]) not in kept]
+    if kept:
+        print(f"{len(kept)} answers reused, {len(jobs)} to ask", file=sys.stderr, flush=True)
+    with httpx.Client(timeout=900, transport=transport) as http, ThreadPoolExecutor(max_workers=concurrency) as pool:
         def run(job):
             name, i, row, arm = job
             return {"set": name, **ask(http, base_url, row, arm, arms[arm], seed + i, max_tokens)}
@@ -329,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--template-arm", action=argparse.BooleanOptionalAction, default=True,
                         help="also the safety template with plain decoding, uncut, on the harmful sets")
     parser.add_argument("--rejudge", action="store_true", help="judge the answers already in --output again")
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="an earlier run's answers.jsonl, made with the same --max-tokens: its answers of the "
+                             "same set, arm, seed and conversation are kept instead of asked again")
     args = parser.parse_args(argv)
 
     args.output.mkdir(parents=True, exist_ok=True)
@@ -350,8 +368,12 @@ def main(argv: list[str] | None = None) -> int:
             server = start_server(Path(tempfile.mkdtemp(prefix="bench-safety-")), "--models-dir", "models")
             base_url = server.v1
         try:
+            reuse = None
+            if args.reuse:
+                rows = [json.loads(line) for line in args.reuse.read_text().splitlines() if line.strip()]
+                reuse = {answer_key(a["set"], a["arm"], a["seed"], a["messages"]): a for a in rows}
             answers = collect(base_url, sets, arms, args.max_tokens, args.seed, args.concurrency,
-                              frozenset({TEMPLATE_ARM[0]}))
+                              frozenset({TEMPLATE_ARM[0]}), reuse)
         finally:
             if server is not None:
                 stop_server(server)

@@ -97,3 +97,31 @@ def test_summary_and_table_count_refusals_by_the_judge_with_wilson_intervals():
     assert harm["harmless"]["flagged"]["k"] == 3 and bench["harmless"]["over_refused"]["k"] == 1
     table = safety.format_table(summary)
     assert "0.75 [" in table and "(3/4)" in table and "Failed requests: 0." in table
+
+
+def test_collect_keeps_reused_answers_and_asks_only_the_rest():
+    import httpx
+
+    asked = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        asked.append((body["messages"][0]["content"], body.get("alignment"), body["seed"]))
+        return httpx.Response(200, json={"choices": [{"message": {"content": "fresh"}}],
+                                         "usage": {"completion_tokens": 3}})
+
+    sets = {"harmbench": [{"messages": [{"role": "user", "content": "a"}]},
+                          {"messages": [{"role": "user", "content": "b"}]}]}
+    arms = {"plain": {}, "harmless@5": {"profile": "harmless@5"}}
+    old = {"set": "harmbench", "arm": "plain", "seed": 10, "messages": sets["harmbench"][0]["messages"],
+           "text": "kept", "tokens": 7, "error": None}
+    failed = {**old, "seed": 11, "messages": sets["harmbench"][1]["messages"], "error": "HTTP 500: x"}
+    other_seed = {**old, "seed": 99}
+    reuse = {safety.answer_key(a["set"], a["arm"], a["seed"], a["messages"]): a for a in (old, failed, other_seed)}
+    answers = safety.collect("http://bench", sets, arms, 8, 10, 2, reuse=reuse, transport=httpx.MockTransport(answer))
+    # The plain answer to "a" at seed 10 is kept; a failed answer and one of another seed are not.
+    assert sorted(asked, key=str) == sorted([("a", {"profile": "harmless@5"}, 10), ("b", None, 11),
+                                             ("b", {"profile": "harmless@5"}, 11)], key=str)
+    assert len(answers) == 4 and [a["text"] for a in answers].count("kept") == 1
+    assert {(a["arm"], a["seed"]) for a in answers} == {("plain", 10), ("harmless@5", 10), ("plain", 11),
+                                                        ("harmless@5", 11)}
