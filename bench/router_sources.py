@@ -14,7 +14,7 @@ is at most `--max-fp` (fixed before any fold ran; with none allowed, the lowest 
 
 The sets named in `REPORT` (HarmBench, past-tense JailbreakBench, a second contrast set by
 another author, MT-Bench, AlpacaEval's validation split) play no part here: `models/
-harmful-request` reports them once, after training, and `bench.safety` measures on them.
+harmful-request-v2` reports them once, after training, and `bench.safety` measures on them.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ import tempfile
 from pathlib import Path
 
 SETS_DIR = Path("bench/sets")  # the contrast sets; bench commands run from the repository root
-SHIPPED_MAX_VAL_FPR = 0.02  # the rule this chose (no rule met the criterion: the lowest FP); models/harmful-request uses it
+# The rule this chose (no rule met the criterion: the lowest FP), kept when the minimal pairs
+# joined the recipe (a frozen-feature proxy of the folds met no rule either); models/harmful-request (and -v2) use it.
+SHIPPED_MAX_VAL_FPR = 0.02
 
 
 def recipe(data: Path, sets: Path) -> dict[str, dict[str, str]]:
@@ -35,9 +37,11 @@ def recipe(data: Path, sets: Path) -> dict[str, dict[str, str]]:
     return {
         "positive": {"do_not_answer": str(data / "prompts/do_not_answer.jsonl"),
                      "hh_harmless": str(data / "prefs/hh_harmless.jsonl.gz"),
-                     "advbench": str(sets / "advbench.jsonl")},
+                     "advbench": str(sets / "advbench.jsonl"),
+                     "pairs_harmful": str(SETS_DIR / "pairs_harmful.jsonl")},
         "negative": {"alpaca_train": f"{alpaca}#train=0.1",
-                     "contrast_train": str(SETS_DIR / "contrast_train.jsonl")},
+                     "contrast_train": str(SETS_DIR / "contrast_train.jsonl"),
+                     "pairs_benign": str(SETS_DIR / "pairs_benign.jsonl")},
     }
 
 

