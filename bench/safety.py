@@ -114,8 +114,8 @@ def offline_flags(sets: dict[str, list[dict]], model: Path) -> dict[str, dict]:
              for name, rows in sets.items()}
     flat = sorted({t for rows in turns.values() for row in rows for t in row})
     scores = dict(zip(flat, score_sets(model, {"all": flat})["all"]))
-    return {name: {**rate([max(scores[t] for t in row) >= threshold for row in rows]), "threshold": threshold}
-            for name, rows in turns.items()}
+    return {name: {**rate([max(scores[t] for t in row) >= threshold for row in rows]), "threshold": threshold,
+                   "model": model.name} for name, rows in turns.items()}
 
 
 def offline_rail(answers: list[dict], model: Path, arm: str = "plain") -> dict[str, dict]:
@@ -309,7 +309,8 @@ def format_table(summary: dict) -> str:
             lines.append(f"| {form} | " + " | ".join(_cell(jail[a]["by_form"][form]) if a in jail else "—"
                                                       for a in arms) + " |")
     if summary.get("offline_flags"):
-        lines += ["", "| set | prompts | flagged by `harmful-request` (all prompts, no generation) |", "| --- | ---: | --- |"]
+        model = next(iter(summary["offline_flags"].values())).get("model", "harmful-request")
+        lines += ["", f"| set | prompts | flagged by `{model}` (all prompts, no generation) |", "| --- | ---: | --- |"]
         for name, f in summary["offline_flags"].items():
             lines.append(f"| `{name}` | {f['n']} | {_cell(f)} |")
     if summary.get("offline_rail_on_plain"):
