@@ -33,8 +33,13 @@ def ok(server, content: str, alignment: dict | None = None, **extra) -> dict:
 
 
 def classifier_row(server) -> dict:
+    """The rewards listing's row of the classifier the latest `harmless` routes on."""
+    profiles = httpx.get(f"{server.v1}/alignment/profiles", timeout=30).json()["data"]
+    harmless = next(p for p in profiles if p["name"] == "harmless")
+    latest = next(v for v in harmless["versions"] if v["version"] == harmless["latest"])
+    name = latest["alignment"]["route"]["classifier"]
     listed = httpx.get(f"{server.v1}/alignment/rewards", timeout=30).json()["data"]
-    row = next(r for r in listed if r["name"] == "harmful-request")
+    row = next(r for r in listed if r["name"] == name)
     assert row["kind"] == "classifier" and not row["default"]
     return row
 
