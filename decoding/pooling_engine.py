@@ -102,9 +102,10 @@ class VLLMPoolingEngine:
     def _build(self):
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from decoding.vllm_config import detect_device
+        from decoding.vllm_config import detect_device, prefer_spawn
 
         device = detect_device()
+        prefer_spawn(device)
         logger.info("building vLLM pooling engine for reward %s (%s) on %s", self.model_name, self.config.model, device)
         llm = AsyncLLM.from_engine_args(self.config.engine_args(device))
         self.numerics = {"dtype": str(llm.model_config.dtype).removeprefix("torch."), "device": device,

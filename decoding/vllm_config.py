@@ -7,6 +7,7 @@ vLLM is imported inside functions only: importing this module is cheap.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -208,7 +209,48 @@ def _reopens(name: str, value: Any, kwargs: dict[str, Any], device: str) -> str 
     return None
 
 
+@functools.cache
 def detect_device() -> str:
+    """"cuda" when this torch build has CUDA (or ROCm) and a device is visible, else "cpu",
+    found without initialising CUDA in this process.
+
+    vLLM forks its engine process unless CUDA is already initialised in the parent, and a forked
+    child cannot use CUDA once the parent has called into the CUDA runtime, which
+    `torch.cuda.is_available()` does. So NVML counts the visible devices (honouring
+    CUDA_VISIBLE_DEVICES); where NVML cannot answer (no driver library, MIG UUIDs, ROCm) a child
+    process asks the runtime. A CPU build of torch never looks.
+    """
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return "cpu"
+    if torch.cuda.is_initialized():
+        return "cuda" if torch.cuda.device_count() > 0 else "cpu"
+    nvml = getattr(torch.cuda, "_device_count_nvml", None)
+    count = nvml() if nvml is not None and torch.version.cuda is not None else -1
+    if count < 0:
+        count = _device_count_in_child()
+    return "cuda" if count > 0 else "cpu"
+
+
+def _device_count_in_child() -> int:
+    """torch's CUDA device count, asked in a child process so that this one stays uninitialised."""
+    import subprocess
+    import sys
+
+    probe = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    try:
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
+        return int(done.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        logger.warning("could not count CUDA devices in a child process (%s): serving on CPU", exc)
+        return 0
+
+
+def prefer_spawn(device: str) -> None:
+    """On a GPU, vLLM starts its engine (and worker) processes by spawn, not fork: a fork after
+    anything in this process touched CUDA (a reward model moved to the device, a kernel warm-up)
+    gives a child that cannot use it. An operator's own VLLM_WORKER_MULTIPROC_METHOD is kept;
+    on CPU vLLM already spawns."""
+    if device != "cpu":
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")

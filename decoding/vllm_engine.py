@@ -28,7 +28,7 @@ from decoding.engine import (
 from decoding.guide_spec import guide_report_key, read_guide_reports
 from decoding.hf_tokenizer import HFChatTokenizer
 from decoding.self_check import SelfCheckFailed
-from decoding.vllm_config import VLLMEngineConfig, detect_device, engine_summary
+from decoding.vllm_config import VLLMEngineConfig, detect_device, engine_summary, prefer_spawn
 from decoding.vllm_convert import to_chunk, to_sampling_params
 
 logger = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ class VLLMEngine:
         from decoding.vllm_plugin import attention_choice
 
         device = detect_device()
+        prefer_spawn(device)
         logger.info("building vLLM engine for %s on %s (%s numerics)", self.config.model, device, self.config.numerics)
         llm = AsyncLLM.from_engine_args(self.config.engine_args(device))
         logger.info("engine %s vLLM config: %s", self.model_name, json.dumps(engine_summary(llm.vllm_config)))
