@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,38 @@ class GuideCatalog:
         """Remove the report folder (reports of requests cut off by a disconnect stay there)."""
         if self.report_dir is not None:
             shutil.rmtree(self.report_dir, ignore_errors=True)
+
+
+class EngineExtras(Mapping):
+    """vLLM's `additional_config` for the guides: a read-only mapping (the processors read it
+    with `.get`) whose hash leaves out what differs between two starts of the same server.
+    vLLM keys its compile cache on the config's hash and hashes a plain dict as JSON, so a fresh
+    temporary `report_dir` in one would miss that cache on every start; for anything else it
+    calls `compute_hash` (vLLM's SupportsHash)."""
+
+    UNHASHED = ("report_dir",)
+
+    def __init__(self, items: dict):
+        self._items = dict(items)
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"EngineExtras({self._items!r})"
+
+    def compute_hash(self) -> str:
+        import hashlib
+
+        stable = {k: ({kk: vv for kk, vv in v.items() if kk not in self.UNHASHED} if isinstance(v, dict) else v)
+                  for k, v in self._items.items()}
+        return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()
 
 
 def write_guide_report(report_dir: str, key: str, report: dict) -> None:

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from decoding.guide_spec import CONFIG_KEY, GuideCatalog
+from decoding.guide_spec import CONFIG_KEY, EngineExtras, GuideCatalog
 
 logger = logging.getLogger(__name__)
 
@@ -116,11 +116,12 @@ class VLLMEngineConfig:
         )
         if self.guides.specs:
             kwargs["logits_processors"] = (kwargs["logits_processors"] or []) + [guided_processor_for(device)]
-            kwargs["additional_config"] = {CONFIG_KEY: {
+            # EngineExtras: hashed without the per-start report_dir, so vLLM's compile cache is hit.
+            kwargs["additional_config"] = EngineExtras({CONFIG_KEY: {
                 "guides": self.guides.specs, "max_slots": self.guides.max_slots,
                 "max_len": self.guides.max_len, "report_dir": self.guides.report_dir,
                 "dtype": self.effective_guide_dtype, "quantization": self.effective_guide_quantization,
-            }}
+            }})
             if guided_processor_for(device) == GUIDED_PROCESSOR:
                 # The V1 processor appends the engine's accepted tokens each step from the
                 # output lists, which async scheduling shows one step late. The V2 processor
@@ -191,7 +192,8 @@ def with_overrides(kwargs: dict[str, Any], overrides: dict[str, Any], device: st
         if name == "logits_processors":
             value = [*(value or []), *(kwargs.get(name) or [])]
         elif name == "additional_config":
-            value = {**(value or {}), **(kwargs.get(name) or {})}
+            merged_config = {**(value or {}), **(kwargs.get(name) or {})}
+            value = EngineExtras(merged_config) if isinstance(kwargs.get(name), EngineExtras) else merged_config
         elif why := _reopens(name, value, kwargs, device):
             logger.warning("--%s: %s", name.replace("_", "-"), why)
         merged[name] = value

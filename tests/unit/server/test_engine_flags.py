@@ -52,6 +52,22 @@ def test_the_guides_keep_their_processor_and_config_beside_the_users():
     assert engine.additional_config["mine"] == 1 and "aligner_guides" in engine.additional_config
 
 
+def test_two_starts_of_one_server_hash_alike_for_vllms_compile_cache():
+    # Each start makes a fresh report folder; vLLM keys its compile cache on the config's hash.
+    from decoding.guide_spec import EngineExtras
+
+    hashes = set()
+    for report_dir in ("/tmp/start-1", "/tmp/start-2"):
+        guides = GuideCatalog({"arm": {"path": "/unused", "mode": "genarm"}}, report_dir=report_dir)
+        _, engine = engine_args("--additional-config", '{"mine": 1}', guides=guides)
+        extras = engine.additional_config
+        assert isinstance(extras, EngineExtras) and extras["aligner_guides"]["report_dir"] == report_dir
+        hashes.add(extras.compute_hash())
+    assert len(hashes) == 1
+    other = GuideCatalog({"arm": {"path": "/elsewhere", "mode": "genarm"}}, report_dir="/tmp/start-1")
+    assert engine_args(guides=other)[1].additional_config.compute_hash() not in hashes  # another guide: another key
+
+
 @pytest.mark.parametrize("argv, named", [(["--kv-cache-dtype", "nope"], "--kv-cache-dtype"),
                                          (["--tensor-parallel-size", "two"], "--tensor-parallel-size"),
                                          (["--no-such-flag"], "--no-such-flag")])
@@ -80,3 +96,23 @@ def test_the_flags_reach_the_config_vllm_builds():
     assert {k: summary[k] for k in ("tensor_parallel_size", "max_num_batched_tokens", "kv_cache_dtype", "seed")} == {
         "tensor_parallel_size": 1, "max_num_batched_tokens": 3072, "kv_cache_dtype": "fp8", "seed": 7}
     assert summary["block_size"] == 32 and summary["enable_chunked_prefill"] is False
+
+
+def test_vllms_own_config_hash_ignores_the_report_folder():
+    # The same, through vLLM's VllmConfig.compute_hash (what its compile cache is keyed on).
+    from vllm.engine.arg_utils import EngineArgs
+
+    from decoding.model_prep import default_model_dir
+
+    model = default_model_dir()
+    if not (model / "config.json").is_file():
+        pytest.skip("the default model is not prepared")
+    hashes = []
+    for report_dir in ("/tmp/start-1", "/tmp/start-2"):
+        guides = GuideCatalog({"arm": {"path": "/unused", "mode": "genarm"}}, report_dir=report_dir)
+        _, engine = engine_args(guides=guides)
+        config = EngineArgs(model=str(model), max_model_len=512, enforce_eager=True,
+                            additional_config=engine.additional_config).create_engine_config()
+        assert config.additional_config.get("aligner_guides")["report_dir"] == report_dir
+        hashes.append(config.compute_hash())
+    assert hashes[0] == hashes[1]
