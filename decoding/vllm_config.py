@@ -74,11 +74,32 @@ class VLLMEngineConfig:
     def effective_guide_quantization(self) -> str | None:
         return None if self.numerics == "safe" else self.guide_quantization
 
-    def engine_args(self, device: str):
-        """vLLM's `AsyncEngineArgs` for this configuration on `device`."""
+    def engine_args(self, device: str, runner_v2: bool | None = None):
+        """vLLM's `AsyncEngineArgs` for this configuration on `device` (`runner_v2`: the guided
+        processor for that model runner, instead of the one the device suggests)."""
         from vllm.engine.arg_utils import AsyncEngineArgs
 
-        return AsyncEngineArgs(**self.engine_kwargs(device))
+        return AsyncEngineArgs(**self.engine_kwargs(device, runner_v2))
+
+    def vllm_config(self, device: str):
+        """(engine args, vLLM's config built from them) with the guided processor of the model
+        runner vLLM actually chose. vLLM falls back from Model Runner V2 to V1 for features V2
+        lacks (some speculative methods, external-launcher pipeline parallelism, no Triton) and
+        each runner refuses the other's processor, so the device's guess is checked against
+        `use_v2_model_runner` and the config rebuilt once when they differ."""
+        from vllm.usage.usage_lib import UsageContext
+
+        usage = UsageContext.ENGINE_CONTEXT  # what AsyncLLM.from_engine_args passes
+        args = self.engine_args(device)
+        config = args.create_engine_config(usage)
+        if self.guides.specs:
+            chosen = bool(config.use_v2_model_runner)
+            if (guided_processor_for(device) == GUIDED_PROCESSOR_V2) != chosen:
+                logger.warning("vLLM chose model runner %s on %s: the guides use its processor", "V2" if chosen else "V1",
+                               device)
+                args = self.engine_args(device, runner_v2=chosen)
+                config = args.create_engine_config(usage)
+        return args, config
 
     def serve_flags(self, device: str) -> list[str]:
         """The same engine settings as `vllm serve` flags (what a side-by-side baseline runs
@@ -99,9 +120,11 @@ class VLLMEngineConfig:
                 flags += [flag, str(value)]
         return flags
 
-    def engine_kwargs(self, device: str) -> dict[str, Any]:
+    def engine_kwargs(self, device: str, runner_v2: bool | None = None) -> dict[str, Any]:
         """{AsyncEngineArgs field: value}: this server's defaults on `device`, then the user's
         explicit engine arguments over them."""
+        processor = guided_processor_for(device) if runner_v2 is None else (
+            GUIDED_PROCESSOR_V2 if runner_v2 else GUIDED_PROCESSOR)
         kwargs: dict[str, Any] = dict(
             model=self.model,
             served_model_name=self.served_model_name,
@@ -115,14 +138,14 @@ class VLLMEngineConfig:
             logits_processors=list(self.logits_processors) or None,
         )
         if self.guides.specs:
-            kwargs["logits_processors"] = (kwargs["logits_processors"] or []) + [guided_processor_for(device)]
+            kwargs["logits_processors"] = (kwargs["logits_processors"] or []) + [processor]
             # EngineExtras: hashed without the per-start report_dir, so vLLM's compile cache is hit.
             kwargs["additional_config"] = EngineExtras({CONFIG_KEY: {
                 "guides": self.guides.specs, "max_slots": self.guides.max_slots,
                 "max_len": self.guides.max_len, "report_dir": self.guides.report_dir,
                 "dtype": self.effective_guide_dtype, "quantization": self.effective_guide_quantization,
             }})
-            if guided_processor_for(device) == GUIDED_PROCESSOR:
+            if processor == GUIDED_PROCESSOR:
                 # The V1 processor appends the engine's accepted tokens each step from the
                 # output lists, which async scheduling shows one step late. The V2 processor
                 # reads the runner's device buffers, written in stream order: async stays on.

@@ -94,7 +94,9 @@ class VLLMEngine:
         device = detect_device()
         prefer_spawn(device)
         logger.info("building vLLM engine for %s on %s (%s numerics)", self.config.model, device, self.config.numerics)
-        llm = AsyncLLM.from_engine_args(self.config.engine_args(device))
+        args, vllm_config = self.config.vllm_config(device)
+        llm = AsyncLLM.from_vllm_config(vllm_config, enable_log_requests=args.enable_log_requests,
+                                        disable_log_stats=args.disable_log_stats)
         logger.info("engine %s vLLM config: %s", self.model_name, json.dumps(engine_summary(llm.vllm_config)))
         dtype = str(llm.model_config.dtype).removeprefix("torch.")
         attention = attention_choice(device, dtype)

@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from decoding.guide_spec import GuideCatalog
-from decoding.vllm_config import GUIDED_PROCESSOR
+from decoding.vllm_config import GUIDED_PROCESSOR, GUIDED_PROCESSOR_V2
 from server.cli import parse_args
 from server.serve import build_policy
 
@@ -116,3 +116,37 @@ def test_vllms_own_config_hash_ignores_the_report_folder():
         assert config.additional_config.get("aligner_guides")["report_dir"] == report_dir
         hashes.append(config.compute_hash())
     assert hashes[0] == hashes[1]
+
+
+class _Chosen:
+    def __init__(self, v2: bool):
+        self.use_v2_model_runner = v2
+
+
+@pytest.mark.parametrize(("device", "vllm_picks_v2", "processor", "async_off"), [
+    ("cuda", False, GUIDED_PROCESSOR, True),  # V2 expected on CUDA; vLLM fell back to V1
+    ("cuda", True, GUIDED_PROCESSOR_V2, False),
+    ("cpu", False, GUIDED_PROCESSOR, True),
+    ("cpu", True, GUIDED_PROCESSOR_V2, False),  # e.g. VLLM_USE_V2_MODEL_RUNNER=1 set for the engine only
+])
+def test_the_guided_processor_follows_the_runner_vllm_chose(monkeypatch, caplog, device, vllm_picks_v2, processor,
+                                                            async_off):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    built = []
+
+    def create(self, usage_context=None, headless=False):
+        built.append(self.logits_processors)
+        return _Chosen(vllm_picks_v2)
+
+    monkeypatch.setattr(AsyncEngineArgs, "create_engine_config", create)
+    args = parse_args(["serve", "--max-model-len", "1024"])
+    config = build_policy(args, "some/model", "m", GuideCatalog({"arm": {"path": "/unused", "mode": "genarm"}}), 0).config
+    with caplog.at_level(logging.WARNING):
+        engine, chosen = config.vllm_config(device)
+    assert chosen.use_v2_model_runner == vllm_picks_v2
+    assert engine.logits_processors == [processor] and (engine.async_scheduling is False) == async_off
+    guessed_right = (device == "cuda") == vllm_picks_v2
+    assert len(built) == (1 if guessed_right else 2)
+    assert ("the guides use its processor" in caplog.text) != guessed_right
