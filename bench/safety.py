@@ -149,7 +149,8 @@ def ask(http: httpx.Client, base_url: str, row: dict, arm: str, alignment: dict,
     body = {"model": MODEL, "messages": row["messages"], "max_tokens": max_tokens, "temperature": 0.7, "seed": seed}
     if alignment:
         body["alignment"] = alignment
-    out = {"arm": arm, "seed": seed, "messages": row["messages"], **{k: v for k, v in row.items() if k != "messages"}}
+    out = {"arm": arm, "seed": seed, "max_tokens": max_tokens, "messages": row["messages"],
+           **{k: v for k, v in row.items() if k != "messages"}}
     for _attempt in range(2):
         start = time.perf_counter()
         try:
@@ -175,6 +176,10 @@ TEMPLATE_ARM = ("safety template, uncut", {"pipeline": [{"strategy": "urial", "t
                                                         {"strategy": "none"}]})
 
 
+def read_answers(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def answer_key(name: str, arm: str, seed: int, messages: list[dict]) -> str:
     return json.dumps([name, arm, seed, messages], sort_keys=True)
 
@@ -187,16 +192,19 @@ def collect(base_url: str, sets: dict[str, list[dict]], arms: dict[str, dict], m
     set, arm, seed and conversation, from an earlier run) is kept, not asked again."""
     jobs = [(name, i, row, arm) for name, rows in sets.items() for i, row in enumerate(rows) for arm in arms
             if arm not in harmful_only or name in HARMFUL]
-    reuse = reuse or {}
-    done = []
-    for name, i, row, arm in jobs:
-        old = reuse.get(answer_key(name, arm, seed + i, row["messages"]))
-        if old is not None and not old.get("error"):
+    done, to_ask = [], []
+    for job in jobs:
+        name, i, row, arm = job
+        old = (reuse or {}).get(answer_key(name, arm, seed + i, row["messages"]))
+        # An answer of another length limit is not this run's (rows before --reuse existed
+        # do not record theirs: --max-tokens is taken as theirs).
+        if old is not None and not old.get("error") and old.get("max_tokens", max_tokens) == max_tokens:
             done.append(old)
-    kept = {answer_key(a["set"], a["arm"], a["seed"], a["messages"]) for a in done}
-    jobs = [j for j in jobs if answer_key(j[0], j[3], seed + j[1], j[2]["messages"]) not in kept]
-    if kept:
-        print(f"{len(kept)} answers reused, {len(jobs)} to ask", file=sys.stderr, flush=True)
+        else:
+            to_ask.append(job)
+    if done:
+        print(f"{len(done)} answers reused, {len(to_ask)} to ask", file=sys.stderr, flush=True)
+    jobs = to_ask
     with httpx.Client(timeout=900, transport=transport) as http, ThreadPoolExecutor(max_workers=concurrency) as pool:
         def run(job):
             name, i, row, arm = job
@@ -346,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also the safety template with plain decoding, uncut, on the harmful sets")
     parser.add_argument("--rejudge", action="store_true", help="judge the answers already in --output again")
     parser.add_argument("--reuse", type=Path, default=None,
-                        help="an earlier run's answers.jsonl, made with the same --max-tokens: its answers of the "
-                             "same set, arm, seed and conversation are kept instead of asked again")
+                        help="an earlier run's answers.jsonl: its answers of the same set, arm, seed, conversation "
+                             "and --max-tokens are kept instead of asked again")
     args = parser.parse_args(argv)
 
     args.output.mkdir(parents=True, exist_ok=True)
@@ -355,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     everything = {k: v for k, v in build_sets(args.data, args.sets, args.seed).items() if not args.only or k in args.only}
     flags = offline_flags(everything, args.classifier)
     if args.rejudge:
-        answers = [json.loads(line) for line in answers_path.read_text().splitlines() if line.strip()]
+        answers = read_answers(answers_path)
     else:
         sets = {k: v[:args.limit] if args.limit else v for k, v in everything.items()}
         arms = {"plain": {}, **{p: {"profile": p} for p in (args.profile or ["harmless"])}}
@@ -363,16 +371,15 @@ def main(argv: list[str] | None = None) -> int:
             arms[TEMPLATE_ARM[0]] = TEMPLATE_ARM[1]
         from bench.launch import start_server, stop_server
 
+        # Read before the server starts: a bad --reuse file fails at once, not a minute later.
+        reuse = ({answer_key(a["set"], a["arm"], a["seed"], a["messages"]): a for a in read_answers(args.reuse)}
+                 if args.reuse else None)
         server = None
         base_url = args.base_url
         if base_url is None:
             server = start_server(Path(tempfile.mkdtemp(prefix="bench-safety-")), "--models-dir", "models")
             base_url = server.v1
         try:
-            reuse = None
-            if args.reuse:
-                rows = [json.loads(line) for line in args.reuse.read_text().splitlines() if line.strip()]
-                reuse = {answer_key(a["set"], a["arm"], a["seed"], a["messages"]): a for a in rows}
             answers = collect(base_url, sets, arms, args.max_tokens, args.seed, args.concurrency,
                               frozenset({TEMPLATE_ARM[0]}), reuse)
         finally:

@@ -125,3 +125,27 @@ def test_collect_keeps_reused_answers_and_asks_only_the_rest():
     assert len(answers) == 4 and [a["text"] for a in answers].count("kept") == 1
     assert {(a["arm"], a["seed"]) for a in answers} == {("plain", 10), ("harmless@5", 10), ("plain", 11),
                                                         ("harmless@5", 11)}
+
+
+def test_collect_asks_again_an_answer_of_another_length_limit():
+    import httpx
+
+    asked = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        asked.append(json.loads(request.content)["max_tokens"])
+        return httpx.Response(200, json={"choices": [{"message": {"content": "fresh"}}],
+                                         "usage": {"completion_tokens": 3}})
+
+    messages = [{"role": "user", "content": "a"}]
+    sets = {"harmbench": [{"messages": messages}]}
+    old = {"set": "harmbench", "arm": "plain", "seed": 0, "messages": messages, "text": "kept", "error": None}
+    for recorded, expect_asked in ((64, [8]), (8, []), (None, [])):  # None: a row from before --reuse recorded it
+        asked.clear()
+        row = {**old, **({"max_tokens": recorded} if recorded is not None else {})}
+        reuse = {safety.answer_key("harmbench", "plain", 0, messages): row}
+        answers = safety.collect("http://bench", sets, {"plain": {}}, 8, 0, 1, reuse=reuse,
+                                 transport=httpx.MockTransport(answer))
+        assert asked == expect_asked and len(answers) == 1
+        assert answers[0]["text"] == ("fresh" if expect_asked else "kept")
+    assert answers[0].get("max_tokens") is None  # the reused row as it was
