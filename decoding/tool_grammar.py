@@ -43,8 +43,13 @@ def call_or_message_grammar(tools: Sequence[dict[str, Any]], parallel: bool = Tr
     >>> grammar = call_or_message_grammar([tool])
     >>> grammar.startswith("root ::=") and '"\\\\"f\\\\""' in grammar
     True
+    >>> grammar.index('"\\\\"name\\\\""') < grammar.index('"\\\\"arguments\\\\""')  # name first
+    True
     """
-    return _grammar(json.dumps(calls_schema(tools, parallel), sort_keys=True))
+    # Not sorted: xgrammar writes properties in the schema's order, so each call is `name` then
+    # `arguments` (as the prompt's note shows, and as a stream can announce a call before its
+    # arguments) and the arguments keep the order the client gave its parameters.
+    return _grammar(json.dumps(calls_schema(tools, parallel)))
 
 
 @functools.lru_cache(maxsize=256)

@@ -3,7 +3,7 @@
 With `tool_choice` naming a function or `required`, the engine decodes the answer under a
 JSON grammar (`ChatCompletionRequest.structured`): the named function's arguments, or a list
 of `{"name", "parameters"}` calls (vLLM's layout). Here that text becomes `tool_calls`, whole
-or as streamed deltas. Under `auto` the model decides: with `--tool-call-parser`, in its own
+or as streamed deltas (`CallListReader` splits a list as it decodes). Under `auto` the model decides: with `--tool-call-parser`, in its own
 call format, which vLLM's parser for that format splits from the finished answer; without
 one, under a grammar that allows a plain message or a list of `{"name", "arguments"}` calls
 (`decoding.tool_grammar`), which works on any model. `auto_path` says which.
@@ -81,19 +81,129 @@ def _parse_calls(text: str) -> list[ToolCall] | None:
         return None
 
 
+class CallListReader:
+    """Reads a JSON list of calls, `[{"name": ..., "<arguments key>": {...}}, ...]`, as it is
+    decoded, and says what a stream can send so far: each call's id and name once its name has
+    ended, then its arguments' text as it arrives (OpenAI's deltas). Strings, escapes and nested
+    values are followed, so a `}` inside an argument's string does not end the call; any
+    whitespace between tokens is allowed (`required`'s grammar is vLLM's, which allows it)."""
+
+    def __init__(self, arguments_key: str):
+        self.arguments_key = arguments_key
+        self.calls: list[dict] = []  # {"id", "name", "arguments", "sent"}: sent = arguments already sent, or None
+        self._depth = 0
+        self._string = self._escape = False
+        self._token = ""  # the string being read at a call's level: a key or the name
+        self._key: str | None = None  # the key whose value comes next, at a call's level
+        self._awaiting_value = False
+        self._in_arguments = False
+
+    def feed(self, text: str) -> list[DeltaToolCall]:
+        for ch in text:
+            self._read(ch)
+        return self.pending()
+
+    def pending(self) -> list[DeltaToolCall]:
+        out = []
+        for index, call in enumerate(self.calls):
+            if call["name"] is None:
+                continue  # a call is announced by its name; its arguments wait for it
+            if call["sent"] is None:
+                out.append(DeltaToolCall(index=index, id=call["id"], type="function",
+                                         function=DeltaFunctionCall(name=call["name"], arguments=call["arguments"])))
+            elif len(call["arguments"]) > call["sent"]:
+                out.append(DeltaToolCall(index=index,
+                                         function=DeltaFunctionCall(arguments=call["arguments"][call["sent"]:])))
+            call["sent"] = len(call["arguments"])
+        return out
+
+    def _read(self, ch: str) -> None:
+        if self._in_arguments:
+            self._read_arguments(ch)
+            return
+        if self._string:
+            if self._escape:
+                self._escape = False
+            elif ch == "\\":
+                self._escape = True
+            elif ch == '"':
+                self._string = False
+                self._string_ended()
+                return
+            self._token += ch
+            return
+        if self._depth == 2 and self._awaiting_value and not ch.isspace():
+            self._awaiting_value = False
+            if self._key == self.arguments_key:
+                self._in_arguments = True
+                self._read_arguments(ch)
+                return
+        if ch == '"':
+            self._string, self._token = True, ""
+        elif ch in "[{":
+            self._depth += 1
+            if self._depth == 2:  # a call opens
+                self.calls.append({"id": tool_call_id(), "name": None, "arguments": "", "sent": None})
+                self._key = None
+        elif ch in "]}":
+            self._depth -= 1
+        elif self._depth == 2 and ch == ":":
+            self._awaiting_value = True
+        elif self._depth == 2 and ch == ",":
+            self._key = None
+
+    def _string_ended(self) -> None:
+        if self._depth != 2:
+            return
+        try:
+            value = json.loads(f'"{self._token}"')
+        except ValueError:
+            value = self._token
+        if self._key is None:
+            self._key = value
+        elif self._key == "name" and self.calls and self.calls[-1]["name"] is None:
+            self.calls[-1]["name"] = value
+
+    def _read_arguments(self, ch: str) -> None:
+        """One character of a call's arguments value; it ends when its brackets close (or, were
+        it a bare scalar, at the `,` or `}` after it, which is not part of it)."""
+        if not self._string and self._depth == 2 and ch in ",}":
+            self._in_arguments = False
+            self._read(ch)
+            return
+        self.calls[-1]["arguments"] += ch
+        if self._string:
+            if self._escape:
+                self._escape = False
+            elif ch == "\\":
+                self._escape = True
+            elif ch == '"':
+                self._string = False
+        elif ch == '"':
+            self._string = True
+        elif ch in "[{":
+            self._depth += 1
+        elif ch in "]}":
+            self._depth -= 1
+            if self._depth == 2:
+                self._in_arguments = False
+
+
 @dataclass
 class ToolCallStream:
-    """One streamed request's content deltas as tool-call deltas: a named call's arguments
-    stream as they are decoded; `required` answers and `auto` answers read by a parser are
-    sent whole when the choice ends (a list cannot be split into calls before it parses, and
-    the parser reads a finished answer). Under `auto` held to the grammar, a choice whose first
-    character opens a list of calls is sent whole at its end, any other streams as content."""
+    """One streamed request's content deltas as tool-call deltas. A named call's arguments,
+    and each call of a list (`required`, or `auto` held to the grammar), stream as they are
+    decoded: a call's id and name when its name has ended, then its arguments' text. Under `auto`
+    held to the grammar, a choice whose first character opens a list is calls, any other a
+    message that streams as content. `auto` answers read by vLLM's parser are sent whole when
+    the choice ends (the parser reads a finished answer)."""
 
     request: ChatCompletionRequest
     parser: ToolCallParser | None = None
     _opened: dict[int, str] = field(default_factory=dict)
     _texts: dict[int, str] = field(default_factory=dict)
     _streaming: set[int] = field(default_factory=set)  # grammar `auto` choices found to be messages
+    _lists: dict[int, CallListReader] = field(default_factory=dict)  # choices read as lists of calls
 
     def delta(self, index: int, text: str) -> DeltaMessage | None:
         kind = self.request.tool_kind
@@ -106,8 +216,22 @@ class ToolCallStream:
             return DeltaMessage(tool_calls=[DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=text))])
         if self._buffered(index, text):
             self._texts[index] = self._texts.get(index, "") + text
-            return None
+            calls = self._read_calls(index, text)
+            return DeltaMessage(tool_calls=calls) if calls else None
         return DeltaMessage(content=text)
+
+    def _read_calls(self, index: int, text: str) -> list[DeltaToolCall]:
+        """What a choice's calls can send after `text`: its reader is made when the list opens
+        (its first character that is not whitespace) and reads it from its start."""
+        if self.request.tool_kind == "auto" and self.parser is not None:
+            return []  # the parser reads the finished answer
+        if (reader := self._lists.get(index)) is not None:
+            return reader.feed(text)
+        so_far = self._texts[index]
+        if not so_far.lstrip().startswith("["):
+            return []
+        self._lists[index] = CallListReader("parameters" if self.request.tool_kind == "required" else "arguments")
+        return self._lists[index].feed(so_far)
 
     def _buffered(self, index: int, text: str = "") -> bool:
         kind = self.request.tool_kind
@@ -126,7 +250,13 @@ class ToolCallStream:
         """What is still to send for a finished choice, and its finish reason."""
         if not self._buffered(index):
             return None, finish_reason
-        answer = tool_answer(self.request, self._texts.get(index, ""), finish_reason, self.parser)
+        text = self._texts.get(index, "")
+        answer = tool_answer(self.request, text, finish_reason, self.parser)
+        if (reader := self._lists.get(index)) is not None and any(c["sent"] is not None for c in reader.calls):
+            # Calls already went out as they decoded: a whole list finishes as `tool_calls`;
+            # one cut by max_tokens keeps what was sent, with `length` (as OpenAI's do).
+            rest = reader.pending()
+            return (DeltaMessage(tool_calls=rest) if rest else None), answer.finish_reason
         if not answer.tool_calls:
             return DeltaMessage(content=answer.content), answer.finish_reason
         calls = [DeltaToolCall(index=i, id=call.id, type="function",

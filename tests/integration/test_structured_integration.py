@@ -4,6 +4,7 @@ the clients people use: the `openai` SDK, LangChain's `ChatOpenAI` and `instruct
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -189,8 +190,25 @@ def test_streamed_tool_calls_follow_openais_delta_format(client):
     required = client.chat.completions.create(
         model=MODEL, messages=WEATHER_QUESTION, tools=[WEATHER, CLOCK], tool_choice="required", max_tokens=120,
         parallel_tool_calls=False, temperature=0, stream=True)
-    calls = [c for chunk in required for choice in chunk.choices for c in choice.delta.tool_calls or []]
-    assert calls and all(json.loads(c.function.arguments) is not None for c in calls)
+    deltas = [c for chunk in required for choice in chunk.choices for c in choice.delta.tool_calls or []]
+    (call,) = merge_call_deltas(deltas)  # one call: its id and name first, then its arguments in pieces
+    assert call.function.name in ("get_weather", "get_time") and isinstance(json.loads(call.function.arguments), dict)
+    assert len(deltas) > 2  # streamed as decoded, not sent whole
+
+
+def merge_call_deltas(deltas) -> list[SimpleNamespace]:
+    """Streamed tool-call deltas merged as a client merges them (by index); OpenAI's layout:
+    id, type and name on a call's first delta only, then pieces of its arguments."""
+    calls: dict[int, SimpleNamespace] = {}
+    for d in deltas:
+        if d.index not in calls:
+            assert d.id and d.type == "function" and d.function.name, d
+            calls[d.index] = SimpleNamespace(id=d.id, function=SimpleNamespace(
+                name=d.function.name, arguments=d.function.arguments or ""))
+        else:
+            assert d.id is None and d.function.name is None, d
+            calls[d.index].function.arguments += d.function.arguments or ""
+    return [calls[i] for i in sorted(calls)]
 
 
 # A Hermes-format call (what `--tool-call-parser hermes` reads), forced by a regex: the 135M
@@ -257,7 +275,7 @@ def test_auto_tools_work_on_a_server_without_a_tool_parser(store_server, tokeniz
                 calls += choice.delta.tool_calls or []
                 finish = choice.finish_reason or finish
             report = getattr(chunk, "alignment", None) or report
-        return content or None, calls, finish, report
+        return content or None, merge_call_deltas(calls), finish, report
 
     content, calls, finish, report = ask()
     assert report["auto_tool_calls"] == "grammar"

@@ -73,12 +73,77 @@ def test_a_streamed_named_call_opens_once_then_streams_arguments():
     assert stream.finish(0, "stop") == (None, "stop")
 
 
-def test_streamed_required_and_auto_calls_arrive_whole_at_the_finish():
-    stream = ToolCallStream(request(tool_choice="required"))
-    text = json.dumps([{"name": "get_time", "parameters": {}}])
-    assert stream.delta(0, text[:5]) is None and stream.delta(0, text[5:]) is None
-    delta, finish = stream.finish(0, "stop")
-    assert finish == "tool_calls" and delta.tool_calls[0].function.name == "get_time"
+def merged(deltas) -> list[tuple[str, str, str]]:
+    """Streamed tool-call deltas as a client merges them: (id, name, arguments) per index,
+    checking OpenAI's layout (id, type and name on a call's first delta only)."""
+    calls: dict[int, list[str]] = {}
+    for d in deltas:
+        if d.index not in calls:
+            assert d.id and d.type == "function" and d.function.name, d
+            calls[d.index] = [d.id, d.function.name, d.function.arguments or ""]
+        else:
+            assert d.id is None and d.function.name is None, d
+            calls[d.index][2] += d.function.arguments or ""
+    assert sorted(calls) == list(range(len(calls)))
+    return [tuple(calls[i]) for i in sorted(calls)]
+
+
+def stream_pieces(stream: ToolCallStream, pieces, finish_reason="stop", index=0):
+    """Feeds pieces; returns (per-piece deltas, content, finish delta's calls too, finish reason)."""
+    steps = [stream.delta(index, piece) for piece in pieces]
+    last, reason = stream.finish(index, finish_reason)
+    deltas = [c for step in [*steps, last] if step is not None for c in step.tool_calls or []]
+    content = "".join(step.content or "" for step in [*steps, last] if step is not None)
+    return steps, content, deltas, reason
+
+
+LISTS = [  # (kind, text): the grammar's compact envelope, and vLLM's `required` layout with whitespace
+    ("auto", '[{"name":"get_weather","arguments":{"city":"Oslo, \\"the {capital}\\""}},{"name":"get_time","arguments":{}}]'),
+    ("required", json.dumps([{"name": "get_weather", "parameters": {"city": "Bergen", "days": [1, {"a": "]}"}]}},
+                             {"name": "get_time", "parameters": {}}], indent=2)),
+]
+
+
+def test_streamed_lists_of_calls_send_each_call_then_its_arguments_as_they_decode():
+    for kind, text in LISTS:
+        for size in (1, 3, 7, len(text)):  # token-sized pieces, and the whole answer at once
+            req = request() if kind == "auto" else request(tool_choice="required")
+            pieces = [text[i:i + size] for i in range(0, len(text), size)]
+            # `required` is held to its grammar even on a server with a parser for `auto`
+            steps, content, deltas, reason = stream_pieces(
+                ToolCallStream(req, MarkerParser() if kind == "required" else None), pieces)
+            key = "arguments" if kind == "auto" else "parameters"
+            want = [(item["name"], item[key]) for item in json.loads(text)]
+            got = merged(deltas)
+            assert [(name, json.loads(args)) for _, name, args in got] == want, (size, got)
+            assert reason == "tool_calls" and content == ""
+            if size < len(text):  # arguments arrive before the answer ends, not at the finish
+                first_args = next(i for i, step in enumerate(steps) if step and any(
+                    d.function.arguments for d in step.tool_calls))
+                assert first_args < len(pieces) - 1
+
+
+def test_a_call_is_announced_only_once_its_name_has_ended():
+    stream = ToolCallStream(request())
+    assert stream.delta(0, '[{"name":"get_wea') is None  # the name is not whole yet
+    (head,) = stream.delta(0, 'ther","arguments":{"ci').tool_calls
+    assert (head.index, head.function.name, head.function.arguments) == (0, "get_weather", '{"ci')
+    (more,) = stream.delta(0, 'ty":"Oslo"}}').tool_calls
+    assert (more.id, more.function.arguments) == (None, 'ty":"Oslo"}')
+    assert stream.delta(0, "]") is None and stream.finish(0, "stop") == (None, "tool_calls")
+
+
+def test_a_list_cut_by_max_tokens_keeps_what_was_sent_and_says_length():
+    _, content, deltas, reason = stream_pieces(ToolCallStream(request()), ['[{"name":"get_time","argu', 'ments":{"tz":"U'],
+                                               finish_reason="length")
+    assert reason == "length" and content == ""
+    assert merged(deltas)[0][1:] == ("get_time", '{"tz":"U')
+    # Cut before any call had its name: nothing went out as a call, so the text is content.
+    _, content, deltas, reason = stream_pieces(ToolCallStream(request()), ['[{"name":"get_ti'], finish_reason="length")
+    assert (content, deltas, reason) == ('[{"name":"get_ti', [], "length")
+
+
+def test_auto_answers_read_by_a_parser_arrive_whole_at_the_finish():
     auto = ToolCallStream(request(), MarkerParser())
     assert auto.delta(1, "Hm. CALL get_time {}") is None
     delta, finish = auto.finish(1, "stop")
@@ -127,20 +192,16 @@ def test_auto_without_a_parser_is_held_to_the_call_or_message_grammar():
     assert (call["function"]["name"], json.loads(call["function"]["arguments"])) == ("get_weather", {"city": "Oslo"})
 
 
-def test_a_streamed_grammar_auto_answer_streams_a_message_and_sends_a_call_whole():
+def test_a_streamed_grammar_auto_answer_streams_a_message_as_content():
     held = ToolCallStream(request())
     assert held.delta(0, "") is None and held.delta(0, "It").content == "It"  # empty: nothing to decide on
     stream = ToolCallStream(request())
     assert stream.delta(0, "It is").content == "It is" and stream.delta(0, " [sunny]").content == " [sunny]"
     assert stream.finish(0, "stop") == (None, "stop")
     calls = ToolCallStream(request())
-    assert calls.delta(1, '[{"name":"get_time",') is None and calls.delta(1, '"arguments":{}}]') is None
-    delta, finish = calls.finish(1, "stop")
-    assert finish == "tool_calls" and delta.tool_calls[0].function.name == "get_time"
-    cut = ToolCallStream(request())
-    assert cut.delta(0, '[{"name":"get_ti') is None
-    delta, finish = cut.finish(0, "length")  # cut by max_tokens: the partial list, as content
-    assert (delta.content, delta.tool_calls, finish) == ('[{"name":"get_ti', None, "length")
+    assert calls.delta(1, '[{"name":"get_time",').tool_calls[0].function.name == "get_time"
+    assert calls.delta(1, '"arguments":{}}]').tool_calls[0].function.arguments == "{}"
+    assert calls.finish(1, "stop") == (None, "tool_calls")
 
 
 def test_the_http_layer_renders_tools_into_the_prompt():
