@@ -35,7 +35,7 @@ from server.errors import invalid_request
 from server.serving_experiments import ServingExperiments
 from server.serving_store import ServingStore
 from server.traces import build_trace
-from server.tools import AUTO_BESIDE_A_FORMAT, ToolCallStream, auto_path, tool_answer
+from server.tools import AUTO_BESIDE_A_FORMAT, ToolCallStream, auto_path, tool_answer, well_formed
 from server.serving_common import ENGINE_ERRORS, SSE_DONE, ServingBase, engine_error, holding, once, prime, sse, usage
 
 SSE_KEEPALIVE = ": keep-alive\n\n"
@@ -135,6 +135,7 @@ class ServingChat(ServingBase):
             prompt_ids=prompt_ids, sampling=replace(sampling, structured=grammar) if grammar else sampling,
             limits=StrategyLimits(max_candidates=self.config.max_candidates), keepalive_s=self.config.stream_keepalive_s,
             templates=profiles.templates, guides=self.guides, helpers=self.helpers, tools=tools,
+            well_formed=well_formed(request, self.tool_parser),
         )
 
     def _store_trace(self, request: ChatCompletionRequest, request_plan: RequestPlan, result: StrategyResult,

@@ -12,6 +12,7 @@ one, under a grammar that allows a plain message or a list of `{"name", "argumen
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -70,6 +71,41 @@ def tool_answer(request: ChatCompletionRequest, text: str, finish_reason: str | 
             calls = [ToolCall(function=FunctionCall(name=name, arguments=arguments)) for name, arguments in wanted]
             return ToolAnswer(parsed.content, calls, "tool_calls" if finish_reason == "stop" else finish_reason)
     return ToolAnswer(text, [], finish_reason)
+
+
+def well_formed(request: ChatCompletionRequest, parser: ToolCallParser | None = None) -> Callable[[str, str | None], bool] | None:
+    """For a request with tools, whether one candidate answer is well formed: its calls whole
+    (not cut by max_tokens) and each call's arguments valid under its tool's parameters schema;
+    under `auto` a message is well formed too, but a list of calls cut short is not. The
+    strategies that choose among candidates choose among well-formed ones first. None without
+    tools (nothing to check)."""
+    kind = request.tool_kind
+    if kind is None:
+        return None
+    schemas = {tool.function.name: tool.function.schema_or_empty() for tool in request.tools}
+
+    def check(text: str, finish_reason: str | None) -> bool:
+        answer = tool_answer(request, text, finish_reason, parser)
+        if not answer.tool_calls:
+            return kind == "auto" and not (parser is None and text.startswith("["))
+        return all(_fits(call.function.arguments, schemas.get(call.function.name)) for call in answer.tool_calls)
+
+    return check
+
+
+def _fits(arguments: str, schema: dict | None) -> bool:
+    """Whether a call's arguments (JSON text) are valid under its tool's parameters schema."""
+    import jsonschema
+
+    if schema is None:
+        return False  # a call of a function the request did not offer
+    try:
+        jsonschema.validate(json.loads(arguments), schema)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    except jsonschema.SchemaError:  # the client's schema is not one; its JSON still parsed
+        return True
+    return True
 
 
 def _parse_calls(text: str) -> list[ToolCall] | None:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -73,6 +73,10 @@ class StrategyContext:
     tools: list[dict[str, Any]] | None = None
     # The request's deadline and token cap; `with_budget` puts engines and rewards under it.
     budget: Budget = field(default_factory=Budget)
+    # (text, finish_reason) -> whether an answer is well formed for the request (the server's
+    # rule for tools: whole calls whose arguments follow their tools' schemas); the strategies
+    # that choose among candidates choose among well-formed ones first (`well_formed_first`).
+    well_formed: Callable[[str, str | None], bool] | None = None
 
     @property
     def num_choices(self) -> int:

@@ -30,6 +30,7 @@ from aligner.strategies.common import (
     generate_candidates,
     sampling_context,
     score_candidates,
+    well_formed_first,
 )
 from aligner.strategies.selection import clear_lead, top_distinct
 
@@ -124,6 +125,9 @@ class BestOfNStrategy(Strategy):
 
     def _pick(self, ctx, candidates, stages, info, pool=None) -> StrategyResult:
         pool = budget_pool(ctx, candidates) if pool is None else pool
+        pool, ill_formed = well_formed_first(ctx, pool)
+        if ill_formed:
+            info = {**info, "ill_formed": ill_formed}
         picked = [pool[i] for i in top_distinct([c.score for c in pool], [c.text for c in pool], ctx.num_choices)]
         return StrategyResult(
             choices=picked,

@@ -46,6 +46,19 @@ def recorded_threshold(ctx: StrategyContext, name: str, threshold: float | None,
     return float(model.threshold)
 
 
+def well_formed_first(ctx: StrategyContext, pool: list[Candidate]) -> tuple[list[Candidate], list[int]]:
+    """The candidates to choose among, and the indices of those left out: when the request
+    says what a well-formed answer is (`ctx.well_formed`) and at least as many candidates as it
+    returns are, only those, so a call whose arguments follow its tool's schema beats a broken
+    one before the reward or consensus compares them; otherwise the whole pool."""
+    if ctx.well_formed is None or len(pool) < 2:
+        return pool, []
+    good = [c for c in pool if ctx.well_formed(c.text, c.finish_reason)]
+    if len(good) == len(pool) or len(good) < ctx.num_choices:
+        return pool, []
+    return good, [c.index for c in pool if c not in good]
+
+
 async def stream_plain(ctx: StrategyContext,
                        finish: Callable[[StrategyResult, Generation], None] | None = None) -> AsyncIterator[StreamEvent]:
     """Plain decoding of the request: each delta as it comes, then the result; `finish` may add

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field
 
 from aligner.strategies.base import Candidate, StageReport, Strategy, StrategyContext, StrategyParams, StrategyResult, Timer, register
-from aligner.strategies.common import budget_pool, check_n, generate_candidates
+from aligner.strategies.common import budget_pool, check_n, generate_candidates, well_formed_first
 from aligner.strategies.selection import top_distinct
 
 UTILITIES = {"chrf++": 2, "chrf": 0}  # sacrebleu's CHRF word_order
@@ -63,7 +63,7 @@ class MBRStrategy(Strategy):
 
     async def run(self, ctx: StrategyContext, params: MBRParams) -> StrategyResult:
         candidates, generated = await generate_candidates(ctx, params.n)
-        pool = budget_pool(ctx, candidates)
+        pool, ill_formed = well_formed_first(ctx, budget_pool(ctx, candidates))
         with Timer() as timer:
             # chrF over N^2 pairs is pure Python: off the event loop.
             scores = await asyncio.to_thread(consensus, [c.text for c in pool], params.utility)
@@ -75,5 +75,6 @@ class MBRStrategy(Strategy):
             choices=picked,
             stages=[generated, StageReport("mbr", timer.seconds)],
             candidates=candidates,
-            info={"selected": [c.index for c in picked], "scores": [c.score for c in picked], "utility": params.utility},
+            info={"selected": [c.index for c in picked], "scores": [c.score for c in picked], "utility": params.utility,
+                  **({"ill_formed": ill_formed} if ill_formed else {})},
         )

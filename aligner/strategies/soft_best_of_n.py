@@ -20,6 +20,7 @@ from aligner.strategies.common import (
     generate_candidates,
     sampling_context,
     score_candidates,
+    well_formed_first,
 )
 from aligner.strategies.selection import soft_sample
 
@@ -54,10 +55,12 @@ class SoftBestOfNStrategy(Strategy):
             return fallback_result(ctx, params, candidates, [generated], exc)
         seed = ctx.sampling.seed
         rng = random.Random(seed) if seed is not None else random.SystemRandom()
+        pool, ill_formed = well_formed_first(ctx, pool)
         picked = [pool[i] for i in soft_sample([c.score for c in pool], params.lambda_, ctx.num_choices, rng)]
         return StrategyResult(
             choices=picked,
             stages=[generated, scored],
             candidates=candidates,
-            info={"selected": [c.index for c in picked], "scores": [c.score for c in picked]},
+            info={"selected": [c.index for c in picked], "scores": [c.score for c in picked],
+                  **({"ill_formed": ill_formed} if ill_formed else {})},
         )

@@ -250,6 +250,36 @@ def weather_arguments(call) -> dict:
     return args
 
 
+# At most five letters: the 135M model, asked for a big city, names some longer ones.
+SHORT_CITY = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 5},
+                                                              "unit": {"type": "string", "enum": ["c", "f"]}},
+                             "required": ["city", "unit"]}}}
+ANY_CITY_CALL = r'<tool_call>\{"name": "get_weather", "arguments": \{"city": "[A-Z][a-z]{1,11}", "unit": "c"\}\}</tool_call>'
+
+
+def test_best_of_n_prefers_calls_whose_arguments_follow_the_schema(client):
+    """Best-of-N under `auto` (vLLM's Hermes parser here): a candidate whose call breaks its
+    tool's schema (a city over five letters) is left out before the reward compares, even
+    where the reward ranks it first (all tie here, and ties go to the lowest index)."""
+    mixed = 0
+    for seed in (1, 7, 13):  # candidates vary; on this machine the first pool already mixes
+        reply = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "What is the weather like in a big city today?"}],
+            tools=[SHORT_CITY], max_tokens=60, temperature=1.0, seed=seed,
+            extra_body={"structured_outputs": {"regex": ANY_CITY_CALL},
+                        "alignment": {"strategy": "best_of_n", "n": 6, "reward": "exclaim", "return_candidates": True}})
+        report = reply.alignment
+        cities = {c["index"]: c["text"].split('"city": "')[1].split('"')[0] for c in report["candidates"]}
+        too_long = sorted(i for i, city in cities.items() if len(city) > 5)
+        assert report.get("ill_formed", []) == (too_long if len(too_long) < len(cities) else [])
+        (call,) = reply.choices[0].message.tool_calls
+        if len(too_long) < len(cities):
+            assert report["selected"][0] not in too_long and len(json.loads(call.function.arguments)["city"]) <= 5
+        mixed += 0 < len(too_long) < len(cities)
+    assert mixed, "no pool mixed valid and invalid calls: the test showed nothing"
+
+
 @pytest.mark.parametrize("strategy, stream", [("none", False), ("best_of_n", True)])  # two of four: CI time
 def test_auto_tools_work_on_a_server_without_a_tool_parser(store_server, tokenizer, strategy, stream):
     """`tools` without `tool_choice` (what LangChain and the Agents SDK send) on a server started

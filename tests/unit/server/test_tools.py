@@ -220,3 +220,59 @@ def test_the_http_layer_renders_tools_into_the_prompt():
     none = client.post("/v1/chat/completions", json={**body, "tool_choice": "none"})
     assert none.status_code == 200 and none.json()["choices"][0]["message"]["tool_calls"] == []
     assert engine.tokenizer.encode("get_weather")[0] not in engine.calls[1][1]
+
+
+def test_well_formed_answers_are_whole_calls_whose_arguments_follow_their_schemas():
+    from server.tools import well_formed
+
+    assert well_formed(request(tool_choice="none")) is None  # no tools: nothing to check
+    auto = well_formed(request())
+    assert auto('[{"name":"get_weather","arguments":{"city":"Oslo"}}]', "stop")
+    assert auto("It is sunny.", "stop") and auto("It is sun", "length")  # a message, whole or not
+    assert not auto('[{"name":"get_weather","argu', "length")  # a list of calls cut short
+    parsed = well_formed(request(), MarkerParser())
+    assert parsed('Sure. CALL get_weather {"city": "Oslo"}', "stop")
+    assert not parsed('CALL get_weather {"town": "Oslo"}', "stop")  # `city` is required
+    assert not parsed('CALL get_weather {"city": 7}', "stop")  # not a string
+    assert not parsed('CALL get_weather {"city": "Os', "length") and not parsed("CALL launch {}", "stop")
+    named = well_formed(request(tool_choice=NAMED))
+    assert named('{"city": "Oslo"}', "stop") and not named('{"city": "Os', "length")
+    required = well_formed(request(tool_choice="required"))
+    assert required('[{"name": "get_time", "parameters": {}}]', "stop") and not required("[", "length")
+
+
+class TwoCallsLM:
+    """`required` calls, a JSON token per token (the fake tokenizer joins them by spaces):
+    sample 0 writes whole JSON whose `city` is a number (and an exclamation mark the reward
+    likes); sample 1 a valid call."""
+
+    TOKENS = ('[ { "name" : "get_weather" , "parameters" : { "city" : 7 , "mood" : "!" } } ]'.split(),
+              '[ { "name" : "get_weather" , "parameters" : { "city" : "Oslo" } } ]'.split())
+
+    def next_token(self, draw):
+        tokens = self.TOKENS[draw.index % 2]
+        return tokens[draw.step] if draw.step < len(tokens) else None
+
+    def top_logprobs(self, draw, token, k):
+        return -0.5, ()
+
+
+def test_best_of_n_prefers_a_valid_call_before_the_reward_compares():
+    from aligner.rewards import RewardRegistry
+
+    rewards = RewardRegistry.with_builtins()
+    rewards.add_from_spec("bang=regex:!")
+    client = TestClient(build_app(FakeEngine(max_model_len=512, lm=TwoCallsLM()),
+                                  ServerConfig(served_model_name="fake-model"), rewards, start_engine=False))
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "weather?"}], "tools": [WEATHER],
+            "tool_choice": "required", "max_tokens": 80, "temperature": 0.8,
+            "alignment": {"strategy": "best_of_n", "n": 2, "reward": "bang", "return_candidates": True}}
+    # The fake's `required` grammar is not enforced, so sample 0's bad argument stands; it
+    # scores higher (its "!"), and still loses: its call does not follow the tool's schema.
+    reply = client.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 200, reply.text
+    report = reply.json()["alignment"]
+    scores = {c["index"]: c["score"] for c in report["candidates"]}
+    assert scores[0] > scores[1] and report["ill_formed"] == [0] and report["selected"] == [1]
+    (call,) = reply.json()["choices"][0]["message"]["tool_calls"]
+    assert json.loads(call["function"]["arguments"]) == {"city": "Oslo"}
