@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from decoding.engine import StructuredOutput
 from decoding.tool_grammar import parse_calls
 from server.protocol import ChatCompletionRequest, DeltaMessage
 from server.protocol_tools import DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall, tool_call_id
@@ -74,14 +75,15 @@ def tool_answer(request: ChatCompletionRequest, text: str, finish_reason: str | 
 
 
 def well_formed(request: ChatCompletionRequest, parser: ToolCallParser | None = None) -> Callable[[str, str | None], bool] | None:
-    """For a request with tools, whether one candidate answer is well formed: its calls whole
-    (not cut by max_tokens) and each call's arguments valid under its tool's parameters schema;
-    under `auto` a message is well formed too, but a list of calls cut short is not. The
-    strategies that choose among candidates choose among well-formed ones first. None without
-    tools (nothing to check)."""
+    """Whether one candidate answer is well formed for the request. With tools: its calls
+    whole (not cut by max_tokens) and each call's arguments valid under its tool's parameters
+    schema; under `auto` a message is well formed too, but a list of calls cut short is not.
+    With a JSON `response_format` (or vLLM's `structured_outputs.json` / `json_object`): whole
+    JSON, an object, valid under the schema if one is given. The strategies that choose among
+    candidates choose among well-formed ones first. None when there is nothing to check."""
     kind = request.tool_kind
     if kind is None:
-        return None
+        return _json_check(request.structured())
     schemas = {tool.function.name: tool.function.schema_or_empty() for tool in request.tools}
 
     def check(text: str, finish_reason: str | None) -> bool:
@@ -93,14 +95,21 @@ def well_formed(request: ChatCompletionRequest, parser: ToolCallParser | None = 
     return check
 
 
-def _fits(arguments: str, schema: dict | None) -> bool:
-    """Whether a call's arguments (JSON text) are valid under its tool's parameters schema."""
+def _json_check(fixed: StructuredOutput | None) -> Callable[[str, str | None], bool] | None:
+    if fixed is None or (fixed.json is None and not fixed.json_object):
+        return None  # no grammar, or one that is not JSON (a regex, a choice, EBNF)
+    schema = fixed.json if fixed.json is not None else {"type": "object"}
+    return lambda text, finish_reason: _fits(text, schema)
+
+
+def _fits(text: str, schema: dict | None) -> bool:
+    """Whether JSON text (a call's arguments, an answer) is whole and valid under `schema`."""
     import jsonschema
 
     if schema is None:
         return False  # a call of a function the request did not offer
     try:
-        jsonschema.validate(json.loads(arguments), schema)
+        jsonschema.validate(json.loads(text), schema)
     except (ValueError, jsonschema.ValidationError):
         return False
     except jsonschema.SchemaError:  # the client's schema is not one; its JSON still parsed

@@ -69,6 +69,16 @@ def test_json_object_answers_are_json_objects(client, strategy):
         assert len(candidates) == 3
         assert all(isinstance(json.loads(c["text"]), dict) for c in candidates if c["finish_reason"] == "stop")
         assert all(c["text"].lstrip().startswith("{") for c in candidates)
+        # Whole JSON objects are chosen among first: the others are listed as left out.
+        broken = sorted(c["index"] for c in candidates if not is_json_object(c["text"]))
+        assert reply.model_extra["alignment"].get("ill_formed", []) == (broken if len(broken) < 3 else [])
+
+
+def is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 
 @pytest.mark.parametrize("name", strategy_names())

@@ -276,3 +276,19 @@ def test_best_of_n_prefers_a_valid_call_before_the_reward_compares():
     assert scores[0] > scores[1] and report["ill_formed"] == [0] and report["selected"] == [1]
     (call,) = reply.json()["choices"][0]["message"]["tool_calls"]
     assert json.loads(call["function"]["arguments"]) == {"city": "Oslo"}
+
+
+def test_json_answers_are_well_formed_when_whole_and_valid_under_their_schema():
+    from server.tools import well_formed
+
+    def req(**kw):
+        return ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "json?"}], **kw)
+
+    assert well_formed(req()) is None and well_formed(req(response_format={"type": "text"})) is None
+    assert well_formed(req(structured_outputs={"regex": "a+"})) is None  # not JSON: nothing to check
+    obj = well_formed(req(response_format={"type": "json_object"}))
+    assert obj('{"name": "Oslo"}', "stop") and not obj('{"name": "Os', "length") and not obj("[1]", "stop")
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    strict = well_formed(req(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}))
+    assert strict('{"n": 3}', "stop") and not strict('{"n": "3"}', "stop") and not strict("{}", "stop")
+    assert well_formed(req(structured_outputs={"json": schema}))('{"n": 1}', "stop")
