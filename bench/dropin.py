@@ -3,6 +3,7 @@ this server (plain and best-of-N) and vLLM's own OpenAI server on the same model
 
     python -m bench.dropin                  # start both servers, one after the other
     python -m bench.dropin --base-url URL   # only the server at URL (plain decoding)
+    python -m bench.dropin --shipped        # only this server, as `make serve` starts it
     python -m bench.dropin --json-cuts 60   # instructor's JSON mode, N seeds: vLLM's default
                                             # grammar (any whitespace) against compact JSON
 
@@ -119,6 +120,22 @@ def sdk_required_tool(col: Column) -> None:
     check(json.loads(reply.choices[0].message.tool_calls[0].function.arguments)["city"], "no city")
 
 
+def sdk_streamed_tool_call(col: Column) -> None:
+    """A `required` call streamed: OpenAI's deltas (id and name once, then pieces of the
+    arguments, merged by index as the SDK's users merge them); under plain decoding the
+    arguments must arrive in pieces as they decode, not whole at the end."""
+    stream = col.chat(messages=QUESTION, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False,
+                      max_tokens=120, stream=True)
+    deltas = [d for chunk in stream for choice in chunk.choices for d in choice.delta.tool_calls or []]
+    check(bool(deltas) and deltas[0].id is not None and deltas[0].function.name == "get_weather", f"first: {deltas[:1]}")
+    check(all(d.index == 0 and d.id is None and d.function.name is None for d in deltas[1:]), "a second call or id")
+    arguments = "".join(d.function.arguments or "" for d in deltas)
+    check(json.loads(arguments)["unit"] in ("c", "f"), arguments)
+    pieces = sum(bool(d.function.arguments) for d in deltas)
+    check(pieces > 1 or col.extra.get("alignment", {}).get("strategy") == "best_of_n",
+          f"arguments in {pieces} piece(s)")  # best-of-N sends the chosen answer when it is chosen
+
+
 def sdk_auto_tool(col: Column) -> None:
     reply = col.chat(messages=QUESTION, tools=[WEATHER], max_tokens=60,
                      extra={"structured_outputs": {"regex": HERMES_CALL}})
@@ -233,7 +250,7 @@ def instructor_mode(mode: str) -> Callable[[Column], None]:
 
 CASES: list[Callable[[Column], None]] = [
     sdk_parse, sdk_json_object, sdk_json_schema_stream, sdk_choice, sdk_regex, sdk_named_tool, sdk_required_tool,
-    sdk_auto_tool, sdk_auto_tool_default, sdk_tool_result_turn, sdk_logit_bias, sdk_min_tokens, sdk_logprobs,
+    sdk_streamed_tool_call, sdk_auto_tool, sdk_auto_tool_default, sdk_tool_result_turn, sdk_logit_bias, sdk_min_tokens, sdk_logprobs,
     responses_text, responses_stream, responses_function_call, langchain_json_schema, langchain_function_calling,
     langchain_bind_tools, langchain_bind_tools_auto, instructor_mode("JSON"), instructor_mode("TOOLS"),
 ]
@@ -321,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-url", default=None, help="check only this server (plain decoding)")
     parser.add_argument("--output", type=Path, default=None, help="JSON results")
+    parser.add_argument("--shipped", action="store_true",
+                        help="only this server as `make serve` starts it (no --tool-call-parser): plain and best-of-3")
     parser.add_argument("--json-cuts", type=int, default=None, metavar="N",
                         help="only JSON mode's answers: N seeds on two servers (any whitespace, compact JSON)")
     args = parser.parse_args(argv)
@@ -333,12 +352,27 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.base_url:
         columns = {"server": run_column(Column("server", args.base_url, None))}
+    elif args.shipped:
+        columns = shipped()
     else:
         columns = compare()
     print(table(columns))
     if args.output:
         args.output.write_text(json.dumps(columns, indent=2))
     return 0
+
+
+def shipped() -> dict[str, dict[str, str]]:
+    """This server with `make serve`'s flags (the shipped models, no tool parser)."""
+    from bench.launch import REPO, start_server, stop_server
+
+    server = start_server(Path(tempfile.mkdtemp(prefix="bench-dropin-shipped-")), "--models-dir", str(REPO / "models"))
+    try:
+        return {label: run_column(Column(label, server.v1, alignment)) for label, alignment in (
+            ("aligner none (as shipped)", {"strategy": "none"}),
+            ("aligner best_of_n (as shipped)", {"strategy": "best_of_n", "n": 3}))}
+    finally:
+        stop_server(server)
 
 
 def compare() -> dict[str, dict[str, str]]:
