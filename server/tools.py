@@ -4,7 +4,8 @@ With `tool_choice` naming a function or `required`, the engine decodes the answe
 JSON grammar (`ChatCompletionRequest.structured`): the named function's arguments, or a list
 of `{"name", "parameters"}` calls (vLLM's layout). Here that text becomes `tool_calls`, whole
 or as streamed deltas (`CallListReader` splits a list as it decodes). Under `auto` the model decides: with `--tool-call-parser`, in its own
-call format, which vLLM's parser for that format splits from the finished answer; without
+call format, which vLLM's parser for that format splits (streamed, through its streaming
+mode: `ParsedStream`); without
 one, under a grammar that allows a plain message or a list of `{"name", "arguments"}` calls
 (`decoding.tool_grammar`), which works on any model. `auto_path` says which.
 """
@@ -12,7 +13,7 @@ one, under a grammar that allows a plain message or a list of `{"name", "argumen
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,7 @@ from server.protocol import ChatCompletionRequest, DeltaMessage
 from server.protocol_tools import DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall, tool_call_id
 
 if TYPE_CHECKING:
-    from decoding.tool_parsing import ToolCallParser
+    from decoding.tool_parsing import StreamingParse, ToolCallParser
 
 AUTO_BESIDE_A_FORMAT = (
     "tool_choice 'auto' (OpenAI's default when tools are given) is held to a grammar on this server (a message "
@@ -235,13 +236,60 @@ class CallListReader:
 
 
 @dataclass
+class ParsedStream:
+    """One choice read by vLLM's parser as it decodes, and what has been sent of it: the
+    parser streams content and calls; the finished answer's parse sends what it held back."""
+
+    reader: StreamingParse
+    content: str = ""
+    calls: dict[int, list[str]] = field(default_factory=dict)  # call index -> [id, name, arguments sent]
+
+    def delta(self, text: str, token_ids: Sequence[int], one_call: bool) -> DeltaMessage | None:
+        content, pieces = self.reader.feed(text, token_ids)
+        deltas = []
+        for piece in pieces:
+            if one_call and piece.index > 0:
+                continue  # parallel_tool_calls false: the first call only, as the finished answer keeps
+            if piece.index not in self.calls:
+                if not piece.name:
+                    continue
+                self.calls[piece.index] = [piece.id or tool_call_id(), piece.name, piece.arguments]
+                deltas.append(DeltaToolCall(index=piece.index, id=self.calls[piece.index][0], type="function",
+                                            function=DeltaFunctionCall(name=piece.name, arguments=piece.arguments)))
+            elif piece.arguments:
+                self.calls[piece.index][2] += piece.arguments
+                deltas.append(DeltaToolCall(index=piece.index, function=DeltaFunctionCall(arguments=piece.arguments)))
+        self.content += content or ""
+        return DeltaMessage(content=content, tool_calls=deltas or None) if content or deltas else None
+
+    def finish(self, answer: ToolAnswer) -> DeltaMessage | None:
+        """What the finished answer's parse has that the stream has not sent: content held back
+        (a suffix that could have begun a call tag), arguments not yet streamed, calls."""
+        content = _rest(answer.content or "", self.content)
+        deltas = []
+        for i, call in enumerate(answer.tool_calls):
+            if i not in self.calls:
+                deltas.append(DeltaToolCall(index=i, id=call.id, type="function", function=DeltaFunctionCall(
+                    name=call.function.name, arguments=call.function.arguments)))
+            elif rest := _rest(call.function.arguments, self.calls[i][2]):
+                deltas.append(DeltaToolCall(index=i, function=DeltaFunctionCall(arguments=rest)))
+        return DeltaMessage(content=content or None, tool_calls=deltas or None) if content or deltas else None
+
+
+def _rest(whole: str, sent: str) -> str:
+    """What of `whole` is still to send after `sent` (nothing when the stream sent it in
+    another spelling, e.g. the same JSON spaced otherwise)."""
+    return whole[len(sent):] if whole.startswith(sent) else ""
+
+
+@dataclass
 class ToolCallStream:
     """One streamed request's content deltas as tool-call deltas. A named call's arguments,
     and each call of a list (`required`, or `auto` held to the grammar), stream as they are
     decoded: a call's id and name when its name has ended, then its arguments' text. Under `auto`
     held to the grammar, a choice whose first character opens a list is calls, any other a
-    message that streams as content. `auto` answers read by vLLM's parser are sent whole when
-    the choice ends (the parser reads a finished answer)."""
+    message that streams as content. `auto` answers read by vLLM's parser stream through the
+    parser's streaming mode, and the finished answer's parse sends what it held back."""
 
     request: ChatCompletionRequest
     parser: ToolCallParser | None = None
@@ -249,9 +297,17 @@ class ToolCallStream:
     _texts: dict[int, str] = field(default_factory=dict)
     _streaming: set[int] = field(default_factory=set)  # grammar `auto` choices found to be messages
     _lists: dict[int, CallListReader] = field(default_factory=dict)  # choices read as lists of calls
+    _parsed: dict[int, ParsedStream] = field(default_factory=dict)  # `auto` choices read by the parser
 
-    def delta(self, index: int, text: str) -> DeltaMessage | None:
+    def delta(self, index: int, text: str, token_ids: Sequence[int] = ()) -> DeltaMessage | None:
         kind = self.request.tool_kind
+        if kind == "auto" and self.parser is not None:
+            self._texts[index] = self._texts.get(index, "") + text
+            if index not in self._parsed:
+                self._parsed[index] = ParsedStream(self.parser.streaming(
+                    self.request.model, self.request.model_dump(exclude_none=True)["messages"],
+                    self.request.template_tools()))
+            return self._parsed[index].delta(text, token_ids, self.request.parallel_tool_calls is False)
         if kind == "named":
             if index not in self._opened:
                 self._opened[index] = call_id = tool_call_id()
@@ -281,7 +337,7 @@ class ToolCallStream:
     def _buffered(self, index: int, text: str = "") -> bool:
         kind = self.request.tool_kind
         if kind == "required" or (kind == "auto" and self.parser is not None):
-            return True
+            return True  # (`auto` with a parser: held for the finished answer's parse)
         if kind != "auto" or index in self._streaming:
             return False
         so_far = self._texts.get(index, "") + text
@@ -297,6 +353,8 @@ class ToolCallStream:
             return None, finish_reason
         text = self._texts.get(index, "")
         answer = tool_answer(self.request, text, finish_reason, self.parser)
+        if (parsed := self._parsed.get(index)) is not None:
+            return parsed.finish(answer), answer.finish_reason
         if (reader := self._lists.get(index)) is not None and any(c["sent"] is not None for c in reader.calls):
             # Calls already went out as they decoded: a whole list finishes as `tool_calls`;
             # one cut by max_tokens keeps what was sent, with `length` (as OpenAI's do).

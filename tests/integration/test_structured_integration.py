@@ -234,12 +234,15 @@ def test_auto_tool_choice_is_parsed_by_vllms_parser(client, strategy, stream):
     request = dict(model=MODEL, messages=WEATHER_QUESTION, tools=[WEATHER], max_tokens=60, **sampling(strategy),
                    extra_body={"structured_outputs": {"regex": HERMES_CALL}, "alignment": ALIGN[strategy]})
     if stream:
-        content, calls, finish = "", [], None
+        content, deltas, finish = "", [], None
         for chunk in client.chat.completions.create(stream=True, **request):
             for choice in chunk.choices:
                 content += choice.delta.content or ""
-                calls += choice.delta.tool_calls or []
+                deltas += choice.delta.tool_calls or []
                 finish = choice.finish_reason or finish
+        calls = merge_call_deltas(deltas)
+        if strategy == "none":  # through the parser's streaming mode: the arguments in pieces
+            assert sum(bool(d.function.arguments) for d in deltas) > 1, deltas
     else:
         choice = client.chat.completions.create(**request).choices[0]
         content, calls, finish = choice.message.content, choice.message.tool_calls, choice.finish_reason

@@ -25,13 +25,43 @@ def request(**kw) -> ChatCompletionRequest:
 
 
 class MarkerParser:
-    """Stands in for a vLLM parser: each `CALL name {json}` after the content is a call."""
+    """Stands in for a vLLM parser: each `CALL name {json}` after the content is a call. Its
+    streaming mode sends content up to a `C` that may begin a call, then a call's name once
+    its `{` arrives and its arguments as they come, as vLLM's Hermes parser does."""
 
     def parse(self, text, model, messages, tools):
         if "CALL " not in text:
             return ParsedAnswer(text)
         content, *calls = text.split("CALL ")
         return ParsedAnswer(content or None, [tuple(call.strip().split(" ", 1)) for call in calls])
+
+    def streaming(self, model, messages, tools):
+        return MarkerStream()
+
+
+class MarkerStream:
+    def __init__(self):
+        self.text, self.content_sent, self.args_sent = "", 0, {}
+
+    def feed(self, text, token_ids=()):
+        from decoding.tool_parsing import CallPiece
+
+        self.text += text
+        head, *calls = self.text.split("CALL ")
+        end = len(head) if calls else (head.rfind("C") if "C" in head else len(head))  # hold a possible "CALL"
+        content, self.content_sent = self.text[self.content_sent:end], max(self.content_sent, end)
+        pieces = []
+        for i, call in enumerate(calls):
+            if "{" not in call:
+                continue
+            name, args = call.split(" ", 1)[0], call[call.index("{"):].rstrip()
+            if i not in self.args_sent:
+                pieces.append(CallPiece(i, f"call_{i}", name, ""))
+                self.args_sent[i] = 0
+            if len(args) > self.args_sent[i]:
+                pieces.append(CallPiece(i, None, None, args[self.args_sent[i]:]))
+                self.args_sent[i] = len(args)
+        return content or None, pieces
 
 
 def test_a_named_choice_is_one_call_of_that_function_finishing_with_stop():
@@ -143,11 +173,20 @@ def test_a_list_cut_by_max_tokens_keeps_what_was_sent_and_says_length():
     assert (content, deltas, reason) == ('[{"name":"get_ti', [], "length")
 
 
-def test_auto_answers_read_by_a_parser_arrive_whole_at_the_finish():
-    auto = ToolCallStream(request(), MarkerParser())
-    assert auto.delta(1, "Hm. CALL get_time {}") is None
-    delta, finish = auto.finish(1, "stop")
-    assert (delta.content, delta.tool_calls[0].function.name, finish) == ("Hm. ", "get_time", "tool_calls")
+def test_auto_answers_read_by_a_parser_stream_through_its_streaming_mode():
+    stream = ToolCallStream(request(), MarkerParser())
+    steps, content, deltas, reason = stream_pieces(stream, ["Hm. ", "C", "ALL get_time ", '{"tz": ', '"UTC"}'], index=1)
+    assert content == "Hm. " and reason == "tool_calls"
+    assert [step and step.content for step in steps[:2]] == ["Hm. ", None]  # "C" held back: it may begin a call
+    assert merged(deltas) == [("call_0", "get_time", '{"tz": "UTC"}')]
+    assert sum(bool(d.function.arguments) for d in deltas) == 2  # the arguments in two pieces
+    # What the stream held back goes out at the finish: here a trailing "C" that began no call.
+    tail = ToolCallStream(request(), MarkerParser())
+    _, content, deltas, reason = stream_pieces(tail, ["It is 5 C"])
+    assert (content, deltas, reason) == ("It is 5 C", [], "stop")
+    one = ToolCallStream(request(parallel_tool_calls=False), MarkerParser())
+    _, _, deltas, _ = stream_pieces(one, ["CALL get_time {} CALL get_weather {", '"city": "Oslo"} '])
+    assert [name for _, name, _ in merged(deltas)] == ["get_time"]  # one call, as the answer keeps
     # Without tools (or with tool_choice none) content streams as always.
     assert ToolCallStream(request(tool_choice="none")).delta(0, "hi").content == "hi"
 
