@@ -30,7 +30,12 @@ logger = logging.getLogger(__name__)
 
 
 class ReloadError(RuntimeError):
-    """A reload found a bad file; nothing was swapped."""
+    """A reload found a bad file; nothing was swapped. `str()` is the detail, for the log
+    (file paths, lines, an exception's text); `public` says which part, for the answer."""
+
+    def __init__(self, detail: str, public: str):
+        super().__init__(detail)
+        self.public = public
 
 
 @dataclass
@@ -62,16 +67,16 @@ class Reloader:
             specs = self.sources.reward_specs()
             guides = self.sources.guide_specs()
         except (OSError, ValueError) as exc:
-            raise ReloadError(f"models directory: {exc}") from exc
+            raise ReloadError(f"models directory: {exc}", "the models directory could not be read") from exc
         names = [spec.partition("=")[0] for spec in specs]
         if dup := sorted({n for n in names if names.count(n) > 1}):
-            raise ReloadError(f"reward {dup[0]!r} is registered twice")
+            raise ReloadError(f"reward {dup[0]!r} is registered twice", f"reward {dup[0]!r} is registered twice")
         profiles = None
         if self.sources.load_profiles is not None:
             try:
                 profiles = self.sources.load_profiles()
             except ProfileError as exc:
-                raise ReloadError(f"profiles: {exc}") from exc
+                raise ReloadError(f"profiles: {exc}", "the profiles file is not valid") from exc
 
         current = self.rewards.rewards
         kept = {n: r for n, r in current.items() if r.spec is None}  # built-in rules
@@ -93,9 +98,10 @@ class Reloader:
             try:
                 kept[name] = new = self.sources.build_reward(spec)
             except SystemExit as exc:  # the server's start-up checks exit; here they are an error
-                raise ReloadError(str(exc).removeprefix("aligner: ")) from None
+                raise ReloadError(str(exc).removeprefix("aligner: "), f"reward {name!r} could not be loaded") from None
             except Exception as exc:  # noqa: BLE001 - any bad checkpoint: keep the old registry
-                raise ReloadError(f"reward {name!r}: {type(exc).__name__}: {exc}") from exc
+                raise ReloadError(f"reward {name!r}: {type(exc).__name__}: {exc}",
+                                  f"reward {name!r} could not be loaded") from exc
             if new.served:
                 kept.pop(name)  # a new served reward needs an engine or client started with the server
                 restart_required.append(f"reward {name}")

@@ -7,6 +7,7 @@ client disconnects, counting responses by status, and the health and readiness p
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from server.protocol_store import FeedbackRequest
 from server.reload import ReloadError
 from server.serving_score import score_responses
 
+logger = logging.getLogger(__name__)
 router = APIRouter()
 
 
@@ -120,14 +122,17 @@ async def reload(raw: Request):
     try:
         return to_response(raw, "reload", {"object": "reload", **await reloader.reload()})
     except ReloadError as exc:
-        return to_response(raw, "reload", make_error(f"reload failed, nothing changed: {exc}", 422,
-                                                     code="reload_failed"))
+        logger.error("reload failed, nothing changed: %s", exc)  # the detail: paths, lines, exception text
+        return to_response(raw, "reload", make_error(
+            f"reload failed, nothing changed: {exc.public} (the server log has the detail)", 422, code="reload_failed"))
 
 
 @router.get("/v1/alignment/profiles")
 async def list_profiles(raw: Request):
     profiles = raw.app.state.profiles
-    return JSONResponse({"object": "list", "source": profiles.source, "data": profiles.describe()})
+    # The file's name, not its path: where the server's files live is the operator's business.
+    source = Path(profiles.source).name if profiles.source else profiles.source
+    return JSONResponse({"object": "list", "source": source, "data": profiles.describe()})
 
 
 @router.get("/v1/alignment/experiments")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -109,15 +110,20 @@ def engine_error(exc: Exception) -> ErrorResponse:
         return invalid_request(str(exc), f"alignment.{exc.param}")
     if isinstance(exc, StrategyUnavailable):
         return make_error(str(exc), 503, code="strategy_unavailable")
+    # An engine's exception text is internal (paths, device state): it goes to the log, the
+    # client gets the kind of failure.
     if isinstance(exc, EngineDeadError):
-        return engine_unavailable(f"the engine died: {exc}")
-    return engine_unavailable(f"the engine failed: {exc}")
+        logger.error("the engine died: %s", exc)
+        return engine_unavailable("the engine stopped; the readiness probe says when it serves again")
+    logger.error("the engine failed: %s", exc)
+    return engine_unavailable("the engine failed on this request")
 
 
 # Failures a request can meet after admission that map to an error envelope, not a 500.
 ENGINE_ERRORS = (EngineError, InvalidRequestError, StrategyUnavailable, StrategyParamError)
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 async def holding(ticket: Ticket, events: AsyncGenerator[T, None]) -> AsyncIterator[T]:

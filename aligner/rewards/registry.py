@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import math
 import threading
 import time
@@ -25,6 +26,8 @@ class RewardSpecError(ValueError):
     def __init__(self, message: str, param: str):
         super().__init__(message)
         self.param = param
+
+logger = logging.getLogger(__name__)
 
 
 class RewardError(RuntimeError):
@@ -192,7 +195,7 @@ class RewardRegistry:
                 call = asyncio.wrap_future(self._submit(name, reward, prompts, responses))
                 scores = await asyncio.wait_for(call, self.timeout_s)
             if len(scores) != len(responses) or not all(math.isfinite(x) for x in scores):
-                raise ValueError("returned a wrong number of scores or a non-finite score")
+                raise RewardError(name, "returned a wrong number of scores or a non-finite score")
         except RewardError:
             self._observe(name, began, False)
             raise
@@ -201,7 +204,10 @@ class RewardRegistry:
             raise RewardError(name, f"timed out after {self.timeout_s:g}s") from None
         except Exception as exc:
             self._observe(name, began, False)
-            raise RewardError(name, f"{type(exc).__name__}: {exc}") from exc
+            # The detail (an exception's text may hold paths or a remote's answer) goes to the
+            # log; the error, which reaches answers and traces, says only what kind it was.
+            logger.warning("reward %r failed while scoring", name, exc_info=True)
+            raise RewardError(name, f"{type(exc).__name__} while scoring") from exc
         self._observe(name, began, True)
         return [float(x) for x in scores]
 

@@ -162,9 +162,8 @@ class Store:
         if earlier is None:  # the row that held the key was deleted in between
             raise StoreConflictError("client_key was used for feedback that has since been deleted")
         if not fb.same_content(earlier, wanted):
-            raise StoreConflictError(
-                f"client_key {wanted['client_key']!r} was already used for different feedback "
-                f"(feedback {earlier['id']} on {earlier['trace_id']!r})")
+            raise StoreConflictError(  # not which feedback: that may be another client's answer
+                f"client_key {wanted['client_key']!r} was already used for different feedback")
         return earlier
 
     def feedback_for(self, trace_id: str) -> list[dict[str, Any]]:

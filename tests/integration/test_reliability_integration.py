@@ -133,7 +133,8 @@ def test_a_failing_reward_model_falls_back_to_the_plain_answer(tight_server):
     assert r.status_code == 200, r.text
     report = r.json()["alignment"]
     assert report["fallback"]["reward"] == "faulty"
-    assert report["fallback"]["reason"].startswith("reward 'faulty' failed: RuntimeError")
+    # The kind of failure, not the exception's text (tensor shapes, paths): that is in the log.
+    assert report["fallback"]["reason"] == "reward 'faulty' failed: RuntimeError while scoring"
     assert report["scores"] is None
     assert r.json()["choices"][0]["message"]["content"] == report["candidates"][0]["text"]
     assert metric(tight_server, "aligner_fallbacks_total") == before + 1

@@ -55,3 +55,14 @@ def test_missing_field_is_named():
 def test_several_errors_are_counted_in_the_message():
     error = from_validation_errors(_errors_of(model="m", messages=[], n=0))
     assert "more error" in error.error.message
+
+
+def test_engine_failures_reach_the_client_without_their_exception_text(caplog):
+    from decoding.engine import EngineDeadError, EngineError
+    from server.serving_common import engine_error
+
+    for exc in (EngineError("CUDA error at /opt/site-packages/x.py:12"), EngineDeadError("worker 3 /dev/shm gone")):
+        with caplog.at_level("ERROR"):
+            error = engine_error(exc).error
+        assert error.type and error.message and "/" not in error.message and str(exc) not in error.message
+        assert str(exc) in caplog.text  # the detail is in the log

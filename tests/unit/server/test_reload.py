@@ -132,10 +132,14 @@ def test_the_reload_endpoint_swaps_and_answers_name_the_reward_version(setup):
         assert reply.status_code == 200 and reply.json()["rewards"]["loaded"][0]["name"] == "rm"
         second = client.post("/v1/chat/completions", json=body).json()["alignment"]["reward_versions"]
         assert second["rm"] != first["rm"] and second["rm"] == registry.rewards["rm"].version
+        listed = client.get("/v1/alignment/profiles").json()
+        assert listed["source"] == profiles_path.name  # its name, not where the server keeps it
         profiles_path.write_text("profiles: [")
         failed = client.post("/v1/alignment/reload")
         assert failed.status_code == 422 and failed.json()["error"]["code"] == "reload_failed"
-        assert "not valid YAML" in failed.json()["error"]["message"]
+        message = failed.json()["error"]["message"]  # which part, not where or the parser's text
+        assert "profiles file is not valid" in message and str(profiles_path.parent) not in message
+        assert "YAML" not in message and "line" not in message
         assert client.post("/v1/chat/completions", json=body).status_code == 200
 
 

@@ -311,6 +311,9 @@ def test_a_client_key_makes_feedback_idempotent(api, store):
     assert metric(api, 'aligner_feedback_total{kind="rating"}') == 1  # the retry is not counted
     error = assert_error(feedback(api, **{**body, "thumbs": "down"}), 409, "client_key")
     assert "tap-1" in error["message"]
+    other = chat(api, BEST_OF_3)  # the key on another answer: refused without naming the first
+    reused = assert_error(feedback(api, id=other["id"], thumbs="up", client_key="tap-1"), 409, "client_key")
+    assert answer["id"] not in reused["message"] and "feedback " not in reused["message"]
 
 
 def test_feedback_right_after_the_answer_waits_for_its_trace(store):
