@@ -23,7 +23,7 @@ from server.api_keys import APIKeys, reload_on_sighup
 from server.config import ServerConfig
 from server.errors import from_validation_errors, make_error
 from server.metrics import ServerMetrics
-from server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, RequestIdMiddleware
+from server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, LocalOriginMiddleware, RequestIdMiddleware
 from server.protocol import ErrorResponse
 from server.reload import Reloader, ReloadError, ReloadSources
 from server.router import router
@@ -106,6 +106,8 @@ def build_app(
     app.state.api_keys = APIKeys(config.api_key, config.api_key_file)
     if app.state.api_keys:
         app.add_middleware(APIKeyMiddleware, keys=app.state.api_keys)
+    else:  # keyless: for the one person on this machine, not for the web pages they open
+        app.add_middleware(LocalOriginMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app
 

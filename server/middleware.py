@@ -45,6 +45,45 @@ class APIKeyMiddleware:
         return await self.app(scope, receive, send)
 
 
+_LOOPBACK = re.compile(r"^(localhost|127(\.\d{1,3}){3}|\[?::1\]?)$")
+
+
+def _hostname(netloc: str) -> str:
+    """`host:port` -> host (an IPv6 address keeps its brackets off)."""
+    if netloc.startswith("["):
+        return netloc[1:netloc.find("]")] if "]" in netloc else netloc
+    return netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
+
+
+class LocalOriginMiddleware:
+    """A server without API keys answers its own origin only. Any web page the user opens can
+    send requests to `http://127.0.0.1:8000`; without a key nothing else stops it. So a request
+    whose `Origin` is not the server's own (`Origin` is what browsers add to cross-site
+    requests; SDKs and curl send none) is a 403, and on a loopback socket so is one whose `Host`
+    is not a loopback name (a DNS-rebinding page reaches the socket under its own name)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or ())
+        host = headers.get(b"host", b"").decode("latin-1").lower()
+        origin = headers.get(b"origin", b"").decode("latin-1").lower()
+        server = (scope.get("server") or ("", None))[0] or ""
+        why = None
+        if _LOOPBACK.match(server) and not _LOOPBACK.match(_hostname(host)):
+            why = "this server has no API key and answers only under a loopback name (Host)"
+        elif origin and origin.split("://", 1)[-1] != host:
+            why = "this server has no API key and answers only its own origin (Origin)"
+        if why is not None:
+            error = make_error(f"{why}; start it with --api-key or --api-key-file to serve others", 403,
+                               code="cross_origin_refused")
+            return await JSONResponse(error.model_dump(), status_code=403)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 class BodyTooLarge(HTTPException):
     def __init__(self, limit: int):
         super().__init__(413, f"request body exceeds the {limit}-byte limit")

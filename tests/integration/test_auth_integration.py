@@ -68,6 +68,20 @@ def test_server_without_key_needs_none(server):
     assert r.status_code == 200
 
 
+def test_server_without_key_refuses_other_origins_and_rebound_hosts(server):
+    """No key, on loopback: a web page the user has open must not reload, generate or read.
+    A foreign `Origin` (what browsers add) and a foreign `Host` (DNS rebinding) are 403s."""
+    own = server.v1.split("://", 1)[1].split("/", 1)[0]  # 127.0.0.1:PORT
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for headers in ({"Origin": "https://evil.example"}, {"Host": f"rebound.example:{own.rsplit(':', 1)[1]}"}):
+        for method, path, payload in (("POST", "/alignment/reload", None), ("POST", "/chat/completions", body),
+                                      ("GET", "/alignment/profiles", None)):
+            r = httpx.request(method, f"{server.v1}{path}", json=payload, headers=headers, timeout=30)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "cross_origin_refused", (headers, path)
+    same = httpx.post(f"{server.v1}/chat/completions", json=body, headers={"Origin": f"http://{own}"}, timeout=120)
+    assert same.status_code == 200  # the server's own page (its UI) is served
+
+
 def test_key_file_rotates_on_sighup_and_survives_a_bad_file(key_file_server):
     running, keys = key_file_server
     assert models_status(running, KEY_A) == 200
