@@ -168,15 +168,10 @@ class CallListReader:
             self._read_arguments(ch)
             return
         if self._string:
-            if self._escape:
-                self._escape = False
-            elif ch == "\\":
-                self._escape = True
-            elif ch == '"':
-                self._string = False
+            if self._string_char(ch):
                 self._string_ended()
-                return
-            self._token += ch
+            else:
+                self._token += ch
             return
         if self._depth == 2 and self._awaiting_value and not ch.isspace():
             self._awaiting_value = False
@@ -197,6 +192,17 @@ class CallListReader:
             self._awaiting_value = True
         elif self._depth == 2 and ch == ",":
             self._key = None
+
+    def _string_char(self, ch: str) -> bool:
+        """One character inside a string, escapes followed; True when it closes the string."""
+        if self._escape:
+            self._escape = False
+        elif ch == "\\":
+            self._escape = True
+        elif ch == '"':
+            self._string = False
+            return True
+        return False
 
     def _string_ended(self) -> None:
         if self._depth != 2:
@@ -219,12 +225,7 @@ class CallListReader:
             return
         self.calls[-1]["arguments"] += ch
         if self._string:
-            if self._escape:
-                self._escape = False
-            elif ch == "\\":
-                self._escape = True
-            elif ch == '"':
-                self._string = False
+            self._string_char(ch)
         elif ch == '"':
             self._string = True
         elif ch in "[{":
