@@ -8,10 +8,13 @@ imported only when a parser is built.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+
+logger = logging.getLogger(__name__)
 
 @dataclass
 class ParsedAnswer:
@@ -87,8 +90,12 @@ class StreamingParse:
         """The content and call pieces the parser can send after this piece."""
         previous_text, previous_ids = self._text, self._ids
         self._text, self._ids = previous_text + text, [*previous_ids, *token_ids]
-        delta = self._parser.extract_tool_calls_streaming(
-            previous_text, self._text, text, previous_ids, self._ids, list(token_ids), self._request)
+        try:
+            delta = self._parser.extract_tool_calls_streaming(
+                previous_text, self._text, text, previous_ids, self._ids, list(token_ids), self._request)
+        except Exception:  # noqa: BLE001 - a parser's bug must not break the stream: the finished parse still runs
+            logger.exception("tool parser %s failed on a streamed piece", type(self._parser).__name__)
+            return None, []
         if delta is None:
             return None, []
         pieces = [CallPiece(call.index, call.id, getattr(call.function, "name", None),

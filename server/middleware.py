@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
+import socket
 import time
 import uuid
 
@@ -45,22 +47,39 @@ class APIKeyMiddleware:
         return await self.app(scope, receive, send)
 
 
-_LOOPBACK = re.compile(r"^(localhost|127(\.\d{1,3}){3}|\[?::1\]?)$")
-
-
 def _hostname(netloc: str) -> str:
-    """`host:port` -> host (an IPv6 address keeps its brackets off)."""
+    """`host:port` -> host, lower case, without an IPv6 address's brackets or a trailing dot."""
     if netloc.startswith("["):
-        return netloc[1:netloc.find("]")] if "]" in netloc else netloc
-    return netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
+        host = netloc[1:netloc.find("]")] if "]" in netloc else netloc
+    else:
+        host = netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
+    return host.lower().rstrip(".")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _local_name(host: str) -> bool:
+    """A name a rebinding page cannot take: an IP address (any: the page's name is a domain),
+    `localhost`, or this machine's own name."""
+    if not host or _is_ip(host):
+        return True  # no Host (HTTP/1.0: not a browser), or an address
+    own = socket.gethostname().lower()
+    return host in ("localhost", own, f"{own}.local") or host.endswith(".localhost")
 
 
 class LocalOriginMiddleware:
     """A server without API keys answers its own origin only. Any web page the user opens can
     send requests to `http://127.0.0.1:8000`; without a key nothing else stops it. So a request
     whose `Origin` is not the server's own (`Origin` is what browsers add to cross-site
-    requests; SDKs and curl send none) is a 403, and on a loopback socket so is one whose `Host`
-    is not a loopback name (a DNS-rebinding page reaches the socket under its own name)."""
+    requests; SDKs and curl send none) is a 403, and so is one whose `Host` is a domain name
+    other than `localhost` or this machine's name (a DNS-rebinding page reaches the socket
+    under its own domain, and its requests are then same-origin), on any interface."""
 
     def __init__(self, app):
         self.app = app
@@ -71,10 +90,11 @@ class LocalOriginMiddleware:
         headers = dict(scope.get("headers") or ())
         host = headers.get(b"host", b"").decode("latin-1").lower()
         origin = headers.get(b"origin", b"").decode("latin-1").lower()
-        server = (scope.get("server") or ("", None))[0] or ""
         why = None
-        if _LOOPBACK.match(server) and not _LOOPBACK.match(_hostname(host)):
-            why = "this server has no API key and answers only under a loopback name (Host)"
+        # On a real socket (an IP address; in-process test clients name none) the Host must
+        # be a local name, whichever interface the request came in on.
+        if _is_ip(str((scope.get("server") or ("",))[0])) and not _local_name(_hostname(host)):
+            why = "this server has no API key and answers only under an IP address, localhost or its own name (Host)"
         elif origin and origin.split("://", 1)[-1] != host:
             why = "this server has no API key and answers only its own origin (Origin)"
         if why is not None:

@@ -228,7 +228,7 @@ class ServingChat(ServingBase):
                             first_token_seen = True
                             self.metrics.ttft.labels(plan.strategy_name).observe(time.perf_counter() - started)
                         logprobs = chat_logprobs(event.logprobs) if request.logprobs else None
-                        if (delta := calls.delta(event.index, event.text, event.token_ids)) is not None or logprobs:
+                        if (delta := calls.delta(event.index, event.text, event.token_ids, event.finish_reason)) is not None or logprobs:
                             yield chunk([ChatCompletionStreamChoice(
                                 index=event.index, delta=delta or DeltaMessage(), logprobs=logprobs)])
                 elif isinstance(event, StrategyResult):

@@ -13,6 +13,7 @@ one, under a grammar that allows a plain message or a list of `{"name", "argumen
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -24,6 +25,8 @@ from server.protocol_tools import DeltaFunctionCall, DeltaToolCall, FunctionCall
 
 if TYPE_CHECKING:
     from decoding.tool_parsing import StreamingParse, ToolCallParser
+
+logger = logging.getLogger(__name__)
 
 AUTO_BESIDE_A_FORMAT = (
     "tool_choice 'auto' (OpenAI's default when tools are given) is held to a grammar on this server (a message "
@@ -90,7 +93,14 @@ def well_formed(request: ChatCompletionRequest, parser: ToolCallParser | None = 
     def check(text: str, finish_reason: str | None) -> bool:
         answer = tool_answer(request, text, finish_reason, parser)
         if not answer.tool_calls:
-            return kind == "auto" and not (parser is None and text.startswith("["))
+            if kind != "auto":
+                return False
+            if parser is None:
+                return not text.startswith("[")  # a list of calls cut short is not a message
+            # A message, unless the parser's streaming mode saw a call begin that never parsed.
+            reader = parser.streaming(request.model, request.model_dump(exclude_none=True)["messages"],
+                                      request.template_tools())
+            return not reader.feed(text)[1]
         return all(_fits(call.function.arguments, schemas.get(call.function.name)) for call in answer.tool_calls)
 
     return check
@@ -110,11 +120,15 @@ def _fits(text: str, schema: dict | None) -> bool:
     if schema is None:
         return False  # a call of a function the request did not offer
     try:
-        jsonschema.validate(json.loads(text), schema)
-    except (ValueError, jsonschema.ValidationError):
+        value = json.loads(text)
+    except (ValueError, RecursionError):
         return False
-    except jsonschema.SchemaError:  # the client's schema is not one; its JSON still parsed
-        return True
+    try:
+        jsonschema.validate(value, schema)
+    except jsonschema.ValidationError:
+        return False
+    except Exception:  # noqa: BLE001 - the client's schema cannot be checked (not a schema, a $ref to nowhere, ...)
+        logger.info("a tools or response schema could not be checked; the answer counts as well formed", exc_info=True)
     return True
 
 
@@ -265,7 +279,11 @@ class ParsedStream:
 
     def finish(self, answer: ToolAnswer) -> DeltaMessage | None:
         """What the finished answer's parse has that the stream has not sent: content held back
-        (a suffix that could have begun a call tag), arguments not yet streamed, calls."""
+        (a suffix that could have begun a call tag), arguments not yet streamed, calls. Calls
+        the stream announced that the finished answer does not parse (cut, or malformed) are
+        not followed by their text as content."""
+        if self.calls and not answer.tool_calls:
+            return None
         content = _rest(answer.content or "", self.content)
         deltas = []
         for i, call in enumerate(answer.tool_calls):
@@ -299,8 +317,20 @@ class ToolCallStream:
     _streaming: set[int] = field(default_factory=set)  # grammar `auto` choices found to be messages
     _lists: dict[int, CallListReader] = field(default_factory=dict)  # choices read as lists of calls
     _parsed: dict[int, ParsedStream] = field(default_factory=dict)  # `auto` choices read by the parser
+    _closed: set[int] = field(default_factory=set)  # choices the output rail stopped mid-call
 
-    def delta(self, index: int, text: str, token_ids: Sequence[int] = ()) -> DeltaMessage | None:
+    def _calls_sent(self, index: int) -> bool:
+        reader, parsed = self._lists.get(index), self._parsed.get(index)
+        return (index in self._opened or (reader is not None and any(c["sent"] is not None for c in reader.calls))
+                or (parsed is not None and bool(parsed.calls)))
+
+    def delta(self, index: int, text: str, token_ids: Sequence[int] = (),
+              finish_reason: str | None = None) -> DeltaMessage | None:
+        if finish_reason == "content_filter" and self._calls_sent(index):
+            # The output rail stopped a choice whose calls were already streaming: its refusal
+            # is content, not more arguments, and nothing more follows.
+            self._closed.add(index)
+            return DeltaMessage(content=text)
         kind = self.request.tool_kind
         if kind == "auto" and self.parser is not None:
             self._texts[index] = self._texts.get(index, "") + text
@@ -350,6 +380,8 @@ class ToolCallStream:
 
     def finish(self, index: int, finish_reason: str | None) -> tuple[DeltaMessage | None, str | None]:
         """What is still to send for a finished choice, and its finish reason."""
+        if index in self._closed:
+            return None, finish_reason
         if not self._buffered(index):
             return None, finish_reason
         text = self._texts.get(index, "")

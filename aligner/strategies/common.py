@@ -194,10 +194,12 @@ def fallback_result(
     error: RewardError,
     stage: str = "score",
 ) -> StrategyResult:
-    """The reward failed: answer with plain samples (already generated; whole ones before any
-    the budget cut short), and say why."""
+    """The reward failed: answer with plain samples (already generated; well-formed ones first,
+    then whole ones before any the budget cut short), and say why."""
     fallback = reward_failed(params, error, stage)
-    order = sorted(range(len(candidates)), key=lambda i: candidates[i].cut)
+    good = ctx.well_formed or (lambda text, finish_reason: True)
+    order = sorted(range(len(candidates)),
+                   key=lambda i: (not good(candidates[i].text, candidates[i].finish_reason), candidates[i].cut))
     picked = [candidates[i].index for i in order[:ctx.num_choices]]
     return StrategyResult(
         choices=[candidates[i] for i in order[:ctx.num_choices]],

@@ -70,7 +70,9 @@ def test_engine_failures_reach_the_client_without_their_exception_text(caplog):
 
 def test_a_keyless_server_answers_its_own_origin_only():
     """Keyless, a page in the user's browser must not drive the server: a foreign `Origin` is
-    a 403, and on a loopback socket so is a foreign `Host` (DNS rebinding); SDKs send neither."""
+    a 403, and so is a `Host` that is a foreign domain (DNS rebinding); SDKs send neither."""
+    import socket
+
     from fastapi.testclient import TestClient
 
     from server.app import build_app
@@ -79,17 +81,21 @@ def test_a_keyless_server_answers_its_own_origin_only():
 
     app = build_app(FakeEngine(), ServerConfig(served_model_name="fake-model"), start_engine=False)
     local = TestClient(app, base_url="http://127.0.0.1:8000")  # the socket's address, as uvicorn reports it
-    assert local.get("/v1/models").status_code == 200
+    own = socket.gethostname()
+    for host in ("127.0.0.1:8000", "localhost:8000", "LOCALHOST.:8000", "0.0.0.0:8000", "[::1]:8000", "[::]:8000",
+                 "192.168.1.5:8000", f"{own}:8000", "app.localhost:8000"):
+        assert local.get("/v1/models", headers={"Host": host}).status_code == 200, host
     assert local.get("/v1/models", headers={"Origin": "http://127.0.0.1:8000"}).status_code == 200  # its own UI
     for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {"Host": "rebound.example:8000"},
                     {"Host": "rebound.example:8000", "Origin": "http://rebound.example:8000"}):
         refused = local.post("/v1/alignment/reload", headers=headers)
         assert refused.status_code == 403, headers
         assert refused.json()["error"]["code"] == "cross_origin_refused" and "api-key" in refused.json()["error"]["message"]
-    # Listening beyond loopback (a warning at start), the Host check cannot hold; Origin still does.
-    wide = TestClient(app, base_url="http://10.1.2.3:8000")
-    assert wide.get("/v1/models", headers={"Host": "box.lan:8000"}).status_code == 200
-    assert wide.get("/v1/models", headers={"Host": "box.lan:8000", "Origin": "http://evil.example"}).status_code == 403
+    # On any interface: a socket on a LAN address, or an IPv4-mapped one, checks the Host too.
+    for base in ("http://10.1.2.3:8000", "http://[::ffff:127.0.0.1]:8000"):
+        other = TestClient(app, base_url=base)
+        assert other.get("/v1/models", headers={"Host": "10.1.2.3:8000"}).status_code == 200
+        assert other.get("/v1/models", headers={"Host": "rebound.example:8000"}).status_code == 403
     # With a key, the key decides (a browser page does not have it).
     keyed = TestClient(build_app(FakeEngine(), ServerConfig(served_model_name="fake-model", api_key="k"),
                                  start_engine=False), base_url="http://127.0.0.1:8000")

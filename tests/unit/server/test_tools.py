@@ -331,3 +331,41 @@ def test_json_answers_are_well_formed_when_whole_and_valid_under_their_schema():
     strict = well_formed(req(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}))
     assert strict('{"n": 3}', "stop") and not strict('{"n": "3"}', "stop") and not strict("{}", "stop")
     assert well_formed(req(structured_outputs={"json": schema}))('{"n": 1}', "stop")
+
+
+class StrictMarkerParser(MarkerParser):
+    """MarkerParser whose finished parse, like vLLM's, finds no call when arguments are not JSON."""
+
+    def parse(self, text, model, messages, tools):
+        parsed = super().parse(text, model, messages, tools)
+        try:
+            [json.loads(args) for _, args in parsed.calls]
+        except ValueError:
+            return ParsedAnswer(text)
+        return parsed
+
+
+def test_a_parser_call_that_never_parses_is_not_followed_by_its_text_and_is_not_well_formed():
+    from server.tools import well_formed
+
+    stream = ToolCallStream(request(), StrictMarkerParser())
+    _, content, deltas, reason = stream_pieces(stream, ["Ok. CALL get_time ", '{"tz": "U'], finish_reason="length")
+    assert content == "Ok. " and merged(deltas)[0][1:] == ("get_time", '{"tz": "U') and reason == "length"
+    check = well_formed(request(), StrictMarkerParser())
+    assert check("Ok.", "stop") and not check('Ok. CALL get_time {"tz": "U', "length")  # a call begun, cut
+
+
+def test_the_rails_refusal_after_streamed_calls_is_content_and_ends_the_choice():
+    stream = ToolCallStream(request())
+    assert stream.delta(0, '[{"name":"get_time","arguments":{"tz":"').tool_calls
+    refusal = stream.delta(0, " I can't help with that.", (), "content_filter")
+    assert refusal.content == " I can't help with that." and not refusal.tool_calls
+    assert stream.finish(0, "content_filter") == (None, "content_filter")
+
+
+def test_schemas_that_cannot_be_checked_never_fail_the_request():
+    from server.tools import _fits
+
+    missing_ref = {"type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}}
+    assert _fits('{"x": 1}', missing_ref)  # logged, counted as well formed
+    assert not _fits("[" * 100_000, {"type": "object"})  # too deep to parse: not well formed, no RecursionError
