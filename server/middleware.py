@@ -64,12 +64,11 @@ def _is_ip(text: str) -> bool:
         return False
 
 
-def _local_name(host: str) -> bool:
+def _local_name(host: str, own: str) -> bool:
     """A name a rebinding page cannot take: an IP address (any: the page's name is a domain),
-    `localhost`, or this machine's own name."""
+    `localhost`, or this machine's own name `own`."""
     if not host or _is_ip(host):
         return True  # no Host (HTTP/1.0: not a browser), or an address
-    own = socket.gethostname().lower()
     return host in ("localhost", own, f"{own}.local") or host.endswith(".localhost")
 
 
@@ -83,6 +82,7 @@ class LocalOriginMiddleware:
 
     def __init__(self, app):
         self.app = app
+        self.own_name = socket.gethostname().lower()  # once, not per request
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -93,7 +93,7 @@ class LocalOriginMiddleware:
         why = None
         # On a real socket (an IP address; in-process test clients name none) the Host must
         # be a local name, whichever interface the request came in on.
-        if _is_ip(str((scope.get("server") or ("",))[0])) and not _local_name(_hostname(host)):
+        if _is_ip(str((scope.get("server") or ("",))[0])) and not _local_name(_hostname(host), self.own_name):
             why = "this server has no API key and answers only under an IP address, localhost or its own name (Host)"
         elif origin and origin.split("://", 1)[-1] != host:
             why = "this server has no API key and answers only its own origin (Origin)"

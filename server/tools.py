@@ -89,6 +89,7 @@ def well_formed(request: ChatCompletionRequest, parser: ToolCallParser | None = 
     if kind is None:
         return _json_check(request.structured())
     schemas = {tool.function.name: tool.function.schema_or_empty() for tool in request.tools}
+    messages = request.model_dump(exclude_none=True)["messages"] if parser is not None else None
 
     def check(text: str, finish_reason: str | None) -> bool:
         answer = tool_answer(request, text, finish_reason, parser)
@@ -98,8 +99,7 @@ def well_formed(request: ChatCompletionRequest, parser: ToolCallParser | None = 
             if parser is None:
                 return not text.startswith("[")  # a list of calls cut short is not a message
             # A message, unless the parser's streaming mode saw a call begin that never parsed.
-            reader = parser.streaming(request.model, request.model_dump(exclude_none=True)["messages"],
-                                      request.template_tools())
+            reader = parser.streaming(request.model, messages, request.template_tools())
             return not reader.feed(text)[1]
         return all(_fits(call.function.arguments, schemas.get(call.function.name)) for call in answer.tool_calls)
 
@@ -162,6 +162,11 @@ class CallListReader:
         for ch in text:
             self._read(ch)
         return self.pending()
+
+    @property
+    def announced(self) -> bool:
+        """Whether any call has gone out (its id and name)."""
+        return any(call["sent"] is not None for call in self.calls)
 
     def pending(self) -> list[DeltaToolCall]:
         out = []
@@ -321,7 +326,7 @@ class ToolCallStream:
 
     def _calls_sent(self, index: int) -> bool:
         reader, parsed = self._lists.get(index), self._parsed.get(index)
-        return (index in self._opened or (reader is not None and any(c["sent"] is not None for c in reader.calls))
+        return (index in self._opened or (reader is not None and reader.announced)
                 or (parsed is not None and bool(parsed.calls)))
 
     def delta(self, index: int, text: str, token_ids: Sequence[int] = (),
@@ -355,8 +360,6 @@ class ToolCallStream:
     def _read_calls(self, index: int, text: str) -> list[DeltaToolCall]:
         """What a choice's calls can send after `text`: its reader is made when the list opens
         (its first character that is not whitespace) and reads it from its start."""
-        if self.request.tool_kind == "auto" and self.parser is not None:
-            return []  # the parser reads the finished answer
         if (reader := self._lists.get(index)) is not None:
             return reader.feed(text)
         so_far = self._texts[index]
@@ -368,7 +371,7 @@ class ToolCallStream:
     def _buffered(self, index: int, text: str = "") -> bool:
         kind = self.request.tool_kind
         if kind == "required" or (kind == "auto" and self.parser is not None):
-            return True  # (`auto` with a parser: held for the finished answer's parse)
+            return True
         if kind != "auto" or index in self._streaming:
             return False
         so_far = self._texts.get(index, "") + text
@@ -388,7 +391,7 @@ class ToolCallStream:
         answer = tool_answer(self.request, text, finish_reason, self.parser)
         if (parsed := self._parsed.get(index)) is not None:
             return parsed.finish(answer), answer.finish_reason
-        if (reader := self._lists.get(index)) is not None and any(c["sent"] is not None for c in reader.calls):
+        if (reader := self._lists.get(index)) is not None and reader.announced:
             # Calls already went out as they decoded: a whole list finishes as `tool_calls`;
             # one cut by max_tokens keeps what was sent, with `length` (as OpenAI's do).
             rest = reader.pending()
