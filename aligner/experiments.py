@@ -115,6 +115,21 @@ def hashed_arm(experiment: Experiment, unit_id: str) -> str:
     return experiment.pick(int.from_bytes(digest[:8], "big") / 2**64)
 
 
+UNIT_SEPARATOR = "\x1f"  # no user id holds it (`server.protocol_base.check_user_id`)
+
+
+def tenant_unit(tenant: str | None, user: str | None) -> str | None:
+    """A user as an experiment's unit: one name in two tenants is two people. The default
+    tenant's users are their plain name (as before tenants); a named tenant's carry it.
+
+    >>> tenant_unit(None, "alice"), tenant_unit("team-a", "alice") == tenant_unit("team-b", "alice")
+    ('alice', False)
+    """
+    if not user:
+        return None
+    return user if tenant is None else f"{tenant}{UNIT_SEPARATOR}{user}"
+
+
 def assign(experiment: Experiment, user: str | None, rng: random.Random) -> Assignment:
     """The arm for a request: by its user when the experiment's unit is `user` and it has one,
     else at random by the weights."""

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from aligner.alignment import AlignmentError, ResolvedAlignment, resolve_alignment
 from aligner.budget import Budget
-from aligner.experiments import Assignment, Experiment
+from aligner.experiments import Assignment, Experiment, tenant_unit
 from aligner.profiles import ProfileStore
 from aligner.rewards import RewardSpecError
 from aligner.spec import AlignmentSpec
@@ -42,21 +42,26 @@ class ServerCaps:
 class RequestOrigin:
     """Where a request came from, besides its `alignment`: the API (named in its trace), its
     user, the strategy an `X-Alignment-Strategy` header or a `model@strategy` alias names
-    (the body wins), and when it arrived (monotonic seconds: its deadline starts there)."""
+    (the body wins), when it arrived (monotonic seconds: its deadline starts there), and the
+    tenant of the key that sent it (None: the default tenant), who owns its trace and in whom
+    its user is one person."""
 
     endpoint: str = "chat.completions"
     user: str | None = None
     header: str | None = None
     alias: str | None = None
     arrived: float | None = None
+    tenant: str | None = None
 
 
 @dataclass(frozen=True)
 class TracePlan:
-    """An answer to be traced: the API it came through, the profile (name, version) it used."""
+    """An answer to be traced: the API it came through, the profile (name, version) it used,
+    the tenant that owns it."""
 
     endpoint: str
     profile: tuple[str | None, str | None]
+    tenant: str | None = None
 
 
 class ExperimentArms(Protocol):
@@ -111,7 +116,7 @@ class Planner:
         assignment = None
         if self.arms is not None:
             experiments = self.profiles.experiments if self.profiles is not None else {}
-            spec, assignment = await self.arms.assign(spec, origin.user, experiments)
+            spec, assignment = await self.arms.assign(spec, tenant_unit(origin.tenant, origin.user), experiments)
         trace = self._trace(spec, origin, assignment is not None)
         resolved = resolve_alignment(spec.alignment(), origin.header, origin.alias, self.caps.default_strategy, ctx,
                                      self.profiles)
@@ -132,7 +137,7 @@ class Planner:
             return None
         if not self.traces.wanted(spec.trace, origin.user, in_experiment):
             return None
-        return TracePlan(origin.endpoint, profile_of(spec.profile, self.profiles))
+        return TracePlan(origin.endpoint, profile_of(spec.profile, self.profiles), origin.tenant)
 
 
 def profile_of(reference: str | None, profiles: ProfileStore | None) -> tuple[str | None, str | None]:

@@ -1,5 +1,14 @@
 """The API keys a server accepts: the `--api-key` one and those of an `--api-key-file`, which
-SIGHUP re-reads so that keys rotate without a restart."""
+SIGHUP re-reads so that keys rotate without a restart.
+
+Each key names who calls (`Principal`): a role and a tenant. A line of the key file is a key,
+then optional fields: `KEY tenant=NAME role=client|admin|metrics`. A bare key is an admin key
+of the default tenant (files written before roles keep working), and so is `--api-key`.
+
+- admin: everything, across tenants (reload, reports, metrics, any tenant's traces and users);
+- client: generation and scoring, and its own tenant's traces, feedback and users;
+- metrics: `/metrics`, `/health` and `/ready` only (probes and Prometheus).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +16,10 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import re
 import signal
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -18,16 +29,67 @@ class APIKeyFileError(ValueError):
     """The key file cannot be read or lists no key (the message never holds a key)."""
 
 
-def read_key_file(path: str | Path) -> tuple[str, ...]:
-    """The keys of a file, one per line; blank lines and lines starting with `#` are skipped."""
+ROLES = ("admin", "client", "metrics")
+TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request comes from. `tenant` None is the default tenant: keys without a tenant,
+    a keyless server, and every trace stored before tenants existed."""
+
+    role: str = "admin"
+    tenant: str | None = None
+
+    @property
+    def admin(self) -> bool:
+        return self.role == "admin"
+
+    def owns(self, tenant: str | None) -> bool:
+        """Whether data of `tenant` is this caller's to read, rate or delete."""
+        return self.admin or tenant == self.tenant
+
+
+ADMIN = Principal()  # `--api-key`, a bare key, and the one person of a keyless server
+
+
+def _principal(fields: list[str], where: str) -> Principal:
+    """The `name=value` fields after a key (`where` names the line, never the key)."""
+    given: dict[str, str] = {}
+    for field in fields:
+        name, sep, value = field.partition("=")
+        if not sep or name not in ("tenant", "role") or name in given:
+            raise APIKeyFileError(f"{where}: after the key come only tenant=NAME and role="
+                                  f"{'|'.join(ROLES)}, each at most once")
+        given[name] = value
+    role = given.get("role", "admin")
+    if role not in ROLES:
+        raise APIKeyFileError(f"{where}: role must be one of {', '.join(ROLES)}")
+    tenant = given.get("tenant")
+    if tenant is not None and not TENANT_RE.match(tenant):
+        raise APIKeyFileError(f"{where}: a tenant is 1 to 64 letters, digits, '.', '_' or '-', "
+                              "starting with a letter or digit")
+    return Principal(role, tenant)
+
+
+def read_key_file(path: str | Path) -> dict[str, Principal]:
+    """The keys of a file and who each names, one key per line (`KEY [tenant=NAME]
+    [role=ROLE]`); blank lines and lines starting with `#` are skipped."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise APIKeyFileError(f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
     except UnicodeDecodeError:  # its own message would quote the file's bytes
         raise APIKeyFileError(f"{path} is not UTF-8 text") from None
-    lines = (line.strip() for line in text.splitlines())
-    keys = tuple(dict.fromkeys(line for line in lines if line and not line.startswith("#")))
+    keys: dict[str, Principal] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        where = f"{path} line {number}"
+        principal = _principal(words[1:], where)
+        if keys.setdefault(words[0], principal) != principal:
+            raise APIKeyFileError(f"{where}: this key is listed before with another tenant or role")
     if not keys:
         raise APIKeyFileError(f"{path} lists no key (one per line; blank lines and '#' comments are skipped)")
     return keys
@@ -38,22 +100,25 @@ class APIKeys:
     from the next request on. A reload that fails keeps the keys it would have replaced:
     a half-written or emptied file must not lock every client out."""
 
-    def __init__(self, api_key: str | None = None, path: str | Path | None = None):
-        self._fixed = (api_key,) if api_key else ()
+    def __init__(self, api_key: str | None = None, path: str | Path | None = None, metrics_key: str | None = None):
+        self._fixed = {**({metrics_key: Principal("metrics")} if metrics_key else {}),
+                       **({api_key: ADMIN} if api_key else {})}
         self.path = Path(path) if path is not None else None
-        self._expected: tuple[bytes, ...] = ()
-        self._set(read_key_file(self.path) if self.path is not None else ())
+        self._expected: tuple[tuple[bytes, Principal], ...] = ()
+        self._set(read_key_file(self.path) if self.path is not None else {})
 
     def __len__(self) -> int:
         return len(self._expected)
 
-    def _set(self, from_file: tuple[str, ...]) -> None:
-        keys = dict.fromkeys((*self._fixed, *from_file))
+    def _set(self, from_file: dict[str, Principal]) -> None:
+        keys = {**from_file, **self._fixed}  # `--api-key` stays an admin key whatever the file says
         # One assignment: a request in flight sees the old tuple or the new one, never a mix.
-        self._expected = tuple(f"Bearer {key}".encode() for key in keys)
+        self._expected = tuple((f"Bearer {key}".encode(), who) for key, who in keys.items())
         if self.path is not None:
-            extra = " (and the --api-key one)" if self._fixed else ""
-            logger.info("API keys: %d loaded from %s%s", len(from_file), self.path, extra)
+            extra = f" (and {len(self._fixed)} from the command line)" if self._fixed else ""
+            roles = {role: sum(who.role == role for who in from_file.values()) for role in ROLES}
+            logger.info("API keys: %d loaded from %s%s (%s)", len(from_file), self.path, extra,
+                        ", ".join(f"{n} {role}" for role, n in roles.items() if n))
 
     def reload(self) -> bool:
         """Re-read the key file; on failure log why and keep the current keys."""
@@ -67,15 +132,23 @@ class APIKeys:
         self._set(from_file)
         return True
 
-    def accepts(self, authorization: bytes) -> bool:
-        """Whether an `Authorization` header value is `Bearer <one of the keys>`.
+    def principal(self, authorization: bytes) -> Principal | None:
+        """Who an `Authorization` header value `Bearer <key>` names; None for no key of ours.
 
         Every key is compared, in constant time, whatever matched before: the time taken
         tells neither how much of a key was right nor which key it was."""
-        matched = False
-        for expected in self._expected:
-            matched |= hmac.compare_digest(authorization, expected)
-        return matched
+        found = None
+        for expected, who in self._expected:
+            if hmac.compare_digest(authorization, expected):
+                found = who
+        return found
+
+    def accepts(self, authorization: bytes) -> bool:
+        return self.principal(authorization) is not None
+
+    def tenants(self) -> set[str]:
+        """The named tenants of the keys in use (the default tenant is None, not listed)."""
+        return {who.tenant for _, who in self._expected if who.tenant is not None}
 
 
 @contextlib.contextmanager

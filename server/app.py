@@ -103,7 +103,7 @@ def build_app(
     # Outermost first: ids and access logs see everything, the key check runs before any
     # body is read, and the body limit applies to what routes read.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_body_bytes)
-    app.state.api_keys = APIKeys(config.api_key, config.api_key_file)
+    app.state.api_keys = APIKeys(config.api_key, config.api_key_file, config.metrics_key)
     if app.state.api_keys:
         app.add_middleware(APIKeyMiddleware, keys=app.state.api_keys)
     else:  # keyless: for the one person on this machine, not for the web pages they open

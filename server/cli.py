@@ -49,7 +49,11 @@ def add_http_arguments(serve: argparse.ArgumentParser) -> None:
                        help="require 'Authorization: Bearer KEY' (also ALIGNER_API_KEY)")
     group.add_argument("--api-key-file", default=None, metavar="PATH",
                        help="accept any key of PATH, one per line ('#' comments and blank lines skipped), "
-                       "as well as --api-key; SIGHUP re-reads it, keeping the old keys if it is unreadable or empty")
+                       "as well as --api-key; a line may add tenant=NAME and role=admin|client|metrics after its key "
+                       "(a bare key is an admin key); SIGHUP re-reads it, keeping the old keys if it is unreadable or empty")
+    group.add_argument("--metrics-key", default=_env("ALIGNER_METRICS_KEY"),
+                       help="one more key, of the metrics role: /metrics, /health and /ready only, for probes and "
+                            "Prometheus (also ALIGNER_METRICS_KEY)")
     group.add_argument("--log-level", default="info")
     group.add_argument("--tool-call-parser", default=None, metavar="NAME",
                        help="vLLM's tool-call parser for the model's call format (hermes, llama3_json, mistral, ...): "

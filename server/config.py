@@ -36,6 +36,8 @@ class ServerConfig:
     api_key: str | None = None
     # A file of keys, one per line, re-read on SIGHUP; any of them (or `api_key`) is accepted.
     api_key_file: str | None = None
+    # A key of the metrics role (probes, Prometheus), beside the others.
+    metrics_key: str | None = None
     # Every client-pushable limit has a server-side maximum.
     max_n: int = 8
     max_prompts_per_request: int = 16

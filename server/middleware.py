@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 
-from server.api_keys import APIKeys
+from server.api_keys import ADMIN, APIKeys, Principal
 from server.errors import make_error
 
 access_log = logging.getLogger("aligner.access")
@@ -25,10 +25,52 @@ UNAUTHENTICATED_PATHS = frozenset({"/health", "/ui"})
 UNAUTHENTICATED_PREFIXES = ("/ui/",)
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
+# What a non-admin role may call (an admin may call everything): (method, path) pairs, and
+# (method, prefix) pairs for the routes with an id in their path. HEAD goes where GET goes.
+PROBES = {("GET", "/health"), ("GET", "/ready")}
+ROLE_PATHS = {
+    "metrics": PROBES | {("GET", "/metrics")},
+    "client": PROBES | {
+        ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/responses"),
+        ("GET", "/v1/models"), ("GET", "/v1/alignment/strategies"), ("GET", "/v1/alignment/profiles"),
+        ("GET", "/v1/alignment/rewards"), ("POST", "/v1/alignment/score"), ("POST", "/v1/alignment/feedback"),
+    },
+}
+ROLE_PREFIXES = {
+    "metrics": (),
+    # Their own tenant's traces and users: the store endpoints check the tenant.
+    "client": (("GET", "/v1/alignment/traces/"), ("DELETE", "/v1/alignment/traces/"),
+               ("DELETE", "/v1/alignment/users/")),
+}
+
+
+def role_allows(role: str, method: str, path: str) -> bool:
+    """Whether a key of `role` may call `method path`.
+
+    >>> role_allows("client", "GET", "/v1/alignment/traces/abc"), role_allows("client", "POST", "/v1/alignment/reload")
+    (True, False)
+    >>> role_allows("metrics", "HEAD", "/metrics"), role_allows("metrics", "POST", "/v1/chat/completions")
+    (True, False)
+    """
+    if role == "admin":
+        return True
+    method = "GET" if method == "HEAD" else method
+    if (method, path) in ROLE_PATHS.get(role, ()):
+        return True
+    return any(method == m and path.startswith(prefix) and len(path) > len(prefix)
+               for m, prefix in ROLE_PREFIXES.get(role, ()))
+
+
+def principal_of(scope) -> Principal:
+    """Who sent the request (`server.api_keys.Principal`), as the key middleware found it; a
+    server without keys serves one person, who may do everything (`ADMIN`)."""
+    return (scope.get("state") or {}).get("principal", ADMIN)
+
 
 class APIKeyMiddleware:
     """401 unless `Authorization: Bearer <key>` names one of `keys`, asked afresh on every
-    request so that a reloaded key file counts from the next request on."""
+    request so that a reloaded key file counts from the next request on; 403 when the key's
+    role may not call the route. Who the key names goes on to the routes (`principal_of`)."""
 
     def __init__(self, app, keys: APIKeys):
         self.app = app
@@ -39,11 +81,17 @@ class APIKeyMiddleware:
         if scope["type"] != "http" or path in UNAUTHENTICATED_PATHS or path.startswith(UNAUTHENTICATED_PREFIXES):
             return await self.app(scope, receive, send)
         given = dict(scope.get("headers") or ()).get(b"authorization", b"")
-        if not self.keys.accepts(given):
+        who = self.keys.principal(given)
+        if who is None:
             message = "missing API key" if not given else "invalid API key"
             error = make_error(f"{message}: send it as 'Authorization: Bearer <key>'", 401, code="invalid_api_key")
             response = JSONResponse(error.model_dump(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
             return await response(scope, receive, send)
+        if not role_allows(who.role, scope.get("method", "GET"), path):
+            error = make_error(f"a {who.role} key may not call {scope.get('method')} {path[:200]}", 403,
+                               code="permission_denied")
+            return await JSONResponse(error.model_dump(), status_code=403)(scope, receive, send)
+        scope.setdefault("state", {})["principal"] = who
         return await self.app(scope, receive, send)
 
 

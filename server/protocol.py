@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_serializer, model_validator
 
 from decoding.engine import SamplingConfig, StructuredOutput
-from server.protocol_base import OpenAIModel, random_id
+from server.protocol_base import OpenAIModel, UserId, random_id
 from server.protocol_tools import (
     ChatTool,
     DeltaToolCall,
@@ -229,7 +229,7 @@ class ChatCompletionRequest(SamplingFields):
     # Extension: every alignment option lives in this one object ({"strategy": ..., params}).
     alignment: dict[str, Any] | None = None
     # OpenAI's end-user id: stored with the answer's trace, so a user's data can be deleted.
-    user: str | None = None
+    user: UserId = None
 
     # Field validators (not one model validator) so that each error names its field; a
     # field's validator sees the fields declared before it in `info.data`.

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from server.protocol import ChatCompletionRequest
-from server.protocol_base import OpenAIModel, random_id
+from server.protocol_base import OpenAIModel, UserId, random_id
 
 # Request fields that would change the answer but have no meaning here: refused by name.
 REFUSED = {
@@ -101,7 +101,7 @@ class ResponsesRequest(OpenAIModel):
     tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
     parallel_tool_calls: bool | None = None
     alignment: dict[str, Any] | None = None
-    user: str | None = None  # as on chat completions
+    user: UserId = None  # as on chat completions
     # Declared (not left to `extra`) because it is echoed into the response: OpenAI's limits.
     metadata: dict[Annotated[str, StringConstraints(max_length=64)],
                    Annotated[str, StringConstraints(max_length=512)]] | None = Field(default=None, max_length=16)

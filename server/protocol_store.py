@@ -3,9 +3,12 @@ deletion endpoints answer (`server.serving_store` holds the logic)."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+
+from server.protocol_base import PlainId, UserId
 
 # Ids, users and keys fit the store's columns (255); a client key leaves room for the suffix
 # that tells apart the rows one feedback body becomes (`FeedbackRequest.rows`).
@@ -33,8 +36,8 @@ class FeedbackRequest(BaseModel):
     preferred_candidate: StrictInt | None = Field(default=None, ge=0)
     preferred_over: str | None = Field(default=None, min_length=1, max_length=MAX_ID_CHARS)
     comment: str | None = Field(default=None, min_length=1, max_length=MAX_COMMENT_CHARS)
-    user: str | None = Field(default=None, min_length=1, max_length=MAX_ID_CHARS)
-    client_key: str | None = Field(default=None, min_length=1, max_length=MAX_CLIENT_KEY_CHARS)
+    user: UserId = Field(default=None, min_length=1, max_length=MAX_ID_CHARS)
+    client_key: PlainId = Field(default=None, min_length=1, max_length=MAX_CLIENT_KEY_CHARS)
 
     @model_validator(mode="after")
     def _says_something(self):
@@ -47,11 +50,12 @@ class FeedbackRequest(BaseModel):
             raise ValueError("feedback needs thumbs, rating, preferred_candidate, preferred_over or comment")
         return self
 
-    def rows(self) -> list[dict[str, Any]]:
+    def rows(self, tenant: str | None = None) -> list[dict[str, Any]]:
         """The store rows this body becomes, one per thing it says (the store keeps one kind
         per row): a rating, a preferred candidate, a pairwise preference, in that order. The
         comment rides on the first of them, or is a row of its own when it is all there is.
-        Each row gets its own client key, `<client_key>:<kind>`."""
+        Each row gets its own client key, `<client_key>:<kind>`, within the tenant's own key
+        space (`<tenant digest>\\x1f<client_key>:<kind>` for a named tenant)."""
         rows: list[dict[str, Any]] = []
         if self.thumbs is not None:
             rows.append({"rating": THUMBS[self.thumbs], "rating_scale": "thumbs"})
@@ -66,8 +70,16 @@ class FeedbackRequest(BaseModel):
         rows[0]["comment"] = self.comment
         for row in rows:
             row["user"] = self.user
-            row["client_key"] = None if self.client_key is None else f"{self.client_key}:{_kind(row)}"
+            row["client_key"] = None if self.client_key is None else f"{_scope(tenant)}{self.client_key}:{_kind(row)}"
         return rows
+
+
+def _scope(tenant: str | None) -> str:
+    """The prefix of a tenant's client keys: a short digest (a key and its suffix still fit the
+    column) and a separator no client key holds. The default tenant's keys have none."""
+    if tenant is None:
+        return ""
+    return hashlib.blake2b(tenant.encode(), digest_size=6).hexdigest() + "\x1f"
 
 
 def _kind(row: dict[str, Any]) -> str:
@@ -104,7 +116,7 @@ class FeedbackItem(BaseModel):
             rating=row.get("rating"), rating_scale=row.get("rating_scale"),
             preferred_candidate=row.get("preferred_index"), preferred_over=row.get("other_trace_id"),
             comment=row.get("comment"), user=row.get("user"),
-            client_key=None if key is None else key.rpartition(":")[0] or key,
+            client_key=None if key is None else (key.rpartition(":")[0] or key).rpartition("\x1f")[2],
         )
 
 

@@ -19,6 +19,7 @@ from aligner.rewards.base import checkpoint_version
 from aligner.strategies import describe_strategies
 from server.alignment import STRATEGY_HEADER, model_aliases
 from server.errors import engine_unavailable, make_error
+from server.middleware import principal_of
 from server.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList, ScoreRequest
 from server.protocol_responses import ResponsesRequest
 from server.protocol_store import FeedbackRequest
@@ -71,7 +72,8 @@ def to_response(raw: Request, endpoint: str, result) -> Response:
 async def create_chat_completion(request: ChatCompletionRequest, raw: Request):
     serving = raw.app.state.chat
     header = raw.headers.get(STRATEGY_HEADER)
-    result = await run_cancelling_on_disconnect(raw, serving.create_chat_completion(request, header))
+    tenant = principal_of(raw.scope).tenant
+    result = await run_cancelling_on_disconnect(raw, serving.create_chat_completion(request, header, tenant=tenant))
     return to_response(raw, "chat_completions", result)
 
 
@@ -79,7 +81,8 @@ async def create_chat_completion(request: ChatCompletionRequest, raw: Request):
 async def create_response(request: ResponsesRequest, raw: Request):
     serving = raw.app.state.responses
     header = raw.headers.get(STRATEGY_HEADER)
-    result = await run_cancelling_on_disconnect(raw, serving.create_response(request, header))
+    tenant = principal_of(raw.scope).tenant
+    result = await run_cancelling_on_disconnect(raw, serving.create_response(request, header, tenant=tenant))
     return to_response(raw, "responses", result)
 
 
@@ -164,22 +167,23 @@ def describe_guide(name: str, spec: dict) -> dict:
 
 @router.get("/v1/alignment/traces/{trace_id}")
 async def get_trace(trace_id: str, raw: Request):
-    return to_response(raw, "traces", await raw.app.state.serving_store.get_trace(trace_id))
+    return to_response(raw, "traces", await raw.app.state.serving_store.get_trace(trace_id, principal_of(raw.scope)))
 
 
 @router.delete("/v1/alignment/traces/{trace_id}")
 async def delete_trace(trace_id: str, raw: Request):
-    return to_response(raw, "traces", await raw.app.state.serving_store.delete_trace(trace_id))
+    return to_response(raw, "traces", await raw.app.state.serving_store.delete_trace(trace_id, principal_of(raw.scope)))
 
 
 @router.delete("/v1/alignment/users/{user:path}")
-async def delete_user(user: str, raw: Request):
-    return to_response(raw, "users", await raw.app.state.serving_store.delete_user(user))
+async def delete_user(user: str, raw: Request, tenant: str | None = None):
+    """`tenant`: for an admin, the one tenant to delete the user from (default: every tenant)."""
+    return to_response(raw, "users", await raw.app.state.serving_store.delete_user(user, principal_of(raw.scope), tenant))
 
 
 @router.post("/v1/alignment/feedback")
 async def feedback(request: FeedbackRequest, raw: Request):
-    return to_response(raw, "feedback", await raw.app.state.serving_store.add_feedback(request))
+    return to_response(raw, "feedback", await raw.app.state.serving_store.add_feedback(request, principal_of(raw.scope)))
 
 
 @router.get("/health")

@@ -185,6 +185,7 @@ def server_config(args, name: str) -> ServerConfig:
         served_model_name=name,
         api_key=args.api_key or None,
         api_key_file=args.api_key_file,
+        metrics_key=args.metrics_key or None,
         max_n=args.max_n,
         default_strategy=args.default_strategy,
         max_candidates=args.max_candidates,

@@ -79,10 +79,11 @@ class ServingChat(ServingBase):
 
     async def create_chat_completion(
         self, request: ChatCompletionRequest, strategy_header: str | None = None, *,
-        response_id: str | None = None, endpoint: str = "chat.completions",
+        response_id: str | None = None, endpoint: str = "chat.completions", tenant: str | None = None,
     ) -> ErrorResponse | ChatCompletionResponse | AsyncIterator[str]:
         """Check, plan, admit, run (or stream), render. `response_id`: the id the client gets
-        (the Responses API's own); `endpoint` names the API in the answer's trace."""
+        (the Responses API's own); `endpoint` names the API in the answer's trace; `tenant`:
+        the tenant of the caller's key, who owns the trace."""
         started, arrived = time.perf_counter(), time.monotonic()
         if error := self.check_common(request) or self._check_tools(request):
             return error
@@ -91,7 +92,8 @@ class ServingChat(ServingBase):
         ctx = await self._context(request, response_id or random_id("chatcmpl"), planner.profiles)
         if isinstance(ctx, ErrorResponse):
             return ctx
-        origin = origin_of(endpoint, user=request.user, header=strategy_header, model=request.model, arrived=arrived)
+        origin = origin_of(endpoint, user=request.user, header=strategy_header, model=request.model, arrived=arrived,
+                           tenant=tenant)
         plan = await plan_or_error(planner, request.alignment, ctx, origin)
         if isinstance(plan, ErrorResponse):
             return plan
@@ -147,7 +149,7 @@ class ServingChat(ServingBase):
                 response_id=request_id, endpoint=kept.endpoint, request=request,
                 messages=request.template_messages(), tools=request.template_tools(), resolved=request_plan.resolved,
                 result=result, report=report, choices=[c.model_dump(exclude={"logprobs"}) for c in choices],
-                usage=usage_info.model_dump(), started=started, profile=kept.profile,
+                usage=usage_info.model_dump(), started=started, profile=kept.profile, tenant=kept.tenant,
             )
         except Exception:  # noqa: BLE001 - a trace that cannot be built must not cost the answer
             logger.exception("could not build the trace of %s", request_id)

@@ -46,7 +46,7 @@ class ServingResponses:
         self.chat = chat
 
     async def create_response(
-        self, request: ResponsesRequest, strategy_header: str | None = None
+        self, request: ResponsesRequest, strategy_header: str | None = None, tenant: str | None = None,
     ) -> ErrorResponse | ResponseObject | AsyncIterator[str]:
         if refused := request.refused():
             return invalid_request(f"{refused[0]}: {refused[1]}", refused[0])
@@ -57,7 +57,7 @@ class ServingResponses:
         response = ResponseObject.started(request)
         # The answer's trace is stored under the id this client gets.
         result = await self.chat.create_chat_completion(chat_request, strategy_header, response_id=response.id,
-                                                        endpoint="responses")
+                                                        endpoint="responses", tenant=tenant)
         if isinstance(result, ErrorResponse):
             return _renamed(result)
         if isinstance(result, ChatCompletionResponse):

@@ -20,8 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from aligner.alignment import AlignmentError
-from aligner.store import BackgroundWriter, Store, StoreConflictError, StoreValidationError
+from aligner.store import EVERY_TENANT, BackgroundWriter, Store, StoreConflictError, StoreValidationError
 from aligner.store import feedback as store_feedback
+from server.api_keys import ADMIN, TENANT_RE, Principal
 from server.config import StoreConfig
 from server.errors import invalid_request, make_error
 from server.metrics import ServerMetrics
@@ -160,14 +161,15 @@ class ServingStore:
 
     # -- endpoints ----------------------------------------------------------------------------
 
-    async def get_trace(self, trace_id: str) -> dict[str, Any] | ErrorResponse:
-        """The stored trace of the response `trace_id` with its feedback."""
+    async def get_trace(self, trace_id: str, who: Principal = ADMIN) -> dict[str, Any] | ErrorResponse:
+        """The stored trace of the response `trace_id` with its feedback. Another tenant's
+        trace is a 404, as a missing one is: its id tells nothing."""
         if refusal := self._refusal(owner=True):
             return refusal
         await self._settled(trace_id)
 
         def read(store: Store):
-            trace = store.get_trace(trace_id)
+            trace = owned(store.get_trace(trace_id), who)
             return trace, (store.feedback_for(trace_id) if trace is not None else [])
 
         found = await self._call("read a trace", read)
@@ -178,20 +180,21 @@ class ServingStore:
             return unknown_response(trace_id, "id")
         return public_trace(trace, feedback)
 
-    async def add_feedback(self, request: FeedbackRequest) -> FeedbackResponse | ErrorResponse:
+    async def add_feedback(self, request: FeedbackRequest, who: Principal = ADMIN) -> FeedbackResponse | ErrorResponse:
         """Store what `request` says as one row per kind; every row is checked against the
-        stored responses before any is written, so a refused body stores nothing."""
+        stored responses before any is written, so a refused body stores nothing. Both
+        responses must be the caller's tenant's: another tenant's is unknown (404)."""
         if refusal := self._refusal(owner=False):
             return refusal
         await self._settled(request.id)
         if request.preferred_over is not None:
             await self._settled(request.preferred_over)
-        rows = request.rows()
+        rows = request.rows(who.tenant)
         started = time.time()
 
         def write(store: Store) -> list[dict[str, Any]]:
-            trace = store.get_trace(request.id)
-            other = store.get_trace(request.preferred_over) if request.preferred_over is not None else None
+            trace = owned(store.get_trace(request.id), who)
+            other = owned(store.get_trace(request.preferred_over), who) if request.preferred_over is not None else None
             store_feedback.check_against_traces(request.id, trace, request.preferred_candidate,
                                                 request.preferred_over, other)
             return [store.add_feedback(request.id, **row) for row in rows]
@@ -204,31 +207,46 @@ class ServingStore:
                 self.metrics.feedback.labels(row["kind"]).inc()
         return FeedbackResponse(response_id=request.id, data=[FeedbackItem.from_row(row) for row in stored])
 
-    async def delete_trace(self, trace_id: str) -> DeletionResponse | ErrorResponse:
-        """Delete the response's trace and every feedback row that names it."""
+    async def delete_trace(self, trace_id: str, who: Principal = ADMIN) -> DeletionResponse | ErrorResponse:
+        """Delete the response's trace and every feedback row that names it (the caller's
+        tenant's trace only: another's is a 404)."""
         if refusal := self._refusal(owner=True):
             return refusal
         await self._settled(trace_id)
-        deleted = await self._call("delete a trace", lambda store: store.delete_trace(trace_id))
+
+        def delete(store: Store) -> dict[str, int]:
+            if owned(store.get_trace(trace_id), who) is None:
+                return {"traces": 0, "feedback": 0}
+            return store.delete_trace(trace_id)
+
+        deleted = await self._call("delete a trace", delete)
         if isinstance(deleted, ErrorResponse):
             return deleted
         if not deleted["traces"]:
             return unknown_response(trace_id, "id")
         return DeletionResponse(response_id=trace_id, deleted=deleted)
 
-    async def delete_user(self, user: str) -> DeletionResponse | ErrorResponse:
-        """Delete everything stored about `user`, after this process's queued writes (which
-        may hold their answers) are done."""
+    async def delete_user(self, user: str, who: Principal = ADMIN,
+                          tenant: str | None = None) -> DeletionResponse | ErrorResponse:
+        """Delete everything stored about `user` of the caller's tenant, after this process's
+        queued writes (which may hold their answers) are done. An admin deletes the name in
+        every tenant, or in `tenant` when it names one; a client names no other tenant."""
         if refusal := self._refusal(owner=True):
             return refusal
-        if not user or len(user) > MAX_ID_CHARS:
-            return invalid_request(f"user must be 1 to {MAX_ID_CHARS} characters", "user")
+        if not user or len(user) > MAX_ID_CHARS or any(ord(c) < 32 for c in user):
+            return invalid_request(f"user must be 1 to {MAX_ID_CHARS} characters, none a control character", "user")
+        if tenant is not None and not who.admin and tenant != who.tenant:
+            return make_error("only an admin key deletes users of another tenant; a client key deletes its "
+                              "own tenant's users (leave tenant out)", 403, param="tenant", code="permission_denied")
+        if tenant is not None and not TENANT_RE.match(tenant):
+            return invalid_request("tenant is 1 to 64 letters, digits, '.', '_' or '-'", "tenant")
+        scope = tenant if tenant is not None else (EVERY_TENANT if who.admin else who.tenant)
         writer, wait_s = self.writer, self.config.trace_wait_s
 
         def delete(store: Store) -> dict[str, int]:
             if not writer.flush(wait_s):
                 logger.warning("deleting user data while %d store write(s) are still queued", writer.pending)
-            return store.delete_user(user)
+            return store.delete_user(user, scope)
 
         deleted = await self._call("delete a user's data", delete)
         if isinstance(deleted, ErrorResponse):
@@ -279,6 +297,12 @@ class ServingStore:
     def _failed(self, what: str, why: str) -> ErrorResponse:
         self.metrics.store_errors.labels("request_failed").inc()
         return make_error(f"the store could not {what} ({why}); try again later", 503, code="store_unavailable")
+
+
+def owned(trace: dict[str, Any] | None, who: Principal) -> dict[str, Any] | None:
+    """The trace if it is `who`'s to see (their tenant's, or any for an admin), else None:
+    another tenant's trace is answered as a missing one."""
+    return trace if trace is not None and who.owns(trace.get("tenant")) else None
 
 
 def unknown_response(trace_id: str, param: str) -> ErrorResponse:

@@ -36,20 +36,21 @@ def trace_candidates(result: StrategyResult) -> tuple[list[dict[str, Any]], list
 def build_trace(
     *, response_id: str, endpoint: str, request, messages: list[dict[str, Any]], tools: list | None,
     resolved: ResolvedAlignment, result: StrategyResult, report: dict[str, Any], choices: list[dict[str, Any]],
-    usage: dict[str, Any], started: float, profile: tuple[str | None, str | None],
+    usage: dict[str, Any], started: float, profile: tuple[str | None, str | None], tenant: str | None = None,
 ) -> dict[str, Any]:
     """The trace of one answered request, as `Store.put_trace` takes it.
 
     `messages` is the conversation as the chat template saw it (roles normalised, content
     parts joined): equal conversations hash equal, which pairs responses for pairwise
     feedback. `choices` are the answers as returned; `started` is `time.perf_counter()` at
-    arrival."""
+    arrival; `tenant` owns the trace (None: the default tenant)."""
     candidates, selected = trace_candidates(result)
     info = {k: v for k, v in report.items() if k not in _REPORT_COLUMNS}
     return {
         "id": response_id,
         "created_at": time.time(),
         "user": request.user or None,
+        "tenant": tenant,
         "conversation": messages,
         "model": request.model,
         "strategy": resolved.strategy.name,

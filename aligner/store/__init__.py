@@ -11,10 +11,10 @@ migrations), `feedback` (what feedback may say), `store` (the `Store`), `writer`
 """
 
 from aligner.store.errors import StoreConflictError, StoreError, StoreSchemaError, StoreValidationError
-from aligner.store.store import EXPERIMENT_TRACE_COLUMNS, TRACE_FIELDS, Store, conversation_hash
+from aligner.store.store import EVERY_TENANT, EXPERIMENT_TRACE_COLUMNS, TRACE_FIELDS, Store, conversation_hash
 from aligner.store.writer import BackgroundWriter
 
 __all__ = [
-    "EXPERIMENT_TRACE_COLUMNS", "TRACE_FIELDS", "BackgroundWriter", "Store", "StoreConflictError", "StoreError",
+    "EVERY_TENANT", "EXPERIMENT_TRACE_COLUMNS", "TRACE_FIELDS", "BackgroundWriter", "Store", "StoreConflictError", "StoreError",
     "StoreSchemaError", "StoreValidationError", "conversation_hash",
 ]

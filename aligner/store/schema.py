@@ -61,7 +61,11 @@ traces = sa.Table(
     # The experiment the request named and the arm (a pinned profile, "name@version") it got.
     sa.Column("experiment", Id),
     sa.Column("arm", Id),
+    # The tenant whose key made the answer (NULL: the default tenant, and traces stored before
+    # tenants); a user is one person within a tenant.
+    sa.Column("tenant", Id),
     sa.Index("ix_traces_experiment_arm", "experiment", "arm"),
+    sa.Index("ix_traces_tenant_user", "tenant", "user"),
 )
 
 feedback = sa.Table(
@@ -158,9 +162,18 @@ def _add_trace_experiment(conn: sa.Connection) -> None:
     next(i for i in traces.indexes if i.name == "ix_traces_experiment_arm").create(conn)
 
 
+def _add_trace_tenant(conn: sa.Connection) -> None:
+    """traces.tenant (NULL, the default tenant, for earlier traces), indexed with the user:
+    deleting a user reads their traces within one tenant."""
+    type_ = traces.c.tenant.type.compile(dialect=conn.dialect)
+    conn.execute(sa.text(f"ALTER TABLE traces ADD COLUMN tenant {type_}"))
+    next(i for i in traces.indexes if i.name == "ix_traces_tenant_user").create(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "traces, feedback and experiment assignments", _create_v1),
     Migration(2, "traces.experiment and traces.arm (A/B experiments)", _add_trace_experiment),
+    Migration(3, "traces.tenant (keys with a tenant)", _add_trace_tenant),
 )
 LATEST = MIGRATIONS[-1].version
 

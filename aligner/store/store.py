@@ -18,6 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from aligner.experiments import UNIT_SEPARATOR, tenant_unit
 from aligner.store import feedback as fb
 from aligner.store.engine import DEFAULT_BUSY_TIMEOUT_S, create_engine, json_dumps, resolve_url
 from aligner.store.errors import StoreConflictError, StoreValidationError
@@ -25,8 +26,9 @@ from aligner.store.schema import experiment_assignments, feedback, migrate, trac
 
 TRACE_FIELDS = frozenset({
     "id", "created_at", "user", "conversation", "strategy", "profile", "profile_version", "model",
-    "candidates", "selected", "usage", "timings", "extra", "experiment", "arm",
+    "candidates", "selected", "usage", "timings", "extra", "experiment", "arm", "tenant",
 })
+EVERY_TENANT = object()  # `Store.delete_user(..., tenant=EVERY_TENANT)`: the user in every tenant
 # What an experiment's report reads of each trace (not the conversation, nor the texts' extra).
 EXPERIMENT_TRACE_COLUMNS = ("id", "created_at", "user", "arm", "candidates", "selected", "usage", "timings")
 DAY_S = 86400.0
@@ -95,6 +97,7 @@ class Store:
         fb.check_id(trace.get("user"), "user", required=False)
         fb.check_id(trace.get("experiment"), "experiment", required=False)
         fb.check_id(trace.get("arm"), "arm", required=False)
+        fb.check_id(trace.get("tenant"), "tenant", required=False)
         if (trace.get("experiment") is None) != (trace.get("arm") is None):
             raise ValueError("a trace names both its experiment and its arm, or neither")
         if trace.get("conversation") is None:
@@ -281,20 +284,29 @@ class Store:
             return {"traces": conn.execute(traces.delete().where(traces.c.id == trace_id)).rowcount,
                     "feedback": removed}
 
-    def delete_user(self, user: str) -> dict[str, int]:
-        """Delete everything stored about a user: their traces, feedback they gave or that
-        names their traces, and their experiment assignments."""
+    def delete_user(self, user: str, tenant: str | None | object = None) -> dict[str, int]:
+        """Delete everything stored about a user of `tenant` (None: the default tenant;
+        `EVERY_TENANT`: that name in every tenant): their traces, feedback they gave on the
+        tenant's answers or that names their traces, and their experiment assignments."""
         fb.check_id(user, "user")
-        theirs = sa.select(traces.c.id).where(traces.c.user == user)
+        unit = experiment_assignments.c.unit
+        if tenant is EVERY_TENANT:
+            in_tenant = sa.true()
+            # A named tenant's unit ends with the separator and the name; no user id holds it.
+            units = sa.or_(unit == user, unit.endswith(UNIT_SEPARATOR + user, autoescape=True))
+        else:
+            in_tenant = traces.c.tenant.is_(None) if tenant is None else traces.c.tenant == tenant
+            units = unit == tenant_unit(tenant, user)
+        theirs = sa.select(traces.c.id).where(traces.c.user == user, in_tenant)
+        tenants = sa.select(traces.c.id).where(in_tenant)
         with self._write() as conn:
             removed = conn.execute(feedback.delete().where(sa.or_(
-                feedback.c.user == user, feedback.c.trace_id.in_(theirs),
-                feedback.c.other_trace_id.in_(theirs)))).rowcount
+                sa.and_(feedback.c.user == user, feedback.c.trace_id.in_(tenants)),
+                feedback.c.trace_id.in_(theirs), feedback.c.other_trace_id.in_(theirs)))).rowcount
             return {
-                "traces": conn.execute(traces.delete().where(traces.c.user == user)).rowcount,
+                "traces": conn.execute(traces.delete().where(traces.c.user == user, in_tenant)).rowcount,
                 "feedback": removed,
-                "assignments": conn.execute(experiment_assignments.delete().where(
-                    experiment_assignments.c.unit == user)).rowcount,
+                "assignments": conn.execute(experiment_assignments.delete().where(units)).rowcount,
             }
 
     def prune(self, older_than_days: float, batch_size: int = 1000) -> dict[str, int]:

@@ -108,3 +108,46 @@ def test_key_file_rotates_on_sighup_and_survives_a_bad_file(key_file_server):
     log = running.log_path.read_text()
     assert "API key file not reloaded" in log and "1 loaded from" in log
     assert KEY_A not in log and KEY_B not in log
+
+
+def test_tenant_keys_keep_each_tenants_traces_and_users_apart(key_file_server):
+    """Keys with a tenant and a role (issue 38): a metrics key reads probes only, a client key
+    generates and reads its own tenant's traces, another tenant's are 404s, an admin reads
+    and deletes across tenants."""
+    running, keys = key_file_server
+    replace_file(keys, f"{KEY_B}\nkey-team-a tenant=team-a role=client\nkey-team-b tenant=team-b role=client\n"
+                       "key-probe role=metrics\n")
+    running.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while models_status(running, "key-team-a") != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+    def call(key: str, method: str, path: str, **kwargs) -> httpx.Response:
+        return httpx.request(method, f"{running.base_url}{path}", headers={"Authorization": f"Bearer {key}"},
+                             timeout=120, **kwargs)
+
+    assert call("key-probe", "GET", "/metrics").status_code == 200
+    assert call("key-probe", "GET", "/ready").status_code == 200
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 4,
+            "user": "carol"}
+    refused = call("key-probe", "POST", "/v1/chat/completions", json=body)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "permission_denied"
+    assert call("key-team-a", "GET", "/metrics").status_code == 403
+    assert call("key-team-a", "POST", "/v1/alignment/reload").status_code == 403
+    assert call("key-team-b", "GET", "/v1/alignment/experiments/tone-test").status_code == 403
+
+    answer = call("key-team-a", "POST", "/v1/chat/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    trace_id = answer.json()["id"]
+    assert call("key-team-a", "GET", f"/v1/alignment/traces/{trace_id}").json()["user"] == "carol"
+    for method, path, payload in (("GET", f"/v1/alignment/traces/{trace_id}", None),
+                                  ("POST", "/v1/alignment/feedback", {"id": trace_id, "thumbs": "down"}),
+                                  ("DELETE", f"/v1/alignment/traces/{trace_id}", None)):
+        r = call("key-team-b", method, path, json=payload)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_id", (method, r.text)
+    # Team B's "carol" is another person: deleting her leaves team A's carol.
+    assert call("key-team-b", "DELETE", "/v1/alignment/users/carol").json()["deleted"]["traces"] == 0
+    assert call(running.api_key, "GET", f"/v1/alignment/traces/{trace_id}").status_code == 200
+    deleted = call(running.api_key, "DELETE", "/v1/alignment/users/carol", params={"tenant": "team-a"})
+    assert deleted.status_code == 200 and deleted.json()["deleted"]["traces"] == 1
+    assert call("key-team-a", "GET", f"/v1/alignment/traces/{trace_id}").status_code == 404

@@ -11,7 +11,7 @@ import signal
 import pytest
 from fastapi.testclient import TestClient
 
-from server.api_keys import APIKeyFileError, APIKeys, read_key_file, reload_on_sighup
+from server.api_keys import ADMIN, APIKeyFileError, APIKeys, Principal, read_key_file, reload_on_sighup
 from server.app import build_app
 from server.config import ServerConfig
 from server.middleware import APIKeyMiddleware
@@ -29,7 +29,34 @@ def bearer(key: str) -> bytes:
 
 def test_the_file_lists_one_key_a_line_without_blanks_comments_or_whitespace(tmp_path):
     path = write(tmp_path / "keys", "# team A\n  alpha  \n\n\tbeta\n   # old: gamma\nalpha\n")
-    assert read_key_file(path) == ("alpha", "beta")
+    assert read_key_file(path) == {"alpha": ADMIN, "beta": ADMIN}  # a bare key is an admin key, as before roles
+
+
+def test_a_key_line_names_its_tenant_and_role(tmp_path):
+    path = write(tmp_path / "keys", "a-key tenant=team-a role=client\nb-key role=client tenant=team-b\n"
+                                    "probe role=metrics\nroot tenant=ops\n")
+    assert read_key_file(path) == {"a-key": Principal("client", "team-a"), "b-key": Principal("client", "team-b"),
+                                   "probe": Principal("metrics", None), "root": Principal("admin", "ops")}
+    keys = APIKeys("flag-key", path)
+    assert keys.principal(bearer("a-key")) == Principal("client", "team-a")
+    assert keys.principal(bearer("flag-key")) == ADMIN and keys.principal(bearer("team-a")) is None
+    assert keys.tenants() == {"team-a", "team-b", "ops"}
+
+
+@pytest.mark.parametrize("line", ["s3cret-key role=owner", "s3cret-key tenant=a/b", "s3cret-key tenant=",
+                                  "s3cret-key team=a", "s3cret-key role=client role=admin", "s3cret-key client",
+                                  "s3cret-key tenant=a\ns3cret-key tenant=b"])
+def test_a_bad_field_is_an_error_naming_the_line_not_the_key(tmp_path, line):
+    with pytest.raises(APIKeyFileError, match=r"keys line [23]: ") as info:
+        read_key_file(write(tmp_path / "keys", f"# comment\n{line}\n"))
+    assert "s3cret" not in str(info.value)
+
+
+def test_a_principal_owns_its_own_tenants_data_and_an_admin_everyones():
+    client = Principal("client", "team-a")
+    assert client.owns("team-a") and not client.owns("team-b") and not client.owns(None)
+    assert Principal("client").owns(None) and not Principal("client").owns("team-a")
+    assert ADMIN.owns("team-b") and ADMIN.owns(None)
 
 
 @pytest.mark.parametrize("text", ["", "\n  \n", "# only a comment\n# secret-looking-note\n"])

@@ -146,7 +146,7 @@ def test_liveness_is_health_and_readiness_is_ready_on_the_served_port(where, con
         script = ready["exec"]["command"][-1]
         assert f"http://127.0.0.1:{port}/ready" in script
         env = {e["name"]: e for e in container.get("env", ())}
-        assert "secretKeyRef" in env["ALIGNER_API_KEY"]["valueFrom"] and "ALIGNER_API_KEY" in script
+        assert "secretKeyRef" in env["ALIGNER_METRICS_KEY"]["valueFrom"] and "ALIGNER_METRICS_KEY" in script
 
 
 class _Ready(http.server.BaseHTTPRequestHandler):
@@ -174,7 +174,7 @@ def test_the_exec_readiness_probe_passes_only_on_200_with_the_key(status, health
             assert Path(command[0]).name.startswith("python")
             script = re.sub(r"127\.0\.0\.1:\d+", f"127.0.0.1:{server.server_port}", command[-1])
             key = "k1" if status != 401 else "wrong"
-            ran = subprocess.run([sys.executable, *command[1:-1], script], env={"ALIGNER_API_KEY": key},
+            ran = subprocess.run([sys.executable, *command[1:-1], script], env={"ALIGNER_METRICS_KEY": key},
                                  capture_output=True, timeout=30)
             assert (ran.returncode == 0) == healthy, f"{where}: exit {ran.returncode} on {status}"
     finally:
@@ -186,6 +186,7 @@ def test_the_api_keys_come_from_a_secret(where, container, pod):
     args = parsed(where, serve_argv(container))
     env = {e["name"]: e for e in container.get("env", ())}
     from_env = "secretKeyRef" in env.get("ALIGNER_API_KEY", {}).get("valueFrom", {})
+    assert "ALIGNER_API_KEY" not in env, f"{where}: the probe's stable key is an admin key; give it the metrics role"
     from_file = False
     if args.api_key_file:
         mount, volume = mounted_volume(container, pod, args.api_key_file)
@@ -200,7 +201,7 @@ def test_the_api_keys_come_from_a_secret(where, container, pod):
 def test_the_metrics_scrape_sends_a_key_the_server_accepts():
     assert "/metrics" not in UNAUTHENTICATED_PATHS  # else this scrape would need no key
     keys = {(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
-            for _, c, _ in ALIGNERS for e in c.get("env", ()) if e["name"] == "ALIGNER_API_KEY"}
+            for _, c, _ in ALIGNERS for e in c.get("env", ()) if e["name"] == "ALIGNER_METRICS_KEY"}
     services = [doc for _, doc in of_kind("Service") if any(selects(doc, pod) for _, _, pod in ALIGNERS)]
     monitors = [doc for _, doc in of_kind("ServiceMonitor") for service in services
                 if doc["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()]
@@ -265,3 +266,20 @@ def test_the_reward_server_is_vllm_serve_in_pooling_mode(where, container, pod):
     assert args.port in {p["containerPort"] for p in container["ports"]}
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["path"] == "/health"
+
+
+def test_the_example_keys_parse_and_the_probe_key_reads_probes_only(tmp_path, monkeypatch):
+    from server.api_keys import APIKeys, read_key_file
+    from server.middleware import role_allows
+
+    secret = next(doc for _, doc in of_kind("Secret") if doc["metadata"]["name"] == "aligner-api-keys")["stringData"]
+    (tmp_path / "keys").write_text(secret["keys"])
+    assert {who.role for who in read_key_file(tmp_path / "keys").values()} == {"admin", "client"}
+    monkeypatch.setenv("ALIGNER_METRICS_KEY", secret["internal"])  # as the pods get it
+    args = parse_args(["serve", "--api-key-file", str(tmp_path / "keys")])
+    probe = APIKeys(args.api_key, args.api_key_file, args.metrics_key).principal(
+        f"Bearer {secret['internal']}".encode())
+    assert probe is not None and probe.role == "metrics"
+    assert role_allows(probe.role, "GET", "/ready") and role_allows(probe.role, "GET", "/metrics")
+    assert not role_allows(probe.role, "POST", "/v1/chat/completions")
+    assert not role_allows(probe.role, "GET", "/v1/alignment/traces/chatcmpl-1")

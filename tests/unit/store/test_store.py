@@ -63,7 +63,7 @@ def test_a_trace_round_trips(store):
     full = trace("chatcmpl-1", user="alice", strategy="best_of_n", profile="helpful", profile_version="3",
                  model="SmolLM2-135M-Instruct", usage={"prompt_tokens": 5, "completion_tokens": 12},
                  timings={"total_s": 0.25, "reward_s": 0.05}, extra={"endpoint": "chat.completions"},
-                 experiment="tone-test", arm="helpful@3",
+                 experiment="tone-test", arm="helpful@3", tenant="team-a",
                  created_at=datetime.fromtimestamp(NOW - 10, timezone.utc))
     full["candidates"][0]["scores"]["helpful"] = float("nan")  # a reward that failed
     store.put_trace(full)
@@ -83,7 +83,7 @@ def test_unset_trace_fields_are_null_and_created_at_defaults_to_now(store, clock
     assert got["created_at"] == NOW
     assert {k for k, v in got.items() if v is None} == {
         "user", "strategy", "profile", "profile_version", "model", "candidates", "selected", "usage",
-        "timings", "extra", "experiment", "arm"}
+        "timings", "extra", "experiment", "arm", "tenant"}
 
 
 def test_the_hash_ignores_key_order_only():
@@ -255,6 +255,25 @@ def test_deleting_a_user_takes_everything_about_them(answered):
     assert answered.feedback_for("b") == [kept]
     assert answered.assign_arm("exp", "bob", lambda: "x") == "b"
     assert answered.delete_user("alice") == {"traces": 0, "feedback": 0, "assignments": 0}
+
+
+def test_a_user_is_deleted_within_a_tenant_or_in_every_tenant(store):
+    from aligner.experiments import tenant_unit
+    from aligner.store import EVERY_TENANT
+
+    for tenant in (None, "team-a", "team-b"):
+        store.put_trace({**trace(f"t-{tenant}"), "user": "alice", "tenant": tenant})
+        store.add_feedback(f"t-{tenant}", comment="mine", user="alice")
+        store.assign_arm("exp", tenant_unit(tenant, "alice"), lambda: "a")
+    store.put_trace({**trace("bob-a"), "user": "bob", "tenant": "team-a"})
+    store.add_feedback("bob-a", comment="alice on bob's answer", user="alice")
+    store.assign_arm("exp", "team-b:alice", lambda: "a")  # a default-tenant user whose name looks scoped
+    assert store.delete_user("alice", "team-a") == {"traces": 1, "feedback": 2, "assignments": 1}
+    assert store.get_trace("t-team-a") is None and store.get_trace("bob-a") is not None
+    assert store.get_trace("t-None") is not None and store.get_trace("t-team-b") is not None
+    assert store.delete_user("alice") == {"traces": 1, "feedback": 1, "assignments": 1}  # the default tenant
+    assert store.delete_user("alice", EVERY_TENANT) == {"traces": 1, "feedback": 1, "assignments": 1}
+    assert store.assign_arm("exp", "team-b:alice", lambda: "b") == "a"  # not team-b's alice: kept
 
 
 def test_prune_deletes_what_is_older_than_the_retention(store, clock):

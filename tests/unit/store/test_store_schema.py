@@ -163,11 +163,11 @@ def test_a_version_1_store_upgrades_in_place_keeping_its_rows(store_url):
     try:
         assert versions(store) == list(range(1, LATEST + 1))
         old = store.get_trace("old")
-        assert (old["experiment"], old["arm"]) == (None, None)
+        assert (old["experiment"], old["arm"], old["tenant"]) == (None, None, None)  # the default tenant's
         store.put_trace({"id": "new", "conversation": [], "experiment": "tone", "arm": "helpful@2"})
         assert [t["id"] for t in store.experiment_traces("tone")] == ["new"]
         indexes = {tuple(i["column_names"]) for i in sa.inspect(store.engine).get_indexes("traces")}
-        assert ("experiment", "arm") in indexes
+        assert ("experiment", "arm") in indexes and ("tenant", "user") in indexes
     finally:
         store.close()
 
