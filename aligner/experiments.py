@@ -42,6 +42,7 @@ UNITS = ("user", "random")
 # also gives each scale in its own terms (`by_scale`: the share of thumbs up, the mean stars).
 RATING_SCALES = {"thumbs": lambda r: (r + 1) / 2, "stars": lambda r: (r - 1) / 4}
 LATENCY_QUANTILES = {"p50": 0.5, "p95": 0.95}
+SRM_THRESHOLD = 0.001  # a sample-ratio p-value below this is a broken split, not chance
 
 
 class ExperimentArm(BaseModel):
@@ -115,7 +116,7 @@ def hashed_arm(experiment: Experiment, unit_id: str) -> str:
     return experiment.pick(int.from_bytes(digest[:8], "big") / 2**64)
 
 
-UNIT_SEPARATOR = "\x1f"  # no user id holds it (`server.protocol_base.check_user_id`)
+UNIT_SEPARATOR = "\x1f"  # no user id holds it (`server.protocol_base.check_plain_id`)
 
 
 def tenant_unit(tenant: str | None, user: str | None) -> str | None:
@@ -185,6 +186,7 @@ class ArmSample:
 
     requests: int = 0
     users: set[str] = field(default_factory=set)
+    anonymous: int = 0  # requests without a user: each drew its arm on its own
     rewards: list[float] = field(default_factory=list)
     tokens: list[float] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
@@ -229,7 +231,9 @@ def collect(arms: list[str], traces: Iterable[Mapping[str, Any]],
         sample = samples.setdefault(trace["arm"], ArmSample())
         sample.requests += 1
         if trace.get("user"):
-            sample.users.add(trace["user"])
+            sample.users.add(tenant_unit(trace.get("tenant"), trace["user"]))
+        else:
+            sample.anonymous += 1
         if (reward := trace_reward(trace.get("candidates"), trace.get("selected"))) is not None:
             sample.rewards.append(reward)
         if isinstance(tokens := (trace.get("usage") or {}).get("completion_tokens"), (int, float)):
@@ -248,6 +252,49 @@ def collect(arms: list[str], traces: Iterable[Mapping[str, Any]],
             samples.setdefault(row["arm"], ArmSample()).wins += 1
             samples.setdefault(row["other_arm"], ArmSample()).losses += 1
     return samples
+
+
+def latest_judgements(feedback: Iterable[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], int]:
+    """(the rows that count, how many were ignored as repeats): one judgement per answer, kind
+    and user, the latest (rows come oldest first). A pairwise judgement's answer is the pair,
+    so preferring B over A after A over B counts once, as B. Thumbs up then down on one answer
+    counts once, as down; a thousand votes from one user on one answer count once.
+
+    >>> rows = [{"id": 1, "kind": "rating", "trace_id": "a", "user": "u", "rating": 1},
+    ...         {"id": 2, "kind": "rating", "trace_id": "a", "user": "u", "rating": -1},
+    ...         {"id": 3, "kind": "rating", "trace_id": "a", "user": "v", "rating": 1}]
+    >>> kept, repeats = latest_judgements(rows); [r["id"] for r in kept], repeats
+    ([2, 3], 1)
+    """
+    latest: dict[tuple, Mapping[str, Any]] = {}
+    rows = 0
+    for row in feedback:
+        rows += 1
+        answer = (frozenset((row["trace_id"], row.get("other_trace_id"))) if row["kind"] == "pairwise"
+                  else row["trace_id"])
+        key = (answer, row["kind"], row.get("user"))
+        latest.pop(key, None)  # re-inserted last: the kept rows stay in the order of their latest
+        latest[key] = row
+    return list(latest.values()), rows - len(latest)
+
+
+def sample_ratio(samples: Mapping[str, ArmSample], shares: Mapping[str, float], unit: str) -> dict[str, Any] | None:
+    """The sample-ratio-mismatch check: are the arms' assignment units split as the weights
+    say? Units are what drew an arm: each distinct user (and each request without one) under
+    `unit: user`, each request under `unit: random`. Pearson's chi-square against the
+    configured shares; `mismatch` below p 0.001, where the split is a bug (a broken hash, a
+    sticky arm from earlier weights, lost traces of one arm), not chance. None without two
+    configured arms or units."""
+    arms = [arm for arm in shares if arm in samples]
+    if unit == "user":
+        observed = [len(samples[arm].users) + samples[arm].anonymous for arm in arms]
+    else:
+        observed = [samples[arm].requests for arm in arms]
+    test = stats.chi_square_test(observed, [shares[arm] for arm in arms])
+    if test is None:
+        return None
+    return {**test, "units": dict(zip(arms, observed, strict=True)), "threshold": SRM_THRESHOLD,
+            "mismatch": test["p_value"] < SRM_THRESHOLD}
 
 
 def head_to_head(feedback: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], int]:
@@ -307,7 +354,7 @@ def experiment_report(name: str, experiment: Experiment | None, traces: Iterable
     """The report of one experiment: per arm its numbers with 95% intervals, and each arm
     against the first (the baseline). `experiment` is the file's (None once removed from it:
     the arms are then those its traces name)."""
-    feedback = list(feedback)
+    feedback, repeats = latest_judgements(feedback)
     configured = experiment.arm_names if experiment is not None else []
     samples = collect(configured, traces, feedback)
     arms = configured + sorted(a for a in samples if a not in configured)
@@ -320,6 +367,9 @@ def experiment_report(name: str, experiment: Experiment | None, traces: Iterable
         "experiment": experiment.public() if experiment is not None else None,
         "since": since,
         "requests": total,
+        # Judgements after the first of one user on one answer and kind: the latest counts.
+        "repeats_ignored": repeats,
+        "sample_ratio": sample_ratio(samples, shares, experiment.unit) if experiment is not None else None,
         "arms": [arm_report(arm, samples[arm], shares.get(arm), total) for arm in arms],
         "comparisons": [comparison(arm, arms[0], samples, pairs) for arm in arms[1:]],
     }

@@ -10,7 +10,9 @@ here is deterministic (no resampling), so a report can be recounted exactly.
   order-statistic interval that covers the true quantile with at least 95% for any continuous
   distribution (`quantile_interval`); null where the sample is too small to bound it;
 - two means: Welch's t test and interval for `mean(b) - mean(a)` (`welch`), unequal variances;
-- a proportion against 1/2: the exact two-sided binomial test (`binomial_test`).
+- a proportion against 1/2: the exact two-sided binomial test (`binomial_test`);
+- counts against expected shares: Pearson's chi-square test (`chi_square_test`), the
+  experiments' sample-ratio-mismatch check.
 """
 
 from __future__ import annotations
@@ -148,6 +150,62 @@ def binomial_test(successes: int, n: int, p: float = 0.5) -> float | None:
     pmf = [math.exp(_log_binomial_pmf(k, n, p)) for k in range(n + 1)]
     seen = pmf[successes] * (1 + 1e-7)  # ties in likelihood count as extreme (float noise aside)
     return min(1.0, math.fsum(x for x in pmf if x <= seen))
+
+
+def chi_square_test(observed: Sequence[int], shares: Sequence[float]) -> dict[str, Any] | None:
+    """Pearson's goodness-of-fit test of counts against expected shares (summing to 1):
+    {"chi2", "df", "p_value"}; None without counts or with fewer than two cells.
+
+    >>> r = chi_square_test([480, 520], [0.5, 0.5]); round(r["chi2"], 6), r["df"], round(r["p_value"], 4)
+    (1.6, 1, 0.2059)
+    >>> round(chi_square_test([100, 200, 300], [0.2, 0.3, 0.5])["p_value"], 6)
+    0.062177
+    """
+    total = sum(observed)
+    cells = [(o, s) for o, s in zip(observed, shares, strict=True) if s > 0]
+    if total == 0 or len(cells) < 2:
+        return None
+    chi2 = math.fsum((o - total * s) ** 2 / (total * s) for o, s in cells)
+    df = len(cells) - 1
+    return {"chi2": chi2, "df": df, "p_value": chi_square_sf(chi2, df)}
+
+
+def chi_square_sf(x: float, df: int) -> float:
+    """P(X >= x) for a chi-square with `df` degrees of freedom: Q(df/2, x/2), the regularised
+    upper incomplete gamma function (series below a + 1, continued fraction above).
+
+    >>> round(chi_square_sf(3.841458821, 1), 6), round(chi_square_sf(5.991464547, 2), 6)
+    (0.05, 0.05)
+    """
+    if x <= 0:
+        return 1.0
+    a, z = df / 2, x / 2
+    log_front = a * math.log(z) - z - math.lgamma(a)
+    if z < a + 1:
+        term = total = 1.0 / a
+        n = a
+        for _ in range(10_000):
+            n += 1
+            term *= z / n
+            total += term
+            if abs(term) < abs(total) * 1e-15:
+                break
+        return max(0.0, 1.0 - total * math.exp(log_front))
+    tiny = 1e-300
+    b = z + 1 - a
+    c, d = 1 / tiny, 1 / b
+    h = d
+    for i in range(1, 10_000):
+        an = -i * (i - a)
+        b += 2
+        d = an * d + b
+        d = 1 / (d if abs(d) > tiny else tiny)
+        c = b + an / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        if abs(d * c - 1) < 1e-15:
+            break
+    return min(1.0, math.exp(log_front) * h)
 
 
 # -- Student's t ------------------------------------------------------------------------------

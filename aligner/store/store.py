@@ -30,7 +30,7 @@ TRACE_FIELDS = frozenset({
 })
 EVERY_TENANT = object()  # `Store.delete_user(..., tenant=EVERY_TENANT)`: the user in every tenant
 # What an experiment's report reads of each trace (not the conversation, nor the texts' extra).
-EXPERIMENT_TRACE_COLUMNS = ("id", "created_at", "user", "arm", "candidates", "selected", "usage", "timings")
+EXPERIMENT_TRACE_COLUMNS = ("id", "created_at", "user", "tenant", "arm", "candidates", "selected", "usage", "timings")
 DAY_S = 86400.0
 
 
@@ -248,7 +248,8 @@ class Store:
                             batch_size: int = 500) -> Iterator[dict[str, Any]]:
         """The ratings and pairwise preferences on the experiment's responses (created at
         `since` or later), oldest first, each as {"id", "kind", "trace_id", "arm", "rating",
-        "rating_scale", "other_trace_id", "other_arm"}. A pairwise row counts only when both
+        "rating_scale", "other_trace_id", "other_arm", "user"} (`user`: who judged, scoped by
+        the answer's tenant as an experiment unit). A pairwise row counts only when both
         responses belong to the experiment (and to the window); `arm` is the preferred one's."""
         since = _epoch(since)
         mine, other = traces.alias("mine"), traces.alias("other")
@@ -263,12 +264,15 @@ class Store:
         query = sa.select(
             feedback.c.id, feedback.c.kind, feedback.c.trace_id, mine.c.arm, feedback.c.rating,
             feedback.c.rating_scale, feedback.c.other_trace_id, other.c.arm.label("other_arm"),
+            feedback.c.user, mine.c.tenant,
         ).select_from(joined).where(*in_window, sa.or_(feedback.c.kind == "rating", sa.and_(*pairwise)))
         last_id = 0
         while True:
             with self._read() as conn:
                 rows = [dict(r._mapping) for r in conn.execute(
                     query.where(feedback.c.id > last_id).order_by(feedback.c.id).limit(batch_size))]
+            for row in rows:
+                row["user"] = tenant_unit(row.pop("tenant"), row["user"])
             yield from rows
             if len(rows) < batch_size:
                 return

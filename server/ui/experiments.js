@@ -1,6 +1,7 @@
 // The dashboard's experiments: the profiles file's experiments (GET /v1/alignment/experiments)
 // and one's report from the store (GET /v1/alignment/experiments/{name}): per arm its requests,
-// rating, win rate, reward, tokens and latency with 95% intervals, and each arm against the first.
+// rating, win rate, reward, tokens and latency with 95% intervals, and each arm against the first;
+// the sample-ratio check of the split and the count of repeated judgements ignored.
 
 import { api } from "./api.js";
 import { barChart } from "./charts.js";
@@ -39,6 +40,27 @@ function bar(series, estimate) {
   return { series, value: value ?? NaN, low: low ?? undefined, high: high ?? undefined };
 }
 
+// The sample-ratio check (are units split as the weights say?) and the repeats ignored.
+function checksView(report) {
+  const lines = [];
+  const srm = report.sample_ratio;
+  if (srm) {
+    const units = Object.entries(srm.units).map(([arm, n]) => `${arm} ${n}`).join(", ");
+    const text = `Sample ratio: ${units} units; chi-square ${formatNumber(srm.chi2, 2)} (df ${srm.df}), `
+      + `p ${formatNumber(srm.p_value, 4)} against the configured weights`;
+    lines.push(srm.mismatch
+      ? el("p", { class: "error sample-ratio" }, `${text}: MISMATCH (p < ${srm.threshold}). The split does not `
+        + "follow the weights (a sticky arm from earlier weights, lost traces, a broken assignment): "
+        + "do not read the comparison until it is explained.")
+      : el("p", { class: "muted sample-ratio" }, `${text}: no mismatch.`));
+  }
+  if (report.repeats_ignored) {
+    lines.push(el("p", { class: "muted repeats" }, `${report.repeats_ignored} repeated judgement(s) ignored: `
+      + "one per user, answer and kind counts, the latest."));
+  }
+  return lines;
+}
+
 export function reportView(report) {
   const arms = report.arms || [];
   if (!arms.length) return el("p", {}, "No arm has answered yet.");
@@ -56,7 +78,7 @@ export function reportView(report) {
     report.comparisons.map((c) => [c.arm, differenceCell(c.rating), differenceCell(c.reward),
       differenceCell(c.completion_tokens, (v) => formatNumber(v, 1)), differenceCell(c.latency_s, formatSeconds),
       c.win_rate?.n ? `${winCell(c.win_rate)}, p ${formatNumber(c.win_rate.p_value, 3)}` : "—"])) : null;
-  return el("div", { class: "experiment-report" }, armsTable, comparisons,
+  return el("div", { class: "experiment-report" }, armsTable, ...checksView(report), comparisons,
     el("div", { class: "charts" },
       chart("Rating (0-1)", (a) => a.rating, (v) => formatNumber(v, 2)),
       chart("Win rate", (a) => a.win_rate, (v) => formatNumber(v, 2)),

@@ -162,8 +162,10 @@ def test_the_report_by_hand():
         {"kind": "pairwise", "arm": "tone@2", "other_arm": "tone@2"},  # within one arm: not counted
         {"kind": "pairwise", "arm": "tone@9", "other_arm": "tone@2"},
     ]
+    feedback = [{**row, "trace_id": f"answer-{i}", "user": "judge"} for i, row in enumerate(feedback)]  # no repeats
     report = experiment_report("tone-test", experiment(1, 1), traces, feedback, since=12.0)
     assert (report["name"], report["since"], report["requests"]) == ("tone-test", 12.0, 6)
+    assert report["repeats_ignored"] == 0
     one, two, gone = report["arms"]
     assert [one["arm"], two["arm"], gone["arm"]] == ["tone@1", "tone@2", "tone@9"]
     assert (one["requests"], one["users"], one["configured_share"], one["share"]) == (2, 1, 0.5, 2 / 6)
@@ -190,6 +192,43 @@ def test_the_report_by_hand():
     assert versus["win_rate"] == {"wins": 2, "n": 3, "rate": 2 / 3, "ci95": stats.wilson_interval(2, 3),
                                   "p_value": stats.binomial_test(2, 3)}
     assert versus_gone["win_rate"]["n"] == 0 and versus_gone["win_rate"]["p_value"] is None
+
+
+def test_one_user_counts_once_per_answer_and_kind_the_latest_judgement():
+    traces = [trace_row("a1", "tone@1", "ann", 1.0, 10, 0.5), trace_row("b1", "tone@2", "bob", 1.0, 10, 0.5)]
+    stuffed = [{"kind": "rating", "trace_id": "b1", "arm": "tone@2", "rating": 1, "rating_scale": "thumbs",
+                "user": "bob"}] * 1000
+    feedback = [*stuffed,
+                {"kind": "rating", "trace_id": "b1", "arm": "tone@2", "rating": -1, "rating_scale": "thumbs",
+                 "user": "bob"},  # then down: counts once, as down
+                {"kind": "rating", "trace_id": "b1", "arm": "tone@2", "rating": 1, "rating_scale": "thumbs",
+                 "user": "cat"},  # another user's own judgement counts
+                {"kind": "pairwise", "trace_id": "a1", "other_trace_id": "b1", "arm": "tone@1", "other_arm": "tone@2",
+                 "user": "cat"},
+                {"kind": "pairwise", "trace_id": "b1", "other_trace_id": "a1", "arm": "tone@2", "other_arm": "tone@1",
+                 "user": "cat"}]  # the same pair, judged again the other way: counts once, as b1
+    report = experiment_report("tone-test", experiment(1, 1), traces, feedback)
+    assert report["repeats_ignored"] == 1000 + 1
+    one, two = report["arms"]
+    assert two["rating"]["n"] == 2 and two["rating"]["mean"] == 0.5
+    assert (two["win_rate"]["wins"], two["win_rate"]["n"], one["win_rate"]["n"]) == (1, 1, 1)
+
+
+def test_the_sample_ratio_check_flags_a_split_the_weights_do_not_explain():
+    def rows(arm: str, users: int, start: int = 0):
+        return [trace_row(f"{arm}-{i}", arm, f"user-{start + i}", 1.0, 10, 0.5) for i in range(users)]
+
+    even = experiment_report("tone-test", experiment(1, 1), rows("tone@1", 480) + rows("tone@2", 520, 1000), [])
+    assert even["sample_ratio"]["units"] == {"tone@1": 480, "tone@2": 520}
+    assert even["sample_ratio"]["p_value"] == pytest.approx(0.2059, abs=1e-4) and not even["sample_ratio"]["mismatch"]
+    skewed = experiment_report("tone-test", experiment(1, 3), rows("tone@1", 400) + rows("tone@2", 600, 1000), [])
+    assert skewed["sample_ratio"]["mismatch"] and skewed["sample_ratio"]["p_value"] < 1e-6  # 1:3 expected
+    # Units, not requests: one user's hundred requests are one draw of the arm.
+    heavy = rows("tone@1", 50) + [trace_row(f"h{i}", "tone@2", "heavy", 1.0, 10, 0.5) for i in range(100)]
+    heavy += rows("tone@2", 49, 1000)
+    assert experiment_report("tone-test", experiment(1, 1), heavy, [])["sample_ratio"]["units"] == {
+        "tone@1": 50, "tone@2": 50}
+    assert experiment_report("tone-test", experiment(1, 1), [], [])["sample_ratio"] is None
 
 
 def test_an_experiment_without_data_reports_empty_arms():

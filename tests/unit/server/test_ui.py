@@ -511,6 +511,10 @@ def test_the_dashboard_shows_an_experiments_arms_as_the_server_reports_them(serv
         ["Rating (0-1)", "Win rate", "Tokens per answer", "Latency p50"]
     assert charts[0].find_elements(By.CSS_SELECTOR, "line.chart-interval")  # the intervals are drawn
     assert "Against tone@1" in driver.find_element(By.ID, "experiment-body").text
+    srm = driver.find_element(By.CSS_SELECTOR, "#experiment-body p.sample-ratio").text
+    units = report["sample_ratio"]["units"]
+    assert srm.startswith(f"Sample ratio: tone@1 {units['tone@1']}, tone@2 {units['tone@2']} units;")
+    assert ("MISMATCH" in srm) == report["sample_ratio"]["mismatch"]
     assert console_errors(driver) == []
 
 

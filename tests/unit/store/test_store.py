@@ -324,12 +324,13 @@ def test_an_experiment_reads_its_own_traces_and_feedback_in_batches(store, clock
     store.put_trace(trace("elsewhere", conversation=OTHER, experiment="tone", arm="p@2"))
     got = list(store.experiment_traces("tone", batch_size=2))
     assert [t["id"] for t in got] == ["elsewhere", "t0", "t1", "t2", "t3", "t4"]
-    assert got[1] == {"id": "t0", "created_at": NOW, "user": "u0", "arm": "p@1", "candidates": trace("t0")["candidates"],
+    assert got[1] == {"id": "t0", "created_at": NOW, "user": "u0", "tenant": None, "arm": "p@1",
+                      "candidates": trace("t0")["candidates"],
                       "selected": [2], "usage": {"completion_tokens": 0}, "timings": {"total_s": 0.0}}
     assert [t["id"] for t in store.experiment_traces("tone", since=NOW + 30)] == ["elsewhere", "t3", "t4"]
     assert list(store.experiment_traces("unknown")) == []
 
-    rating = store.add_feedback("t1", rating=4, rating_scale="stars")
+    rating = store.add_feedback("t1", rating=4, rating_scale="stars", user="judge")
     store.add_feedback("t1", preferred_index=0)  # not a rating nor pairwise: not read
     store.add_feedback("t1", comment="fine")  # neither
     won = store.add_feedback("t3", other_trace_id="t0")
@@ -338,9 +339,9 @@ def test_an_experiment_reads_its_own_traces_and_feedback_in_batches(store, clock
     rows = list(store.experiment_feedback("tone", batch_size=1))
     assert rows == [
         {"id": rating["id"], "kind": "rating", "trace_id": "t1", "arm": "p@2", "rating": 4.0, "rating_scale": "stars",
-         "other_trace_id": None, "other_arm": None},
+         "other_trace_id": None, "other_arm": None, "user": "judge"},
         {"id": won["id"], "kind": "pairwise", "trace_id": "t3", "arm": "p@2", "rating": None, "rating_scale": None,
-         "other_trace_id": "t0", "other_arm": "p@1"},
+         "other_trace_id": "t0", "other_arm": "p@1", "user": None},
     ]
     # `since` holds for both responses of a pair: t0 is older than the window.
     assert [r["id"] for r in store.experiment_feedback("tone", since=NOW + 10)] == [rating["id"]]
