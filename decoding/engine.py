@@ -183,11 +183,16 @@ class InvalidRequestError(ValueError):
 EngineState = Literal["ready", "starting", "restarting", "dead", "failed"]
 
 
+class PublicStartError(RuntimeError):
+    """A start failure whose message this project wrote for the operator (a failed numerics
+    self-check: agreement figures, no paths nor library text), so `/ready` may quote it."""
+
+
 @dataclass(frozen=True)
 class EngineStatus:
-    """Where an engine stands, for `/ready`. `reason`: "(ErrorType): first line" when it failed
-    to start (the whole error and its traceback are in the log); `numerics`: what was built and
-    its self-check, so far."""
+    """Where an engine stands, for `/ready`. `reason`: "(ErrorType)" when it failed to start:
+    its kind, not its text (paths, device names and sizes stay in the log, with the
+    traceback); `numerics`: what was built and its self-check, so far."""
 
     state: EngineState
     reason: str | None = None
@@ -198,8 +203,8 @@ class EngineStatus:
            numerics: dict[str, Any] | None = None) -> EngineStatus:
         """The status an engine's flags mean, the most telling first.
 
-        >>> EngineStatus.of(ready=False, dead=False, start_error=OSError("no weights\\nat ...")).problem()
-        'failed to start (OSError): no weights'
+        >>> EngineStatus.of(ready=False, dead=False, start_error=OSError("no weights in /srv/m")).problem()
+        'failed to start (OSError; the server log has the detail)'
         >>> EngineStatus.of(ready=True, dead=False).problem() is None
         True
         """
@@ -209,9 +214,11 @@ class EngineStatus:
             return cls("restarting", numerics=numerics)
         if dead:
             return cls("dead", numerics=numerics)
+        if isinstance(start_error, PublicStartError):
+            first = (str(start_error).splitlines() or [""])[0][:300]
+            return cls("failed", f"({type(start_error).__name__}): {first}", numerics)
         if start_error is not None:
-            reason = (str(start_error).splitlines() or [""])[0][:200]
-            return cls("failed", f"({type(start_error).__name__}): {reason}", numerics)
+            return cls("failed", f"({type(start_error).__name__}; the server log has the detail)", numerics)
         return cls("starting", numerics=numerics)
 
     def problem(self) -> str | None:

@@ -17,6 +17,8 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from decoding.engine import PublicStartError
+
 logger = logging.getLogger(__name__)
 
 CHECK_CONVERSATION = [
@@ -34,8 +36,9 @@ ARGS_CANDIDATES = 4  # tokens an ARGS guide scores at each checked position
 ARGS_POSITIONS = 10  # positions an ARGS guide is checked at, spread over the text
 
 
-class SelfCheckFailed(RuntimeError):
-    """The engine's numerics disagree with the reference in every configuration tried."""
+class SelfCheckFailed(PublicStartError):
+    """The engine's numerics disagree with the reference in every configuration tried (the
+    message gives the agreement figures, which `/ready` quotes)."""
 
 
 @dataclass

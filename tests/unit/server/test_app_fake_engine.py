@@ -237,12 +237,19 @@ def test_what_the_engine_could_not_guide_comes_back_with_its_last_chunk():
     assert report["guided_steps"] == 5 and report["unguided_reasons"] == ["lagged"]
 
 
-def test_a_failed_start_is_one_short_line_on_ready():
+def test_a_failed_start_is_one_short_line_on_ready_with_its_kind_not_its_text():
     engine = FakeEngine(ready=False)
-    engine.start_error = RuntimeError("CUDA out of memory\n" + "Traceback line\n" * 50)
+    engine.start_error = RuntimeError("CUDA out of memory at /srv/models/policy\n" + "Traceback line\n" * 50)
     client, _ = make_client(engine)
     message = client.get("/ready").json()["error"]["message"]
-    assert message == "the engine failed to start (RuntimeError): CUDA out of memory"
+    assert message == "the engine failed to start (RuntimeError; the server log has the detail)"
+    # Our own start failures are written for the operator: the self-check's figures are quoted.
+    from decoding.self_check import SelfCheckFailed
+
+    engine.start_error = SelfCheckFailed("numerics self-check failed, not serving: engine FAILED in float32: 12%")
+    message = client.get("/ready").json()["error"]["message"]
+    assert message == ("the engine failed to start (SelfCheckFailed): numerics self-check failed, not serving: "
+                       "engine FAILED in float32: 12%")
 
 
 def test_exposure_warning_only_beyond_loopback_without_a_key():
