@@ -15,7 +15,7 @@ kept).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -52,6 +52,7 @@ class RequestOrigin:
     alias: str | None = None
     arrived: float | None = None
     tenant: str | None = None
+    meter: Callable[[int], None] | None = None  # counts the tokens generated for the caller's key
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class RequestPlan:
     sequences: int  # admission weight: sequences decoded at once
     guide_slots: int  # admission's second budget
     trace: TracePlan | None = None  # how the answer is kept; None: it is not
+    meter: Callable[[int], None] | None = None  # counts the tokens generated, for the caller's quota
 
     @property
     def strategy_name(self) -> str:
@@ -128,7 +130,7 @@ class Planner:
         ctx = ctx.with_budget(budget)
         strategy, params = resolved.strategy, resolved.params
         return RequestPlan(resolved, ctx, budget, strategy.sequences(params, ctx), strategy.guide_slots(params, ctx),
-                           trace)
+                           trace, origin.meter)
 
     def _trace(self, spec: AlignmentSpec, origin: RequestOrigin, in_experiment: bool) -> TracePlan | None:
         if self.traces is None:

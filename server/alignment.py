@@ -56,10 +56,12 @@ def planner_for(config: ServerConfig, profiles: ProfileStore | None = None, arms
 
 
 def origin_of(endpoint: str, *, user: str | None = None, header: str | None = None, model: str | None = None,
-              arrived: float | None = None, tenant: str | None = None) -> RequestOrigin:
+              arrived: float | None = None, tenant: str | None = None, meter=None) -> RequestOrigin:
     """`header`: the X-Alignment-Strategy header; `model`: the request's model, whose
-    `@strategy` alias names a strategy; `tenant`: the tenant of the key that sent it."""
-    return RequestOrigin(endpoint, user or None, header, split_model(model)[1] if model else None, arrived, tenant)
+    `@strategy` alias names a strategy; `tenant`: the tenant of the key that sent it; `meter`:
+    counts the tokens generated for that key."""
+    return RequestOrigin(endpoint, user or None, header, split_model(model)[1] if model else None, arrived, tenant,
+                         meter)
 
 
 async def plan_or_error(planner: Planner, alignment: dict[str, Any] | None, ctx: StrategyContext,

@@ -1,9 +1,10 @@
 """The API keys a server accepts: the `--api-key` one and those of an `--api-key-file`, which
 SIGHUP re-reads so that keys rotate without a restart.
 
-Each key names who calls (`Principal`): a role and a tenant. A line of the key file is a key,
-then optional fields: `KEY tenant=NAME role=client|admin|metrics`. A bare key is an admin key
-of the default tenant (files written before roles keep working), and so is `--api-key`.
+Each key names who calls (`Principal`): a role, a tenant and its limits. A line of the key
+file is a key, then optional fields: `KEY tenant=NAME role=client|admin|metrics rpm=N
+tokens_per_day=N`. A bare key is an admin key of the default tenant without limits (files
+written before roles keep working), and so is `--api-key`.
 
 - admin: everything, across tenants (reload, reports, metrics, any tenant's traces and users);
 - client: generation and scoring, and its own tenant's traces, feedback and users;
@@ -14,13 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import hmac
 import logging
 import re
 import signal
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from server.quotas import KeyLimits
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +45,8 @@ class Principal:
 
     role: str = "admin"
     tenant: str | None = None
+    limits: KeyLimits = KeyLimits()
+    key_id: str | None = field(default=None, compare=False)  # a digest of the key, for its counters
 
     @property
     def admin(self) -> bool:
@@ -53,14 +60,31 @@ class Principal:
 ADMIN = Principal()  # `--api-key`, a bare key, and the one person of a keyless server
 
 
-def _principal(fields: list[str], where: str) -> Principal:
+FIELDS = ("tenant", "role", "rpm", "tokens_per_day")
+
+
+def key_id(key: str) -> str:
+    """A key's name in counters and logs: a digest, never the key."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _limit(given: dict[str, str], name: str, where: str) -> int | None:
+    value = given.get(name)
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise APIKeyFileError(f"{where}: {name} must be a whole number of at least 1")
+    return int(value)
+
+
+def _principal(words: list[str], where: str) -> Principal:
     """The `name=value` fields after a key (`where` names the line, never the key)."""
     given: dict[str, str] = {}
-    for field in fields:
-        name, sep, value = field.partition("=")
-        if not sep or name not in ("tenant", "role") or name in given:
-            raise APIKeyFileError(f"{where}: after the key come only tenant=NAME and role="
-                                  f"{'|'.join(ROLES)}, each at most once")
+    for word in words:
+        name, sep, value = word.partition("=")
+        if not sep or name not in FIELDS or name in given:
+            raise APIKeyFileError(f"{where}: after the key come only tenant=NAME, role={'|'.join(ROLES)}, "
+                                  "rpm=N and tokens_per_day=N, each at most once")
         given[name] = value
     role = given.get("role", "admin")
     if role not in ROLES:
@@ -69,7 +93,7 @@ def _principal(fields: list[str], where: str) -> Principal:
     if tenant is not None and not TENANT_RE.match(tenant):
         raise APIKeyFileError(f"{where}: a tenant is 1 to 64 letters, digits, '.', '_' or '-', "
                               "starting with a letter or digit")
-    return Principal(role, tenant)
+    return Principal(role, tenant, KeyLimits(_limit(given, "rpm", where), _limit(given, "tokens_per_day", where)))
 
 
 def read_key_file(path: str | Path) -> dict[str, Principal]:
@@ -104,6 +128,7 @@ class APIKeys:
         self._fixed = {**({metrics_key: Principal("metrics")} if metrics_key else {}),
                        **({api_key: ADMIN} if api_key else {})}
         self.path = Path(path) if path is not None else None
+        self.on_reload: Callable[[], None] | None = None  # after a reload that took (the quotas forget old keys)
         self._expected: tuple[tuple[bytes, Principal], ...] = ()
         self._set(read_key_file(self.path) if self.path is not None else {})
 
@@ -113,7 +138,8 @@ class APIKeys:
     def _set(self, from_file: dict[str, Principal]) -> None:
         keys = {**from_file, **self._fixed}  # `--api-key` stays an admin key whatever the file says
         # One assignment: a request in flight sees the old tuple or the new one, never a mix.
-        self._expected = tuple((f"Bearer {key}".encode(), who) for key, who in keys.items())
+        self._expected = tuple((f"Bearer {key}".encode(), dataclasses.replace(who, key_id=key_id(key)))
+                               for key, who in keys.items())
         if self.path is not None:
             extra = f" (and {len(self._fixed)} from the command line)" if self._fixed else ""
             roles = {role: sum(who.role == role for who in from_file.values()) for role in ROLES}
@@ -130,6 +156,8 @@ class APIKeys:
             logger.error("API key file not reloaded, the %d keys in use stay: %s", len(self), exc)
             return False
         self._set(from_file)
+        if self.on_reload is not None:
+            self.on_reload()
         return True
 
     def principal(self, authorization: bytes) -> Principal | None:
@@ -145,6 +173,9 @@ class APIKeys:
 
     def accepts(self, authorization: bytes) -> bool:
         return self.principal(authorization) is not None
+
+    def key_ids(self) -> set[str]:
+        return {who.key_id for _, who in self._expected}
 
     def tenants(self) -> set[str]:
         """The named tenants of the keys in use (the default tenant is None, not listed)."""

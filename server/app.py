@@ -20,6 +20,7 @@ from aligner.store import Store
 from decoding.engine import Engine
 from server.admission import AdmissionController
 from server.api_keys import APIKeys, reload_on_sighup
+from server.quotas import Quotas
 from server.config import ServerConfig
 from server.errors import from_validation_errors, make_error
 from server.metrics import ServerMetrics
@@ -105,7 +106,9 @@ def build_app(
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_body_bytes)
     app.state.api_keys = APIKeys(config.api_key, config.api_key_file, config.metrics_key)
     if app.state.api_keys:
-        app.add_middleware(APIKeyMiddleware, keys=app.state.api_keys)
+        app.state.quotas = quotas = Quotas()
+        app.state.api_keys.on_reload = lambda: quotas.keep_only(app.state.api_keys.key_ids())
+        app.add_middleware(APIKeyMiddleware, keys=app.state.api_keys, quotas=app.state.quotas, metrics=metrics)
     else:  # keyless: for the one person on this machine, not for the web pages they open
         app.add_middleware(LocalOriginMiddleware)
     app.add_middleware(RequestIdMiddleware)

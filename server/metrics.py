@@ -53,6 +53,13 @@ class ServerMetrics:
         self.experiment_assignments = Counter(
             "aligner_experiment_assignments", "Requests assigned an experiment arm, by experiment, arm and unit "
             "(user: by the request's user, sticky; random).", ["experiment", "arm", "unit"], registry=r)
+        # Per tenant (a label value from the key file, "default" for keys without one: bounded).
+        self.tenant_requests = Counter("aligner_tenant_requests", "Requests by the tenant of their key (probes "
+                                       "not counted).", ["tenant"], registry=r)
+        self.tenant_tokens = Counter("aligner_tenant_generated_tokens", "Tokens the policy generated for a tenant's "
+                                     "keys (candidates included).", ["tenant"], registry=r)
+        self.rate_limited = Counter("aligner_rate_limited", "Requests refused with 429 by their key's limit "
+                                    "(rpm or tokens_per_day).", ["tenant", "limit"], registry=r)
         for kind in STORE_FEEDBACK_KINDS:
             self.feedback.labels(kind)
         for kind in STORE_ERROR_KINDS:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import math
 import re
 import socket
 import time
@@ -16,6 +17,7 @@ from starlette.exceptions import HTTPException
 
 from server.api_keys import ADMIN, APIKeys, Principal
 from server.errors import make_error
+from server.quotas import Quotas
 
 access_log = logging.getLogger("aligner.access")
 
@@ -61,20 +63,34 @@ def role_allows(role: str, method: str, path: str) -> bool:
                for m, prefix in ROLE_PREFIXES.get(role, ()))
 
 
+GENERATION = {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/responses")}
+PROBE_PATHS = {"/health", "/ready", "/metrics"}
+
+
 def principal_of(scope) -> Principal:
     """Who sent the request (`server.api_keys.Principal`), as the key middleware found it; a
     server without keys serves one person, who may do everything (`ADMIN`)."""
     return (scope.get("state") or {}).get("principal", ADMIN)
 
 
+def meter_of(scope):
+    """What counts the tokens generated for the request's key (`Callable[[int], None]`), or
+    None on a keyless server."""
+    return (scope.get("state") or {}).get("meter")
+
+
 class APIKeyMiddleware:
     """401 unless `Authorization: Bearer <key>` names one of `keys`, asked afresh on every
     request so that a reloaded key file counts from the next request on; 403 when the key's
-    role may not call the route. Who the key names goes on to the routes (`principal_of`)."""
+    role may not call the route; 429 with `Retry-After` past the key's `rpm` or, for a
+    generation, its `tokens_per_day`. Who the key names goes on to the routes
+    (`principal_of`), with what counts its tokens (`meter_of`)."""
 
-    def __init__(self, app, keys: APIKeys):
+    def __init__(self, app, keys: APIKeys, quotas: Quotas | None = None, metrics=None):
         self.app = app
         self.keys = keys
+        self.quotas = quotas if quotas is not None else Quotas()
+        self.metrics = metrics  # server.metrics.ServerMetrics: per-tenant counters
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
@@ -91,7 +107,30 @@ class APIKeyMiddleware:
             error = make_error(f"a {who.role} key may not call {scope.get('method')} {path[:200]}", 403,
                                code="permission_denied")
             return await JSONResponse(error.model_dump(), status_code=403)(scope, receive, send)
-        scope.setdefault("state", {})["principal"] = who
+        method = scope.get("method", "GET")
+        tenant = who.tenant or "default"
+        quota = self.quotas.for_key(who.key_id, who.limits) if who.key_id else None
+        if path not in PROBE_PATHS:
+            if self.metrics is not None:
+                self.metrics.tenant_requests.labels(tenant).inc()
+            if quota is not None and (refused := quota.admit((method, path) in GENERATION)) is not None:
+                limit, wait_s = refused
+                if self.metrics is not None:
+                    self.metrics.rate_limited.labels(tenant, limit).inc()
+                what = ("requests per minute" if limit == "rpm" else "generated tokens for today (UTC)")
+                error = make_error(f"this key has used its {what}; retry after {math.ceil(wait_s)} s", 429,
+                                   code="rate_limit_exceeded")
+                return await JSONResponse(error.model_dump(), status_code=429,
+                                          headers={"Retry-After": str(max(1, math.ceil(wait_s)))})(scope, receive, send)
+
+        def meter(tokens: int) -> None:
+            if quota is not None:
+                quota.charge(tokens)
+            if self.metrics is not None:
+                self.metrics.tenant_tokens.labels(tenant).inc(tokens)
+
+        state = scope.setdefault("state", {})
+        state["principal"], state["meter"] = who, meter
         return await self.app(scope, receive, send)
 
 

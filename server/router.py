@@ -19,7 +19,7 @@ from aligner.rewards.base import checkpoint_version
 from aligner.strategies import describe_strategies
 from server.alignment import STRATEGY_HEADER, model_aliases
 from server.errors import engine_unavailable, make_error
-from server.middleware import principal_of
+from server.middleware import meter_of, principal_of
 from server.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList, ScoreRequest
 from server.protocol_responses import ResponsesRequest
 from server.protocol_store import FeedbackRequest
@@ -73,7 +73,8 @@ async def create_chat_completion(request: ChatCompletionRequest, raw: Request):
     serving = raw.app.state.chat
     header = raw.headers.get(STRATEGY_HEADER)
     tenant = principal_of(raw.scope).tenant
-    result = await run_cancelling_on_disconnect(raw, serving.create_chat_completion(request, header, tenant=tenant))
+    result = await run_cancelling_on_disconnect(
+        raw, serving.create_chat_completion(request, header, tenant=tenant, meter=meter_of(raw.scope)))
     return to_response(raw, "chat_completions", result)
 
 
@@ -82,14 +83,15 @@ async def create_response(request: ResponsesRequest, raw: Request):
     serving = raw.app.state.responses
     header = raw.headers.get(STRATEGY_HEADER)
     tenant = principal_of(raw.scope).tenant
-    result = await run_cancelling_on_disconnect(raw, serving.create_response(request, header, tenant=tenant))
+    result = await run_cancelling_on_disconnect(
+        raw, serving.create_response(request, header, tenant=tenant, meter=meter_of(raw.scope)))
     return to_response(raw, "responses", result)
 
 
 @router.post("/v1/completions")
 async def create_completion(request: CompletionRequest, raw: Request):
     serving = raw.app.state.completion
-    result = await run_cancelling_on_disconnect(raw, serving.create_completion(request))
+    result = await run_cancelling_on_disconnect(raw, serving.create_completion(request, meter_of(raw.scope)))
     return to_response(raw, "completions", result)
 
 

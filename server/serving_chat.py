@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 from aligner.plan import RequestPlan
@@ -80,10 +80,12 @@ class ServingChat(ServingBase):
     async def create_chat_completion(
         self, request: ChatCompletionRequest, strategy_header: str | None = None, *,
         response_id: str | None = None, endpoint: str = "chat.completions", tenant: str | None = None,
+        meter: Callable[[int], None] | None = None,
     ) -> ErrorResponse | ChatCompletionResponse | AsyncIterator[str]:
         """Check, plan, admit, run (or stream), render. `response_id`: the id the client gets
         (the Responses API's own); `endpoint` names the API in the answer's trace; `tenant`:
-        the tenant of the caller's key, who owns the trace."""
+        the tenant of the caller's key, who owns the trace; `meter`: counts the tokens generated
+        for that key (its quota)."""
         started, arrived = time.perf_counter(), time.monotonic()
         if error := self.check_common(request) or self._check_tools(request):
             return error
@@ -93,7 +95,7 @@ class ServingChat(ServingBase):
         if isinstance(ctx, ErrorResponse):
             return ctx
         origin = origin_of(endpoint, user=request.user, header=strategy_header, model=request.model, arrived=arrived,
-                           tenant=tenant)
+                           tenant=tenant, meter=meter)
         plan = await plan_or_error(planner, request.alignment, ctx, origin)
         if isinstance(plan, ErrorResponse):
             return plan
@@ -204,6 +206,8 @@ class ServingChat(ServingBase):
                 self.metrics.budget_exhausted.labels(strategy, budget.ran_out).inc()
         self.metrics.e2e.labels(strategy).observe(time.perf_counter() - started)
         self.metrics.generated_tokens.labels(strategy).inc(result.completion_tokens)
+        if plan.meter is not None:
+            plan.meter(result.completion_tokens)
         if "fallback" in result.info and not result.info["fallback"].get("cut"):  # a deadline is no fault
             self.metrics.fallbacks.labels(strategy).inc()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aligner.budget import Budget, BudgetedEngine
 from decoding.engine import Generation, GenerationChunk, TokenLogprob
@@ -66,8 +66,9 @@ async def merge(streams: list[AsyncIterator[GenerationChunk]]) -> AsyncIterator[
 
 class ServingCompletion(ServingBase):
     async def create_completion(
-        self, request: CompletionRequest
+        self, request: CompletionRequest, meter: Callable[[int], None] | None = None,
     ) -> ErrorResponse | CompletionResponse | AsyncIterator[str]:
+        """`meter`: counts the tokens generated for the caller's key (its quota)."""
         # The server's caps bound plain completions too: at one, a choice ends with "length".
         budget = Budget(self.config.max_request_seconds, self.config.max_request_tokens)
         if error := self.check_common(request):
@@ -97,13 +98,16 @@ class ServingCompletion(ServingBase):
             events = await prime(events)
             if isinstance(events, ErrorResponse):
                 return events
-            return self._stream(request, request_id, events, sum(map(len, prompt_ids)))
+            return self._stream(request, request_id, events, sum(map(len, prompt_ids)), meter)
         generations = [Generation.empty(request.n, len(ids)) for ids in prompt_ids]
         try:
             async for p, chunk in events:
                 generations[p].add(chunk)
         except ENGINE_ERRORS as exc:
             return engine_error(exc)
+        finally:
+            if meter is not None:
+                meter(sum(g.completion_tokens for g in generations))
         return self._response(request, request_id, prompts, prompt_ids, generations)
 
     async def _prompt_ids(self, prompts: list) -> list[list[int]] | ErrorResponse:
@@ -159,7 +163,8 @@ class ServingCompletion(ServingBase):
         )
 
     async def _stream(
-        self, request: CompletionRequest, request_id: str, events, prompt_tokens: int
+        self, request: CompletionRequest, request_id: str, events, prompt_tokens: int,
+        meter: Callable[[int], None] | None = None,
     ) -> AsyncIterator[str]:
         created = int(time.time())
         completion_tokens = 0
@@ -197,4 +202,6 @@ class ServingCompletion(ServingBase):
             yield self.stream_error("completions", exc)
         finally:
             await events.aclose()
+            if meter is not None:  # what was generated, also for a client gone mid-stream
+                meter(completion_tokens)
         yield SSE_DONE

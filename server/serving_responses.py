@@ -47,6 +47,7 @@ class ServingResponses:
 
     async def create_response(
         self, request: ResponsesRequest, strategy_header: str | None = None, tenant: str | None = None,
+        meter=None,
     ) -> ErrorResponse | ResponseObject | AsyncIterator[str]:
         if refused := request.refused():
             return invalid_request(f"{refused[0]}: {refused[1]}", refused[0])
@@ -57,7 +58,7 @@ class ServingResponses:
         response = ResponseObject.started(request)
         # The answer's trace is stored under the id this client gets.
         result = await self.chat.create_chat_completion(chat_request, strategy_header, response_id=response.id,
-                                                        endpoint="responses", tenant=tenant)
+                                                        endpoint="responses", tenant=tenant, meter=meter)
         if isinstance(result, ErrorResponse):
             return _renamed(result)
         if isinstance(result, ChatCompletionResponse):
