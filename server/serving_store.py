@@ -197,10 +197,12 @@ class ServingStore:
             other = owned(store.get_trace(request.preferred_over), who) if request.preferred_over is not None else None
             store_feedback.check_against_traces(request.id, trace, request.preferred_candidate,
                                                 request.preferred_over, other)
-            return [store.add_feedback(request.id, **row) for row in rows]
+            return store.add_feedback_rows(request.id, rows)
 
         stored = await self._call("store feedback", write)
         if isinstance(stored, ErrorResponse):
+            if stored.error.code == "client_key_reused":  # the key as the client sent it, not as stored
+                stored.error.message = f"client_key {request.client_key!r} was already used for different feedback"
             return stored
         for row in stored:
             if row["created_at"] >= started:  # an earlier row returned for a client-key retry is not new

@@ -126,39 +126,52 @@ class Store:
         Raises `StoreValidationError` for what the store refuses (see `aligner.store.feedback`).
         With a `client_key`, sending the same feedback again returns the first row instead of
         adding one; the same key with different content raises `StoreConflictError`."""
-        fb.check_id(trace_id, "trace_id")
-        fb.check_id(other_trace_id, "other_trace_id", required=False)
-        kind = fb.kind_of(rating, preferred_index, other_trace_id, comment)
-        fb.check_fields(rating=rating, rating_scale=rating_scale, preferred_index=preferred_index,
-                        comment=comment, user=user, client_key=client_key)
-        row = {"trace_id": trace_id, "kind": kind, "rating": rating, "rating_scale": rating_scale,
-               "preferred_index": preferred_index, "other_trace_id": other_trace_id,
-               "comment": comment, "user": user, "client_key": client_key}
-        if client_key is not None:
-            earlier = self._feedback_by_key(client_key)
-            if earlier is not None:
-                return self._repeat(earlier, row)
-        with self._write() as conn:
-            trace = _get_trace(conn, trace_id)
-            other = _get_trace(conn, other_trace_id) if other_trace_id is not None else None
-            fb.check_against_traces(trace_id, trace, preferred_index, other_trace_id, other)
-            stmt = self._insert(feedback).values(created_at=self.clock(), **row)
-            if client_key is not None:
-                # Another replica may have taken the key since we looked: keep its row.
-                stmt = stmt.on_conflict_do_nothing(index_elements=[feedback.c.client_key])
-            try:
-                new_id = conn.execute(stmt.returning(feedback.c.id)).scalar()
-            except sa.exc.IntegrityError as exc:  # a foreign key: the response was deleted meanwhile
-                raise StoreValidationError(f"no stored response with id {trace_id!r} (deleted just now)",
-                                           "trace_id", "unknown_id") from exc
-            if new_id is not None:
-                return dict(conn.execute(sa.select(feedback).where(feedback.c.id == new_id)).one()._mapping)
-        return self._repeat(self._feedback_by_key(client_key), row)
+        return self.add_feedback_rows(trace_id, [{
+            "rating": rating, "rating_scale": rating_scale, "preferred_index": preferred_index,
+            "other_trace_id": other_trace_id, "comment": comment, "user": user, "client_key": client_key}])[0]
 
-    def _feedback_by_key(self, client_key: str) -> dict[str, Any] | None:
-        with self._read() as conn:
-            found = conn.execute(sa.select(feedback).where(feedback.c.client_key == client_key)).first()
-        return None if found is None else dict(found._mapping)
+    def add_feedback_rows(self, trace_id: str, rows: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Several pieces of feedback on the response `trace_id` (each with `add_feedback`'s
+        keywords) in one transaction: all are stored, or, when one is refused, none."""
+        fb.check_id(trace_id, "trace_id")
+        wanted = []
+        for given in rows:
+            row = {"rating": None, "rating_scale": None, "preferred_index": None, "other_trace_id": None,
+                   "comment": None, "user": None, "client_key": None, **given}
+            fb.check_id(row["other_trace_id"], "other_trace_id", required=False)
+            kind = fb.kind_of(row["rating"], row["preferred_index"], row["other_trace_id"], row["comment"])
+            fb.check_fields(rating=row["rating"], rating_scale=row["rating_scale"],
+                            preferred_index=row["preferred_index"], comment=row["comment"], user=row["user"],
+                            client_key=row["client_key"])
+            wanted.append({"trace_id": trace_id, "kind": kind, **row})
+        stored = []
+        try:
+            with self._write() as conn:  # an exception below rolls every row back
+                trace = _get_trace(conn, trace_id)
+                for row in wanted:
+                    other = _get_trace(conn, row["other_trace_id"]) if row["other_trace_id"] is not None else None
+                    fb.check_against_traces(trace_id, trace, row["preferred_index"], row["other_trace_id"], other)
+                    stored.append(self._insert_feedback(conn, row))
+        except sa.exc.IntegrityError as exc:  # a foreign key: the response was deleted meanwhile
+            raise StoreValidationError(f"no stored response with id {trace_id!r} (deleted just now)",
+                                       "trace_id", "unknown_id") from exc
+        return stored
+
+    def _insert_feedback(self, conn: sa.Connection, row: dict[str, Any]) -> dict[str, Any]:
+        """Insert one row, or return the row its client key already holds (same content)."""
+        key = row["client_key"]
+        by_key = sa.select(feedback).where(feedback.c.client_key == key)
+        if key is not None and (earlier := conn.execute(by_key).first()) is not None:
+            return self._repeat(dict(earlier._mapping), row)
+        stmt = self._insert(feedback).values(created_at=self.clock(), **row)
+        if key is not None:
+            # Another replica may have taken the key since we looked: keep its row.
+            stmt = stmt.on_conflict_do_nothing(index_elements=[feedback.c.client_key])
+        new_id = conn.execute(stmt.returning(feedback.c.id)).scalar()
+        if new_id is None:
+            earlier = conn.execute(by_key).first()
+            return self._repeat(None if earlier is None else dict(earlier._mapping), row)
+        return dict(conn.execute(sa.select(feedback).where(feedback.c.id == new_id)).one()._mapping)
 
     @staticmethod
     def _repeat(earlier: dict[str, Any] | None, wanted: Mapping[str, Any]) -> dict[str, Any]:
@@ -166,7 +179,7 @@ class Store:
             raise StoreConflictError("client_key was used for feedback that has since been deleted")
         if not fb.same_content(earlier, wanted):
             raise StoreConflictError(  # not which feedback: that may be another client's answer
-                f"client_key {wanted['client_key']!r} was already used for different feedback")
+                f"client_key {wanted['client_key']!r} was already used for different feedback", "client_key")
         return earlier
 
     def feedback_for(self, trace_id: str) -> list[dict[str, Any]]:

@@ -116,7 +116,7 @@ def test_tenant_keys_keep_each_tenants_traces_and_users_apart(key_file_server):
     and deletes across tenants."""
     running, keys = key_file_server
     replace_file(keys, f"{KEY_B}\nkey-team-a tenant=team-a role=client\nkey-team-b tenant=team-b role=client\n"
-                       "key-probe role=metrics\n")
+                       "key-probe role=metrics\nkey-limited tenant=team-a role=client rpm=1\n")
     running.process.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 10
     while models_status(running, "key-team-a") != 200 and time.monotonic() < deadline:
@@ -151,3 +151,12 @@ def test_tenant_keys_keep_each_tenants_traces_and_users_apart(key_file_server):
     deleted = call(running.api_key, "DELETE", "/v1/alignment/users/carol", params={"tenant": "team-a"})
     assert deleted.status_code == 200 and deleted.json()["deleted"]["traces"] == 1
     assert call("key-team-a", "GET", f"/v1/alignment/traces/{trace_id}").status_code == 404
+
+    # A key past its requests per minute: 429 with Retry-After; the tenant's other key goes on.
+    assert call("key-limited", "GET", "/v1/models").status_code == 200
+    limited = call("key-limited", "GET", "/v1/models")
+    assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(limited.headers["Retry-After"]) <= 60
+    assert call("key-team-a", "GET", "/v1/models").status_code == 200
+    metrics = call(running.api_key, "GET", "/metrics").text
+    assert 'aligner_rate_limited_total{limit="rpm",tenant="team-a"} 1.0' in metrics

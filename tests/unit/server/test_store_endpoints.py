@@ -314,6 +314,12 @@ def test_a_client_key_makes_feedback_idempotent(api, store):
     other = chat(api, BEST_OF_3)  # the key on another answer: refused without naming the first
     reused = assert_error(feedback(api, id=other["id"], thumbs="up", client_key="tap-1"), 409, "client_key")
     assert answer["id"] not in reused["message"] and "feedback " not in reused["message"]
+    # A body of several things is one transaction: a conflict on its second row stores no first.
+    assert feedback(api, id=other["id"], preferred_candidate=1, client_key="tap-2").status_code == 200
+    conflict = assert_error(feedback(api, id=other["id"], thumbs="up", preferred_candidate=2, client_key="tap-2"),
+                            409, "client_key")
+    assert conflict["message"] == "client_key 'tap-2' was already used for different feedback"
+    assert [row["kind"] for row in store.feedback_for(other["id"])] == ["preference"]
 
 
 def test_feedback_right_after_the_answer_waits_for_its_trace(store):

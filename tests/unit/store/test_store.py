@@ -369,3 +369,17 @@ def test_the_database_itself_refuses_feedback_on_a_missing_response(answered, mo
         answered.add_feedback("deleted-meanwhile", comment="hm")
     assert (refused.value.param, refused.value.code) == ("trace_id", "unknown_id")
     assert count(answered, feedback) == 0
+
+
+def test_several_pieces_of_feedback_are_stored_together_or_not_at_all(answered):
+    answered.add_feedback("a", preferred_index=0, client_key="k:preference")
+    with pytest.raises(StoreConflictError):  # the second row's key holds other content
+        answered.add_feedback_rows("a", [{"rating": 1, "rating_scale": "thumbs", "client_key": "k:rating"},
+                                         {"preferred_index": 1, "client_key": "k:preference"}])
+    assert [r["kind"] for r in answered.feedback_for("a")] == ["preference"]  # the rating was rolled back
+    with pytest.raises(StoreValidationError):  # the second names an unknown response
+        answered.add_feedback_rows("a", [{"comment": "good"}, {"other_trace_id": "nope"}])
+    assert len(answered.feedback_for("a")) == 1
+    rows = answered.add_feedback_rows("a", [{"rating": 1, "rating_scale": "thumbs", "client_key": "k:rating"},
+                                            {"preferred_index": 0, "client_key": "k:preference"}])
+    assert [r["kind"] for r in rows] == ["rating", "preference"] and len(answered.feedback_for("a")) == 2
