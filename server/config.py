@@ -20,6 +20,11 @@ class StoreConfig:
     prune_interval_s: float = 3600.0
     # Writes waiting for the background writer; beyond this a trace is dropped (and counted).
     max_pending: int = 1000
+    # ... and their bytes (a trace's JSON size): a few huge traces fill the queue as many small do.
+    max_pending_bytes: int = 64 << 20
+    # The most one stored trace keeps: beyond it the request's settings, tools and the
+    # answers as returned are replaced by a marker (conversation and candidates are kept).
+    max_trace_bytes: int = 256 << 10
     # An endpoint's own store call (feedback, trace reads, deletions) answers 503 after this.
     request_timeout_s: float = 15.0
     # How long feedback or a read waits for a trace this process is still writing.

@@ -69,6 +69,10 @@ class ServerMetrics:
         """`aligner_store_pending`: writes the store's background writer holds, read at scrape time."""
         Gauge("aligner_store_pending", "Store writes queued or in progress in the background writer.",
               registry=self.registry).set_function(lambda: writer.pending)
+        Gauge("aligner_store_pending_bytes", "Bytes of the store writes queued in the background writer.",
+              registry=self.registry).set_function(lambda: writer.pending_bytes)
+        Gauge("aligner_store_full", "1 while the writer's queue is at its bound in writes or bytes (new traces "
+              "are dropped).", registry=self.registry).set_function(lambda: float(writer.full))
 
     def observe_reward(self, name: str, seconds: float, ok: bool) -> None:
         self.reward_calls.labels(name, "ok" if ok else "error").inc()

@@ -211,11 +211,15 @@ async def ready(raw: Request):
     problems += [f"reward model {name!r} {why}" for name, s in reward_status.items() if (why := s.problem())]
     numerics = {"policy": status.numerics, **{name: s.numerics for name, s in helper_status.items()}}
     served = {r.name: r.state() for r in raw.app.state.rewards.served()}
+    writer = raw.app.state.serving_store.writer
+    store = None if writer is None else {"pending": writer.pending, "pending_bytes": writer.pending_bytes,
+                                         "full": writer.full}  # full: answers go out, their traces are dropped
     if not problems:
         return JSONResponse({"status": "ready", "model": engine.model_name, "helper_models": sorted(helpers),
-                             "numerics": numerics, "served_rewards": served})
+                             "numerics": numerics, "served_rewards": served, "store": store})
     body = engine_unavailable("; ".join(problems)).model_dump()
     body["numerics"] = numerics  # what was built and checked so far, e.g. a failed self-check
+    body["store"] = store
     return JSONResponse(body, status_code=503)
 
 

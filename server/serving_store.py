@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import json
 import logging
 import threading
 import time
@@ -100,6 +101,7 @@ class ServingStore:
         self.writer: BackgroundWriter | None = None
         if store is not None:
             self.writer = BackgroundWriter(WriterTarget(store, metrics, self.pending), config.max_pending,
+                                           max_pending_bytes=config.max_pending_bytes,
                                            on_error=self._count_write_error)
             metrics.watch_store_writer(self.writer)
         self._threads: ThreadPoolExecutor | None = None
@@ -128,11 +130,13 @@ class ServingStore:
         return wanted
 
     def record(self, trace: dict[str, Any]) -> bool:
-        """Queue the trace for the background writer; False when it was dropped. Never blocks."""
+        """Queue the trace (bounded: `bound_trace`) for the background writer; False when it was
+        dropped. Never blocks."""
         if self.writer is None:
             return False
+        trace, size = bound_trace(trace, self.config.max_trace_bytes)
         self.pending.add(trace["id"])
-        if self.writer.submit("put_trace", trace):
+        if self.writer.submit("put_trace", trace, size):
             return True
         self.pending.done(trace["id"])
         return False
@@ -142,11 +146,18 @@ class ServingStore:
 
     async def prune_periodically(self) -> None:
         """Retention: delete what is older than `retention_days`, at start and then every
-        `prune_interval_s`, through the writer (so it never competes with an endpoint's call)."""
+        `prune_interval_s`, on a thread of its own: never queued behind traces, so never dropped
+        when the writer's queue is full (the store prunes in small batches, so writes go on)."""
         if self.writer is None or self.config.retention_days is None:
             return
+        target = self.writer.store
         while True:
-            self.writer.submit("prune", self.config.retention_days)
+            try:
+                await asyncio.to_thread(target.prune, self.config.retention_days)
+            except Exception as exc:  # noqa: BLE001 - retried at the next interval
+                logger.error("store retention failed, retried in %g s: %s: %s", self.config.prune_interval_s,
+                             type(exc).__name__, exc)
+                self._count_write_error("write_failed")
             await asyncio.sleep(self.config.prune_interval_s)
 
     async def aclose(self, timeout_s: float = 5.0) -> None:
@@ -299,6 +310,31 @@ class ServingStore:
     def _failed(self, what: str, why: str) -> ErrorResponse:
         self.metrics.store_errors.labels("request_failed").inc()
         return make_error(f"the store could not {what} ({why}); try again later", 503, code="store_unavailable")
+
+
+def bound_trace(trace: dict[str, Any], max_bytes: int) -> tuple[dict[str, Any], int]:
+    """(the trace within `max_bytes` of JSON where it can be, its size). Beyond the bound the
+    request's own settings (`extra.request`: stop strings, choices, schemas...), then the
+    tools, then the answers as returned (the candidates hold them too) are each replaced by
+    `{"truncated": true, "bytes": N}`, in that order, until it fits; the conversation and the
+    candidates are kept whole (the engine's context bounds them)."""
+    def size(value: Any) -> int:
+        return len(json.dumps(value, default=str, ensure_ascii=False).encode())
+
+    total = size(trace)
+    extra = trace.get("extra")
+    if total <= max_bytes or not isinstance(extra, dict):
+        return trace, total
+    extra = dict(extra)
+    for name in ("request", "tools", "choices"):
+        if total <= max_bytes:
+            break
+        if extra.get(name) is None:
+            continue
+        part = size(extra[name])
+        extra[name] = {"truncated": True, "bytes": part}
+        total -= part - size(extra[name])
+    return {**trace, "extra": extra}, total
 
 
 def owned(trace: dict[str, Any] | None, who: Principal) -> dict[str, Any] | None:

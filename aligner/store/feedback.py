@@ -21,6 +21,7 @@ from aligner.store.errors import StoreValidationError
 KINDS = ("rating", "preference", "pairwise", "comment")
 RATING_SCALES = {"thumbs": (-1, 1), "stars": (1, 2, 3, 4, 5)}
 MAX_COMMENT_CHARS = 10_000
+MAX_COMMENTS_PER_ANSWER = 50  # with MAX_COMMENT_CHARS, at most about 0.5 MB of comments per answer
 MAX_ID_CHARS = 255  # ids, users and client keys (the columns' width)
 
 # The fields a feedback row is compared on when its client key comes again.

@@ -163,6 +163,12 @@ class Store:
         by_key = sa.select(feedback).where(feedback.c.client_key == key)
         if key is not None and (earlier := conn.execute(by_key).first()) is not None:
             return self._repeat(dict(earlier._mapping), row)
+        if row["comment"] is not None:
+            said = conn.scalar(sa.select(sa.func.count()).select_from(feedback).where(
+                feedback.c.trace_id == row["trace_id"], feedback.c.comment.is_not(None)))
+            if said >= fb.MAX_COMMENTS_PER_ANSWER:
+                raise StoreValidationError(f"response {row['trace_id']!r} has {said} comments, the most kept for "
+                                           "one answer", "comment", "too_many_comments")
         stmt = self._insert(feedback).values(created_at=self.clock(), **row)
         if key is not None:
             # Another replica may have taken the key since we looked: keep its row.

@@ -1,7 +1,8 @@
 """Writes that never delay or fail a response: queued in memory, done by one daemon thread.
 
 `submit` only appends to a bounded queue under a lock the worker holds for a pop, so it returns
-at once even while the database is slow or locked. A full queue drops the write; a write that
+at once even while the database is slow or locked. The queue is bounded in writes and in bytes
+(each write's size, as the submitter measured it). A full queue drops the write; a write that
 raises is logged (at most once per `log_interval_s`, with a count) and dropped; either way the
 counters move and `on_error(kind)` is called, so the server can export them as metrics.
 """
@@ -32,12 +33,14 @@ class BackgroundWriter:
     `WRITE_FAILED` or `UNKNOWN_OPERATION`; the counters `submitted`, `written`, `dropped` and
     `failed` are plain ints (`submitted == written + failed + pending`)."""
 
-    def __init__(self, store: Any, max_pending: int = 1000, *,
+    def __init__(self, store: Any, max_pending: int = 1000, *, max_pending_bytes: int | None = None,
                  on_error: Callable[[str], None] | None = None, log_interval_s: float = 60.0):
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         self.store = store
         self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes  # None: bounded in writes only
+        self.pending_bytes = 0  # the sizes of the queued writes (not of the one in progress)
         self.on_error = on_error
         self.log_interval_s = log_interval_s
         # Plain counters, written under the lock, read without it.
@@ -45,7 +48,7 @@ class BackgroundWriter:
         self.written = 0
         self.dropped = 0
         self.failed = 0
-        self._queue: collections.deque[tuple[str, Any]] = collections.deque()
+        self._queue: collections.deque[tuple[str, Any, int]] = collections.deque()
         self._cond = threading.Condition()
         self._busy = False
         self._closed = False
@@ -59,16 +62,29 @@ class BackgroundWriter:
         """Writes queued or in progress."""
         return len(self._queue) + self._busy
 
+    @property
+    def full(self) -> bool:
+        """Whether the queue is at its bound in writes or in bytes (the next write may drop)."""
+        return len(self._queue) >= self.max_pending or (
+            self.max_pending_bytes is not None and self.pending_bytes >= self.max_pending_bytes)
+
     def stats(self) -> dict[str, int]:
         return {"submitted": self.submitted, "written": self.written, "dropped": self.dropped,
-                "failed": self.failed, "pending": self.pending}
+                "failed": self.failed, "pending": self.pending, "pending_bytes": self.pending_bytes}
 
-    def submit(self, fn_name: str, payload: Any) -> bool:
-        """Queue `store.<fn_name>(payload)`; False when dropped. Never blocks, never raises."""
+    def _fits(self, size: int) -> bool:
+        if len(self._queue) >= self.max_pending:
+            return False
+        return self.max_pending_bytes is None or self.pending_bytes + size <= self.max_pending_bytes
+
+    def submit(self, fn_name: str, payload: Any, size: int = 0) -> bool:
+        """Queue `store.<fn_name>(payload)`, `size` bytes of it; False when dropped. Never blocks,
+        never raises."""
         try:
             with self._cond:
-                if fn_name in OPERATIONS and not self._closed and len(self._queue) < self.max_pending:
-                    self._queue.append((fn_name, payload))
+                if fn_name in OPERATIONS and not self._closed and self._fits(size):
+                    self._queue.append((fn_name, payload, size))
+                    self.pending_bytes += size
                     self.submitted += 1
                     self._cond.notify()
                     return True
@@ -79,8 +95,8 @@ class BackgroundWriter:
                           fn_name, sorted(OPERATIONS))
                 self._report(UNKNOWN_OPERATION)
             else:
-                self._log(QUEUE_FULL, "store writer %s: %s dropped",
-                          "closed" if closed else f"full ({self.max_pending} pending)", fn_name)
+                self._log(QUEUE_FULL, "store writer %s: %s dropped", "closed" if closed else
+                          f"full ({len(self._queue)} writes, {self.pending_bytes} bytes pending)", fn_name)
                 self._report(QUEUE_FULL)
         except Exception:  # noqa: BLE001 - a store problem must never reach the response
             logger.exception("store writer: submit failed")
@@ -108,7 +124,8 @@ class BackgroundWriter:
                 self._cond.wait_for(lambda: self._queue or self._closed)
                 if not self._queue:
                     return  # closed and drained
-                fn_name, payload = self._queue.popleft()
+                fn_name, payload, size = self._queue.popleft()
+                self.pending_bytes -= size
                 self._busy = True
             ok = False
             try:

@@ -421,6 +421,8 @@ def test_a_full_writer_drops_the_trace_not_the_answer(store):
                 == (True, True, False)
             assert metric(client, 'aligner_store_errors_total{kind="queue_full"}') == 1
             assert metric(client, "aligner_store_pending") == 2
+            assert metric(client, "aligner_store_full") == 1
+            assert client.get("/ready", headers=AUTH).json()["store"]["full"] is True
             gate.set()
             client.app.state.serving_store.writer.flush(5)
             assert metric(client, "aligner_store_pending") == 0
@@ -458,6 +460,61 @@ def test_retention_prunes_old_traces_in_the_background(store):
             time.sleep(0.02)
         client.app.state.serving_store.writer.flush(5)
     assert store.get_trace("old") is None and store.get_trace("new") is not None
+
+
+def test_retention_runs_while_the_writer_is_full(store):
+    gate, entered = threading.Event(), threading.Event()
+
+    class HeldStore:
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def put_trace(self, trace):
+            entered.set()
+            gate.wait(10)
+            store.put_trace(trace)
+
+    store.put_trace({"id": "old", "conversation": [{"role": "user", "content": "hi"}],
+                     "created_at": time.time() - 40 * 86400})
+    try:
+        with make_client(HeldStore(), max_pending=1, retention_days=30, prune_interval_s=0.05) as client:
+            chat(client)
+            assert entered.wait(5)
+            chat(client)  # the queue is full from here on
+            assert client.app.state.serving_store.writer.full
+            store.put_trace({"id": "old-2", "conversation": [{"role": "user", "content": "hi"}],
+                             "created_at": time.time() - 40 * 86400})
+            deadline = time.monotonic() + 5
+            while store.get_trace("old-2") is not None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert store.get_trace("old") is None and store.get_trace("old-2") is None
+    finally:
+        gate.set()
+
+
+def test_a_huge_request_stores_a_bounded_trace_with_its_candidates(api):
+    stops = [f"{i}" + "x" * 60_000 for i in range(16)]  # about 1 MB of stop strings
+    answer = chat(api, BEST_OF_3, stop=stops)
+    trace = trace_of(api, answer["id"])
+    assert trace["request"]["truncated"] is True and trace["request"]["bytes"] > 900_000
+    assert len(trace["candidates"]) == 3 and trace["conversation"][-1]["content"] == "hello there"
+    assert len(json.dumps(trace)) < 256 << 10
+
+
+def test_bound_trace_drops_the_request_then_the_tools_then_the_choices():
+    from server.serving_store import bound_trace
+
+    trace = {"id": "t", "conversation": [], "candidates": [{"text": "y" * 1000}],
+             "extra": {"request": {"stop": ["x" * 5000]}, "tools": [{"d": "z" * 3000}], "choices": [{"t": "y" * 1000}],
+                       "endpoint": "chat.completions"}}
+    kept, size = bound_trace(trace, 100_000)
+    assert kept is trace and size == len(json.dumps(trace).encode())
+    kept, size = bound_trace(trace, 6000)
+    assert kept["extra"]["request"]["truncated"] and kept["extra"]["tools"] == trace["extra"]["tools"]
+    kept, size = bound_trace(trace, 1000)
+    assert all(kept["extra"][k]["truncated"] for k in ("request", "tools", "choices"))
+    assert kept["candidates"] == trace["candidates"] and kept["extra"]["endpoint"] == "chat.completions"
+    assert size == len(json.dumps(kept).encode()) and trace["extra"]["request"]["stop"]  # the original stays
 
 
 def test_a_trace_that_cannot_be_built_costs_the_answer_nothing(api, monkeypatch):

@@ -383,3 +383,16 @@ def test_several_pieces_of_feedback_are_stored_together_or_not_at_all(answered):
     rows = answered.add_feedback_rows("a", [{"rating": 1, "rating_scale": "thumbs", "client_key": "k:rating"},
                                             {"preferred_index": 0, "client_key": "k:preference"}])
     assert [r["kind"] for r in rows] == ["rating", "preference"] and len(answered.feedback_for("a")) == 2
+
+
+def test_comments_are_capped_per_answer(answered):
+    from aligner.store.feedback import MAX_COMMENTS_PER_ANSWER
+
+    for i in range(MAX_COMMENTS_PER_ANSWER):
+        answered.add_feedback("a", comment=f"comment {i}", client_key=f"c{i}")
+    with pytest.raises(StoreValidationError) as info:
+        answered.add_feedback("a", comment="one more")
+    assert info.value.code == "too_many_comments" and info.value.param == "comment"
+    assert answered.add_feedback("a", comment="comment 0", client_key="c0")["comment"] == "comment 0"  # a retry
+    assert answered.add_feedback("a", rating=1, rating_scale="thumbs")["kind"] == "rating"  # not a comment
+    assert answered.add_feedback("b", comment="another answer")["kind"] == "comment"

@@ -49,12 +49,29 @@ def test_a_full_queue_drops_the_write_and_counts_it():
     accepted, took = timed_submit(writer, "put_trace", {"id": "t3"})
     assert (accepted, kinds) == (False, [QUEUE_FULL])
     assert took < QUICK_S
-    assert writer.stats() == {"submitted": 3, "written": 0, "dropped": 1, "failed": 0, "pending": 3}
+    assert writer.stats() == {"submitted": 3, "written": 0, "dropped": 1, "failed": 0, "pending": 3,
+                              "pending_bytes": 0}
+    assert writer.full
     assert writer.flush(timeout=0.05) is False  # still held
     store.gate.set()
     assert writer.flush(timeout=5)
     assert [t["id"] for t in store.traces] == ["t0", "t1", "t2"]
     assert writer.stats()["written"] == 3
+    assert writer.close()
+
+
+def test_the_queue_is_bounded_in_bytes_too():
+    store, kinds = GatedStore(), []
+    writer = BackgroundWriter(store, max_pending=100, max_pending_bytes=1000, on_error=kinds.append)
+    assert writer.submit("put_trace", {"id": "t0"}, 10)
+    assert store.entered.wait(5)  # held; its bytes left the queue with it
+    assert writer.pending_bytes == 0
+    assert writer.submit("put_trace", {"id": "t1"}, 600) and not writer.full
+    assert not writer.submit("put_trace", {"id": "t2"}, 600) and kinds == [QUEUE_FULL]  # 1200 > 1000
+    assert writer.submit("put_trace", {"id": "t3"}, 400) and writer.full  # exactly at the bound
+    store.gate.set()
+    assert writer.flush(timeout=5) and writer.pending_bytes == 0 and not writer.full
+    assert [t["id"] for t in store.traces] == ["t0", "t1", "t3"]
     assert writer.close()
 
 
