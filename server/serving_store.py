@@ -79,10 +79,13 @@ class WriterTarget:
 
     def put_trace(self, trace: dict[str, Any]) -> None:
         try:
-            self.store.put_trace(trace)
+            written = self.store.put_trace(trace)
         finally:
             self.pending.done(trace["id"])
-        self.metrics.traces_written.inc()
+        if written:
+            self.metrics.traces_written.inc()
+        else:
+            logger.info("trace %s not stored: its user was deleted after the request arrived", trace["id"])
 
     def prune(self, older_than_days: float) -> None:
         counts = self.store.prune(older_than_days)

@@ -92,6 +92,16 @@ experiment_assignments = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False, index=True),
 )
 
+# A deleted user's tombstone: a trace of theirs whose request arrived before `deleted_at` is
+# dropped when it is written, on any replica (it was queued, or still streaming, at deletion).
+# `tenant_key`: the tenant's name, "" for the default tenant, "*" for a deletion in every tenant.
+user_deletions = sa.Table(
+    "user_deletions", metadata,
+    sa.Column("tenant_key", Id, primary_key=True),
+    sa.Column("user", Id, primary_key=True),
+    sa.Column("deleted_at", sa.Float, nullable=False, index=True),
+)
+
 schema_version = sa.Table(
     "schema_version", metadata,
     sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
@@ -170,10 +180,15 @@ def _add_trace_tenant(conn: sa.Connection) -> None:
     next(i for i in traces.indexes if i.name == "ix_traces_tenant_user").create(conn)
 
 
+def _add_user_deletions(conn: sa.Connection) -> None:
+    user_deletions.create(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "traces, feedback and experiment assignments", _create_v1),
     Migration(2, "traces.experiment and traces.arm (A/B experiments)", _add_trace_experiment),
     Migration(3, "traces.tenant (keys with a tenant)", _add_trace_tenant),
+    Migration(4, "user_deletions (tombstones that drop a deleted user's late writes)", _add_user_deletions),
 )
 LATEST = MIGRATIONS[-1].version
 

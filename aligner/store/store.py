@@ -22,7 +22,7 @@ from aligner.experiments import UNIT_SEPARATOR, tenant_unit
 from aligner.store import feedback as fb
 from aligner.store.engine import DEFAULT_BUSY_TIMEOUT_S, create_engine, json_dumps, resolve_url
 from aligner.store.errors import StoreConflictError, StoreValidationError
-from aligner.store.schema import experiment_assignments, feedback, migrate, traces
+from aligner.store.schema import experiment_assignments, feedback, migrate, traces, user_deletions
 
 TRACE_FIELDS = frozenset({
     "id", "created_at", "user", "conversation", "strategy", "profile", "profile_version", "model",
@@ -86,10 +86,12 @@ class Store:
 
     # -- traces -----------------------------------------------------------------------------
 
-    def put_trace(self, trace: Mapping[str, Any]) -> None:
+    def put_trace(self, trace: Mapping[str, Any]) -> bool:
         """Store one response's trace under its id (`trace["id"]`); the same id again replaces
         it, so a retried write is harmless. Keys are `TRACE_FIELDS`; `id` and `conversation`
-        are required, `created_at` (epoch seconds or datetime) defaults to now."""
+        are required, `created_at` (epoch seconds or datetime) defaults to now. False (nothing
+        written) when its user was deleted after its request arrived (`created_at` less
+        `timings.total_s`): a trace still queued or streaming at the deletion, on any replica."""
         unknown = set(trace) - TRACE_FIELDS
         if unknown:
             raise ValueError(f"unknown trace field(s) {sorted(unknown)}; known: {sorted(TRACE_FIELDS)}")
@@ -108,8 +110,15 @@ class Store:
         stmt = self._insert(traces).values(**row)
         stmt = stmt.on_conflict_do_update(
             index_elements=[traces.c.id], set_={k: stmt.excluded[k] for k in row if k != "id"})
+        total_s = (row.get("timings") or {}).get("total_s")
+        arrived = row["created_at"] - (total_s if isinstance(total_s, (int, float)) else 0.0)
         with self._write() as conn:
+            if row["user"] is not None and conn.scalar(sa.select(user_deletions.c.user).where(
+                    user_deletions.c.user == row["user"], user_deletions.c.deleted_at >= arrived,
+                    user_deletions.c.tenant_key.in_([tenant_key(row["tenant"]), "*"])).limit(1)) is not None:
+                return False
             conn.execute(stmt)
+        return True
 
     def get_trace(self, trace_id: str) -> dict[str, Any] | None:
         with self._read() as conn:
@@ -322,7 +331,12 @@ class Store:
             units = unit == tenant_unit(tenant, user)
         theirs = sa.select(traces.c.id).where(traces.c.user == user, in_tenant)
         tenants = sa.select(traces.c.id).where(in_tenant)
+        tombstone = self._insert(user_deletions).values(
+            tenant_key="*" if tenant is EVERY_TENANT else tenant_key(tenant), user=user, deleted_at=self.clock())
+        tombstone = tombstone.on_conflict_do_update(index_elements=[user_deletions.c.tenant_key, user_deletions.c.user],
+                                                    set_={"deleted_at": tombstone.excluded.deleted_at})
         with self._write() as conn:
+            conn.execute(tombstone)  # in the deletion's transaction: later writes of the user see it
             removed = conn.execute(feedback.delete().where(sa.or_(
                 sa.and_(feedback.c.user == user, feedback.c.trace_id.in_(tenants)),
                 feedback.c.trace_id.in_(theirs), feedback.c.other_trace_id.in_(theirs)))).rowcount
@@ -353,7 +367,14 @@ class Store:
             counts["feedback"] += conn.execute(feedback.delete().where(feedback.c.created_at < cutoff)).rowcount
             counts["assignments"] += conn.execute(experiment_assignments.delete().where(
                 experiment_assignments.c.created_at < cutoff)).rowcount
+            # A tombstone older than the retention guards nothing a request could still write.
+            conn.execute(user_deletions.delete().where(user_deletions.c.deleted_at < cutoff))
         return counts
+
+
+def tenant_key(tenant: str | None) -> str:
+    """A tenant as a tombstone's key: its name, "" for the default tenant."""
+    return tenant or ""
 
 
 def _trace_dict(row: sa.Row) -> dict[str, Any]:

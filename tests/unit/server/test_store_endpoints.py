@@ -462,6 +462,33 @@ def test_retention_prunes_old_traces_in_the_background(store):
     assert store.get_trace("old") is None and store.get_trace("new") is not None
 
 
+def test_a_user_deleted_while_their_traces_wait_in_the_writer_keeps_none(store):
+    gate, entered = threading.Event(), threading.Event()
+
+    class HeldStore:
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def put_trace(self, trace):
+            entered.set()
+            gate.wait(10)
+            return store.put_trace(trace)
+
+    try:
+        with make_client(HeldStore(), trace_wait_s=0.2) as client:
+            held, queued = chat(client, user="carol"), chat(client, user="carol")
+            assert entered.wait(5)
+            r = client.delete("/v1/alignment/users/carol", headers=AUTH)  # the writer does not flush in time
+            assert r.status_code == 200 and r.json()["deleted"]["traces"] == 0
+            gate.set()
+            assert client.app.state.serving_store.writer.flush(5)
+            assert store.get_trace(held["id"]) is None and store.get_trace(queued["id"]) is None
+            later = chat(client, user="carol")  # she comes back: a new request is kept
+            assert trace_of(client, later["id"])["user"] == "carol"
+    finally:
+        gate.set()
+
+
 def test_retention_runs_while_the_writer_is_full(store):
     gate, entered = threading.Event(), threading.Event()
 

@@ -396,3 +396,25 @@ def test_comments_are_capped_per_answer(answered):
     assert answered.add_feedback("a", comment="comment 0", client_key="c0")["comment"] == "comment 0"  # a retry
     assert answered.add_feedback("a", rating=1, rating_scale="thumbs")["kind"] == "rating"  # not a comment
     assert answered.add_feedback("b", comment="another answer")["kind"] == "comment"
+
+
+def test_a_deleted_users_late_traces_are_dropped_on_write(store, clock):
+    from aligner.store import EVERY_TENANT
+
+    def late(id: str, tenant=None, took_s: float = 5.0) -> dict:
+        return {**trace(id, user="alice", tenant=tenant), "created_at": clock.t, "timings": {"total_s": took_s}}
+
+    assert store.put_trace(late("before"))
+    clock.t += 1
+    store.delete_user("alice")  # the default tenant's alice
+    clock.t += 2  # a request that arrived 5 s ago (before the deletion) finishes now: dropped
+    assert store.put_trace(late("racing")) is False and store.get_trace("racing") is None
+    assert store.put_trace(late("team-a", tenant="team-a"))  # another tenant's alice is someone else
+    assert store.put_trace(late("after", took_s=0.5))  # arrived after the deletion: she came back
+    store.delete_user("alice", EVERY_TENANT)
+    clock.t += 1
+    assert store.put_trace(late("team-b", tenant="team-b")) is False  # every tenant's
+    assert store.put_trace({**trace("bob"), "user": "bob", "created_at": clock.t - 10})
+    clock.t += 40 * DAY
+    assert store.prune(30)["traces"] >= 1
+    assert store.put_trace({**late("much-later"), "created_at": NOW, "timings": {"total_s": 0}})  # tombstones pruned
