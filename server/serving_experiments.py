@@ -93,11 +93,10 @@ class ServingExperiments:
         if isinstance(start, ErrorResponse):
             return start
         experiment = experiments.get(name)
-        writer, wait_s = self.store.writer, self.store.config.trace_wait_s
 
         def count(store: Store) -> dict[str, Any]:
-            if not writer.flush(wait_s):  # this process's queued traces count too
-                logger.warning("experiment report while %d store write(s) are still queued", writer.pending)
+            # What is written: no wait on the writer (under steady traffic it is never empty, and
+            # a wait per report would hold a store thread); queued traces count in the next one.
             return experiment_report(name, experiment, store.experiment_traces(name, start),
                                      store.experiment_feedback(name, start), start)
 

@@ -65,7 +65,19 @@ export class Dashboard {
     this.experiments = new Experiments(root.querySelector("#experiments"));
   }
 
+  // One refresh at a time: an auto-refresh tick while the last one (a report over a large
+  // experiment) is still answering is skipped, not stacked on the server's store threads.
   async refresh() {
+    if (this.refreshing) return;
+    this.refreshing = true;
+    try {
+      await this.refreshOnce();
+    } finally {
+      this.refreshing = false;
+    }
+  }
+
+  async refreshOnce() {
     this.status.textContent = "Loading metrics…";
     const result = await api("/metrics", { text: true });
     if (!result.ok) {
@@ -76,6 +88,6 @@ export class Dashboard {
     const summary = strategySummary(samples);
     clear(this.body).append(strategyTable(summary), strategyCharts(summary), serverTables(samples));
     this.status.textContent = `Updated ${new Date().toLocaleTimeString()}.`;
-    this.experiments.refresh();
+    await this.experiments.refresh();
   }
 }

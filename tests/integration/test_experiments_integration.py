@@ -109,9 +109,14 @@ def test_the_report_equals_a_recount_from_the_store(server, answered, db_path):
             pairs += 1
     assert pairs >= 20
 
-    r = httpx.get(f"{server.v1}/alignment/experiments/tone-test", headers=AUTH, timeout=HTTP_TIMEOUT_S)
-    assert r.status_code == 200, r.text
-    report = r.json()
+    deadline = time.monotonic() + 30  # the report counts what is written; the last traces may be queued
+    while True:
+        r = httpx.get(f"{server.v1}/alignment/experiments/tone-test", headers=AUTH, timeout=HTTP_TIMEOUT_S)
+        assert r.status_code == 200, r.text
+        report = r.json()
+        if report["requests"] == len(answered) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
 
     # The recount: the store file read with plain SQL, nothing of the server's code.
     with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as conn:

@@ -222,7 +222,7 @@ def test_the_report_counts_the_store(api, store):
     r = api.post("/v1/alignment/feedback", json={"id": two[0], "preferred_over": one[0]}, headers=AUTH)
     assert r.status_code == 200, r.text
 
-    # No flush: the report waits for this process's queued traces itself.
+    flush(api)  # the report counts what is written: it never waits on the writer
     r = api.get("/v1/alignment/experiments/tone-test", headers=AUTH)
     assert r.status_code == 200, r.text
     report = r.json()
