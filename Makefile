@@ -34,8 +34,10 @@ model: $(STAMP)
 serve: setup
 	$(VENV)/bin/aligner serve --host $(HOST) --port $(PORT) --models-dir models --store-traces $(SERVE_ARGS)
 
+# The unit tests run beside the integration tests, on the core vLLM's CPU engine leaves free
+# (tests/run_suite.sh); `$(PY) -m pytest` runs everything in one process.
 test: setup
-	$(PY) -m pytest -q
+	bash tests/run_suite.sh $(PY)
 
 # On a machine with an NVIDIA GPU: tests, kernels, the server and `vllm serve`, one table.
 gpu-check: setup

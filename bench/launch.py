@@ -108,12 +108,21 @@ class PoolingServer:
 
     def start(self, timeout_s: float = STARTUP_TIMEOUT_S) -> PoolingServer:
         """Start it (again, on the same port) and wait until its /health says 200."""
+        return self.launch().wait(timeout_s)
+
+    def launch(self) -> PoolingServer:
+        """Start its process and return at once (`wait` waits for it): something else can
+        start meanwhile."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"pooling-{self.port}-{time.monotonic_ns()}.log", "w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
                  "--runner", "pooling", "--port", str(self.port), *self.extra_args],
                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
+        return self
+
+    def wait(self, timeout_s: float = STARTUP_TIMEOUT_S) -> PoolingServer:
+        """Wait until the launched server's /health says 200."""
         state = wait_until_up(self.process, f"{self.url}/health", timeout_s)
         if state == "exited":
             raise RuntimeError(f"vLLM pooling server exited with {self.process.returncode} (log in {self.log_dir})")

@@ -41,8 +41,9 @@ def exported(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pooling(exported, tmp_path_factory):
+    # Launched, not waited for: the aligner server (`served`) starts while it loads.
     server = PoolingServer(exported, tmp_path_factory.mktemp("pooling"), "--max-model-len", "512",
-                           "--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", "1G").start()
+                           "--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", "1G").launch()
     yield server
     server.kill()
 
@@ -53,6 +54,7 @@ def served(exported, pooling, tmp_path_factory):
         tmp_path_factory.mktemp("served-rewards"), "--max-model-len", "1024",
         "--reward-model", f"hf={exported}", "--reward-model", f"inproc=vllm:{exported}",
         "--reward-model", f"remote={pooling.url}", "--reward-timeout-s", "30")
+    pooling.wait()
     deadline = time.monotonic() + 60
     while served_states(running).get("remote") != "ready" and time.monotonic() < deadline:
         time.sleep(0.5)  # the remote reward learns its checkpoint's files in the background
