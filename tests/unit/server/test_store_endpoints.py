@@ -397,20 +397,26 @@ def test_a_broken_store_fails_no_answer_and_every_endpoint_says_503():
         assert metric(client, "aligner_traces_written_total") == 0
 
 
+class HeldStore:
+    """`store`, whose trace writes wait at `gate` (`entered` is set when the first arrives)."""
+
+    def __init__(self, store):
+        self.store, self.gate, self.entered = store, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def put_trace(self, trace):
+        self.entered.set()
+        self.gate.wait(10)
+        return self.store.put_trace(trace)
+
+
 def test_a_full_writer_drops_the_trace_not_the_answer(store):
-    gate, entered = threading.Event(), threading.Event()
-
-    class HeldStore:
-        def __getattr__(self, name):
-            return getattr(store, name)
-
-        def put_trace(self, trace):
-            entered.set()
-            gate.wait(10)
-            store.put_trace(trace)
-
+    held = HeldStore(store)
+    gate, entered = held.gate, held.entered
     try:
-        with make_client(HeldStore(), max_pending=1) as client:
+        with make_client(held, max_pending=1) as client:
             first = chat(client)
             assert entered.wait(5)  # held in the writer
             second = chat(client)  # queued
@@ -463,26 +469,17 @@ def test_retention_prunes_old_traces_in_the_background(store):
 
 
 def test_a_user_deleted_while_their_traces_wait_in_the_writer_keeps_none(store):
-    gate, entered = threading.Event(), threading.Event()
-
-    class HeldStore:
-        def __getattr__(self, name):
-            return getattr(store, name)
-
-        def put_trace(self, trace):
-            entered.set()
-            gate.wait(10)
-            return store.put_trace(trace)
-
+    held = HeldStore(store)
+    gate, entered = held.gate, held.entered
     try:
-        with make_client(HeldStore(), trace_wait_s=0.2) as client:
-            held, queued = chat(client, user="carol"), chat(client, user="carol")
+        with make_client(held, trace_wait_s=0.2) as client:
+            first, queued = chat(client, user="carol"), chat(client, user="carol")
             assert entered.wait(5)
             r = client.delete("/v1/alignment/users/carol", headers=AUTH)  # the writer does not flush in time
             assert r.status_code == 200 and r.json()["deleted"]["traces"] == 0
             gate.set()
             assert client.app.state.serving_store.writer.flush(5)
-            assert store.get_trace(held["id"]) is None and store.get_trace(queued["id"]) is None
+            assert store.get_trace(first["id"]) is None and store.get_trace(queued["id"]) is None
             later = chat(client, user="carol")  # she comes back: a new request is kept
             assert trace_of(client, later["id"])["user"] == "carol"
     finally:
@@ -490,21 +487,12 @@ def test_a_user_deleted_while_their_traces_wait_in_the_writer_keeps_none(store):
 
 
 def test_retention_runs_while_the_writer_is_full(store):
-    gate, entered = threading.Event(), threading.Event()
-
-    class HeldStore:
-        def __getattr__(self, name):
-            return getattr(store, name)
-
-        def put_trace(self, trace):
-            entered.set()
-            gate.wait(10)
-            store.put_trace(trace)
-
+    held = HeldStore(store)
+    gate, entered = held.gate, held.entered
     store.put_trace({"id": "old", "conversation": [{"role": "user", "content": "hi"}],
                      "created_at": time.time() - 40 * 86400})
     try:
-        with make_client(HeldStore(), max_pending=1, retention_days=30, prune_interval_s=0.05) as client:
+        with make_client(held, max_pending=1, retention_days=30, prune_interval_s=0.05) as client:
             chat(client)
             assert entered.wait(5)
             chat(client)  # the queue is full from here on
