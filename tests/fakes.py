@@ -301,3 +301,15 @@ class FakeEngine:
             chosen, top = self.lm.top_logprobs(draw, word or "", sampling.logprobs)
             logprobs = [TokenLogprob(token_id, self.tokenizer.token_text(token_id), chosen, top)]
         return SequenceDelta(i, text, [token_id], logprobs, finish)
+
+
+def internal_detail(text: str) -> list[str]:
+    """What an error body must not hold (issue 38): this checkout's or the interpreter's paths,
+    a traceback's lines. Empty when the body is clean."""
+    import sys
+    from pathlib import Path
+
+    markers = [str(Path(__file__).resolve().parents[1]), sys.prefix, "site-packages", "Traceback (most recent",
+               'File "/']
+    return [m for m in markers if m in text]
+

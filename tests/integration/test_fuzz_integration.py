@@ -9,6 +9,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
+from tests.fakes import internal_detail
 from tests.unit.server.test_fuzz import cap_generation
 
 REAL_CASES_PER_OPERATION = 80
@@ -33,6 +34,8 @@ def test_real_server_never_answers_5xx(server):
             response = case.call(timeout=120)
             statuses.append(response.status_code)
             assert response.status_code < 500, (case.as_curl_command(), response.text)
+            if response.status_code >= 400:  # no path, traceback or exception text in an error
+                assert not internal_detail(response.text), (case.as_curl_command(), response.text)
 
         check()
     assert len(statuses) >= 150 and statuses.count(200) >= 10, sorted(set(statuses))

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, settings
 
 from server.app import build_app
 from server.config import ServerConfig
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, internal_detail
 
 CASES_PER_OPERATION = 250
 
@@ -53,6 +53,7 @@ def test_fake_engine_app_never_answers_5xx(case):
     assert response.status_code < 500, (case.as_curl_command(), response.text)
     if response.status_code >= 400:
         assert response.json()["error"]["message"]
+        assert not internal_detail(response.text), (case.as_curl_command(), response.text)
 
 
 def test_fuzzing_covered_at_least_1000_cases():

@@ -14,7 +14,7 @@ from aligner.store import Store
 from server.app import build_app
 from server.config import ServerConfig, StoreConfig
 from server.protocol_store import FeedbackRequest
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, internal_detail
 
 KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -69,6 +69,7 @@ def test_store_endpoints_never_answer_5xx(case):
     assert response.status_code < 500, (case.as_curl_command(), response.text)
     if response.status_code >= 400:
         assert response.json()["error"]["message"]
+        assert not internal_detail(response.text), (case.as_curl_command(), response.text)
 
 
 def test_fuzzing_reached_stored_answers():
