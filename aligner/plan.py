@@ -89,6 +89,7 @@ class RequestPlan:
     guide_slots: int  # admission's second budget
     trace: TracePlan | None = None  # how the answer is kept; None: it is not
     meter: Callable[[int], None] | None = None  # counts the tokens generated, for the caller's quota
+    tenant: str | None = None  # whose line it waits in for admission
 
     @property
     def strategy_name(self) -> str:
@@ -130,7 +131,7 @@ class Planner:
         ctx = ctx.with_budget(budget)
         strategy, params = resolved.strategy, resolved.params
         return RequestPlan(resolved, ctx, budget, strategy.sequences(params, ctx), strategy.guide_slots(params, ctx),
-                           trace, origin.meter)
+                           trace, origin.meter, origin.tenant)
 
     def _trace(self, spec: AlignmentSpec, origin: RequestOrigin, in_experiment: bool) -> TracePlan | None:
         if self.traces is None:

@@ -91,7 +91,8 @@ async def create_response(request: ResponsesRequest, raw: Request):
 @router.post("/v1/completions")
 async def create_completion(request: CompletionRequest, raw: Request):
     serving = raw.app.state.completion
-    result = await run_cancelling_on_disconnect(raw, serving.create_completion(request, meter_of(raw.scope)))
+    result = await run_cancelling_on_disconnect(
+        raw, serving.create_completion(request, meter_of(raw.scope), principal_of(raw.scope).tenant))
     return to_response(raw, "completions", result)
 
 
@@ -113,7 +114,8 @@ async def list_strategies(raw: Request):
 async def score(request: ScoreRequest, raw: Request):
     state = raw.app.state
     result = await run_cancelling_on_disconnect(
-        raw, score_responses(request, state.rewards, state.config, state.admission, state.metrics))
+        raw, score_responses(request, state.rewards, state.config, state.admission, state.metrics,
+                             principal_of(raw.scope).tenant))
     return to_response(raw, "score", result)
 
 

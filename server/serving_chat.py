@@ -99,7 +99,8 @@ class ServingChat(ServingBase):
         plan = await plan_or_error(planner, request.alignment, ctx, origin)
         if isinstance(plan, ErrorResponse):
             return plan
-        ticket = await self.admit(plan.sequences, plan.guide_slots, max_wait_s=plan.budget.remaining_s())
+        ticket = await self.admit(plan.sequences, plan.guide_slots, max_wait_s=plan.budget.remaining_s(),
+                                  tenant=plan.tenant)
         if isinstance(ticket, ErrorResponse):
             return ticket
         self.metrics.candidates.labels(plan.strategy_name).observe(plan.sequences)

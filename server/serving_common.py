@@ -27,11 +27,12 @@ class ServingBase:
         self.metrics = metrics
         self._tokenizer_thread: ThreadPoolExecutor | None = None
 
-    async def admit(self, weight: int, guide_slots: int = 0, max_wait_s: float | None = None) -> Ticket | ErrorResponse:
+    async def admit(self, weight: int, guide_slots: int = 0, max_wait_s: float | None = None,
+                    tenant: str | None = None) -> Ticket | ErrorResponse:
         """A ticket, or a 429; `max_wait_s` (what is left of the request's deadline) shortens
-        the queue wait."""
+        the queue wait; `tenant` is the line it waits in (the queue is shared fairly)."""
         try:
-            return await self.admission.acquire(weight, guide_slots, max_wait_s)
+            return await self.admission.acquire(weight, guide_slots, max_wait_s, tenant)
         except Overloaded as exc:
             self.metrics.admission_rejections.labels("capacity").inc()
             return overloaded(exc.reason, exc.retry_after_s)

@@ -66,9 +66,10 @@ async def merge(streams: list[AsyncIterator[GenerationChunk]]) -> AsyncIterator[
 
 class ServingCompletion(ServingBase):
     async def create_completion(
-        self, request: CompletionRequest, meter: Callable[[int], None] | None = None,
+        self, request: CompletionRequest, meter: Callable[[int], None] | None = None, tenant: str | None = None,
     ) -> ErrorResponse | CompletionResponse | AsyncIterator[str]:
-        """`meter`: counts the tokens generated for the caller's key (its quota)."""
+        """`meter`: counts the tokens generated for the caller's key (its quota); `tenant`: the
+        key's tenant, whose line it waits in for admission."""
         # The server's caps bound plain completions too: at one, a choice ends with "length".
         budget = Budget(self.config.max_request_seconds, self.config.max_request_tokens)
         if error := self.check_common(request):
@@ -88,7 +89,7 @@ class ServingCompletion(ServingBase):
         budgets = self._max_tokens(request, prompt_ids)
         if isinstance(budgets, ErrorResponse):
             return budgets
-        ticket = await self.admit(request.n * len(prompt_ids), max_wait_s=budget.remaining_s())
+        ticket = await self.admit(request.n * len(prompt_ids), max_wait_s=budget.remaining_s(), tenant=tenant)
         if isinstance(ticket, ErrorResponse):
             return ticket
         request_id = random_id("cmpl")

@@ -11,7 +11,8 @@ from server.protocol import ErrorResponse, ScoreRequest, ScoreResponse
 
 
 async def score_responses(request: ScoreRequest, rewards: RewardRegistry, config: ServerConfig,
-                          admission: AdmissionController, metrics: ServerMetrics) -> ScoreResponse | ErrorResponse:
+                          admission: AdmissionController, metrics: ServerMetrics,
+                          tenant: str | None = None) -> ScoreResponse | ErrorResponse:
     """Admitted like a generation (weighed by its responses): scoring shares the reward models
     with best-of-N and friends, and a flood of it must queue and then get 429s, not starve them."""
     if len(request.responses) > config.max_candidates:
@@ -22,7 +23,7 @@ async def score_responses(request: ScoreRequest, rewards: RewardRegistry, config
         return invalid_request(str(exc), exc.param)
     messages = [m.as_template_message() for m in request.messages]
     try:
-        ticket = await admission.acquire(len(request.responses))
+        ticket = await admission.acquire(len(request.responses), tenant=tenant)
     except Overloaded as exc:
         metrics.admission_rejections.labels("capacity").inc()
         return overloaded(exc.reason, exc.retry_after_s)

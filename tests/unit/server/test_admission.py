@@ -53,6 +53,67 @@ def test_sequence_budget_counts_candidates_and_is_fifo():
     asyncio.run(go())
 
 
+def test_freed_slots_go_to_the_tenants_in_turn():
+    async def go():
+        c = controller(max_running_requests=1, max_running_sequences=100, max_queued_requests=10)
+        running = await c.acquire(1, tenant="a")
+        order: list[str] = []
+
+        async def wait(tenant: str, label: str):
+            ticket = await c.acquire(1, tenant=tenant)
+            order.append(label)
+            await asyncio.sleep(0)
+            ticket.release()
+
+        tasks = [asyncio.create_task(wait("a", f"a{i}")) for i in range(4)]  # a's burst first
+        await asyncio.sleep(0)
+        tasks += [asyncio.create_task(wait("b", f"b{i}")) for i in range(2)]
+        await asyncio.sleep(0)
+        running.release()
+        await asyncio.gather(*tasks)
+        assert order == ["a0", "b0", "a1", "b1", "a2", "a3"]  # b is not stuck behind a's burst
+
+    asyncio.run(go())
+
+
+def test_a_full_queue_makes_room_for_another_tenant_at_the_expense_of_the_fullest():
+    async def go():
+        c = controller(max_running_requests=1, max_running_sequences=100, max_queued_requests=4)
+        running = await c.acquire(1, tenant="a")
+        burst = [asyncio.create_task(c.acquire(1, tenant="a")) for _ in range(4)]
+        await asyncio.sleep(0.01)
+        assert c.queued_requests == 4
+        with pytest.raises(Overloaded):  # a alone at a full queue: refused, as before tenants
+            await c.acquire(1, tenant="a")
+        b = asyncio.create_task(c.acquire(1, tenant="b"))
+        await asyncio.sleep(0.01)
+        assert not b.done() and c.queued_requests == 4
+        assert burst[-1].done() and isinstance(burst[-1].exception(), Overloaded)  # a's newest gave way
+        assert "another tenant" in str(burst[-1].exception())
+        c2 = asyncio.create_task(c.acquire(1, tenant="c"))
+        await asyncio.sleep(0.01)
+        assert burst[-2].done() and not c2.done()  # a still held more than an even share (4/3)
+        b2 = asyncio.create_task(c.acquire(1, tenant="b"))  # a still holds 2 > 4/3: it gives way again
+        await asyncio.sleep(0.01)
+        assert burst[1].done() and not b2.done()
+        with pytest.raises(Overloaded):  # now b holds the most: its newcomer takes no one's place
+            await asyncio.wait_for(c.acquire(1, tenant="b"), 1)
+        granted: list[str] = []
+
+        async def release_when_granted(task, label: str):
+            ticket = await task
+            granted.append(label)
+            ticket.release()
+
+        running.release()
+        await asyncio.gather(*(release_when_granted(t, label) for t, label in
+                               ((b, "b"), (burst[0], "a"), (c2, "c"), (b2, "b2"))))
+        assert granted == ["a", "b", "c", "b2"]  # the tenants in turn
+        assert c.running_requests == 0 and c.queued_requests == 0
+
+    asyncio.run(go())
+
+
 def test_a_request_heavier_than_the_budget_runs_alone():
     async def go():
         c = controller(max_running_sequences=4)
