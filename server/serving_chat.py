@@ -221,6 +221,7 @@ class ServingChat(ServingBase):
         # Finish reasons are held back until the strategy's result arrives, so that the
         # `alignment` report rides on the last finish chunk (clients index choices[0]).
         finish: dict[int, str | None] = {}
+        streamed, recorded = 0, False  # tokens sent; whether the result (with every token) was counted
         try:
             for i in range(request.n):
                 yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
@@ -228,6 +229,7 @@ class ServingChat(ServingBase):
                 if isinstance(event, KeepAlive):
                     yield SSE_KEEPALIVE
                 elif isinstance(event, SequenceDelta):
+                    streamed += len(event.token_ids or ())
                     if event.finish_reason is not None:
                         finish[event.index] = event.finish_reason
                     if event.text or event.logprobs:
@@ -240,6 +242,7 @@ class ServingChat(ServingBase):
                                 index=event.index, delta=delta or DeltaMessage(), logprobs=logprobs)])
                 elif isinstance(event, StrategyResult):
                     self._record(plan, event, started)
+                    recorded = True
                     report = self._report(request, plan, event)
                     if plan.trace is not None:  # queued before the last chunks go: the report says so
                         report["traced"] = self._store_trace(
@@ -252,6 +255,8 @@ class ServingChat(ServingBase):
             yield self.stream_error("chat_completions", exc)
         finally:
             await events.aclose()
+            if not recorded and plan.meter is not None:  # a client gone mid-stream: what it was sent
+                plan.meter(streamed)
         yield SSE_DONE
 
 
