@@ -119,3 +119,15 @@ def test_against_scipy_where_installed():
         u_expected = int(scipy_stats.binom.ppf(0.975, n, q)) + 1
         assert low == (l_expected if l_expected >= 1 else None)
         assert high == (u_expected if u_expected <= n else None)
+
+
+def test_chi_square_against_scipy_where_installed():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for x, df in ((0.5, 1), (3.0, 2), (10.0, 3), (50.0, 4), (0.01, 5), (200.0, 3), (7.0, 7), (120.0, 99)):
+        assert stats.chi_square_sf(x, df) == pytest.approx(scipy_stats.chi2.sf(x, df), rel=1e-9, abs=1e-300)
+    observed, shares = [100, 200, 300], [0.2, 0.3, 0.5]
+    theirs = scipy_stats.chisquare(observed, [600 * s for s in shares])
+    ours = stats.chi_square_test(observed, shares)
+    assert (ours["chi2"], ours["df"]) == (pytest.approx(theirs.statistic), 2)
+    assert ours["p_value"] == pytest.approx(theirs.pvalue, rel=1e-9)
+    assert stats.chi_square_test([0, 0], [0.5, 0.5]) is None and stats.chi_square_test([5], [1.0]) is None
