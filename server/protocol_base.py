@@ -12,11 +12,15 @@ def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def has_control_characters(value: str) -> bool:
+    return any(ord(c) < 32 for c in value)
+
+
 def check_plain_id(value: str | None) -> str | None:
     """An end-user id or a client key holds no control character: it is stored (PostgreSQL
     text holds no NUL), and a tenant's scope is joined to it by one (`\\x1f`, see
     `aligner.experiments.tenant_unit`), which a client must not be able to forge."""
-    if value is not None and any(ord(c) < 32 for c in value):
+    if value is not None and has_control_characters(value):
         raise ValueError("must not hold control characters (U+0000 to U+001F)")
     return value
 

@@ -28,6 +28,7 @@ from server.config import StoreConfig
 from server.errors import invalid_request, make_error
 from server.metrics import ServerMetrics
 from server.protocol import ErrorResponse
+from server.protocol_base import has_control_characters
 from server.protocol_store import (
     MAX_ID_CHARS,
     DeletionResponse,
@@ -249,7 +250,7 @@ class ServingStore:
         every tenant, or in `tenant` when it names one; a client names no other tenant."""
         if refusal := self._refusal(owner=True):
             return refusal
-        if not user or len(user) > MAX_ID_CHARS or any(ord(c) < 32 for c in user):
+        if not user or len(user) > MAX_ID_CHARS or has_control_characters(user):
             return invalid_request(f"user must be 1 to {MAX_ID_CHARS} characters, none a control character", "user")
         if tenant is not None and not who.admin and tenant != who.tenant:
             return make_error("only an admin key deletes users of another tenant; a client key deletes its "
