@@ -66,8 +66,10 @@ traces = sa.Table(
     sa.Column("tenant", Id),
     sa.Index("ix_traces_experiment_arm", "experiment", "arm"),
     sa.Index("ix_traces_tenant_user", "tenant", "user"),
-    # An experiment's report pages through its traces by id: a range scan, not a sort per page.
-    sa.Index("ix_traces_experiment_id", "experiment", "id"),
+    # The order traces were written in, one counter for every replica (`store_counters`):
+    # an experiment's report reads only what was written since its last read.
+    sa.Column("seq", sa.BigInteger),
+    sa.Index("ix_traces_experiment_seq", "experiment", "seq"),
 )
 
 feedback = sa.Table(
@@ -103,6 +105,17 @@ user_deletions = sa.Table(
     sa.Column("user", Id, primary_key=True),
     sa.Column("deleted_at", sa.Float, nullable=False, index=True),
 )
+
+# Counters every replica shares. `traces`: the last trace's `seq`; `feedback`: bumped by each
+# feedback write, so that writes (and their ids) commit in the order they were numbered;
+# `deletions`: bumped by every deletion of traces or feedback, so that a report kept up to date
+# by new rows knows when rows it counted are gone.
+store_counters = sa.Table(
+    "store_counters", metadata,
+    sa.Column("name", sa.String(32), primary_key=True),
+    sa.Column("value", sa.BigInteger, nullable=False),
+)
+COUNTERS = ("traces", "feedback", "deletions")
 
 schema_version = sa.Table(
     "schema_version", metadata,
@@ -183,8 +196,24 @@ def _add_trace_tenant(conn: sa.Connection) -> None:
 
 
 def _add_user_deletions(conn: sa.Connection) -> None:
-    user_deletions.create(conn)
-    next(i for i in traces.indexes if i.name == "ix_traces_experiment_id").create(conn)
+    user_deletions.create(conn)  # unchanged since
+    conn.execute(sa.text("CREATE INDEX ix_traces_experiment_id ON traces (experiment, id)"))
+
+
+def _add_trace_seq(conn: sa.Connection) -> None:
+    """traces.seq, numbered for the traces already stored in the order they were made, and the
+    shared counters; an experiment's traces are then read by seq (the index by id goes)."""
+    type_ = traces.c.seq.type.compile(dialect=conn.dialect)
+    conn.execute(sa.text(f"ALTER TABLE traces ADD COLUMN seq {type_}"))
+    conn.execute(sa.text(
+        "UPDATE traces SET seq = numbered.n FROM (SELECT id, row_number() OVER (ORDER BY created_at, id) AS n "
+        "FROM traces) AS numbered WHERE traces.id = numbered.id"))
+    conn.execute(sa.text("DROP INDEX ix_traces_experiment_id"))
+    next(i for i in traces.indexes if i.name == "ix_traces_experiment_seq").create(conn)
+    store_counters.create(conn)
+    written = conn.scalar(sa.select(sa.func.count()).select_from(traces))
+    conn.execute(store_counters.insert(), [{"name": name, "value": written if name == "traces" else 0}
+                                           for name in COUNTERS])
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -193,6 +222,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "traces.tenant (keys with a tenant)", _add_trace_tenant),
     Migration(4, "user_deletions (tombstones that drop a deleted user's late writes); traces by experiment and id",
               _add_user_deletions),
+    Migration(5, "traces.seq and store_counters (experiment reports that read only new rows)", _add_trace_seq),
 )
 LATEST = MIGRATIONS[-1].version
 

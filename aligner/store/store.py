@@ -22,7 +22,7 @@ from aligner.experiments import UNIT_SEPARATOR, tenant_unit
 from aligner.store import feedback as fb
 from aligner.store.engine import DEFAULT_BUSY_TIMEOUT_S, create_engine, json_dumps, resolve_url
 from aligner.store.errors import StoreConflictError, StoreValidationError
-from aligner.store.schema import experiment_assignments, feedback, migrate, traces, user_deletions
+from aligner.store.schema import experiment_assignments, feedback, migrate, store_counters, traces, user_deletions
 
 TRACE_FIELDS = frozenset({
     "id", "created_at", "user", "conversation", "strategy", "profile", "profile_version", "model",
@@ -30,7 +30,8 @@ TRACE_FIELDS = frozenset({
 })
 EVERY_TENANT = object()  # `Store.delete_user(..., tenant=EVERY_TENANT)`: the user in every tenant
 # What an experiment's report reads of each trace (not the conversation, nor the texts' extra).
-EXPERIMENT_TRACE_COLUMNS = ("id", "created_at", "user", "tenant", "arm", "candidates", "selected", "usage", "timings")
+EXPERIMENT_TRACE_COLUMNS = ("id", "seq", "created_at", "user", "tenant", "arm", "candidates", "selected", "usage",
+                            "timings")
 DAY_S = 86400.0
 
 
@@ -84,6 +85,21 @@ class Store:
     def _insert(self, table: sa.Table):
         return (postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert)(table)
 
+    @staticmethod
+    def _bump(conn: sa.Connection, counter: str) -> int:
+        """Add one to a shared counter and return it. The row stays locked until the
+        transaction ends (PostgreSQL's row lock; SQLite's one writer), so what is numbered
+        under it commits in the order of its numbers, on every replica."""
+        row = store_counters.c.name == counter
+        conn.execute(store_counters.update().where(row).values(value=store_counters.c.value + 1))
+        return conn.scalar(sa.select(store_counters.c.value).where(row))
+
+    def deletions(self) -> int:
+        """How many deletions of traces or feedback the store has seen (any replica): a
+        report kept up to date by new rows starts over when this moves."""
+        with self._read() as conn:
+            return conn.scalar(sa.select(store_counters.c.value).where(store_counters.c.name == "deletions"))
+
     # -- traces -----------------------------------------------------------------------------
 
     def put_trace(self, trace: Mapping[str, Any]) -> bool:
@@ -107,7 +123,8 @@ class Store:
         row = {name: trace.get(name) for name in TRACE_FIELDS}
         row["created_at"] = self.clock() if row["created_at"] is None else _epoch(row["created_at"])
         row["conversation_hash"] = conversation_hash(trace["conversation"])
-        stmt = self._insert(traces).values(**row)
+        stmt = self._insert(traces)
+        # A retried write keeps the trace's first seq: a report that counted it counts it once.
         stmt = stmt.on_conflict_do_update(
             index_elements=[traces.c.id], set_={k: stmt.excluded[k] for k in row if k != "id"})
         total_s = (row.get("timings") or {}).get("total_s")
@@ -117,7 +134,7 @@ class Store:
                     user_deletions.c.user == row["user"], user_deletions.c.deleted_at >= arrived,
                     user_deletions.c.tenant_key.in_([tenant_key(row["tenant"]), "*"])).limit(1)) is not None:
                 return False
-            conn.execute(stmt)
+            conn.execute(stmt.values(**row, seq=self._bump(conn, "traces")))
         return True
 
     def get_trace(self, trace_id: str) -> dict[str, Any] | None:
@@ -156,6 +173,7 @@ class Store:
         stored = []
         try:
             with self._write() as conn:  # an exception below rolls every row back
+                self._bump(conn, "feedback")  # ids then commit in their order (see _bump)
                 trace = _get_trace(conn, trace_id)
                 for row in wanted:
                     other = _get_trace(conn, row["other_trace_id"]) if row["other_trace_id"] is not None else None
@@ -253,64 +271,61 @@ class Store:
             return conn.scalar(query)
 
     def experiment_traces(self, experiment: str, since: float | datetime | None = None,
-                          batch_size: int = 500) -> Iterator[dict[str, Any]]:
-        """The traces of the experiment's requests (created at `since` or later), each with
-        `EXPERIMENT_TRACE_COLUMNS`; read in batches of short transactions, like `iter_feedback`."""
+                          batch_size: int = 500, after_seq: int = 0) -> Iterator[dict[str, Any]]:
+        """The traces of the experiment's requests (created at `since` or later), in the order
+        they were written, each with `EXPERIMENT_TRACE_COLUMNS`; only those written after
+        `after_seq` (a `seq` read before). Read in batches of short transactions, like
+        `iter_feedback`, each a range scan of (experiment, seq)."""
         since = _epoch(since)
         columns = [traces.c[name] for name in EXPERIMENT_TRACE_COLUMNS]
-        last_id: str | None = None
         while True:
-            query = sa.select(*columns).where(traces.c.experiment == experiment)
+            query = sa.select(*columns).where(traces.c.experiment == experiment, traces.c.seq > after_seq)
             if since is not None:
                 query = query.where(traces.c.created_at >= since)
-            if last_id is not None:
-                query = query.where(traces.c.id > last_id)
             with self._read() as conn:
-                rows = [dict(r._mapping) for r in conn.execute(query.order_by(traces.c.id).limit(batch_size))]
+                rows = [dict(r._mapping) for r in conn.execute(query.order_by(traces.c.seq).limit(batch_size))]
             yield from rows
             if len(rows) < batch_size:
                 return
-            last_id = rows[-1]["id"]
+            after_seq = rows[-1]["seq"]
 
     def experiment_feedback(self, experiment: str, since: float | datetime | None = None,
-                            batch_size: int = 500) -> Iterator[dict[str, Any]]:
+                            batch_size: int = 500, after_id: int = 0) -> Iterator[dict[str, Any]]:
         """The ratings and pairwise preferences on the experiment's responses (created at
         `since` or later), oldest first, each as {"id", "kind", "trace_id", "arm", "rating",
         "rating_scale", "other_trace_id", "other_arm", "user"} (`user`: who judged, scoped by
         the answer's tenant as an experiment unit). A pairwise row counts only when both
-        responses belong to the experiment (and to the window); `arm` is the preferred one's."""
+        responses belong to the experiment (and to the window); `arm` is the preferred one's.
+        Only rows after `after_id` (an id read before: ids commit in order, see `_bump`).
+
+        Read by feedback id in batches (a range scan of the primary key, no sort), each then
+        joined to its responses and kept when it is the experiment's: the cost is the feedback
+        written after `after_id`, whatever the experiment's size."""
         since = _epoch(since)
-        mine, other = traces.alias("mine"), traces.alias("other")
-        joined = feedback.join(mine, feedback.c.trace_id == mine.c.id).outerjoin(
-            other, feedback.c.other_trace_id == other.c.id)
-        in_window = [mine.c.experiment == experiment]
-        if since is not None:
-            in_window.append(mine.c.created_at >= since)
-        pairwise = [feedback.c.kind == "pairwise", other.c.experiment == experiment]
-        if since is not None:
-            pairwise.append(other.c.created_at >= since)
-        query = sa.select(
-            feedback.c.id, feedback.c.kind, feedback.c.trace_id, mine.c.arm, feedback.c.rating,
-            feedback.c.rating_scale, feedback.c.other_trace_id, other.c.arm.label("other_arm"),
-            feedback.c.user, mine.c.tenant,
-        ).select_from(joined).where(*in_window, sa.or_(feedback.c.kind == "rating", sa.and_(*pairwise)))
-        last_id = 0
+        last_id = after_id
         while True:
+            # The batch first (a subquery with a limit is never flattened into the join), so
+            # the join starts from it and not from every trace of the experiment.
+            batch = sa.select(feedback).where(feedback.c.id > last_id).order_by(feedback.c.id).limit(
+                batch_size).subquery("batch")
             with self._read() as conn:
-                rows = [dict(r._mapping) for r in conn.execute(
-                    query.where(feedback.c.id > last_id).order_by(feedback.c.id).limit(batch_size))]
+                ids = list(conn.scalars(sa.select(batch.c.id)))
+                if not ids:
+                    return
+                rows = [dict(r._mapping) for r in conn.execute(_experiment_feedback(batch, experiment, since))]
             for row in rows:
                 row["user"] = tenant_unit(row.pop("tenant"), row["user"])
             yield from rows
-            if len(rows) < batch_size:
+            if len(ids) < batch_size:
                 return
-            last_id = rows[-1]["id"]
+            last_id = ids[-1]
 
     # -- deletion and retention -------------------------------------------------------------
 
     def delete_trace(self, trace_id: str) -> dict[str, int]:
         """Delete the response's trace and every feedback row that names it."""
         with self._write() as conn:
+            self._bump(conn, "deletions")
             removed = conn.execute(feedback.delete().where(
                 sa.or_(feedback.c.trace_id == trace_id, feedback.c.other_trace_id == trace_id))).rowcount
             return {"traces": conn.execute(traces.delete().where(traces.c.id == trace_id)).rowcount,
@@ -337,6 +352,7 @@ class Store:
                                                     set_={"deleted_at": tombstone.excluded.deleted_at})
         with self._write() as conn:
             conn.execute(tombstone)  # in the deletion's transaction: later writes of the user see it
+            self._bump(conn, "deletions")
             removed = conn.execute(feedback.delete().where(sa.or_(
                 sa.and_(feedback.c.user == user, feedback.c.trace_id.in_(tenants)),
                 feedback.c.trace_id.in_(theirs), feedback.c.other_trace_id.in_(theirs)))).rowcount
@@ -360,11 +376,15 @@ class Store:
                                         .limit(batch_size)))
                 if not ids:
                     break
+                self._bump(conn, "deletions")
                 counts["feedback"] += conn.execute(feedback.delete().where(sa.or_(
                     feedback.c.trace_id.in_(ids), feedback.c.other_trace_id.in_(ids)))).rowcount
                 counts["traces"] += conn.execute(traces.delete().where(traces.c.id.in_(ids))).rowcount
         with self._write() as conn:
-            counts["feedback"] += conn.execute(feedback.delete().where(feedback.c.created_at < cutoff)).rowcount
+            old_feedback = conn.execute(feedback.delete().where(feedback.c.created_at < cutoff)).rowcount
+            if old_feedback:
+                self._bump(conn, "deletions")
+            counts["feedback"] += old_feedback
             counts["assignments"] += conn.execute(experiment_assignments.delete().where(
                 experiment_assignments.c.created_at < cutoff)).rowcount
             # A tombstone older than the retention guards nothing a request could still write.
@@ -377,8 +397,26 @@ def tenant_key(tenant: str | None) -> str:
     return tenant or ""
 
 
+def _experiment_feedback(batch: sa.Subquery, experiment: str, since: float | None) -> sa.Select:
+    """The rows of a batch of feedback that are the experiment's: a rating on one of its
+    responses, or a pairwise preference between two of them (both in the window)."""
+    mine, other = traces.alias("mine"), traces.alias("other")
+    joined = batch.join(mine, batch.c.trace_id == mine.c.id).outerjoin(other, batch.c.other_trace_id == other.c.id)
+    in_window = [mine.c.experiment == experiment]
+    pairwise = [batch.c.kind == "pairwise", other.c.experiment == experiment]
+    if since is not None:
+        in_window.append(mine.c.created_at >= since)
+        pairwise.append(other.c.created_at >= since)
+    return sa.select(
+        batch.c.id, batch.c.kind, batch.c.trace_id, mine.c.arm, batch.c.rating, batch.c.rating_scale,
+        batch.c.other_trace_id, other.c.arm.label("other_arm"), batch.c.user, mine.c.tenant,
+    ).select_from(joined).where(*in_window, sa.or_(batch.c.kind == "rating", sa.and_(*pairwise))).order_by(batch.c.id)
+
+
 def _trace_dict(row: sa.Row) -> dict[str, Any]:
-    return dict(row._mapping)
+    trace = dict(row._mapping)
+    trace.pop("seq", None)  # the store's bookkeeping (write order), not the trace's
+    return trace
 
 
 def _get_trace(conn: sa.Connection, trace_id: str) -> dict[str, Any] | None:

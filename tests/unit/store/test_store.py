@@ -323,11 +323,12 @@ def test_an_experiment_reads_its_own_traces_and_feedback_in_batches(store, clock
     store.put_trace(trace("no-experiment"))
     store.put_trace(trace("elsewhere", conversation=OTHER, experiment="tone", arm="p@2"))
     got = list(store.experiment_traces("tone", batch_size=2))
-    assert [t["id"] for t in got] == ["elsewhere", "t0", "t1", "t2", "t3", "t4"]
-    assert got[1] == {"id": "t0", "created_at": NOW, "user": "u0", "tenant": None, "arm": "p@1",
+    assert [t["id"] for t in got] == ["t0", "t1", "t2", "t3", "t4", "elsewhere"]  # in the order written
+    assert got[0] == {"id": "t0", "seq": 1, "created_at": NOW, "user": "u0", "tenant": None, "arm": "p@1",
                       "candidates": trace("t0")["candidates"],
                       "selected": [2], "usage": {"completion_tokens": 0}, "timings": {"total_s": 0.0}}
-    assert [t["id"] for t in store.experiment_traces("tone", since=NOW + 30)] == ["elsewhere", "t3", "t4"]
+    assert [t["id"] for t in store.experiment_traces("tone", since=NOW + 30)] == ["t3", "t4", "elsewhere"]
+    assert [t["id"] for t in store.experiment_traces("tone", after_seq=got[3]["seq"])] == ["t4", "elsewhere"]
     assert list(store.experiment_traces("unknown")) == []
 
     rating = store.add_feedback("t1", rating=4, rating_scale="stars", user="judge")
@@ -345,6 +346,26 @@ def test_an_experiment_reads_its_own_traces_and_feedback_in_batches(store, clock
     ]
     # `since` holds for both responses of a pair: t0 is older than the window.
     assert [r["id"] for r in store.experiment_feedback("tone", since=NOW + 10)] == [rating["id"]]
+    assert [r["id"] for r in store.experiment_feedback("tone", after_id=rating["id"])] == [won["id"]]
+
+
+def test_traces_are_numbered_in_write_order_and_deletions_are_counted(store, clock):
+    """What an experiment report kept up to date relies on: a retried trace keeps its number,
+    a new one gets the next, and every deletion (trace, user, retention) moves the count."""
+    store.put_trace(trace("a", experiment="tone", arm="p@1", user="ann"))
+    store.put_trace(trace("b", experiment="tone", arm="p@1"))
+    store.put_trace(trace("a", experiment="tone", arm="p@1", user="ann"))  # a retried write
+    assert [(t["id"], t["seq"]) for t in store.experiment_traces("tone")] == [("a", 1), ("b", 2)]
+    store.put_trace(trace("c", experiment="tone", arm="p@1"))
+    assert [t["seq"] for t in store.experiment_traces("tone")] == [1, 2, 4]  # numbers are never reused
+    before = store.deletions()
+    store.delete_trace("b")
+    store.delete_user("ann")
+    assert store.deletions() == before + 2
+    clock.t += 1
+    store.prune(older_than_days=0)  # "c" is older than now
+    assert store.deletions() == before + 3
+    assert list(store.experiment_traces("tone")) == []
 
 
 def test_two_stores_on_one_database_see_each_others_writes(store_url):

@@ -156,7 +156,7 @@ def test_a_version_1_store_upgrades_in_place_keeping_its_rows(store_url):
         assert migrate(engine, lambda: 0.0, MIGRATIONS[:1]) == [1]
         with engine.begin() as conn:
             conn.execute(sa.text("INSERT INTO traces (id, created_at, conversation, conversation_hash) "
-                                 "VALUES ('old', 1.0, '[]', 'h')"))
+                                 "VALUES ('old', 2.0, '[]', 'h'), ('older', 1.0, '[]', 'h')"))
     finally:
         engine.dispose()
     store = Store.open(store_url)
@@ -165,9 +165,13 @@ def test_a_version_1_store_upgrades_in_place_keeping_its_rows(store_url):
         old = store.get_trace("old")
         assert (old["experiment"], old["arm"], old["tenant"]) == (None, None, None)  # the default tenant's
         store.put_trace({"id": "new", "conversation": [], "experiment": "tone", "arm": "helpful@2"})
-        assert [t["id"] for t in store.experiment_traces("tone")] == ["new"]
+        assert [(t["id"], t["seq"]) for t in store.experiment_traces("tone")] == [("new", 3)]
+        with store.engine.connect() as conn:  # the stored traces numbered in the order they were made
+            assert conn.execute(sa.text("SELECT id, seq FROM traces ORDER BY seq")).all() == [
+                ("older", 1), ("old", 2), ("new", 3)]
         indexes = {tuple(i["column_names"]) for i in sa.inspect(store.engine).get_indexes("traces")}
         assert ("experiment", "arm") in indexes and ("tenant", "user") in indexes
+        assert ("experiment", "seq") in indexes and ("experiment", "id") not in indexes
     finally:
         store.close()
 
