@@ -13,19 +13,71 @@ here is deterministic (no resampling), so a report can be recounted exactly.
 - a proportion against 1/2: the exact two-sided binomial test (`binomial_test`);
 - counts against expected shares: Pearson's chi-square test (`chi_square_test`), the
   experiments' sample-ratio-mismatch check.
+
+A mean and Welch's test take the values, or their `Moments` kept as values come and go (an
+experiment report kept up to date: O(1) per report however many values).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 LEVEL = 0.95
 Z95 = 1.959963984540054  # the standard normal's 0.975 quantile
 
 
-def mean_interval(values: Sequence[float]) -> dict[str, Any]:
+@dataclass
+class Moments:
+    """A sample's size, mean and sum of squared deviations from the mean (`m2`), kept as values
+    are added and removed (Welford's update) or computed from the values in two exact passes.
+
+    >>> kept = Moments()
+    >>> for x in (1.0, 2.0, 9.0, 3.0, 4.0): kept.add(x)
+    >>> kept.remove(9.0)
+    >>> (kept.n, kept.mean, round(kept.variance, 12)) == (4, 2.5, round(Moments.of([1.0, 2.0, 3.0, 4.0]).variance, 12))
+    True
+    """
+
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Moments:
+        if not values:
+            return cls()
+        mean = math.fsum(values) / len(values)
+        return cls(len(values), mean, math.fsum((v - mean) ** 2 for v in values))
+
+    def add(self, x: float) -> None:
+        self.n += 1
+        delta = x - self.mean
+        self.mean += delta / self.n
+        self.m2 += delta * (x - self.mean)
+
+    def remove(self, x: float) -> None:
+        if self.n <= 1:
+            self.n, self.mean, self.m2 = 0, 0.0, 0.0
+            return
+        delta = x - self.mean
+        self.n -= 1
+        self.mean -= delta / self.n
+        self.m2 = max(0.0, self.m2 - delta * (x - self.mean))
+
+    @property
+    def variance(self) -> float:
+        """The sample variance (n - 1 in the denominator)."""
+        return self.m2 / (self.n - 1)
+
+
+def moments(values: Sequence[float] | Moments) -> Moments:
+    return values if isinstance(values, Moments) else Moments.of(values)
+
+
+def mean_interval(values: Sequence[float] | Moments) -> dict[str, Any]:
     """{"n", "mean", "ci95"}: the mean with its t interval; `mean` is None without values,
     `ci95` None with fewer than two.
 
@@ -34,24 +86,14 @@ def mean_interval(values: Sequence[float]) -> dict[str, Any]:
     >>> mean_interval([])
     {'n': 0, 'mean': None, 'ci95': None}
     """
-    n = len(values)
+    sample = moments(values)
+    n, mean = sample.n, sample.mean
     if n == 0:
         return {"n": 0, "mean": None, "ci95": None}
-    mean = math.fsum(values) / n
     if n < 2:
         return {"n": n, "mean": mean, "ci95": None}
-    half = t_quantile(0.5 + LEVEL / 2, n - 1) * math.sqrt(variance(values, mean) / n)
+    half = t_quantile(0.5 + LEVEL / 2, n - 1) * math.sqrt(sample.variance / n)
     return {"n": n, "mean": mean, "ci95": [mean - half, mean + half]}
-
-
-def variance(values: Sequence[float], mean: float | None = None) -> float:
-    """The sample variance (n - 1 in the denominator).
-
-    >>> variance([1.0, 2.0, 3.0, 4.0])
-    1.666...
-    """
-    mean = math.fsum(values) / len(values) if mean is None else mean
-    return math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1)
 
 
 def wilson_interval(successes: int, n: int) -> list[float] | None:
@@ -110,7 +152,7 @@ def quantile_interval(sorted_values: Sequence[float], q: float) -> list[float | 
     return [sorted_values[low - 1] if low >= 1 else None, sorted_values[high - 1] if high <= n else None]
 
 
-def welch(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+def welch(a: Sequence[float] | Moments, b: Sequence[float] | Moments) -> dict[str, Any]:
     """Welch's test of `mean(b) - mean(a)`: {"difference", "ci95", "p_value", "df"}. The
     interval and p-value are None when either side has fewer than two values or both have no
     spread (then nothing can be said about the noise).
@@ -119,17 +161,17 @@ def welch(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     >>> round(r["difference"], 4), [round(x, 4) for x in r["ci95"]], round(r["p_value"], 4), round(r["df"], 3)
     (2.5, [0.2348, 4.7652], 0.0349, 6.981)
     """
-    if not a or not b:
+    a, b = moments(a), moments(b)
+    if not a.n or not b.n:
         return {"difference": None, "ci95": None, "p_value": None, "df": None}
-    mean_a, mean_b = math.fsum(a) / len(a), math.fsum(b) / len(b)
-    difference = mean_b - mean_a
-    if len(a) < 2 or len(b) < 2:
+    difference = b.mean - a.mean
+    if a.n < 2 or b.n < 2:
         return {"difference": difference, "ci95": None, "p_value": None, "df": None}
-    va, vb = variance(a, mean_a) / len(a), variance(b, mean_b) / len(b)
+    va, vb = a.variance / a.n, b.variance / b.n
     se2 = va + vb
     if se2 == 0:
         return {"difference": difference, "ci95": None, "p_value": None, "df": None}
-    df = se2 * se2 / (va * va / (len(a) - 1) + vb * vb / (len(b) - 1))
+    df = se2 * se2 / (va * va / (a.n - 1) + vb * vb / (b.n - 1))
     se = math.sqrt(se2)
     half = t_quantile(0.5 + LEVEL / 2, df) * se
     return {"difference": difference, "ci95": [difference - half, difference + half],
@@ -281,11 +323,28 @@ def _log_binomial_pmf(k: int, n: int, p: float) -> float:
             + k * math.log(p) + (n - k) * math.log1p(-p))
 
 
+def _binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(B <= k), B ~ Binomial(n, p): I_{1-p}(n - k, k + 1)."""
+    if k >= n:
+        return 1.0
+    if k < 0:
+        return 0.0
+    return _betainc(n - k, k + 1, 1.0 - p)
+
+
 def _binomial_ppf(prob: float, n: int, p: float) -> int:
-    """The smallest k with P(B <= k) >= prob, B ~ Binomial(n, p)."""
-    total = 0.0
-    for k in range(n + 1):
-        total += math.exp(_log_binomial_pmf(k, n, p))
-        if total >= prob * (1 - 1e-12):
-            return k
-    return n
+    """The smallest k with P(B <= k) >= prob, B ~ Binomial(n, p): a bisection on the CDF, so
+    O(log n) evaluations (a report's quantile intervals over 100,000 latencies stay cheap).
+
+    >>> [_binomial_ppf(q, 100, 0.5) for q in (0.025, 0.5, 0.975)]
+    [40, 50, 60]
+    """
+    target = prob * (1 - 1e-12)
+    low, high = 0, n
+    while low < high:
+        middle = (low + high) // 2
+        if _binomial_cdf(middle, n, p) >= target:
+            high = middle
+        else:
+            low = middle + 1
+    return low

@@ -131,3 +131,45 @@ def test_chi_square_against_scipy_where_installed():
     assert (ours["chi2"], ours["df"]) == (pytest.approx(theirs.statistic), 2)
     assert ours["p_value"] == pytest.approx(theirs.pvalue, rel=1e-9)
     assert stats.chi_square_test([0, 0], [0.5, 0.5]) is None and stats.chi_square_test([5], [1.0]) is None
+
+
+def test_moments_kept_as_values_come_and_go_match_a_recount():
+    """A report kept up to date adds values and takes replaced ones back (Welford's update):
+    after thousands of both, its mean, interval and Welch test match the values recounted."""
+    rng = random.Random(5)
+    kept, values = stats.Moments(), []
+    for _ in range(5000):
+        if values and rng.random() < 0.3:
+            gone = values.pop(rng.randrange(len(values)))
+            kept.remove(gone)
+        else:
+            x = rng.gauss(120.0, 30.0)
+            values.append(x)
+            kept.add(x)
+    assert kept.n == len(values)
+    assert stats.mean_interval(kept)["mean"] == pytest.approx(stats.mean_interval(values)["mean"], rel=1e-12)
+    assert stats.mean_interval(kept)["ci95"] == pytest.approx(stats.mean_interval(values)["ci95"], rel=1e-9)
+    other = [rng.gauss(125.0, 10.0) for _ in range(300)]
+    by_moments, by_values = stats.welch(stats.Moments.of(other), kept), stats.welch(other, values)
+    for field in ("difference", "ci95", "p_value", "df"):
+        assert by_moments[field] == pytest.approx(by_values[field], rel=1e-8)
+    for x in list(values):  # all taken back: an empty sample, not a negative variance
+        kept.remove(x)
+    assert (kept.n, kept.m2) == (0, 0.0) and stats.mean_interval(kept)["mean"] is None
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 40, 333, 1000, 4099])
+@pytest.mark.parametrize("q", [0.05, 0.5, 0.95])
+def test_the_binomial_quantile_by_bisection_equals_the_summed_pmf(n, q):
+    """The quantile interval's binomial quantile, found by bisection on the CDF (O(log n)),
+    against the smallest k whose summed probabilities reach the level."""
+    for level in (0.025, 0.975):
+        total, expected = 0.0, n
+        for k in range(n + 1):
+            total += math.comb(n, k) * q**k * (1 - q) ** (n - k) if n < 1000 else math.exp(
+                math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(q)
+                + (n - k) * math.log1p(-q))
+            if total >= level * (1 - 1e-12):
+                expected = k
+                break
+        assert stats._binomial_ppf(level, n, q) == expected
