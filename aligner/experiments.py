@@ -18,17 +18,21 @@ when the weights later change (the server's side). A request without a `user`, o
 of a `unit: random` experiment, draws an arm at random by the weights.
 
 The report (`experiment_report`) is computed from the experiment's traces and the feedback on
-them; `aligner.stats` holds the statistics.
+them; `aligner.stats` holds the statistics. The server keeps an `ExperimentTally` per report
+and adds only the rows written since its last read.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 import random
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -182,16 +186,18 @@ def check_experiment(name: Any, body: Any, resolve_profile) -> Experiment:
 
 @dataclass
 class ArmSample:
-    """What one arm's traces and feedback hold, as plain numbers."""
+    """What one arm's traces and feedback hold: counts, the moments of each mean, and the
+    latencies kept sorted (for their quantiles)."""
 
     requests: int = 0
     users: set[str] = field(default_factory=set)
     anonymous: int = 0  # requests without a user: each drew its arm on its own
-    rewards: list[float] = field(default_factory=list)
-    tokens: list[float] = field(default_factory=list)
-    latencies: list[float] = field(default_factory=list)
-    ratings: list[float] = field(default_factory=list)
-    by_scale: dict[str, list[float]] = field(default_factory=dict)
+    rewards: stats.Moments = field(default_factory=stats.Moments)
+    tokens: stats.Moments = field(default_factory=stats.Moments)
+    latency: stats.Moments = field(default_factory=stats.Moments)
+    latencies: list[float] = field(default_factory=list)  # sorted
+    ratings: stats.Moments = field(default_factory=stats.Moments)
+    by_scale: dict[str, stats.Moments] = field(default_factory=dict)
     wins: int = 0
     losses: int = 0
 
@@ -220,62 +226,31 @@ def normalised_rating(rating: float, scale: str) -> float:
     return float(RATING_SCALES[scale](rating))
 
 
-def collect(arms: list[str], traces: Iterable[Mapping[str, Any]],
-            feedback: Iterable[Mapping[str, Any]]) -> dict[str, ArmSample]:
-    """Per arm: requests, users, reward, tokens and latency from the traces (rows with
-    `aligner.store.EXPERIMENT_TRACE_COLUMNS`); ratings and pairwise wins and losses from the
-    feedback (`Store.experiment_feedback` rows). Arms met in the store but not in `arms` (one
-    since removed from the file) are added after them."""
-    samples = {arm: ArmSample() for arm in arms}
-    for trace in traces:
-        sample = samples.setdefault(trace["arm"], ArmSample())
-        sample.requests += 1
-        if trace.get("user"):
-            sample.users.add(tenant_unit(trace.get("tenant"), trace["user"]))
-        else:
-            sample.anonymous += 1
-        if (reward := trace_reward(trace.get("candidates"), trace.get("selected"))) is not None:
-            sample.rewards.append(reward)
-        if isinstance(tokens := (trace.get("usage") or {}).get("completion_tokens"), (int, float)):
-            sample.tokens.append(float(tokens))
-        if isinstance(latency := (trace.get("timings") or {}).get("total_s"), (int, float)):
-            sample.latencies.append(float(latency))
-    for row in feedback:
-        if row["kind"] == "rating":
-            sample = samples.setdefault(row["arm"], ArmSample())
-            value = normalised_rating(row["rating"], row["rating_scale"])
-            sample.ratings.append(value)
-            # Per scale in its own terms: the share of thumbs up, the mean number of stars.
-            own = value if row["rating_scale"] == "thumbs" else float(row["rating"])
-            sample.by_scale.setdefault(row["rating_scale"], []).append(own)
-        elif row["kind"] == "pairwise" and row["arm"] != row["other_arm"]:  # within one arm: no contest
-            samples.setdefault(row["arm"], ArmSample()).wins += 1
-            samples.setdefault(row["other_arm"], ArmSample()).losses += 1
-    return samples
+def add_trace(samples: dict[str, ArmSample], trace: Mapping[str, Any]) -> None:
+    """A trace (a row with `aligner.store.EXPERIMENT_TRACE_COLUMNS`) into its arm's requests,
+    users, reward, tokens and latency; an arm met in the store but not in the file (one since
+    removed) is added."""
+    sample = samples.setdefault(trace["arm"], ArmSample())
+    sample.requests += 1
+    if trace.get("user"):
+        sample.users.add(tenant_unit(trace.get("tenant"), trace["user"]))
+    else:
+        sample.anonymous += 1
+    if (reward := trace_reward(trace.get("candidates"), trace.get("selected"))) is not None:
+        sample.rewards.add(reward)
+    if isinstance(tokens := (trace.get("usage") or {}).get("completion_tokens"), (int, float)):
+        sample.tokens.add(float(tokens))
+    if isinstance(latency := (trace.get("timings") or {}).get("total_s"), (int, float)):
+        sample.latency.add(float(latency))
+        bisect.insort(sample.latencies, float(latency))
 
 
-def latest_judgements(feedback: Iterable[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], int]:
-    """(the rows that count, how many were ignored as repeats): one judgement per answer, kind
-    and user, the latest (rows come oldest first). A pairwise judgement's answer is the pair,
-    so preferring B over A after A over B counts once, as B. Thumbs up then down on one answer
-    counts once, as down; a thousand votes from one user on one answer count once.
-
-    >>> rows = [{"id": 1, "kind": "rating", "trace_id": "a", "user": "u", "rating": 1},
-    ...         {"id": 2, "kind": "rating", "trace_id": "a", "user": "u", "rating": -1},
-    ...         {"id": 3, "kind": "rating", "trace_id": "a", "user": "v", "rating": 1}]
-    >>> kept, repeats = latest_judgements(rows); [r["id"] for r in kept], repeats
-    ([2, 3], 1)
-    """
-    latest: dict[tuple, Mapping[str, Any]] = {}
-    rows = 0
-    for row in feedback:
-        rows += 1
-        answer = (frozenset((row["trace_id"], row.get("other_trace_id"))) if row["kind"] == "pairwise"
-                  else row["trace_id"])
-        key = (answer, row["kind"], row.get("user"))
-        latest.pop(key, None)  # re-inserted last: the kept rows stay in the order of their latest
-        latest[key] = row
-    return list(latest.values()), rows - len(latest)
+def judgement_key(row: Mapping[str, Any]) -> tuple:
+    """What one judgement is of: (the answer, the kind, who judged); a pairwise judgement's
+    answer is the pair, in either order."""
+    answer = (frozenset((row["trace_id"], row.get("other_trace_id"))) if row["kind"] == "pairwise"
+              else row["trace_id"])
+    return answer, row["kind"], row.get("user")
 
 
 def sample_ratio(samples: Mapping[str, ArmSample], shares: Mapping[str, float], unit: str) -> dict[str, Any] | None:
@@ -297,18 +272,8 @@ def sample_ratio(samples: Mapping[str, ArmSample], shares: Mapping[str, float], 
             "mismatch": test["p_value"] < SRM_THRESHOLD}
 
 
-def head_to_head(feedback: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], int]:
-    """{(winner's arm, loser's arm): count} of the pairwise preferences between two arms."""
-    counts: dict[tuple[str, str], int] = {}
-    for row in feedback:
-        if row["kind"] == "pairwise" and row["arm"] != row["other_arm"]:
-            key = (row["arm"], row["other_arm"])
-            counts[key] = counts.get(key, 0) + 1
-    return counts
-
-
 def arm_report(arm: str, sample: ArmSample, share: float | None, total_requests: int) -> dict[str, Any]:
-    latencies = sorted(sample.latencies)
+    latencies = sample.latencies
     contests = sample.wins + sample.losses
     return {
         "arm": arm,
@@ -322,7 +287,7 @@ def arm_report(arm: str, sample: ArmSample, share: float | None, total_requests:
                      "ci95": stats.wilson_interval(sample.wins, contests)},
         "reward": stats.mean_interval(sample.rewards),
         "completion_tokens": stats.mean_interval(sample.tokens),
-        "latency_s": {"n": len(latencies), "mean": stats.mean_interval(latencies)["mean"],
+        "latency_s": {"n": len(latencies), "mean": stats.mean_interval(sample.latency)["mean"],
                       **{name: {"value": stats.quantile(latencies, q), "ci95": stats.quantile_interval(latencies, q)}
                          for name, q in LATENCY_QUANTILES.items()}},
     }
@@ -335,14 +300,14 @@ def comparison(arm: str, baseline: str, samples: dict[str, ArmSample],
     a, b = samples[baseline], samples[arm]
     wins, losses = pairs.get((arm, baseline), 0), pairs.get((baseline, arm), 0)
     contests = wins + losses
-    p50 = [stats.quantile(sorted(s.latencies), 0.5) for s in (a, b)]
+    p50 = [stats.quantile(s.latencies, 0.5) for s in (a, b)]
     return {
         "arm": arm,
         "baseline": baseline,
         "rating": stats.welch(a.ratings, b.ratings),
         "reward": stats.welch(a.rewards, b.rewards),
         "completion_tokens": stats.welch(a.tokens, b.tokens),
-        "latency_s": {**stats.welch(a.latencies, b.latencies),
+        "latency_s": {**stats.welch(a.latency, b.latency),
                       "p50_difference": p50[1] - p50[0] if None not in p50 else None},
         "win_rate": {"wins": wins, "n": contests, "rate": wins / contests if contests else None,
                        "ci95": stats.wilson_interval(wins, contests), "p_value": stats.binomial_test(wins, contests)},
@@ -354,22 +319,136 @@ def experiment_report(name: str, experiment: Experiment | None, traces: Iterable
     """The report of one experiment: per arm its numbers with 95% intervals, and each arm
     against the first (the baseline). `experiment` is the file's (None once removed from it:
     the arms are then those its traces name)."""
-    feedback, repeats = latest_judgements(feedback)
-    configured = experiment.arm_names if experiment is not None else []
-    samples = collect(configured, traces, feedback)
-    arms = configured + sorted(a for a in samples if a not in configured)
-    shares = experiment.shares() if experiment is not None else {}
-    total = sum(s.requests for s in samples.values())
-    pairs = head_to_head(feedback)
-    return {
-        "object": "alignment.experiment_report",
-        "name": name,
-        "experiment": experiment.public() if experiment is not None else None,
-        "since": since,
-        "requests": total,
-        # Judgements after the first of one user on one answer and kind: the latest counts.
-        "repeats_ignored": repeats,
-        "sample_ratio": sample_ratio(samples, shares, experiment.unit) if experiment is not None else None,
-        "arms": [arm_report(arm, samples[arm], shares.get(arm), total) for arm in arms],
-        "comparisons": [comparison(arm, arms[0], samples, pairs) for arm in arms[1:]],
-    }
+    tally = ExperimentTally()
+    tally.add_traces(traces)
+    tally.add_feedback(feedback)
+    return tally.report(name, experiment, since)
+
+
+class ExperimentTally:
+    """An experiment's report kept up to date by the rows written since the last one: per arm
+    what its traces hold, each judgement's latest row and its share of the arms' ratings and
+    wins (a later judgement takes the earlier one's share back), and where reading stopped
+    (the last trace `seq` and feedback `id`), so a report reads only new rows. `deletions` is
+    the store's deletion count when the tally began: once it moves, rows it counted may be
+    gone and the caller starts a new tally. One report at a time (`lock`)."""
+
+    def __init__(self, deletions: int | None = None) -> None:
+        self.deletions = deletions
+        self.seq = 0
+        self.feedback_id = 0
+        self.samples: dict[str, ArmSample] = {}  # from the traces only
+        self.judgements: dict[tuple, Mapping[str, Any]] = {}
+        self.feedback_rows = 0
+        # Per arm, the counted ratings' moments, and per scale in its own terms; the pairwise
+        # counts (winner's arm, loser's arm).
+        self.ratings: dict[str, stats.Moments] = {}
+        self.by_scale: dict[str, dict[str, stats.Moments]] = {}
+        self.pairs: dict[tuple[str, str], int] = {}
+        self.lock = threading.Lock()
+
+    @property
+    def repeats(self) -> int:
+        """Judgements after the first of one user on one answer and kind: the latest counts."""
+        return self.feedback_rows - len(self.judgements)
+
+    def add_traces(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        for row in rows:
+            add_trace(self.samples, row)
+            self.seq = max(self.seq, row.get("seq") or 0)
+
+    def add_feedback(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Rows oldest first: a judgement replaces the one before it on its key, and moves to
+        the end, so the kept rows stay in the order of their latest. Thumbs up then down on one
+        answer counts once, as down; a thousand votes from one user on one answer count once;
+        preferring B over A after A over B counts once, as B.
+
+        >>> tally = ExperimentTally()
+        >>> tally.add_feedback([{"id": i, "kind": "rating", "trace_id": "a", "arm": "x@1", "user": user,
+        ...                      "rating": rating, "rating_scale": "thumbs"}
+        ...                     for i, (user, rating) in enumerate([("u", 1), ("u", -1), ("v", 1)])])
+        >>> tally.ratings["x@1"].n, tally.ratings["x@1"].mean, tally.repeats  # u's down and v's up
+        (2, 0.5, 1)
+        """
+        for row in rows:
+            self.feedback_rows += 1
+            key = judgement_key(row)
+            earlier = self.judgements.pop(key, None)
+            if earlier is not None:
+                self._count(earlier, -1)
+            self.judgements[key] = row
+            self._count(row, 1)
+            self.feedback_id = max(self.feedback_id, row.get("id") or 0)
+
+    def _count(self, row: Mapping[str, Any], sign: int) -> None:
+        if row["kind"] == "rating":
+            arm, scale = row["arm"], row["rating_scale"]
+            value = normalised_rating(row["rating"], scale)
+            # Per scale in its own terms: the share of thumbs up, the mean number of stars.
+            own = value if scale == "thumbs" else float(row["rating"])
+            overall = self.ratings.setdefault(arm, stats.Moments())
+            in_scale = self.by_scale.setdefault(arm, {}).setdefault(scale, stats.Moments())
+            for moments, x in ((overall, value), (in_scale, own)):
+                (moments.add if sign > 0 else moments.remove)(x)
+        elif row["kind"] == "pairwise" and row["arm"] != row["other_arm"]:  # within one arm: no contest
+            pair = (row["arm"], row["other_arm"])
+            self.pairs[pair] = self.pairs.get(pair, 0) + sign
+
+    def report(self, name: str, experiment: Experiment | None, since: float | None = None) -> dict[str, Any]:
+        configured = experiment.arm_names if experiment is not None else []
+        pairs = {pair: count for pair, count in self.pairs.items() if count}
+        judged = {arm for arm, rated in self.ratings.items() if rated.n} | {arm for pair in pairs for arm in pair}
+        samples = {arm: ArmSample() for arm in configured}
+        for arm in [*self.samples, *sorted(judged - set(self.samples))]:
+            samples[arm] = replace(
+                self.samples.get(arm) or ArmSample(),  # its traces' numbers, shared, not copied
+                ratings=self.ratings.get(arm) or stats.Moments(),
+                by_scale={scale: rated for scale, rated in self.by_scale.get(arm, {}).items() if rated.n},
+                wins=sum(count for (winner, _), count in pairs.items() if winner == arm),
+                losses=sum(count for (_, loser), count in pairs.items() if loser == arm))
+        arms = configured + sorted(a for a in samples if a not in configured)
+        shares = experiment.shares() if experiment is not None else {}
+        total = sum(s.requests for s in samples.values())
+        return {
+            "object": "alignment.experiment_report",
+            "name": name,
+            "experiment": experiment.public() if experiment is not None else None,
+            "since": since,
+            "requests": total,
+            "repeats_ignored": self.repeats,
+            "sample_ratio": sample_ratio(samples, shares, experiment.unit) if experiment is not None else None,
+            "arms": [arm_report(arm, samples[arm], shares.get(arm), total) for arm in arms],
+            "comparisons": [comparison(arm, arms[0], samples, pairs) for arm in arms[1:]],
+        }
+
+
+class ExperimentReports:
+    """Reports kept up to date, one tally per (experiment, since), the least recently read
+    dropped beyond `max_tallies`. `report` reads only the rows written since the tally's last
+    read from a `aligner.store.Store` (`experiment_traces` / `experiment_feedback` after a
+    seq and an id), and starts a tally over when rows were deleted since it began (a user, a
+    trace, retention; on any replica sharing the database): its cost is the new rows, not the
+    experiment's size, save the statistics over the numbers kept in memory."""
+
+    def __init__(self, max_tallies: int = 32) -> None:
+        self.max_tallies = max_tallies
+        self._tallies: OrderedDict[tuple[str, float | None], ExperimentTally] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def report(self, store: Any, name: str, experiment: Experiment | None, since: float | None) -> dict[str, Any]:
+        tally = self.tally(name, since, store.deletions())
+        with tally.lock:
+            tally.add_traces(store.experiment_traces(name, since, after_seq=tally.seq))
+            tally.add_feedback(store.experiment_feedback(name, since, after_id=tally.feedback_id))
+            return tally.report(name, experiment, since)
+
+    def tally(self, name: str, since: float | None, deletions: int) -> ExperimentTally:
+        key = (name, since)
+        with self._lock:
+            tally = self._tallies.get(key)
+            if tally is None or tally.deletions != deletions:
+                tally = self._tallies[key] = ExperimentTally(deletions)
+            self._tallies.move_to_end(key)
+            while len(self._tallies) > self.max_tallies:
+                self._tallies.popitem(last=False)
+            return tally

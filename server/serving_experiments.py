@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from aligner.alignment import AlignmentError
-from aligner.experiments import Assignment, Experiment, assign, experiment_report
+from aligner.experiments import Assignment, Experiment, ExperimentReports, assign
 from aligner.spec import ALLOWED_WITH_EXPERIMENT, AlignmentSpec
 from aligner.store import Store
 from server.errors import invalid_request, make_error
@@ -42,6 +42,7 @@ class ServingExperiments:
     def __init__(self, store: ServingStore, metrics: ServerMetrics, rng: random.Random | None = None):
         self.store, self.metrics = store, metrics
         self.rng = rng or random.Random()  # draws for requests without a user
+        self.reports = ExperimentReports()  # kept up to date: each reads only new rows
 
     async def assign(self, spec: AlignmentSpec, user: str | None,
                      experiments: Mapping[str, Experiment]) -> tuple[AlignmentSpec, Assignment | None]:
@@ -97,8 +98,7 @@ class ServingExperiments:
         def count(store: Store) -> dict[str, Any]:
             # What is written: no wait on the writer (under steady traffic it is never empty, and
             # a wait per report would hold a store thread); queued traces count in the next one.
-            return experiment_report(name, experiment, store.experiment_traces(name, start),
-                                     store.experiment_feedback(name, start), start)
+            return self.reports.report(store, name, experiment, start)
 
         report = await self.store.run("count an experiment", count)
         if isinstance(report, ErrorResponse):

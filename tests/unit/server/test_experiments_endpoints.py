@@ -248,6 +248,40 @@ def test_the_report_counts_the_store(api, store):
     assert iso.json()["requests"] == 16
 
 
+def test_the_report_kept_up_to_date_equals_one_counted_afresh(api, store, profiles):
+    """The server's report reads only what was written since its last read (issue 38): after
+    new traces, a judgement that replaces an earlier one, and a deletion, it equals a report
+    counted from nothing over the same store."""
+    from aligner.experiments import experiment_report
+
+    def served() -> dict:
+        flush(api)
+        r = api.get("/v1/alignment/experiments/tone-test", headers=AUTH)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def afresh() -> dict:
+        return json.loads(json.dumps(experiment_report(
+            "tone-test", profiles.experiments["tone-test"], store.experiment_traces("tone-test"),
+            store.experiment_feedback("tone-test"))))
+
+    ids = [chat(api, {"experiment": "tone-test"}, user=f"u{i}")["id"] for i in range(6)]
+    assert served() == afresh()
+    tally = api.app.state.chat.experiments.reports._tallies[("tone-test", None)]
+    read = tally.seq
+    ids += [chat(api, {"experiment": "tone-test"}, user=f"v{i}")["id"] for i in range(4)]
+    for thumbs in ("up", "down"):  # the second replaces the first
+        assert api.post("/v1/alignment/feedback", json={"id": ids[0], "thumbs": thumbs, "user": "judge"},
+                        headers=AUTH).status_code == 200
+    report = served()
+    assert report == afresh() and report["requests"] == 10 and report["repeats_ignored"] == 1
+    assert api.app.state.chat.experiments.reports._tallies[("tone-test", None)] is tally and tally.seq > read
+    assert api.delete("/v1/alignment/users/u1", headers=AUTH).status_code == 200
+    report = served()
+    assert report == afresh() and report["requests"] == 9
+    assert api.app.state.chat.experiments.reports._tallies[("tone-test", None)] is not tally  # counted anew
+
+
 def test_report_refusals(api):
     assert api.get("/v1/alignment/experiments/tone-test").status_code == 401  # the key, like every endpoint
     r = api.get("/v1/alignment/experiments/no-such", headers=AUTH)
