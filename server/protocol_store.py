@@ -131,3 +131,6 @@ class DeletionResponse(BaseModel):
     response_id: str | None = None
     user: str | None = None
     deleted: dict[str, int]
+    # A user's deletion holds for every request that arrived before this time (epoch seconds):
+    # no row of theirs from one will appear later, here or on a replica sharing the store.
+    complete_before: float | None = None

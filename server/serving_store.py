@@ -265,10 +265,11 @@ class ServingStore:
                 logger.warning("deleting user data while %d store write(s) are still queued", writer.pending)
             return store.delete_user(user, scope)
 
+        asked = time.time()  # the tombstone's time is this or later
         deleted = await self._call("delete a user's data", delete)
         if isinstance(deleted, ErrorResponse):
             return deleted
-        return DeletionResponse(user=user, deleted=deleted)
+        return DeletionResponse(user=user, deleted=deleted, complete_before=asked)
 
     # -- helpers ------------------------------------------------------------------------------
 

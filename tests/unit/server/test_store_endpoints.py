@@ -349,7 +349,7 @@ def test_delete_a_trace_and_its_feedback(api, store):
     r = api.delete(f"/v1/alignment/traces/{answer['id']}", headers=AUTH)
     assert r.status_code == 200
     assert r.json() == {"object": "alignment.deletion", "response_id": answer["id"], "user": None,
-                        "deleted": {"traces": 1, "feedback": 2}}
+                        "deleted": {"traces": 1, "feedback": 2}, "complete_before": None}
     assert_error(api.get(f"/v1/alignment/traces/{answer['id']}", headers=AUTH), 404, "id")
     assert_error(api.delete(f"/v1/alignment/traces/{answer['id']}", headers=AUTH), 404, "id")
     assert store.get_trace(other["id"]) is not None
@@ -360,9 +360,11 @@ def test_delete_everything_about_a_user(api, store):
     mine = chat(api, user="bob")
     feedback(api, id=mine["id"], thumbs="down", user="alice")
     feedback(api, id=theirs[0]["id"], thumbs="up", user="bob")
+    asked = time.time()
     r = api.delete("/v1/alignment/users/alice", headers=AUTH)
     assert r.status_code == 200
     assert r.json()["deleted"] == {"traces": 2, "feedback": 2, "assignments": 0}
+    assert asked <= r.json()["complete_before"] <= time.time()  # requests that arrived before it leave no row
     assert all(store.get_trace(t["id"]) is None for t in theirs)
     assert store.get_trace(mine["id"]) is not None and store.feedback_for(mine["id"]) == []
 
