@@ -177,10 +177,6 @@ class APIKeys:
     def key_ids(self) -> set[str]:
         return {who.key_id for _, who in self._expected}
 
-    def tenants(self) -> set[str]:
-        """The named tenants of the keys in use (the default tenant is None, not listed)."""
-        return {who.tenant for _, who in self._expected if who.tenant is not None}
-
 
 @contextlib.contextmanager
 def reload_on_sighup(keys: APIKeys, also: Callable[[], None] | None = None) -> Iterator[None]:
