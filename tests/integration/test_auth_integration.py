@@ -6,8 +6,11 @@ is in no file and stays."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
 import os
 import signal
+import sqlite3
 import time
 
 import httpx
@@ -110,21 +113,52 @@ def test_key_file_rotates_on_sighup_and_survives_a_bad_file(key_file_server):
     assert KEY_A not in log and KEY_B not in log
 
 
+TENANT_KEYS = (f"{KEY_B}\nkey-team-a tenant=team-a role=client\nkey-team-b tenant=team-b role=client\n"
+               "key-probe role=metrics\nkey-limited tenant=team-a role=client rpm=1\n"
+               "key-voter tenant=team-v role=client rpm=60\n")
+
+
+def use_tenant_keys(running, keys) -> None:
+    if models_status(running, "key-voter") == 200:
+        return
+    replace_file(keys, TENANT_KEYS)
+    running.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while models_status(running, "key-voter") != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def caller(running):
+    def call(key: str, method: str, path: str, **kwargs) -> httpx.Response:
+        return httpx.request(method, f"{running.base_url}{path}", headers={"Authorization": f"Bearer {key}"},
+                             timeout=120, **kwargs)
+    return call
+
+
+def stored_rows(running, sql: str, *args) -> list[tuple]:
+    """The store file read with plain SQL, nothing of the server's code."""
+    with sqlite3.connect(f"file:{running.db_path}?mode=ro", uri=True) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+def wait_written(running) -> None:
+    """Until the server's store writer has nothing queued."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ready = caller(running)(running.api_key, "GET", "/ready").json()
+        if ready["store"]["pending"] == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the store writer did not drain in 30 s")
+
+
 def test_tenant_keys_keep_each_tenants_traces_and_users_apart(key_file_server):
     """Keys with a tenant and a role (issue 38): a metrics key reads probes only, a client key
     generates and reads its own tenant's traces, another tenant's are 404s, an admin reads
     and deletes across tenants."""
     running, keys = key_file_server
-    replace_file(keys, f"{KEY_B}\nkey-team-a tenant=team-a role=client\nkey-team-b tenant=team-b role=client\n"
-                       "key-probe role=metrics\nkey-limited tenant=team-a role=client rpm=1\n")
-    running.process.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while models_status(running, "key-team-a") != 200 and time.monotonic() < deadline:
-        time.sleep(0.1)
-
-    def call(key: str, method: str, path: str, **kwargs) -> httpx.Response:
-        return httpx.request(method, f"{running.base_url}{path}", headers={"Authorization": f"Bearer {key}"},
-                             timeout=120, **kwargs)
+    use_tenant_keys(running, keys)
+    call = caller(running)
 
     assert call("key-probe", "GET", "/metrics").status_code == 200
     assert call("key-probe", "GET", "/ready").status_code == 200
@@ -160,3 +194,101 @@ def test_tenant_keys_keep_each_tenants_traces_and_users_apart(key_file_server):
     assert call("key-team-a", "GET", "/v1/models").status_code == 200
     metrics = call(running.api_key, "GET", "/metrics").text
     assert 'aligner_rate_limited_total{limit="rpm",tenant="team-a"} 1.0' in metrics
+
+
+def test_a_thousand_votes_from_one_key_count_once_and_hit_the_rate_limit(key_file_server):
+    """One client's votes cannot stuff an experiment: a thousand thumbs-up on its own answer
+    move the arm's rating by one judgement, the report says how many it ignored as repeats,
+    and the key's requests per minute cut the flood short with 429s."""
+    running, keys = key_file_server
+    use_tenant_keys(running, keys)
+    call = caller(running)
+
+    def report() -> dict:
+        r = call(running.api_key, "GET", "/v1/alignment/experiments/tone-test")
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    answer = call("key-voter", "POST", "/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 4,
+        "user": "voter", "alignment": {"experiment": "tone-test"}})
+    assert answer.status_code == 200, answer.text
+    trace_id, arm = answer.json()["id"], answer.json()["alignment"]["experiment"]["arm"]
+    wait_written(running)
+    before = report()
+    rated = {a["arm"]: a["rating"]["n"] for a in before["arms"]}
+
+    statuses = []
+    with httpx.Client(base_url=running.base_url, headers={"Authorization": "Bearer key-voter"}, timeout=30) as http:
+        for _ in range(1000):
+            statuses.append(http.post("/v1/alignment/feedback", json={"id": trace_id, "thumbs": "up",
+                                                                       "user": "voter"}).status_code)
+    accepted, limited = statuses.count(200), statuses.count(429)
+    assert accepted + limited == 1000 and 1 <= accepted <= 75 and limited >= 900, (accepted, limited)
+
+    after = report()
+    assert {a["arm"]: a["rating"]["n"] for a in after["arms"]} == {**rated, arm: rated[arm] + 1}
+    assert after["repeats_ignored"] == before["repeats_ignored"] + accepted - 1
+    assert len(stored_rows(running, "SELECT id FROM feedback WHERE trace_id = ?", trace_id)) == accepted
+    # Leave the shared experiment as it was (its own tests recount it from the file).
+    assert call(running.api_key, "DELETE", "/v1/alignment/users/voter").json()["deleted"]["traces"] == 1
+    assert report()["repeats_ignored"] == before["repeats_ignored"]
+
+
+def test_a_one_mebibyte_request_stores_a_bounded_trace(key_file_server):
+    """16 stop strings of 62 KiB each: the answer is served, and its stored trace keeps the
+    conversation and candidates but not the request's settings, which are marked truncated."""
+    running, keys = key_file_server
+    use_tenant_keys(running, keys)
+    stops = [f"{i:02d}" + "x" * (62 << 10) for i in range(16)]
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 2, "stop": stops}
+    assert len(json.dumps(body).encode()) > 1_000_000
+    answer = caller(running)("key-team-a", "POST", "/v1/chat/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    trace_id = answer.json()["id"]
+    wait_written(running)
+    stored = caller(running)("key-team-a", "GET", f"/v1/alignment/traces/{trace_id}")
+    assert stored.status_code == 200
+    trace = stored.json()
+    assert trace["request"]["truncated"] is True and trace["request"]["bytes"] > 1_000_000
+    assert trace["conversation"][-1]["content"] == "Say hi." and trace["candidates"]
+    (size,) = stored_rows(running, "SELECT length(CAST(extra AS BLOB)) + length(CAST(candidates AS BLOB)) + "
+                                   "length(CAST(conversation AS BLOB)) FROM traces WHERE id = ?", trace_id)[0]
+    assert size < 256 << 10
+
+
+def test_deleting_a_user_while_their_answers_stream_leaves_no_row_of_theirs(key_file_server):
+    """A user's deletion racing their streaming answers: answers still streaming (and their
+    traces queued after) when the deletion is answered leave no row, and the answer says from
+    when the deletion holds."""
+    running, keys = key_file_server
+    use_tenant_keys(running, keys)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}],
+            "max_tokens": 96, "stream": True, "user": "racer", "temperature": 0.8, "ignore_eos": True}
+    started = concurrent.futures.ThreadPoolExecutor(4)
+    first_chunk = [concurrent.futures.Future() for _ in range(4)]
+
+    def stream(k: int) -> int:
+        chunks = 0
+        with httpx.stream("POST", f"{running.v1}/chat/completions", json=body, timeout=300,
+                          headers={"Authorization": "Bearer key-team-a"}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    chunks += 1
+                    if chunks == 1:
+                        first_chunk[k].set_result(time.time())
+        return chunks
+
+    with started:
+        streams = [started.submit(stream, k) for k in range(4)]
+        for future in first_chunk:
+            future.result(timeout=120)
+        deleted = caller(running)("key-team-a", "DELETE", "/v1/alignment/users/racer")
+        still_streaming = sum(not s.done() for s in streams)
+        chunks = [s.result(timeout=300) for s in streams]
+    assert deleted.status_code == 200, deleted.text
+    assert still_streaming >= 1 and min(chunks) > 10  # the deletion did race the answers
+    assert deleted.json()["complete_before"] <= time.time()
+    wait_written(running)
+    assert stored_rows(running, "SELECT id FROM traces WHERE user = 'racer'") == []
