@@ -115,7 +115,7 @@ def test_key_file_rotates_on_sighup_and_survives_a_bad_file(key_file_server):
 
 TENANT_KEYS = (f"{KEY_B}\nkey-team-a tenant=team-a role=client\nkey-team-b tenant=team-b role=client\n"
                "key-probe role=metrics\nkey-limited tenant=team-a role=client rpm=1\n"
-               "key-voter tenant=team-v role=client rpm=60\n")
+               "key-voter tenant=team-v role=client rpm=60\nkey-daily tenant=team-d role=client tokens_per_day=10\n")
 
 
 def use_tenant_keys(running, keys) -> None:
@@ -233,6 +233,30 @@ def test_a_thousand_votes_from_one_key_count_once_and_hit_the_rate_limit(key_fil
     # Leave the shared experiment as it was (its own tests recount it from the file).
     assert call(running.api_key, "DELETE", "/v1/alignment/users/voter").json()["deleted"]["traces"] == 1
     assert report()["repeats_ignored"] == before["repeats_ignored"]
+
+
+def test_a_key_past_its_tokens_per_day_is_refused_generation_until_midnight(key_file_server):
+    """tokens_per_day counts what the policy generated for the key: once used up, generation is
+    a 429 with Retry-After (until the UTC day ends); reading models is not generation."""
+    running, keys = key_file_server
+    use_tenant_keys(running, keys)
+    call = caller(running)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Count to twenty."}], "max_tokens": 8,
+            "ignore_eos": True}
+    used = 0
+    while used < 10:
+        r = call("key-daily", "POST", "/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        used += r.json()["usage"]["completion_tokens"]
+    refused = call("key-daily", "POST", "/v1/chat/completions", json=body)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert "tokens" in refused.json()["error"]["message"]
+    seconds_to_midnight = 86_400 - time.time() % 86_400
+    assert abs(int(refused.headers["Retry-After"]) - seconds_to_midnight) < 60
+    assert call("key-daily", "GET", "/v1/models").status_code == 200
+    metrics = call(running.api_key, "GET", "/metrics").text
+    assert 'aligner_rate_limited_total{limit="tokens_per_day",tenant="team-d"} 1.0' in metrics
+    assert 'aligner_tenant_generated_tokens_total{tenant="team-d"} ' + f"{float(used)}" in metrics
 
 
 def test_a_one_mebibyte_request_stores_a_bounded_trace(key_file_server):
