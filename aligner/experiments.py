@@ -338,7 +338,7 @@ class ExperimentTally:
         self.seq = 0
         self.feedback_id = 0
         self.samples: dict[str, ArmSample] = {}  # from the traces only
-        self.judgements: dict[tuple, Mapping[str, Any]] = {}
+        self.judgements: dict[tuple, tuple] = {}  # key -> (kind, arm, rating, scale, other arm)
         self.feedback_rows = 0
         # Per arm, the counted ratings' moments, and per scale in its own terms; the pairwise
         # counts (winner's arm, loser's arm).
@@ -376,23 +376,23 @@ class ExperimentTally:
             earlier = self.judgements.pop(key, None)
             if earlier is not None:
                 self._count(earlier, -1)
-            self.judgements[key] = row
-            self._count(row, 1)
+            judgement = (row["kind"], row["arm"], row.get("rating"), row.get("rating_scale"), row.get("other_arm"))
+            self.judgements[key] = judgement  # what counting needs, not the row: a tally stays small
+            self._count(judgement, 1)
             self.feedback_id = max(self.feedback_id, row.get("id") or 0)
 
-    def _count(self, row: Mapping[str, Any], sign: int) -> None:
-        if row["kind"] == "rating":
-            arm, scale = row["arm"], row["rating_scale"]
-            value = normalised_rating(row["rating"], scale)
+    def _count(self, judgement: tuple, sign: int) -> None:
+        kind, arm, rating, scale, other_arm = judgement
+        if kind == "rating":
+            value = normalised_rating(rating, scale)
             # Per scale in its own terms: the share of thumbs up, the mean number of stars.
-            own = value if scale == "thumbs" else float(row["rating"])
+            own = value if scale == "thumbs" else float(rating)
             overall = self.ratings.setdefault(arm, stats.Moments())
             in_scale = self.by_scale.setdefault(arm, {}).setdefault(scale, stats.Moments())
             for moments, x in ((overall, value), (in_scale, own)):
                 (moments.add if sign > 0 else moments.remove)(x)
-        elif row["kind"] == "pairwise" and row["arm"] != row["other_arm"]:  # within one arm: no contest
-            pair = (row["arm"], row["other_arm"])
-            self.pairs[pair] = self.pairs.get(pair, 0) + sign
+        elif kind == "pairwise" and arm != other_arm:  # within one arm: no contest
+            self.pairs[(arm, other_arm)] = self.pairs.get((arm, other_arm), 0) + sign
 
     def report(self, name: str, experiment: Experiment | None, since: float | None = None) -> dict[str, Any]:
         configured = experiment.arm_names if experiment is not None else []
