@@ -24,7 +24,6 @@ and adds only the rows written since its last read.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import math
 import random
@@ -242,7 +241,7 @@ def add_trace(samples: dict[str, ArmSample], trace: Mapping[str, Any]) -> None:
         sample.tokens.add(float(tokens))
     if isinstance(latency := (trace.get("timings") or {}).get("total_s"), (int, float)):
         sample.latency.add(float(latency))
-        bisect.insort(sample.latencies, float(latency))
+        sample.latencies.append(float(latency))  # the caller sorts (ExperimentTally.add_traces)
 
 
 def judgement_key(row: Mapping[str, Any]) -> tuple:
@@ -340,10 +339,10 @@ class ExperimentTally:
         self.samples: dict[str, ArmSample] = {}  # from the traces only
         self.judgements: dict[tuple, tuple] = {}  # key -> (kind, arm, rating, scale, other arm)
         self.feedback_rows = 0
-        # Per arm, the counted ratings' moments, and per scale in its own terms; the pairwise
-        # counts (winner's arm, loser's arm).
-        self.ratings: dict[str, stats.Moments] = {}
-        self.by_scale: dict[str, dict[str, stats.Moments]] = {}
+        # Per arm, the counted ratings (a count per value: replaced ones come back out exactly),
+        # and per scale in its own terms; the pairwise counts (winner's arm, loser's arm).
+        self.ratings: dict[str, stats.ValueCounts] = {}
+        self.by_scale: dict[str, dict[str, stats.ValueCounts]] = {}
         self.pairs: dict[tuple[str, str], int] = {}
         self.lock = threading.Lock()
 
@@ -353,9 +352,17 @@ class ExperimentTally:
         return self.feedback_rows - len(self.judgements)
 
     def add_traces(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        touched = set()
         for row in rows:
             add_trace(self.samples, row)
+            touched.add(row["arm"])
             self.seq = max(self.seq, row.get("seq") or 0)
+        for arm in touched:  # appended, then sorted once: a sorted run and a short tail, linear
+            self.samples[arm].latencies.sort()
+
+    def scanned_feedback(self, last_id: int) -> None:
+        """Feedback up to `last_id` was read (the experiment's or not): read after it next."""
+        self.feedback_id = max(self.feedback_id, last_id)
 
     def add_feedback(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Rows oldest first: a judgement replaces the one before it on its key, and moves to
@@ -367,8 +374,8 @@ class ExperimentTally:
         >>> tally.add_feedback([{"id": i, "kind": "rating", "trace_id": "a", "arm": "x@1", "user": user,
         ...                      "rating": rating, "rating_scale": "thumbs"}
         ...                     for i, (user, rating) in enumerate([("u", 1), ("u", -1), ("v", 1)])])
-        >>> tally.ratings["x@1"].n, tally.ratings["x@1"].mean, tally.repeats  # u's down and v's up
-        (2, 0.5, 1)
+        >>> tally.ratings["x@1"].counts, tally.repeats  # u's down and v's up
+        ({0.0: 1, 1.0: 1}, 1)
         """
         for row in rows:
             self.feedback_rows += 1
@@ -387,23 +394,23 @@ class ExperimentTally:
             value = normalised_rating(rating, scale)
             # Per scale in its own terms: the share of thumbs up, the mean number of stars.
             own = value if scale == "thumbs" else float(rating)
-            overall = self.ratings.setdefault(arm, stats.Moments())
-            in_scale = self.by_scale.setdefault(arm, {}).setdefault(scale, stats.Moments())
-            for moments, x in ((overall, value), (in_scale, own)):
-                (moments.add if sign > 0 else moments.remove)(x)
+            overall = self.ratings.setdefault(arm, stats.ValueCounts())
+            in_scale = self.by_scale.setdefault(arm, {}).setdefault(scale, stats.ValueCounts())
+            for counts, x in ((overall, value), (in_scale, own)):
+                (counts.add if sign > 0 else counts.remove)(x)
         elif kind == "pairwise" and arm != other_arm:  # within one arm: no contest
             self.pairs[(arm, other_arm)] = self.pairs.get((arm, other_arm), 0) + sign
 
     def report(self, name: str, experiment: Experiment | None, since: float | None = None) -> dict[str, Any]:
         configured = experiment.arm_names if experiment is not None else []
         pairs = {pair: count for pair, count in self.pairs.items() if count}
-        judged = {arm for arm, rated in self.ratings.items() if rated.n} | {arm for pair in pairs for arm in pair}
+        judged = {arm for arm, rated in self.ratings.items() if rated.counts} | {arm for pair in pairs for arm in pair}
         samples = {arm: ArmSample() for arm in configured}
         for arm in [*self.samples, *sorted(judged - set(self.samples))]:
             samples[arm] = replace(
                 self.samples.get(arm) or ArmSample(),  # its traces' numbers, shared, not copied
-                ratings=self.ratings.get(arm) or stats.Moments(),
-                by_scale={scale: rated for scale, rated in self.by_scale.get(arm, {}).items() if rated.n},
+                ratings=self.ratings[arm].moments() if arm in self.ratings else stats.Moments(),
+                by_scale={scale: rated.moments() for scale, rated in self.by_scale.get(arm, {}).items() if rated.counts},
                 wins=sum(count for (winner, _), count in pairs.items() if winner == arm),
                 losses=sum(count for (_, loser), count in pairs.items() if loser == arm))
         arms = configured + sorted(a for a in samples if a not in configured)
@@ -430,7 +437,7 @@ class ExperimentReports:
     trace, retention; on any replica sharing the database): its cost is the new rows, not the
     experiment's size, save the statistics over the numbers kept in memory."""
 
-    def __init__(self, max_tallies: int = 32) -> None:
+    def __init__(self, max_tallies: int = 8) -> None:
         self.max_tallies = max_tallies
         self._tallies: OrderedDict[tuple[str, float | None], ExperimentTally] = OrderedDict()
         self._lock = threading.Lock()
@@ -439,14 +446,16 @@ class ExperimentReports:
         tally = self.tally(name, since, store.deletions())
         with tally.lock:
             tally.add_traces(store.experiment_traces(name, since, after_seq=tally.seq))
-            tally.add_feedback(store.experiment_feedback(name, since, after_id=tally.feedback_id))
+            tally.add_feedback(store.experiment_feedback(name, since, after_id=tally.feedback_id,
+                                                         scanned=tally.scanned_feedback))
             return tally.report(name, experiment, since)
 
     def tally(self, name: str, since: float | None, deletions: int) -> ExperimentTally:
         key = (name, since)
         with self._lock:
             tally = self._tallies.get(key)
-            if tally is None or tally.deletions != deletions:
+            # A caller that read the count before another started anew keeps the newer tally.
+            if tally is None or tally.deletions < deletions:
                 tally = self._tallies[key] = ExperimentTally(deletions)
             self._tallies.move_to_end(key)
             while len(self._tallies) > self.max_tallies:

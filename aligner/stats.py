@@ -73,6 +73,38 @@ class Moments:
         return self.m2 / (self.n - 1)
 
 
+class ValueCounts:
+    """A sample of few distinct values (ratings: thumbs 0 or 1, stars 1 to 5) as a count per
+    value, so values come and go exactly: its `moments()` are the two-pass ones, with no
+    rounding left behind by removals (a sample of equal values has exactly no spread).
+
+    >>> ratings = ValueCounts()
+    >>> for x in (1.0, 0.0, 1.0, 0.75): ratings.add(x)
+    >>> ratings.remove(0.0); ratings.remove(0.75)
+    >>> ratings.moments()
+    Moments(n=2, mean=1.0, m2=0.0)
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[float, int] = {}
+
+    def add(self, x: float) -> None:
+        self.counts[x] = self.counts.get(x, 0) + 1
+
+    def remove(self, x: float) -> None:
+        if (left := self.counts[x] - 1) > 0:
+            self.counts[x] = left
+        else:
+            del self.counts[x]
+
+    def moments(self) -> Moments:
+        n = sum(self.counts.values())
+        if n == 0:
+            return Moments()
+        mean = math.fsum(x * c for x, c in self.counts.items()) / n
+        return Moments(n, mean, math.fsum(c * (x - mean) ** 2 for x, c in self.counts.items()))
+
+
 def moments(values: Sequence[float] | Moments) -> Moments:
     return values if isinstance(values, Moments) else Moments.of(values)
 

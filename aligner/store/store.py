@@ -86,6 +86,13 @@ class Store:
         return (postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert)(table)
 
     @staticmethod
+    def _lock(conn: sa.Connection, counter: str) -> None:
+        """Hold a shared counter's row until the transaction ends, without moving it (PostgreSQL;
+        SQLite's one writer holds everything already). Counters are locked in one order,
+        traces then deletions, and before any row they guard, so no two writers deadlock."""
+        conn.execute(sa.select(store_counters.c.value).where(store_counters.c.name == counter).with_for_update())
+
+    @staticmethod
     def _bump(conn: sa.Connection, counter: str) -> int:
         """Add one to a shared counter and return it. The row stays locked until the
         transaction ends (PostgreSQL's row lock; SQLite's one writer), so what is numbered
@@ -130,11 +137,14 @@ class Store:
         total_s = (row.get("timings") or {}).get("total_s")
         arrived = row["created_at"] - (total_s if isinstance(total_s, (int, float)) else 0.0)
         with self._write() as conn:
+            # The number first: its lock is what a user's deletion also takes (see delete_user),
+            # so the tombstone is read after any deletion that could miss this trace committed.
+            seq = self._bump(conn, "traces")
             if row["user"] is not None and conn.scalar(sa.select(user_deletions.c.user).where(
                     user_deletions.c.user == row["user"], user_deletions.c.deleted_at >= arrived,
                     user_deletions.c.tenant_key.in_([tenant_key(row["tenant"]), "*"])).limit(1)) is not None:
                 return False
-            conn.execute(stmt.values(**row, seq=self._bump(conn, "traces")))
+            conn.execute(stmt.values(**row, seq=seq))
         return True
 
     def get_trace(self, trace_id: str) -> dict[str, Any] | None:
@@ -290,7 +300,8 @@ class Store:
             after_seq = rows[-1]["seq"]
 
     def experiment_feedback(self, experiment: str, since: float | datetime | None = None,
-                            batch_size: int = 500, after_id: int = 0) -> Iterator[dict[str, Any]]:
+                            batch_size: int = 500, after_id: int = 0,
+                            scanned: Callable[[int], None] | None = None) -> Iterator[dict[str, Any]]:
         """The ratings and pairwise preferences on the experiment's responses (created at
         `since` or later), oldest first, each as {"id", "kind", "trace_id", "arm", "rating",
         "rating_scale", "other_trace_id", "other_arm", "user"} (`user`: who judged, scoped by
@@ -300,7 +311,8 @@ class Store:
 
         Read by feedback id in batches (a range scan of the primary key, no sort), each then
         joined to its responses and kept when it is the experiment's: the cost is the feedback
-        written after `after_id`, whatever the experiment's size."""
+        written after `after_id`, whatever the experiment's size. `scanned` is told the last id
+        of each batch read, the experiment's or not: where the next read may start."""
         since = _epoch(since)
         last_id = after_id
         while True:
@@ -316,6 +328,8 @@ class Store:
             for row in rows:
                 row["user"] = tenant_unit(row.pop("tenant"), row["user"])
             yield from rows
+            if scanned is not None:
+                scanned(ids[-1])
             if len(ids) < batch_size:
                 return
             last_id = ids[-1]
@@ -351,8 +365,11 @@ class Store:
         tombstone = tombstone.on_conflict_do_update(index_elements=[user_deletions.c.tenant_key, user_deletions.c.user],
                                                     set_={"deleted_at": tombstone.excluded.deleted_at})
         with self._write() as conn:
-            conn.execute(tombstone)  # in the deletion's transaction: later writes of the user see it
+            # No trace of the user is being written meanwhile (put_trace holds this lock from
+            # before it reads the tombstones to its commit), and none after sees no tombstone.
+            self._lock(conn, "traces")
             self._bump(conn, "deletions")
+            conn.execute(tombstone)  # in the deletion's transaction: later writes of the user see it
             removed = conn.execute(feedback.delete().where(sa.or_(
                 sa.and_(feedback.c.user == user, feedback.c.trace_id.in_(tenants)),
                 feedback.c.trace_id.in_(theirs), feedback.c.other_trace_id.in_(theirs)))).rowcount
@@ -372,6 +389,7 @@ class Store:
         counts = {"traces": 0, "feedback": 0, "assignments": 0}
         while True:
             with self._write() as conn:
+                self._lock(conn, "deletions")  # before any row it deletes: see _lock
                 ids = list(conn.scalars(sa.select(traces.c.id).where(traces.c.created_at < cutoff)
                                         .limit(batch_size)))
                 if not ids:
@@ -381,6 +399,7 @@ class Store:
                     feedback.c.trace_id.in_(ids), feedback.c.other_trace_id.in_(ids)))).rowcount
                 counts["traces"] += conn.execute(traces.delete().where(traces.c.id.in_(ids))).rowcount
         with self._write() as conn:
+            self._lock(conn, "deletions")
             old_feedback = conn.execute(feedback.delete().where(feedback.c.created_at < cutoff)).rowcount
             if old_feedback:
                 self._bump(conn, "deletions")

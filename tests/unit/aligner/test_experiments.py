@@ -298,3 +298,29 @@ def test_the_report_from_a_real_store_equals_a_recount(tmp_path):
         latencies = sorted(t["timings"]["total_s"] for t in mine)
         assert row["latency_s"]["p50"]["value"] == pytest.approx(stats.quantile(latencies, 0.5))
     assert sum(r["requests"] for r in report["arms"]) == 60
+
+
+def test_a_report_kept_up_to_date_skips_feedback_it_has_read(tmp_path):
+    """Feedback on other experiments' answers is read once: the tally remembers the last id it
+    scanned, its experiment's or not, and its latencies stay sorted as traces come in any order."""
+    from aligner.experiments import ExperimentReports
+
+    store = Store.open(f"sqlite:///{tmp_path / 'store.db'}")
+    tone, reports = experiment(1, 1), ExperimentReports()
+    try:
+        for i, latency in enumerate([0.5, 0.1, 0.9, 0.3]):
+            store.put_trace({"id": f"t{i}", "conversation": [{"role": "user", "content": "q"}],
+                             "experiment": "tone-test", "arm": "tone@1", "timings": {"total_s": latency}})
+        store.put_trace({"id": "other", "conversation": [{"role": "user", "content": "q"}]})
+        last = [store.add_feedback("other", rating=1, rating_scale="thumbs")["id"] for _ in range(7)][-1]
+        assert reports.report(store, "tone-test", tone, None)["arms"][0]["rating"]["n"] == 0
+        tally = reports.tally("tone-test", None, store.deletions())
+        assert tally.feedback_id == last  # nothing of its own, all of it read
+        assert tally.samples["tone@1"].latencies == [0.1, 0.3, 0.5, 0.9]
+        reads = []
+        original = store.experiment_feedback
+        store.experiment_feedback = lambda *a, **k: reads.append(k["after_id"]) or original(*a, **k)
+        reports.report(store, "tone-test", tone, None)
+        assert reads == [last]
+    finally:
+        store.close()

@@ -368,6 +368,40 @@ def test_traces_are_numbered_in_write_order_and_deletions_are_counted(store, clo
     assert list(store.experiment_traces("tone")) == []
 
 
+def test_a_trace_waiting_to_be_written_when_its_user_is_deleted_is_dropped(postgres):
+    """Another replica holds the trace counter (it is writing a trace); this one's trace of
+    ann and ann's deletion both wait on it. Whichever goes first, ann has no trace after her
+    deletion was answered (the deletion waits for traces being written; a trace written after
+    it sees the tombstone)."""
+    import time
+
+    import psycopg
+
+    url = postgres.new_database()
+    store = Store.open(url)
+    try:
+        with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as other:
+            other.execute("UPDATE store_counters SET value = value + 1 WHERE name = 'traces'")
+            arrived = time.time()
+            results = {}
+            write = threading.Thread(target=lambda: results.update(written=store.put_trace(
+                {"id": "late", "conversation": HELLO, "user": "ann", "created_at": arrived,
+                 "timings": {"total_s": 0.0}})))
+            delete = threading.Thread(target=lambda: results.update(deleted=store.delete_user("ann")))
+            write.start()
+            time.sleep(0.3)
+            delete.start()
+            time.sleep(0.3)
+            assert write.is_alive() and delete.is_alive()  # both wait on the other replica's write
+            other.commit()
+            write.join(10)
+            delete.join(10)
+        assert store.get_trace("late") is None
+        assert results["written"] is False or results["deleted"]["traces"] == 1
+    finally:
+        store.close()
+
+
 def test_two_stores_on_one_database_see_each_others_writes(store_url):
     first, second = Store.open(store_url), Store.open(store_url)
     try:
