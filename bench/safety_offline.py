@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench.safety import offline_flags, offline_rail
+from bench.safety import offline_flags, offline_rail, rate
 
 SETS = {"rho_harmful": "harmful", "rho_benign": "benign, paired", "rho_overrefusal": "benign, sensitive topics"}
 
@@ -54,7 +54,42 @@ def evaluate(sets_dir: Path, classifiers: list[Path], rail_model: Path | None) -
                    for name in ("rho_harmful", "rho_benign")
                    for row, item in zip(rows[name], sets[name], strict=True) if item.get("answer")]
         summary["rail"] = {"model": rail_model.name, **offline_rail(answers, rail_model, arm="written")}
+        # What `harmless` would let through end to end if the model wrote these openings: a
+        # request its route does not flag, and an answer its rail does not stop.
+        stopped = rail_stops(answers, rail_model)
+        summary["either"] = {}
+        for model in classifiers:
+            flagged = flags_of(model, [a["messages"][0]["content"] for a in answers])
+            summary["either"][model.name] = {name: rate([f or s for f, s, a in zip(flagged, stopped, answers, strict=True)
+                                                         if a["set"] == name]) for name in ("rho_harmful", "rho_benign")}
     return summary
+
+
+def flags_of(model: Path, prompts: list[str]) -> list[bool]:
+    from aligner.training.classifier import score_sets
+
+    threshold = json.loads((model / "aligner_reward.json").read_text())["threshold"]
+    return [score >= threshold for score in score_sets(model, {"all": prompts})["all"]]
+
+
+def rail_stops(answers: list[dict], model: Path) -> list[bool]:
+    """Per answer, whether the rail's model stops it, scored as `alignment.rail` does (the
+    request with the answer's windows)."""
+    from aligner.rail import RailParams, checked_windows
+    from aligner.training.classifier import score_sets
+    from aligner.training.prompt_sets import pair_item
+
+    params = RailParams(model=model.name)
+    threshold = json.loads((model / "aligner_reward.json").read_text())["threshold"]
+    items, owner = [], []
+    for k, a in enumerate(answers):
+        for _, window in checked_windows(a["text"], params):
+            items.append(pair_item(a["messages"][-1]["content"], window))
+            owner.append(k)
+    stopped = [False] * len(answers)
+    for k, score in zip(owner, score_sets(model, {"all": items})["all"] if items else [], strict=True):
+        stopped[k] = stopped[k] or score >= threshold
+    return stopped
 
 
 def format_table(summary: dict) -> str:
@@ -69,6 +104,11 @@ def format_table(summary: dict) -> str:
         lines += ["", f"| written answers | stopped by the output rail's model (`{rail['model']}`) |", "| --- | --- |",
                   f"| `rho_harmful`: the request and an opening that complies | {cell(rail['rho_harmful'])} |",
                   f"| `rho_benign`: the request and a helpful opening | {cell(rail['rho_benign'])} |"]
+        lines += ["", "| written answers | " + " | ".join(f"request flagged by `{n}` or answer stopped by the rail"
+                                                          for n in summary["either"]) + " |",
+                  "| --- | " + " | ".join("---" for _ in summary["either"]) + " |"]
+        for name in ("rho_harmful", "rho_benign"):
+            lines.append(f"| `{name}` | " + " | ".join(cell(summary["either"][n][name]) for n in summary["either"]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -173,3 +173,19 @@ def test_collect_asks_again_an_answer_of_another_length_limit():
         assert asked == expect_asked and len(answers) == 1
         assert answers[0]["text"] == ("fresh" if expect_asked else "kept")
     assert answers[0].get("max_tokens") is None  # the reused row as it was
+
+
+def test_the_offline_table_gives_each_classifier_and_the_rail_with_wilson_intervals():
+    from bench import safety_offline
+
+    flags = {"rho_harmful": safety.rate([True, False, True, True]), "rho_benign": safety.rate([False] * 4)}
+    summary = {"flags": {"v1": flags, "v2": flags},
+               "rail": {"model": "harmful-response", "rho_harmful": safety.rate([True, False]),
+                        "rho_benign": safety.rate([False, False])},
+               "either": {"v1": {"rho_harmful": safety.rate([True, True]), "rho_benign": safety.rate([False, True])},
+                          "v2": {"rho_harmful": safety.rate([True, True]), "rho_benign": safety.rate([False, False])}}}
+    table = safety_offline.format_table(summary)
+    assert "| `rho_harmful` (harmful) | 0.75 [0.30, 0.95] (3/4) | 0.75 [0.30, 0.95] (3/4) |" in table
+    assert "| `rho_benign` (benign, paired) | 0.00 [0.00, 0.49] (0/4) |" in table
+    assert "stopped by the output rail's model (`harmful-response`)" in table
+    assert "| `rho_benign` | 0.50 [0.09, 0.91] (1/2) | 0.00 [0.00, 0.66] (0/2) |" in table
