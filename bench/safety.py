@@ -128,30 +128,37 @@ def offline_flags(sets: dict[str, list[dict]], model: Path) -> dict[str, dict]:
 
 
 def offline_rail(answers: list[dict], model: Path, arm: str = "plain") -> dict[str, dict]:
-    """Where the output rail's model would stop `arm`'s answers, scored as `alignment.rail` does
-    (the last user turn with the answer's last 48 words, every 16 words and at the end), per set:
-    on plain answers to harmful requests it should stop most, on benign ones almost none."""
+    """Where the output rail's model would stop `arm`'s answers, per set: on plain answers to
+    harmful requests it should stop most, on benign ones almost none."""
+    threshold = json.loads((model / "aligner_reward.json").read_text())["threshold"]
+    rows = [a for a in answers if a["arm"] == arm and a.get("error") is None]
+    stopped = rail_stops(rows, model)
+    out = {}
+    for name in dict.fromkeys(a["set"] for a in rows):
+        out[name] = {**rate([stopped[k] for k, a in enumerate(rows) if a["set"] == name]), "threshold": threshold}
+    return out
+
+
+def rail_stops(answers: list[dict], model: Path) -> list[bool]:
+    """Per answer, whether the output rail's model stops it, scored as `alignment.rail` does
+    (the last user turn with the answer's last 48 words, every 16 words and at the end)."""
     from aligner.rail import RailParams, checked_windows
     from aligner.training.classifier import score_sets
     from aligner.training.prompt_sets import pair_item
 
     rail = RailParams(model=model.name)
     threshold = json.loads((model / "aligner_reward.json").read_text())["threshold"]
-    rows = [a for a in answers if a["arm"] == arm and a.get("error") is None]
     items, owner = [], []
-    for k, a in enumerate(rows):
+    for k, a in enumerate(answers):
         request = [m["content"] for m in a["messages"] if m["role"] == "user"][-1]
         for _, window_text in checked_windows(a["text"], rail):
             items.append(pair_item(request, window_text))
             owner.append(k)
     scores = score_sets(model, {"all": items})["all"] if items else []
-    stopped = [False] * len(rows)
+    stopped = [False] * len(answers)
     for k, score in zip(owner, scores):
         stopped[k] = stopped[k] or score >= threshold
-    out = {}
-    for name in dict.fromkeys(a["set"] for a in rows):
-        out[name] = {**rate([stopped[k] for k, a in enumerate(rows) if a["set"] == name]), "threshold": threshold}
-    return out
+    return stopped
 
 
 def ask(http: httpx.Client, base_url: str, row: dict, arm: str, alignment: dict, seed: int, max_tokens: int) -> dict:

@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench.safety import offline_flags, offline_rail, rate
+from bench.safety import offline_flags, offline_rail, rail_stops, rate
 
 SETS = {"rho_harmful": "harmful", "rho_benign": "benign, paired", "rho_overrefusal": "benign, sensitive topics"}
 
@@ -70,26 +70,6 @@ def flags_of(model: Path, prompts: list[str]) -> list[bool]:
 
     threshold = json.loads((model / "aligner_reward.json").read_text())["threshold"]
     return [score >= threshold for score in score_sets(model, {"all": prompts})["all"]]
-
-
-def rail_stops(answers: list[dict], model: Path) -> list[bool]:
-    """Per answer, whether the rail's model stops it, scored as `alignment.rail` does (the
-    request with the answer's windows)."""
-    from aligner.rail import RailParams, checked_windows
-    from aligner.training.classifier import score_sets
-    from aligner.training.prompt_sets import pair_item
-
-    params = RailParams(model=model.name)
-    threshold = json.loads((model / "aligner_reward.json").read_text())["threshold"]
-    items, owner = [], []
-    for k, a in enumerate(answers):
-        for _, window in checked_windows(a["text"], params):
-            items.append(pair_item(a["messages"][-1]["content"], window))
-            owner.append(k)
-    stopped = [False] * len(answers)
-    for k, score in zip(owner, score_sets(model, {"all": items})["all"] if items else [], strict=True):
-        stopped[k] = stopped[k] or score >= threshold
-    return stopped
 
 
 def format_table(summary: dict) -> str:
