@@ -53,8 +53,10 @@ def report(data: Path, sets: Path) -> dict[str, list[str]]:
                          f"{alpaca}#val=0.1"]}
 
 
-def config_for(data: Path, sets: Path, output: Path, max_val_fpr: float, leave_out: str | None = None):
-    """The recipe's training config; with `leave_out`, that source is the only report set."""
+def config_for(data: Path, sets: Path, output: Path, max_val_fpr: float, leave_out: str | None = None,
+               wrappers: Path | None = None):
+    """The recipe's training config; with `leave_out`, that source is the only report set; with
+    `wrappers`, every training prompt also once wrapped (`harmful-request-v3`'s recipe)."""
     from aligner.training.classifier import ClassifierTrainingConfig
 
     sources = recipe(data, sets)
@@ -66,14 +68,15 @@ def config_for(data: Path, sets: Path, output: Path, max_val_fpr: float, leave_o
         held = {"positive": [], "negative": [], label: [sources[label][leave_out]]}
     return ClassifierTrainingConfig(positive=kept["positive"], negative=kept["negative"],
                                     report_positive=held["positive"], report_negative=held["negative"],
-                                    output=str(output), max_val_fpr=max_val_fpr)
+                                    output=str(output), max_val_fpr=max_val_fpr, wrappers=str(wrappers or ""))
 
 
-def fold_scores(data: Path, sets: Path, leave_out: str, scratch: Path) -> dict:
-    """Train without `leave_out`; the scores of the fold's validation prompts and of the source."""
+def fold_scores(data: Path, sets: Path, leave_out: str, scratch: Path, wrappers: Path | None = None) -> dict:
+    """Train without `leave_out`; the scores of the fold's validation prompts and of the source
+    (as written: a held-out source is never wrapped)."""
     from aligner.training.classifier import load_prompts, score_sets, train_classifier
 
-    config = config_for(data, sets, scratch, 0.05, leave_out)
+    config = config_for(data, sets, scratch, 0.05, leave_out, wrappers)
     train_classifier(config)
     prompts = load_prompts(config)
     (label, texts), = prompts.report.values()
@@ -145,13 +148,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="the highest mean false-positive rate over the benign folds a rule may have")
     parser.add_argument("--only", nargs="*", default=None, help="these folds only (default: every source)")
     parser.add_argument("--output", type=Path, default=None, help="JSON of the folds' scores and the rows")
+    parser.add_argument("--wrappers", type=Path, default=None,
+                        help="train with wrapped copies (bench/sets/wrappers_train.jsonl: harmful-request-v3's recipe)")
     args = parser.parse_args(argv)
 
     names = [n for named in recipe(args.data, args.sets).values() for n in named]
     folds = {}
     with tempfile.TemporaryDirectory(prefix="router-sources-") as scratch:
         for name in args.only or names:
-            folds[name] = fold_scores(args.data, args.sets, name, Path(scratch) / name)
+            folds[name] = fold_scores(args.data, args.sets, name, Path(scratch) / name, args.wrappers)
             print(f"{name} out: trained", file=sys.stderr, flush=True)
     rows = rule_rows(folds, args.rules, args.max_fp)
     print(format_rows(rows, folds))

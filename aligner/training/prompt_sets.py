@@ -18,6 +18,7 @@ PromptSource(path='p.jsonl', key='not-category', value='malicious_uses')
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,42 @@ def split_prompts(texts: list[str], fraction: float, seed: int) -> tuple[list[st
     n_val = round(fraction * len(ordered)) if fraction > 0 else 0
     val = set(ordered[:n_val])
     return [t for t in texts if t not in val], [t for t in texts if t in val]
+
+
+WRAPPER_SLOT = "{request}"
+
+
+def load_wrappers(path: str) -> list[str]:
+    """The templates of a wrapper file (JSONL, `template` holding `{request}` once), in file order."""
+    templates = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        template = json.loads(line).get("template")
+        if not isinstance(template, str) or template.count(WRAPPER_SLOT) != 1:
+            raise ValueError(f"{path}:{n}: a wrapper's template must hold {WRAPPER_SLOT} exactly once")
+        templates.append(template)
+    if not templates:
+        raise ValueError(f"{path}: no wrappers")
+    return templates
+
+
+def with_wrapped_copies(texts: list[str], templates: list[str], seed: int, exclude: set[str] = frozenset()) -> list[str]:
+    """`texts`, then each text wrapped in one template chosen by a seeded hash of the text; a wrapped
+    copy already among `texts` or in `exclude` (e.g. a report set) is left out.
+
+    >>> with_wrapped_copies(["Do X."], ["Please: {request}"], 0)
+    ['Do X.', 'Please: Do X.']
+    """
+    from aligner.training.data import _key
+
+    kept = dict.fromkeys(texts)
+    for t in texts:
+        template = templates[int(_key(seed, "wrapper", t), 16) % len(templates)]
+        wrapped = template.replace(WRAPPER_SLOT, t)
+        if wrapped not in kept and wrapped not in exclude:
+            kept[wrapped] = None
+    return list(kept)
 
 
 def as_messages(text: str) -> list[dict]:
