@@ -74,6 +74,37 @@ def wrap(kind: str, request: str) -> list[dict]:
     return [{"role": "user", "content": WRAPPERS[kind].format(request)}]
 
 
+def shuffled_harmbench(sets: Path, seed: int = 0) -> list[str]:
+    harmbench = read_prompts(sets / "harmbench.jsonl")
+    random.Random(seed).shuffle(harmbench)
+    return harmbench
+
+
+def jailbreak_rows(sets: Path, seed: int = 0) -> list[dict]:
+    """The `jailbreak` set: HarmBench's other 100 behaviours (after the 100 of `harmbench`), each
+    in one form, the forms in turn; `request` is the bare behaviour."""
+    kinds = list(WRAPPERS)
+    return [{"messages": wrap(kinds[i % len(kinds)], p), "form": kinds[i % len(kinds)], "request": p}
+            for i, p in enumerate(shuffled_harmbench(sets, seed)[100:200])]
+
+
+def form_flags(rows: list[dict], model: Path) -> dict[str, dict]:
+    """Per jailbreak form, the share of its wrapped conversations the request classifier flags
+    (scored as `route` does: each user turn alone, the highest counts) and the share of the same
+    requests flagged bare: what the wrapper costs."""
+    from aligner.training.classifier import score_sets
+
+    threshold = json.loads((model / "aligner_reward.json").read_text())["threshold"]
+    texts = sorted({r["request"] for r in rows} | {m["content"] for r in rows for m in r["messages"] if m["role"] == "user"})
+    scores = dict(zip(texts, score_sets(model, {"all": texts})["all"]))
+    out = {}
+    for form in [*dict.fromkeys(r["form"] for r in rows), "all"]:
+        mine = [r for r in rows if form in ("all", r["form"])]
+        wrapped = [max(scores[m["content"]] for m in r["messages"] if m["role"] == "user") >= threshold for r in mine]
+        out[form] = {"wrapped": rate(wrapped), "bare": rate([scores[r["request"]] >= threshold for r in mine])}
+    return out
+
+
 def build_sets(data: Path, sets: Path, seed: int = 0) -> dict[str, list[dict]]:
     """name -> rows {messages, form, reference?}: every prompt of the table, in a seeded order."""
     from bench.heldout import references_of
@@ -82,13 +113,10 @@ def build_sets(data: Path, sets: Path, seed: int = 0) -> dict[str, list[dict]]:
     def one(text: str, **extra) -> dict:
         return {"messages": [{"role": "user", "content": text}], **extra}
 
-    harmbench = read_prompts(sets / "harmbench.jsonl")
-    random.Random(seed).shuffle(harmbench)
+    harmbench = shuffled_harmbench(sets, seed)
     past = read_prompts(sets / "past_tense.jsonl")
     random.Random(seed).shuffle(past)
-    kinds = list(WRAPPERS)
-    jailbreak = [{"messages": wrap(kinds[i % len(kinds)], p), "form": kinds[i % len(kinds)], "request": p}
-                 for i, p in enumerate(harmbench[100:200])]
+    jailbreak = jailbreak_rows(sets, seed)
     prefs, _ = load_source(DataSpec.parse(str(data / "prefs/alpaca_eval_gpt4turbo.jsonl.gz")))
     _, val = split_by_prompt(prefs, 0.1, 10**9, 0)
     references = references_of(val)

@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench.safety import offline_flags, offline_rail, rail_stops, rate
+from bench.safety import form_flags, jailbreak_rows, offline_flags, offline_rail, rail_stops, rate
 
 SETS = {"rho_harmful": "harmful", "rho_benign": "benign, paired", "rho_overrefusal": "benign, sensitive topics"}
 
@@ -46,9 +46,12 @@ def evaluate(sets_dir: Path, classifiers: list[Path], rail_model: Path | None) -
     by_category: dict[str, list[dict]] = {}
     for row in rows["rho_overrefusal"]:
         by_category.setdefault(f"rho_overrefusal/{row['category']}", []).append(row)
-    summary: dict = {"flags": {}, "rail": None}
+    summary: dict = {"flags": {}, "rail": None, "jailbreak_forms": {}}
+    jailbreak = jailbreak_rows(sets_dir) if (sets_dir / "harmbench.jsonl").is_file() else None
     for model in classifiers:
         summary["flags"][model.name] = offline_flags({**rows, **by_category}, model)
+        if jailbreak:
+            summary["jailbreak_forms"][model.name] = form_flags(jailbreak, model)
     if rail_model is not None:
         answers = [{"set": name, "arm": "written", "messages": row["messages"], "text": item["answer"]}
                    for name in ("rho_harmful", "rho_benign")
@@ -89,6 +92,14 @@ def format_table(summary: dict) -> str:
                   "| --- | " + " | ".join("---" for _ in summary["either"]) + " |"]
         for name in ("rho_harmful", "rho_benign"):
             lines.append(f"| `{name}` | " + " | ".join(cell(summary["either"][n][name]) for n in summary["either"]) + " |")
+    if summary.get("jailbreak_forms"):
+        forms = summary["jailbreak_forms"]
+        lines += ["", "| `bench.safety`'s `jailbreak` form | " + " | ".join(
+            f"`{n}` flags wrapped | `{n}` flags the bare request" for n in forms) + " |",
+                  "| --- | " + " | ".join("--- | ---" for _ in forms) + " |"]
+        for form in next(iter(forms.values())):
+            lines.append(f"| `{form}` | " + " | ".join(f"{cell(forms[n][form]['wrapped'])} | {cell(forms[n][form]['bare'])}"
+                                                      for n in forms) + " |")
     return "\n".join(lines) + "\n"
 
 
