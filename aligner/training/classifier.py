@@ -141,6 +141,9 @@ def load_prompts(config: ClassifierTrainingConfig) -> Prompts:
     stats["in_both_classes"] = len(both)
     # (request, response) pairs make an output rail's model, requests alone a request classifier.
     stats["pairs"] = any(ps.PAIR_SEP in t for texts in classes.values() for t in texts)
+    if config.wrappers and stats["pairs"]:
+        # A wrapper frames a request; around a (request, answer) pair it would frame the answer too.
+        raise ValueError("--wrappers wraps requests: it cannot be used with (request, answer) pair sources")
     train, val = {}, {}
     templates = ps.load_wrappers(config.wrappers) if config.wrappers else []
     for label, texts in classes.items():
