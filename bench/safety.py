@@ -89,20 +89,15 @@ def jailbreak_rows(sets: Path, seed: int = 0) -> list[dict]:
 
 
 def form_flags(rows: list[dict], model: Path) -> dict[str, dict]:
-    """Per jailbreak form, the share of its wrapped conversations the request classifier flags
-    (scored as `route` does: each user turn alone, the highest counts) and the share of the same
+    """Per jailbreak form (and "all"), the share of its wrapped conversations the request
+    classifier flags, scored as `offline_flags` (as `route`) scores, and the share of the same
     requests flagged bare: what the wrapper costs."""
-    from aligner.training.classifier import score_sets
-
-    threshold = json.loads((model / "aligner_reward.json").read_text())["threshold"]
-    texts = sorted({r["request"] for r in rows} | {m["content"] for r in rows for m in r["messages"] if m["role"] == "user"})
-    scores = dict(zip(texts, score_sets(model, {"all": texts})["all"]))
-    out = {}
-    for form in [*dict.fromkeys(r["form"] for r in rows), "all"]:
-        mine = [r for r in rows if form in ("all", r["form"])]
-        wrapped = [max(scores[m["content"]] for m in r["messages"] if m["role"] == "user") >= threshold for r in mine]
-        out[form] = {"wrapped": rate(wrapped), "bare": rate([scores[r["request"]] >= threshold for r in mine])}
-    return out
+    forms = [*dict.fromkeys(r["form"] for r in rows), "all"]
+    by_form = {form: [r for r in rows if form in ("all", r["form"])] for form in forms}
+    wrapped = offline_flags(by_form, model)
+    bare = offline_flags({form: [{"messages": [{"role": "user", "content": r["request"]}]} for r in mine]
+                          for form, mine in by_form.items()}, model)
+    return {form: {"wrapped": wrapped[form], "bare": bare[form]} for form in forms}
 
 
 def build_sets(data: Path, sets: Path, seed: int = 0) -> dict[str, list[dict]]:
