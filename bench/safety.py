@@ -394,8 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rejudge", action="store_true", help="judge the answers already in --output again")
     parser.add_argument("--reuse", type=Path, default=None,
                         help="an earlier run's answers.jsonl: its answers of the same set, arm, seed, conversation "
-                             "and --max-tokens are kept instead of asked again. Only from a run on the same machine and "
-                             "install: a fresh one (another 2-core AVX2 EPYC) sampled other answers for the same seeds "
+                             "and --max-tokens are kept instead of asked again. Only from a run on the same CPU family: "
+                             "an AVX-512 machine sampled other answers than an AVX2 one for the same seeds "
                              "(BENCHMARKS.md, harmless@6)")
     args = parser.parse_args(argv)
 
