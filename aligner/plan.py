@@ -117,7 +117,7 @@ class Planner:
 
     async def plan(self, spec: AlignmentSpec, ctx: StrategyContext, origin: RequestOrigin) -> RequestPlan:
         assignment = None
-        if self.arms is not None:
+        if self.arms is not None and spec.experiment is not None:
             experiments = self.profiles.experiments if self.profiles is not None else {}
             spec, assignment = await self.arms.assign(spec, tenant_unit(origin.tenant, origin.user), experiments)
         trace = self._trace(spec, origin, assignment is not None)

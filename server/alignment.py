@@ -11,37 +11,29 @@ from __future__ import annotations
 from typing import Any
 
 from aligner.alignment import AlignmentError, ResolvedAlignment
-from aligner.plan import ExperimentArms, Planner, RequestOrigin, RequestPlan, ServerCaps, TraceStore
+from aligner.plan import ExperimentArms, Planner, RequestOrigin, ServerCaps, TraceStore
 from aligner.profiles import ProfileStore
-from aligner.spec import AlignmentSpec
-from aligner.strategies import StrategyContext, strategy_names
+from aligner.strategies import strategy_names
 from aligner.strategies.base import StrategyResult
 from server.config import ServerConfig
 from server.errors import from_validation_errors, invalid_request, param_name
-from server.protocol import ErrorResponse
+from server.protocol import ALIAS_SEPARATOR, ErrorResponse, split_model
 
 __all__ = [
     "ALIAS_SEPARATOR",
     "STRATEGY_HEADER",
     "ResolvedAlignment",
+    "alignment_error",
     "alignment_report",
     "model_aliases",
     "origin_of",
-    "plan_or_error",
     "planner_for",
     "split_model",
 ]
 
-ALIAS_SEPARATOR = "@"
 STRATEGY_HEADER = "X-Alignment-Strategy"
 # Where a strategy name that did not come from the body sits in the HTTP request.
 _ORIGIN_PARAM = {"header": STRATEGY_HEADER, "alias": "model", "default": None}
-
-
-def split_model(model: str) -> tuple[str, str | None]:
-    """"SmolLM2@best_of_n" -> ("SmolLM2", "best_of_n"); no alias -> (model, None)."""
-    base, sep, strategy = model.rpartition(ALIAS_SEPARATOR)
-    return (base, strategy) if sep else (model, None)
 
 
 def model_aliases(config: ServerConfig) -> list[str]:
@@ -64,17 +56,7 @@ def origin_of(endpoint: str, *, user: str | None = None, header: str | None = No
                          meter)
 
 
-async def plan_or_error(planner: Planner, alignment: dict[str, Any] | None, ctx: StrategyContext,
-                        origin: RequestOrigin) -> RequestPlan | ErrorResponse:
-    """The request's `alignment` object parsed (`aligner.spec`) and planned
-    (`aligner.plan.Planner.plan`), or its 400."""
-    try:
-        return await planner.plan(AlignmentSpec.parse(alignment), ctx, origin)
-    except AlignmentError as exc:
-        return _envelope(exc)
-
-
-def _envelope(exc: AlignmentError) -> ErrorResponse:
+def alignment_error(exc: AlignmentError) -> ErrorResponse:
     """An alignment error as a 400: parameter errors like any validation error, a bad
     strategy name from outside the body naming the header or `model` it came from."""
     if exc.errors is not None:

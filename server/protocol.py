@@ -27,6 +27,13 @@ MAX_STOP_SEQUENCES = 16
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
+ALIAS_SEPARATOR = "@"  # "<model>@<strategy>": a model alias that names a strategy
+
+
+def split_model(model: str) -> tuple[str, str | None]:
+    """"SmolLM2@best_of_n" -> ("SmolLM2", "best_of_n"); no alias -> (model, None)."""
+    base, sep, strategy = model.rpartition(ALIAS_SEPARATOR)
+    return (base, strategy) if sep else (model, None)
 
 
 # ---------------------------------------------------------------- errors

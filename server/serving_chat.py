@@ -7,14 +7,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
+from aligner.alignment import AlignmentError
 from aligner.plan import RequestPlan
 from aligner.profiles import ProfileStore
 from aligner.rewards import RewardRegistry
+from aligner.spec import AlignmentSpec
 from aligner.strategies import KeepAlive, StrategyContext, StrategyLimits, StrategyResult
-from decoding.chat_format import fold_tools
-from decoding.engine import SequenceDelta, StructuredOutput, TokenLogprob
-from decoding.tool_grammar import CALL_FORMAT, call_or_message_grammar
-from server.alignment import alignment_report, origin_of, plan_or_error, planner_for
+from decoding.engine import SequenceDelta, TokenLogprob
+from server.alignment import alignment_error, alignment_report, origin_of, planner_for
 from server.config import ServerConfig
 from server.protocol import (
     ChatChoiceLogprobs,
@@ -31,11 +31,10 @@ from server.protocol import (
     UsageInfo,
     random_id,
 )
-from server.errors import invalid_request
 from server.serving_experiments import ServingExperiments
 from server.serving_store import ServingStore
 from server.traces import build_trace
-from server.tools import AUTO_BESIDE_A_FORMAT, ToolCallStream, auto_path, tool_answer, well_formed
+from server.tools import ChatInputs, ToolCallStream, auto_path, chat_inputs, tool_answer
 from server.serving_common import ENGINE_ERRORS, SSE_DONE, ServingBase, engine_error, holding, once, prime, sse, usage
 
 SSE_KEEPALIVE = ": keep-alive\n\n"
@@ -87,18 +86,20 @@ class ServingChat(ServingBase):
         the tenant of the caller's key, who owns the trace; `meter`: counts the tokens generated
         for that key (its quota)."""
         started, arrived = time.perf_counter(), time.monotonic()
-        if error := self.check_common(request) or self._check_tools(request):
-            return error
-        # A reload swaps profiles and rewards: this request keeps the ones it started with.
-        planner = planner_for(self.config, self.profiles, self.experiments, self.store)
-        ctx = await self._context(request, response_id or random_id("chatcmpl"), planner.profiles)
+        inputs = chat_inputs(request, self.tool_parser)
+        if isinstance(inputs, ErrorResponse):
+            return inputs
+        profiles = self.profiles  # a reload swaps profiles and rewards: this request keeps the ones it started with
+        ctx = await self._context(request, inputs, response_id or random_id("chatcmpl"), profiles)
         if isinstance(ctx, ErrorResponse):
             return ctx
         origin = origin_of(endpoint, user=request.user, header=strategy_header, model=request.model, arrived=arrived,
                            tenant=tenant, meter=meter)
-        plan = await plan_or_error(planner, request.alignment, ctx, origin)
-        if isinstance(plan, ErrorResponse):
-            return plan
+        planner = planner_for(self.config, profiles, self.experiments, self.store)
+        try:
+            plan = await planner.plan(AlignmentSpec.parse(request.alignment), ctx, origin)
+        except AlignmentError as exc:
+            return alignment_error(exc)
         ticket = await self.admit(plan.sequences, plan.guide_slots, max_wait_s=plan.budget.remaining_s(),
                                   tenant=plan.tenant)
         if isinstance(ticket, ErrorResponse):
@@ -114,33 +115,20 @@ class ServingChat(ServingBase):
             return engine_error(exc)
         return self._respond(request, plan, result, started)
 
-    def _check_tools(self, request: ChatCompletionRequest) -> ErrorResponse | None:
-        if auto_path(request, self.tool_parser) == "grammar" and (fixed := request.structured()) is not None:
-            return invalid_request(AUTO_BESIDE_A_FORMAT.format(param=fixed.param), fixed.param,
-                                   "unsupported_combination")
-        return None
-
-    async def _context(self, request: ChatCompletionRequest, request_id: str,
+    async def _context(self, request: ChatCompletionRequest, inputs: ChatInputs, request_id: str,
                        profiles: ProfileStore) -> StrategyContext | ErrorResponse:
-        """The request as strategies see it: its templated prompt, sampling and this server's
-        engines, rewards, templates and limits."""
-        messages, tools = request.template_messages(), request.template_tools()
-        grammar = None
-        if auto_path(request, self.tool_parser) == "grammar":  # the tools and how to call, in the prompt
-            grammar = StructuredOutput(grammar=call_or_message_grammar(tools, request.parallel_tool_calls is not False),
-                                       param="tool_choice")
-            messages, tools = fold_tools(messages, tools, CALL_FORMAT), None
-        prompt_ids = await self.tokenize(self.engine.tokenizer.encode_chat, messages, tools)
-        max_tokens = self.resolve_max_tokens(request, len(prompt_ids), "messages")
-        if isinstance(max_tokens, ErrorResponse):
-            return max_tokens
-        sampling = request.to_sampling_config(max_tokens, request.logprobs_k())
+        """The request as strategies see it: checked, its templated prompt, sampling and this
+        server's engines, rewards, templates and limits."""
+        checked = await self.checked_prompt(request, self.engine.tokenizer.encode_chat, inputs.messages, inputs.tools)
+        if isinstance(checked, ErrorResponse):
+            return checked
+        prompt_ids, sampling = checked
         return StrategyContext(
-            engine=self.engine, rewards=self.rewards.snapshot(), request_id=request_id, messages=messages,
-            prompt_ids=prompt_ids, sampling=replace(sampling, structured=grammar) if grammar else sampling,
+            engine=self.engine, rewards=self.rewards.snapshot(), request_id=request_id, messages=inputs.messages,
+            prompt_ids=prompt_ids, sampling=replace(sampling, structured=inputs.grammar) if inputs.grammar else sampling,
             limits=StrategyLimits(max_candidates=self.config.max_candidates), keepalive_s=self.config.stream_keepalive_s,
-            templates=profiles.templates, guides=self.guides, helpers=self.helpers, tools=tools,
-            well_formed=well_formed(request, self.tool_parser),
+            templates=profiles.templates, guides=self.guides, helpers=self.helpers, tools=inputs.tools,
+            well_formed=inputs.well_formed,
         )
 
     def _store_trace(self, request: ChatCompletionRequest, request_plan: RequestPlan, result: StrategyResult,

@@ -10,13 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from aligner.strategies import StrategyParamError, StrategyUnavailable
-from decoding.engine import Engine, EngineDeadError, EngineError, InvalidRequestError
-from server.alignment import split_model
+from decoding.engine import Engine, EngineDeadError, EngineError, InvalidRequestError, SamplingConfig
 from server.admission import AdmissionController, Overloaded, Ticket
 from server.config import ServerConfig
 from server.metrics import ServerMetrics
 from server.errors import engine_unavailable, invalid_request, make_error, overloaded
-from server.protocol import ErrorResponse, PromptTokensDetails, SamplingFields, UsageInfo
+from server.protocol import ChatCompletionRequest, ErrorResponse, PromptTokensDetails, SamplingFields, UsageInfo, split_model
 
 
 class ServingBase:
@@ -78,6 +77,19 @@ class ServingBase:
                 return invalid_request(f"token ids {outside[:5]} are outside this model's vocabulary (0..{vocab - 1})",
                                        param)
         return None
+
+    async def checked_prompt(self, request: ChatCompletionRequest, encode: Callable[..., list[int]], *args,
+                             param: str = "messages") -> tuple[list[int], SamplingConfig] | ErrorResponse:
+        """The request checked (`check_common`), its prompt tokenized off the loop
+        (`encode(*args)`), its `max_tokens` fitted into the context (`param` names the prompt
+        in a context-length error) and its sampling settings; or the first error."""
+        if error := self.check_common(request):
+            return error
+        prompt_ids = await self.tokenize(encode, *args)
+        max_tokens = self.resolve_max_tokens(request, len(prompt_ids), param)
+        if isinstance(max_tokens, ErrorResponse):
+            return max_tokens
+        return prompt_ids, request.to_sampling_config(max_tokens, request.logprobs_k())
 
     def resolve_max_tokens(
         self, request: SamplingFields, prompt_tokens: int, param: str = "messages"

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Callable
 
 from aligner.budget import Budget, BudgetedEngine
 from decoding.engine import Generation, GenerationChunk, TokenLogprob
-from server.alignment import split_model
 from server.errors import invalid_request
 from server.protocol import (
     CompletionChoice,
@@ -17,6 +16,7 @@ from server.protocol import (
     CompletionResponse,
     ErrorResponse,
     random_id,
+    split_model,
 )
 from server.serving_common import ENGINE_ERRORS, SSE_DONE, ServingBase, engine_error, holding, prime, sse, usage
 

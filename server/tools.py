@@ -18,9 +18,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from decoding.chat_format import fold_tools
 from decoding.engine import StructuredOutput
-from decoding.tool_grammar import parse_calls
-from server.protocol import ChatCompletionRequest, DeltaMessage
+from decoding.tool_grammar import CALL_FORMAT, call_or_message_grammar, parse_calls
+from server.errors import invalid_request
+from server.protocol import ChatCompletionRequest, DeltaMessage, ErrorResponse
 from server.protocol_tools import DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall, tool_call_id
 
 if TYPE_CHECKING:
@@ -40,6 +42,34 @@ def auto_path(request: ChatCompletionRequest, parser: ToolCallParser | None) -> 
     if request.tool_kind != "auto":
         return None
     return "parser" if parser is not None else "grammar"
+
+
+@dataclass(frozen=True)
+class ChatInputs:
+    """What a chat request gives the engine, worked out once: the messages and tools its chat
+    template gets (under `auto` without a parser, the tools folded into the prompt instead),
+    the call-or-message grammar that `auto` then decodes under, and the check of a candidate
+    answer's form (`well_formed`)."""
+
+    messages: list[dict]
+    tools: list[dict] | None
+    grammar: StructuredOutput | None
+    well_formed: Callable[[str, str | None], bool] | None
+
+
+def chat_inputs(request: ChatCompletionRequest, parser: ToolCallParser | None) -> ChatInputs | ErrorResponse:
+    """The request's `ChatInputs`, or its 400 when `auto` is held to a grammar (no parser) and
+    the request names another grammar beside it."""
+    messages, tools = request.template_messages(), request.template_tools()
+    grammar = None
+    if auto_path(request, parser) == "grammar":
+        if (fixed := request.structured()) is not None:
+            return invalid_request(AUTO_BESIDE_A_FORMAT.format(param=fixed.param), fixed.param,
+                                   "unsupported_combination")
+        grammar = StructuredOutput(grammar=call_or_message_grammar(tools, request.parallel_tool_calls is not False),
+                                   param="tool_choice")
+        messages, tools = fold_tools(messages, tools, CALL_FORMAT), None
+    return ChatInputs(messages, tools, grammar, well_formed(request, parser))
 
 
 @dataclass

@@ -10,6 +10,7 @@ import pytest
 from aligner.alignment import AlignmentError, check_profile_alignment, resolve_alignment
 from aligner.profiles import DEFAULT_PROFILES, ProfileError, ProfileStore
 from aligner.rewards import RewardRegistry
+from aligner.spec import AlignmentSpec
 from aligner.strategies import StrategyContext, StrategyLimits
 from decoding.engine import SamplingConfig
 from server import alignment as server_alignment
@@ -58,7 +59,9 @@ def envelope(alignment, header=None, alias=None, default="none") -> ErrorRespons
     model = f"m@{alias}" if alias else "m"
     planner = server_alignment.planner_for(config, store)
     origin = server_alignment.origin_of("chat.completions", header=header, model=model)
-    error = asyncio.run(server_alignment.plan_or_error(planner, alignment, context(store), origin))
+    with pytest.raises(AlignmentError) as info:  # as serving plans a request
+        asyncio.run(planner.plan(AlignmentSpec.parse(alignment), context(store), origin))
+    error = server_alignment.alignment_error(info.value)
     assert isinstance(error, ErrorResponse)
     assert error.status_code == 400 and error.error.type == "invalid_request_error"
     return error
