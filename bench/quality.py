@@ -145,6 +145,7 @@ def request(http: httpx.Client, cfg: QualityConfig, answer: Answer, alignment: d
         answer.text = data["choices"][0]["message"]["content"] or ""
         answer.tokens = data["usage"]["completion_tokens"]
         answer.refusal, answer.strict_refusal = declined(answer.text), refused(answer.text)
+        answer.report = {k: v for k, v in (data.get("alignment") or {}).items() if k != "candidates"} or None
         answer.error = None
         return answer
     answer.latency_s = 0.0

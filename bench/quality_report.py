@@ -29,6 +29,7 @@ class Answer:
     refusal: bool = False  # declined early, whatever came after
     strict_refusal: bool = False  # declined early and did not go on to comply
     error: str | None = None  # set when the request failed twice; nothing else then counts
+    report: dict | None = None  # the answer's `alignment` object, less its candidates
 
 
 @dataclass

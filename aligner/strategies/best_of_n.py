@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from aligner.budget import BudgetExhausted
+from aligner.budget import DEADLINE, TOKENS, BudgetExhausted
 from aligner.rewards import RewardError
 from aligner.strategies.base import (
     Candidate,
@@ -83,15 +83,18 @@ class BestOfNStrategy(Strategy):
         return await self._waves(ctx, params)
 
     async def _waves(self, ctx: StrategyContext, params: BestOfNParams) -> StrategyResult:
+        """Candidates in rounds (`_round_size`) until `params.n`, or until `_why_stop` says
+        another round is not worth it; `trail` is what the rounds saw, for the report."""
         candidates: list[Candidate] = []
         stages: list[StageReport] = []
+        trail: list[dict] = []
         stopped = None
         wave = 0
         while len(candidates) < params.n:
-            size = min(params.batch, params.n - len(candidates))
-            if candidates and (why := _not_worth_it(ctx, params, candidates, size, stages)):
+            size = min(self._round_size(params, candidates), params.n - len(candidates))
+            if candidates and (why := self._why_stop(ctx, params, candidates, size, stages, trail)):
                 stopped = why
-                if why != "stop_margin":
+                if why in (DEADLINE, TOKENS):
                     ctx.budget.skip(f"{params.n - len(candidates)} of {params.n} candidates")
                 break
             seed = None if ctx.sampling.seed is None else ctx.sampling.seed + 7919 * wave
@@ -112,8 +115,22 @@ class BestOfNStrategy(Strategy):
                 return fallback_result(ctx, params, candidates + more, stages, exc)
             candidates += more
             wave += 1
-        info = {"candidates_used": len(candidates), "waves": wave, "stopped": stopped}
+        info = {"candidates_used": len(candidates), "waves": wave, "stopped": stopped, **self._trail_info(trail)}
         return self._pick(ctx, candidates, stages, info)
+
+    def _round_size(self, params: BestOfNParams, candidates: list[Candidate]) -> int:
+        return params.batch
+
+    def _why_stop(self, ctx: StrategyContext, params: BestOfNParams, candidates: list[Candidate], size: int,
+                  stages: list[StageReport], trail: list[dict]) -> str | None:
+        """Why another round of `size` should not start, or None: the documented stopping rule."""
+        if params.stop_margin is not None and clear_lead([c.score for c in candidates], ctx.num_choices,
+                                                         params.stop_margin):
+            return "stop_margin"
+        return budget_stop(ctx, candidates, size, stages)
+
+    def _trail_info(self, trail: list[dict]) -> dict:
+        return {}
 
     async def _select(self, ctx, params, candidates, stages, info) -> StrategyResult:
         pool = budget_pool(ctx, candidates)
@@ -137,12 +154,9 @@ class BestOfNStrategy(Strategy):
         )
 
 
-def _not_worth_it(ctx: StrategyContext, params: BestOfNParams, candidates: list[Candidate], size: int,
-                  stages: list[StageReport]) -> str | None:
-    """Why another wave of `size` should not start, or None: the documented stopping rule."""
-    if params.stop_margin is not None and clear_lead([c.score for c in candidates], ctx.num_choices,
-                                                     params.stop_margin):
-        return "stop_margin"
+def budget_stop(ctx: StrategyContext, candidates: list[Candidate], size: int, stages: list[StageReport]) -> str | None:
+    """The limit that another round of `size` candidates cannot be paid for under, at the rate
+    the rounds so far cost (each a generation and a scoring stage), or None."""
     budget = ctx.budget
     if limit := budget.exhausted():
         return limit

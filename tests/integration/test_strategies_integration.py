@@ -60,6 +60,32 @@ def test_best_of_n_returns_the_candidate_the_reward_model_prefers(client, tiny_r
     assert stages["score"]["seconds"] >= 0
 
 
+def test_auto_escalates_by_its_rule_on_the_reward_models_scores(client, tiny_rm):
+    """`auto` on the real model: each decision it reports follows from the candidates' scores
+    (recomputed here by the reward model) and texts, and a bar no round can clear stops it at
+    `start` while a bar every round clears runs it to `n`."""
+    from aligner.strategies.auto import expected_gain
+    from aligner.strategies.mbr import consensus
+
+    for min_gain, agree, used in ((1e6, 100, 2), (0.0, 100, 8), (0.05, 60, None)):
+        reply = chat(client, {"strategy": "auto", "n": 8, "start": 2, "reward": "tiny", "min_gain": min_gain,
+                              "agree": agree, "return_candidates": True}, seed=5, max_tokens=24)
+        report = reply.alignment
+        candidates = report["candidates"]
+        ours = [independent_score(tiny_rm, MESSAGES, c["text"]) for c in candidates]
+        assert [c["score"] for c in candidates] == pytest.approx(ours, abs=1e-3)
+        assert report["candidates_used"] == len(candidates) and (used is None or len(candidates) == used)
+        for decision in report["auto"]:
+            k = decision["candidates"]
+            gain = expected_gain(ours[:k], k)
+            agreement = sum(consensus([c["text"] for c in candidates[:k]])) / k
+            assert decision["expected_gain"] == pytest.approx(gain, abs=1e-2)
+            assert decision["agreement"] == pytest.approx(agreement, abs=0.05)
+            assert decision["escalated"] == (agreement < agree and gain >= min_gain)
+        assert reply.usage.completion_tokens == sum(c["completion_tokens"] for c in candidates)
+        assert reply.choices[0].message.content == candidates[max(range(len(ours)), key=lambda i: (ours[i], -i))]["text"]
+
+
 def test_best_of_n_with_a_rule_reward_picks_the_most_matches(client):
     reply = chat(
         client,
