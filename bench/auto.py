@@ -48,6 +48,8 @@ def replay(candidates: list[dict], min_gain: float, agree: float) -> tuple[int, 
     >>> rows = [{"score": s, "text": t} for s, t in [(0, "a b"), (1, "c d"), (3, "e f"), (0, "g h")] + [(9, "i j")] * 4]
     >>> replay(rows, math.inf, 100), replay(rows, 0, 100)
     ((2, 1), (8, 9))
+    >>> replay([{"score": 1.0, "text": t} for t in "abcdefgh"], 0, 100)  # no spread: no gain
+    (2, 1.0)
     """
     from aligner.strategies.auto import expected_gain
     from aligner.strategies.mbr import consensus
@@ -55,7 +57,7 @@ def replay(candidates: list[dict], min_gain: float, agree: float) -> tuple[int, 
     for k, after in zip(ROUNDS, ROUNDS[1:]):
         scores = [c["score"] for c in candidates[:k]]
         agreement = sum(consensus([c["text"] for c in candidates[:k]])) / k
-        if agreement >= agree or expected_gain(scores, after - k) < min_gain:
+        if agreement >= agree or expected_gain(scores, after - k) <= min_gain:
             return k, max(scores)
     return len(candidates), max(c["score"] for c in candidates)
 

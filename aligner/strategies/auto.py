@@ -8,8 +8,8 @@ be worth it, up to `n` candidates in all:
 - **expected gain**: if the candidates' rewards are roughly normal with the spread seen so far
   (their standard deviation s), the best of n + m draws beats the best of n by
   s x (E[max of n + m] - E[max of n]) for standard normals (`expected_max`): what the next
-  round is expected to add to the chosen answer's reward. Below `min_gain` reward units, stop
-  (`stopped: "gain"`). Candidates that all score alike stop here at once.
+  round is expected to add to the chosen answer's reward. At or below `min_gain` reward units,
+  stop (`stopped: "gain"`). Candidates that all score alike stop here at once.
 - **agreement**: the candidates' mean pairwise chrF++ (0-100, as `mbr` measures it). At or above
   `agree` the samples say the same thing, and more of them would too (`stopped: "agreement"`).
 - **the budget**: as best-of-N's waves, a round the request's deadline or token cap cannot pay
@@ -40,11 +40,11 @@ class AutoParams(CandidatesParams):
     n: int = Field(default=8, ge=1, description="candidates to sample at most (server maximum applies)")
     start: int = Field(default=2, ge=1, description="candidates in the first round; each further round doubles the pool")
     min_gain: float = Field(
-        default=0.25, ge=0,
-        description="ask for another round only while its expected gain in the chosen answer's reward is at least this",
+        default=0.0, ge=0,
+        description="ask for another round only while its expected gain in the chosen answer's reward is above this",
     )
     agree: float = Field(
-        default=70.0, ge=0, le=100,
+        default=40.0, ge=0, le=100,
         description="stop once the candidates' mean pairwise chrF++ reaches this (they say the same thing)",
     )
 
@@ -95,7 +95,7 @@ class AutoStrategy(BestOfNStrategy):
     name = "auto"
     description = (
         "Start with a few candidates (start), score them, and sample another round (doubling the "
-        "pool, up to n) only while its expected gain in reward is at least min_gain and the "
+        "pool, up to n) only while its expected gain in reward is above min_gain and the "
         "candidates disagree (mean chrF++ below agree); reports each decision's signals."
     )
     Params = AutoParams
@@ -126,7 +126,7 @@ class AutoStrategy(BestOfNStrategy):
             }
             if seen["agreement"] >= params.agree:
                 why = "agreement"
-            elif gain < params.min_gain:
+            elif gain <= params.min_gain:
                 why = "gain"
             else:
                 why = budget_stop(ctx, candidates, size, stages)
