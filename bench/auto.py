@@ -3,6 +3,8 @@
     python -m bench.auto pilot --data ../shared/data --output bench/raw/auto/pilot.json
     python -m bench.auto measure --data ../shared/data --output bench/raw/auto/measure.json
 
+(`--prompt-file FILE` takes the prompts, with their `reference`s, from a JSONL file instead.)
+
 Both start the server as `make serve` does (`--models-dir models`: the shipped reward models,
 the first of which is the default reward that best-of-N and `auto` select with).
 
@@ -86,7 +88,12 @@ def run_pilot(args: argparse.Namespace, base_url: str) -> dict:
     import httpx
 
     rows = []
-    for i, prompt in enumerate(pilot_prompts(args.data, args.prompts)):
+    if args.prompt_file is not None:
+        prompts = [json.loads(line)["prompt"] for line in args.prompt_file.read_text().splitlines() if line.strip()]
+        prompts = prompts[:args.prompts]
+    else:
+        prompts = pilot_prompts(args.data, args.prompts)
+    for i, prompt in enumerate(prompts):
         body = {"model": args.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": args.max_tokens,
                 "temperature": args.temperature, "seed": args.seed + i, "alignment": NEVER_STOP}
         r = httpx.post(f"{base_url}/chat/completions", json=body, timeout=900)
@@ -95,7 +102,7 @@ def run_pilot(args: argparse.Namespace, base_url: str) -> dict:
         rows.append({"prompt": prompt, "seed": args.seed + i, "params": report["params"],
                      "candidates": [{"text": c["text"], "score": c["score"], "tokens": c["completion_tokens"]}
                                     for c in report["candidates"]]})
-        print(f"pilot {i + 1}/{args.prompts}", file=sys.stderr)
+        print(f"pilot {i + 1}/{len(prompts)}", file=sys.stderr)
     table = []
     for min_gain in GRID_GAIN:
         for agree in GRID_AGREE if min_gain != math.inf else (100.0,):
@@ -139,7 +146,8 @@ def run_measure(args: argparse.Namespace, base_url: str) -> int:
     from bench.cli import add_subcommands
     from bench.heldout import write_sets
 
-    paths = write_sets(args.data, args.sets_dir, 0, args.seed)
+    paths = ({"alpaca_val": args.prompt_file} if args.prompt_file is not None
+             else write_sets(args.data, args.sets_dir, 0, args.seed))
     arms = {"best_of_n(8)": {"strategy": "best_of_n", "n": 8}, "auto(8)": {"strategy": "auto", "n": 8}}
     quality = ["bench", "quality", "--base-url", base_url, "--prompt-set", f"alpaca_val={paths['alpaca_val']}",
                "--benign", "alpaca_val", "--limit", str(args.prompts), "--max-tokens", str(args.max_tokens),
@@ -171,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
     parser.add_argument("--base-url", default=None, help="a running server (default: start one as make serve does)")
     parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--prompt-file", type=Path, default=None,
+                        help="JSONL rows with `prompt` (and `reference`, for measure) instead of the AlpacaEval splits")
     return parser
 
 

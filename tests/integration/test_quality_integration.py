@@ -95,3 +95,37 @@ def test_refuses_to_judge_with_a_guide_that_steers_a_strategy(server, tmp_path, 
     by_path = run_cli(server, tmp_path, "--judge", str(other_name),
                       "--strategy", 'g={"pipeline": [{"strategy": "guided", "guide": "prefers-banana"}]}')
     assert by_path.returncode == 2 and "guide 'prefers-banana'" in by_path.stderr
+
+
+def test_bench_auto_pilot_and_measure_on_a_few_prompts(server, tmp_path):
+    """`python -m bench.auto` end to end: the pilot's replay of "never stop" is what the
+    requests sampled, the chosen rule is one of the grid's, and the measure's account of what
+    `auto` spent matches its answers."""
+    from bench.auto import replay
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "reference": r}) + "\n" for p, r in [
+        ("Name three fruits.", "Apples, bananas and cherries."),
+        ("What is the capital of France?", "The capital of France is Paris."),
+    ]))
+    common = ["--base-url", server.v1, "--prompt-file", str(prompts), "--max-tokens", "12"]
+    pilot = tmp_path / "pilot.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.auto", "pilot", *common, "--output", str(pilot)],
+                          capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(pilot.read_text())
+    assert len(data["rows"]) == 2 and all(len(row["candidates"]) == 8 for row in data["rows"])
+    assert all(replay(row["candidates"], 0, 100)[0] == 8 for row in data["rows"])  # never stopped
+    assert data["chosen"] in data["table"]
+    measured = tmp_path / "measure.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.auto", "measure", *common, "--output", str(measured)],
+                          capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = json.loads(measured.read_text())
+    answers = {(a["prompt"], a["strategy"]): a for a in run["answers"]}
+    assert {s for _, s in answers} == {"plain", "best_of_n(8)", "auto(8)"} and len(answers) == 6
+    used = [answers[(p, "auto(8)")]["report"]["candidates_used"] for p in ("Name three fruits.",
+                                                                        "What is the capital of France?")]
+    assert sum(run["auto"]["candidates"].values()) == 2 and sorted(used) == sorted(
+        int(k) for k, count in run["auto"]["candidates"].items() for _ in range(count))
+    assert all(answers[key]["judge"] is not None for key in answers)
