@@ -15,6 +15,7 @@ largest reward difference relative to the rewards' spread over the k.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def main() -> None:
         rhos = [s["rho"] for s in records if s["rho"] is not None]
         diffs = sorted(s["diff"] for s in records)
         print(f"{name} | {sum(s['same'] for s in records) / len(records):.1%} | {statistics.mean(rhos):.3f}, "
-              f"{min(rhos):.3f} | {statistics.median(diffs):.3f}, {diffs[int(0.9 * (len(diffs) - 1))]:.3f}")
+              f"{min(rhos):.3f} | {statistics.median(diffs):.3f}, {diffs[math.ceil(0.9 * len(diffs)) - 1]:.3f}")
 
 if __name__ == "__main__":
     main()
