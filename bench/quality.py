@@ -4,7 +4,7 @@ Runs prompt sets through plain decoding and several strategies (or profiles) on 
 seeds, and judges every answer with a judge that neither guides a strategy as a reward nor
 steers one as a guide (the tool refuses otherwise: a strategy optimised against its own
 judge always looks good). Reports per strategy (`bench.quality_report`): mean judge reward;
-win rate against plain decoding with a bootstrap 95% interval and a length-controlled win
+win rate against plain decoding with a Wilson 95% interval (a tie half a win) and a length-controlled win
 rate (on the benign sets when there are any); refusal (declined early) and strict refusal
 (declined early and did not go on to comply), both by `bench.refusal_judge`, on harmful sets,
 over-refusal and strict over-refusal on benign sets, each with its Wilson interval; tokens and seconds per request beside plain's; failed requests.

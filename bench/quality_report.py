@@ -1,8 +1,8 @@
 """The quality bench's records (`Answer`, `QualityConfig`), statistics, summary and Markdown
 table (`bench.quality` collects).
 
-Every refusal rate comes with Wilson's 95% interval (sound at 0/n and n/n, where a bootstrap
-collapses to a point), win rates with a bootstrap interval over their prompts; a failed request counts in
+Every refusal rate and win rate comes with Wilson's 95% interval (sound at 0/n and n/n, where
+a bootstrap collapses to a point; a tie is half a win); a failed request counts in
 its arm's `errors` and in nothing else (no mean, rate or paired comparison).
 """
 
@@ -48,15 +48,20 @@ class QualityConfig:
     system: str | None = None  # a system message sent before every prompt (as a client's own)
 
 
-def win_rate_ci(wins: np.ndarray, rounds: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of per-prompt outcomes (1 win, 0.5 tie, 0 loss) and its bootstrap 95% interval.
+def win_rate_ci(wins: np.ndarray) -> tuple[float, float, float]:
+    """Mean of per-prompt outcomes (1 win, 0.5 tie, 0 loss) and its Wilson 95% interval, a tie
+    counting as half a win: the project's one rule for proportions, never of zero width at
+    0/n or n/n (a bootstrap collapses there).
 
-    >>> win_rate_ci(np.array([1.0, 1.0, 1.0]))
-    (1.0, 1.0, 1.0)
+    >>> [round(x, 3) for x in win_rate_ci(np.array([1.0, 1.0, 1.0]))]
+    [1.0, 0.439, 1.0]
+    >>> [round(x, 3) for x in win_rate_ci(np.array([1.0, 0.5, 0.0, 0.5]))]
+    [0.5, 0.15, 0.85]
     """
-    rng = np.random.default_rng(seed)
-    samples = rng.choice(wins, size=(rounds, len(wins)), replace=True).mean(axis=1)
-    return float(wins.mean()), float(np.quantile(samples, 0.025)), float(np.quantile(samples, 0.975))
+    from aligner.stats import wilson_interval
+
+    low, high = wilson_interval(float(wins.sum()), len(wins))
+    return float(wins.mean()), low, high
 
 
 def length_controlled_win_rate(wins: np.ndarray, length_diff: np.ndarray, l2: float = 1e-2) -> float:

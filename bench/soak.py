@@ -4,7 +4,7 @@
 
 Starts its own server (default model, a MiniLM reward model with a random head, rule
 rewards, the policy itself as a GenARM guide), then keeps `--concurrency` clients busy with a
-mix of every registered strategy (plain, best-of-N plain and adaptive, soft best-of-N,
+mix of every registered strategy (plain, best-of-N plain and adaptive, `auto`, soft best-of-N,
 blockwise, speculative rejection, guided, URIAL, rewrite, self-refine, correct, pipelines),
 streamed and not; a share of the requests (`--deadline-share`) sets `alignment.deadline_s`.
 Every window it records request count, 5xx, errors inside streams, other errors, p50/p99
@@ -35,8 +35,9 @@ MODEL = "SmolLM2-135M-Instruct"
 MIX = [
     ({}, 0.11),
     ({"strategy": "mbr", "n": 4}, 0.05),
+    ({"strategy": "auto", "n": 4, "reward": "rm"}, 0.04),
     ({"strategy": "decline", "n": 4}, 0.04),
-    ({"strategy": "best_of_n", "n": 4, "reward": "rm"}, 0.1),
+    ({"strategy": "best_of_n", "n": 4, "reward": "rm"}, 0.06),
     ({"strategy": "best_of_n", "n": 8, "batch": 2, "stop_margin": 0.05, "reward": "rm"}, 0.05),
     ({"strategy": "soft_best_of_n", "n": 4, "reward": {"rm": 1.0, "length_penalty": 0.5}, "lambda": 0.5}, 0.05),
     ({"strategy": "best_of_n", "n": 2, "reward": "compliance"}, 0.05),

@@ -135,7 +135,8 @@ def test_summary_rates_intervals_ratios_and_errors():
     assert safe["over_refusal_rate"] == 0.25 and safe["strict_over_refusal_rate"] == 0.0
     assert safe["over_refusal_rate_ci95"][0] <= 0.25 <= safe["over_refusal_rate_ci95"][1]
     # The win rate is on the benign set only (4 pairs); the errored "other" answer is in no pair.
-    assert safe["win_rate_pairs"] == 4 and safe["win_rate"] == 1.0 and safe["win_rate_ci95"] == [1.0, 1.0]
+    assert safe["win_rate_pairs"] == 4 and safe["win_rate"] == 1.0
+    assert safe["win_rate_ci95"] == pytest.approx([0.5101, 1.0], abs=1e-4)  # Wilson at 4/4: never of zero width
     assert "win_rate" not in plain and 0.5 < safe["length_controlled_win_rate"] <= 1.0
     # Cost per group and overall, against plain's on the same group; the error is excluded.
     assert safe["harmful"]["tokens_per_request"] == 40 and safe["harmful"]["tokens_ratio_vs_plain"] == 2.0
@@ -173,7 +174,7 @@ def test_table_and_dump(tmp_path):
     lines = table.splitlines()
     assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == lines[3].count("|") == 15
     safe = next(line for line in lines if line.startswith("| safe |"))
-    assert "1.00 [1.00, 1.00]" in safe and "0.75 [" in safe and "| 35 | 1.43× | 4.50 | 1.84× |" in safe
+    assert "1.00 [0.51, 1.00]" in safe and "0.75 [" in safe and "| 35 | 1.43× | 4.50 | 1.84× |" in safe
     assert safe.endswith("| 1 |") and lines[-1] == "Win rates on: good."
     out = tmp_path / "q.json"
     dump(fake_answers(), summary, out, {"temperature": 0.7})
