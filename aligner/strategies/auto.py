@@ -24,6 +24,7 @@ score says nothing of the spread).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import math
 import statistics
@@ -38,21 +39,41 @@ from aligner.strategies.mbr import consensus
 
 class AutoParams(CandidatesParams):
     n: int = Field(default=8, ge=1, description="candidates to sample at most (server maximum applies)")
-    start: int = Field(default=2, ge=1, description="candidates in the first round; each further round doubles the pool")
-    min_gain: float = Field(
+    start: int = Field(default=2, ge=1, description="candidates in the first round (at least the request's n); each "
+                                                   "further round doubles the pool; default 2, or n when n is 1")
+    min_gain: float | None = Field(
         default=0.0, ge=0,
-        description="ask for another round only while its expected gain in the chosen answer's reward is above this",
+        description="ask for another round only while its expected gain in the chosen answer's reward is above this; "
+                    "null: never stop on the gain",
     )
-    agree: float = Field(
+    agree: float | None = Field(
         default=40.0, ge=0, le=100,
-        description="stop once the candidates' mean pairwise chrF++ reaches this (they say the same thing)",
+        description="stop once the candidates' mean pairwise chrF++ reaches this (they say the same thing); "
+                    "null: never stop on agreement",
     )
 
     @model_validator(mode="after")
     def _start_within_n(self):
+        if "start" not in self.model_fields_set:
+            self.start = min(self.start, self.n)
         if self.start > self.n:
             raise ValueError(f"start ({self.start}) must be at most n ({self.n})")
         return self
+
+
+def round_sizes(n: int, first: int) -> list[int]:
+    """The candidates each round samples when none stops early: `first`, then as many as the
+    pool holds, up to `n`.
+
+    >>> round_sizes(8, 2), round_sizes(8, 3), round_sizes(2, 2)
+    ([2, 2, 4], [3, 3, 2], [2])
+    """
+    sizes, pool = [], 0
+    while pool < n:
+        size = min(pool or first, n - pool)
+        sizes.append(size)
+        pool += size
+    return sizes
 
 
 @functools.lru_cache(maxsize=256)
@@ -103,30 +124,40 @@ class AutoStrategy(BestOfNStrategy):
     def check(self, params: AutoParams, ctx: StrategyContext) -> AutoParams:
         return params.model_copy(update={"reward": check_candidates(params, ctx)})
 
+    def sequences(self, params: AutoParams, ctx: StrategyContext) -> int:
+        """Its largest round: the most it decodes at once (admission weight)."""
+        return max(round_sizes(params.n, self._first(params, ctx)))
+
     async def run(self, ctx: StrategyContext, params: AutoParams) -> StrategyResult:
         return await self._waves(ctx, params)
 
-    def _round_size(self, params: AutoParams, candidates: list[Candidate]) -> int:
-        return len(candidates) or params.start
+    @staticmethod
+    def _first(params: AutoParams, ctx: StrategyContext) -> int:
+        """The first round: `start`, and never fewer than the answers the request returns."""
+        return min(max(params.start, ctx.num_choices), params.n)
 
-    def _why_stop(self, ctx: StrategyContext, params: AutoParams, candidates: list[Candidate], size: int,
-                  stages: list[StageReport], trail: list[dict]) -> str | None:
+    def _round_size(self, ctx: StrategyContext, params: AutoParams, candidates: list[Candidate]) -> int:
+        return len(candidates) or self._first(params, ctx)
+
+    async def _why_stop(self, ctx: StrategyContext, params: AutoParams, candidates: list[Candidate], size: int,
+                        stages: list[StageReport], trail: list[dict]) -> str | None:
         scores = [c.score for c in candidates if c.score is not None]
         if len(scores) < 2:  # one answer says nothing of the spread: look at one more round
             seen = {"candidates": len(candidates)}
             why = budget_stop(ctx, candidates, size, stages)
         else:
             gain = expected_gain(scores, size)
-            agreement = consensus([c.text for c in candidates])
+            # chrF over the pairs is pure Python: off the event loop, as `mbr` does.
+            agreement = statistics.mean(await asyncio.to_thread(consensus, [c.text for c in candidates]))
             seen = {
                 "candidates": len(candidates),
                 "spread": round(statistics.stdev(scores), 4),
                 "expected_gain": round(gain, 4),
-                "agreement": round(sum(agreement) / len(agreement), 2),
+                "agreement": round(agreement, 2),
             }
-            if seen["agreement"] >= params.agree:
+            if params.agree is not None and agreement >= params.agree:
                 why = "agreement"
-            elif gain <= params.min_gain:
+            elif params.min_gain is not None and gain <= params.min_gain:
                 why = "gain"
             else:
                 why = budget_stop(ctx, candidates, size, stages)

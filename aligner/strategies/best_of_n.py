@@ -91,8 +91,8 @@ class BestOfNStrategy(Strategy):
         stopped = None
         wave = 0
         while len(candidates) < params.n:
-            size = min(self._round_size(params, candidates), params.n - len(candidates))
-            if candidates and (why := self._why_stop(ctx, params, candidates, size, stages, trail)):
+            size = min(self._round_size(ctx, params, candidates), params.n - len(candidates))
+            if candidates and (why := await self._why_stop(ctx, params, candidates, size, stages, trail)):
                 stopped = why
                 if why in (DEADLINE, TOKENS):
                     ctx.budget.skip(f"{params.n - len(candidates)} of {params.n} candidates")
@@ -118,10 +118,10 @@ class BestOfNStrategy(Strategy):
         info = {"candidates_used": len(candidates), "waves": wave, "stopped": stopped, **self._trail_info(trail)}
         return self._pick(ctx, candidates, stages, info)
 
-    def _round_size(self, params: BestOfNParams, candidates: list[Candidate]) -> int:
+    def _round_size(self, ctx: StrategyContext, params: BestOfNParams, candidates: list[Candidate]) -> int:
         return params.batch
 
-    def _why_stop(self, ctx: StrategyContext, params: BestOfNParams, candidates: list[Candidate], size: int,
+    async def _why_stop(self, ctx: StrategyContext, params: BestOfNParams, candidates: list[Candidate], size: int,
                   stages: list[StageReport], trail: list[dict]) -> str | None:
         """Why another round of `size` should not start, or None: the documented stopping rule."""
         if params.stop_margin is not None and clear_lead([c.score for c in candidates], ctx.num_choices,
@@ -166,8 +166,11 @@ def budget_stop(ctx: StrategyContext, candidates: list[Candidate], size: int, st
         budget.note("max_total_tokens")
         return "max_total_tokens"
     seconds = budget.remaining_s()
-    wave_seconds = sum(s.seconds for s in stages) / (len(stages) / 2)  # generation + scoring per wave
-    if seconds is not None and seconds < wave_seconds:
+    waves = len(stages) / 2  # each a generation and a scoring stage
+    # What a round of `size` costs at the rate the earlier rounds cost per candidate (rounds
+    # of different sizes: auto doubles its pool).
+    round_seconds = sum(s.seconds for s in stages) / waves * size / (len(candidates) / waves)
+    if seconds is not None and seconds < round_seconds:
         budget.note("deadline")
         return "deadline"
     return None

@@ -67,7 +67,7 @@ def test_auto_escalates_by_its_rule_on_the_reward_models_scores(client, tiny_rm)
     from aligner.strategies.auto import expected_gain
     from aligner.strategies.mbr import consensus
 
-    for min_gain, agree, used in ((1e6, 100, 2), (0.0, 100, 8), (0.05, 60, None)):
+    for min_gain, agree, used in ((1e6, None, 2), (None, None, 8), (0.05, 60, None)):
         reply = chat(client, {"strategy": "auto", "n": 8, "start": 2, "reward": "tiny", "min_gain": min_gain,
                               "agree": agree, "return_candidates": True}, seed=5, max_tokens=24)
         report = reply.alignment
@@ -75,13 +75,14 @@ def test_auto_escalates_by_its_rule_on_the_reward_models_scores(client, tiny_rm)
         ours = [independent_score(tiny_rm, MESSAGES, c["text"]) for c in candidates]
         assert [c["score"] for c in candidates] == pytest.approx(ours, abs=1e-3)
         assert report["candidates_used"] == len(candidates) and (used is None or len(candidates) == used)
+        assert len(candidates) == 2 * 2 ** sum(d["escalated"] for d in report["auto"])
         for decision in report["auto"]:
             k = decision["candidates"]
             gain = expected_gain(ours[:k], k)
             agreement = sum(consensus([c["text"] for c in candidates[:k]])) / k
             assert decision["expected_gain"] == pytest.approx(gain, abs=1e-2)
             assert decision["agreement"] == pytest.approx(agreement, abs=0.05)
-            assert decision["escalated"] == (agreement < agree and gain > min_gain)
+            assert decision["escalated"] == ((agree is None or agreement < agree) and (min_gain is None or gain > min_gain))
         assert reply.usage.completion_tokens == sum(c["completion_tokens"] for c in candidates)
         assert reply.choices[0].message.content == candidates[max(range(len(ours)), key=lambda i: (ours[i], -i))]["text"]
 

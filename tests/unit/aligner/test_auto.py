@@ -96,6 +96,31 @@ def test_one_first_candidate_always_gets_a_second_round():
     assert result.info["auto"] == [{"candidates": 1, "escalated": True}]
 
 
-def test_start_beyond_n_is_refused():
+def test_start_beyond_n_is_refused_and_the_default_start_fits_n_1():
+    params = get_strategy("auto").Params
     with pytest.raises(ValueError, match="start"):
-        get_strategy("auto").Params.model_validate({"n": 2, "start": 3})
+        params.model_validate({"n": 2, "start": 3})
+    assert params.model_validate({"n": 1}).start == 1 and params.model_validate({}).start == 2
+
+
+def test_the_first_round_holds_every_answer_the_request_returns():
+    """A request for 4 answers never stops with fewer candidates than that."""
+    world = World(n=4, max_tokens=8)
+    result = run_auto(world, n=8, start=2, reward="keyword:zebra")  # all score alike: stops after one round
+    assert [r.sampling.n for r in world.engine.requests] == [4]
+    assert len(result.choices) == 4 and result.info["stopped"] == "gain"
+
+
+def test_null_turns_a_test_off():
+    world = World(max_tokens=8)
+    world.engine.lm = PrefixLM(words=("same",), min_answer=100)  # identical answers, identical scores
+    result = run_auto(world, n=8, start=2, reward="keyword:zebra", min_gain=None, agree=None)
+    assert result.info["candidates_used"] == 8 and result.info["stopped"] is None
+    assert [d["escalated"] for d in result.info["auto"]] == [True, True]
+
+
+def test_admission_weighs_its_largest_round():
+    strategy, world = get_strategy("auto"), World()
+    assert strategy.sequences(strategy.Params.model_validate({"n": 8}), world.ctx) == 4  # rounds 2, 2, 4
+    assert strategy.sequences(strategy.Params.model_validate({"n": 8, "start": 8}), world.ctx) == 8
+    assert strategy.sequences(strategy.Params.model_validate({"n": 8}), World(n=4).ctx) == 4  # rounds 4, 4

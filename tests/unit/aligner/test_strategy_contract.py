@@ -260,7 +260,7 @@ def check_decline(result: StrategyResult, world: World) -> None:
 
 
 def check_auto(result: StrategyResult, world: World) -> None:
-    """Escalated once (min_gain 0, agree 100): two rounds of two, one engine request each."""
+    """Escalated once (neither test can stop it): two rounds of two, one engine request each."""
     check_selection(result, world)
     assert [r.sampling.n for r in world.engine.requests] == [2, 2]
     assert result.info["candidates_used"] == len(result.candidates) == 4 and result.info["stopped"] is None
@@ -287,7 +287,7 @@ SETUPS: dict[str, Setup] = {
     "none": Setup({}, True, check_none),
     "best_of_n": Setup({"n": 3, **REWARD}, True, check_best_of_n,
                        [({"n": MAX_CANDIDATES + 1, **REWARD}, "n"), ({"n": 2, "reward": "nope"}, "reward.nope")]),
-    "auto": Setup({"n": 4, "start": 2, "min_gain": 0, "agree": 100, **REWARD}, True, check_auto,
+    "auto": Setup({"n": 4, "start": 2, "min_gain": None, "agree": None, **REWARD}, True, check_auto,
                   [({"n": MAX_CANDIDATES + 1, **REWARD}, "n"), ({"n": 2, "reward": "nope"}, "reward.nope")]),
     "soft_best_of_n": Setup({"n": 3, "lambda": 0.1, **REWARD}, True, check_soft_best_of_n,
                             [({"n": MAX_CANDIDATES + 1, **REWARD}, "n")]),

@@ -91,6 +91,7 @@ def _walk(chat, body: dict) -> list[Step]:
     watched = [request] + ([request.alignment] if request.alignment is not None else [])
     steps: list[Step] = []
     left: set[str] = set()  # files the walk has been in and left
+    previous: set[str] = set()  # the files on the stack at the walk's last step, and its own
     started: set = set()  # frames entered (a coroutine's frame is "called" again on every resume)
     render = False
 
@@ -118,12 +119,14 @@ def _walk(chat, body: dict) -> list[Step]:
             if (f := layer_file(caller)) is not None:
                 stack.add(f)
             caller = caller.f_back
-        reentry = not own and not render and file in left and file not in stack
+        reentry = False
         if not own:
-            left.discard(file)
-        if not own and (before := [s.file for s in steps if not s.own]):
-            if before[-1] != file and before[-1] not in stack:
-                left.add(before[-1])
+            active = stack | {file}
+            left.update(previous - active)  # the files the walk was in and is no longer
+            reentry = not render and file in left
+            left.difference_update(active)
+            previous.clear()
+            previous.update(active)
         steps.append(Step(file, frame.f_code.co_name, own, render, reentry))
 
     async def run():
@@ -181,6 +184,35 @@ def test_the_walk_sees_a_re_entry():
     finally:
         serving_chat.ServingChat._context = original
     assert [(s.file, s.function) for s in steps if s.reentry] == [("server/tools.py", "auto_path")]
+
+
+def test_the_walk_sees_a_re_entry_after_a_nested_call():
+    """Leaving a file through a call it made into another file, then coming back to it later."""
+    from server import serving_chat
+
+    def attributed(path: str, source: str, name: str, namespace: dict):
+        exec(compile(source, str(REPO / path), "exec"), namespace)
+        return namespace[name]
+
+    namespace: dict = {}
+    inner = attributed("decoding/chat_format.py", "def inner(request):\n    return request\n", "inner", namespace)
+    namespace["inner"] = inner
+    outer = attributed("server/errors.py", "def outer(request):\n    return inner(request)\n", "outer", namespace)
+    again = attributed("server/errors.py", "def again(request):\n    return request\n", "again", namespace)
+    original = serving_chat.ServingChat._context
+
+    async def context(self, request, inputs, request_id, profiles):
+        outer(request)  # errors.py, which calls into chat_format.py
+        ctx = await original(self, request, inputs, request_id, profiles)
+        again(request)  # back to errors.py, left long ago
+        return ctx
+
+    serving_chat.ServingChat._context = context
+    try:
+        steps = walk(BODIES["plain"])
+    finally:
+        serving_chat.ServingChat._context = original
+    assert [(s.file, s.function) for s in steps if s.reentry] == [("server/errors.py", "again")]
 
 
 def main() -> None:
