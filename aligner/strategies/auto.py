@@ -33,7 +33,6 @@ from pydantic import Field, model_validator
 
 from aligner.strategies.base import Candidate, StageReport, StrategyContext, StrategyResult, register
 from aligner.strategies.best_of_n import BestOfNStrategy, CandidatesParams, budget_stop
-from aligner.strategies.common import check_candidates
 from aligner.strategies.mbr import consensus
 
 
@@ -119,10 +118,7 @@ class AutoStrategy(BestOfNStrategy):
         "pool, up to n) only while its expected gain in reward is above min_gain and the "
         "candidates disagree (mean chrF++ below agree); reports each decision's signals."
     )
-    Params = AutoParams
-
-    def check(self, params: AutoParams, ctx: StrategyContext) -> AutoParams:
-        return params.model_copy(update={"reward": check_candidates(params, ctx)})
+    Params = AutoParams  # checked as best-of-N's (`n` candidates, the reward)
 
     def sequences(self, params: AutoParams, ctx: StrategyContext) -> int:
         """Its largest round: the most it decodes at once (admission weight)."""

@@ -29,6 +29,7 @@ from server.app import build_app
 from server.config import ServerConfig, StoreConfig
 from server.protocol import ChatCompletionRequest, ErrorResponse
 from tests.fakes import FakeEngine
+from tests.unit.server.test_experiments_endpoints import PROFILES  # tone@1, tone@2 and the tone-test experiment
 
 REPO = Path(__file__).resolve().parents[3]
 LAYERS = ("server", "aligner", "decoding")
@@ -45,17 +46,6 @@ BODIES = {
     "experiment, traced in a store": {"messages": MESSAGES, "max_tokens": 3, "user": "ada",
                                       "alignment": {"experiment": "tone-test", "trace": True}},
 }
-PROFILES = """\
-profiles:
-  tone:
-    - version: 1
-      alignment: {strategy: none}
-    - version: 2
-      alignment: {strategy: best_of_n, n: 2, reward: length_penalty}
-experiments:
-  tone-test:
-    arms: [{profile: tone@1, weight: 1}, {profile: tone@2, weight: 1}]
-"""
 
 
 @dataclass(frozen=True)
@@ -167,51 +157,49 @@ def test_a_chat_request_visits_at_most_eight_files_and_never_goes_back_before_re
         assert any(s.render for s in steps), name  # the walk reached the answer
 
 
-def test_the_walk_sees_a_re_entry():
-    """The measure can fail: a step that leaves a file and comes back to it is a re-entry."""
-    from server import serving_chat, tools
+def walk_with(before=None, after=None) -> list[Step]:
+    """The plain request's walk with `before(request)` and `after(request)` called around
+    `ServingChat._context` (a detour the measure must see)."""
+    from server import serving_chat
 
     original = serving_chat.ServingChat._context
 
     async def context(self, request, inputs, request_id, profiles):
+        if before is not None:
+            before(request)
         ctx = await original(self, request, inputs, request_id, profiles)
-        tools.auto_path(request, None)  # back to tools.py, left after chat_inputs
+        if after is not None:
+            after(request)
         return ctx
 
     serving_chat.ServingChat._context = context
     try:
-        steps = walk(BODIES["plain"])
+        return walk(BODIES["plain"])
     finally:
         serving_chat.ServingChat._context = original
+
+
+def test_the_walk_sees_a_re_entry():
+    """The measure can fail: a step that leaves a file and comes back to it is a re-entry."""
+    from server import tools
+
+    steps = walk_with(after=lambda request: tools.auto_path(request, None))  # tools.py, left after chat_inputs
     assert [(s.file, s.function) for s in steps if s.reentry] == [("server/tools.py", "auto_path")]
 
 
 def test_the_walk_sees_a_re_entry_after_a_nested_call():
     """Leaving a file through a call it made into another file, then coming back to it later."""
-    from server import serving_chat
 
     def attributed(path: str, source: str, name: str, namespace: dict):
         exec(compile(source, str(REPO / path), "exec"), namespace)
         return namespace[name]
 
     namespace: dict = {}
-    inner = attributed("decoding/chat_format.py", "def inner(request):\n    return request\n", "inner", namespace)
-    namespace["inner"] = inner
+    namespace["inner"] = attributed("decoding/chat_format.py", "def inner(request):\n    return request\n", "inner",
+                                    namespace)
     outer = attributed("server/errors.py", "def outer(request):\n    return inner(request)\n", "outer", namespace)
     again = attributed("server/errors.py", "def again(request):\n    return request\n", "again", namespace)
-    original = serving_chat.ServingChat._context
-
-    async def context(self, request, inputs, request_id, profiles):
-        outer(request)  # errors.py, which calls into chat_format.py
-        ctx = await original(self, request, inputs, request_id, profiles)
-        again(request)  # back to errors.py, left long ago
-        return ctx
-
-    serving_chat.ServingChat._context = context
-    try:
-        steps = walk(BODIES["plain"])
-    finally:
-        serving_chat.ServingChat._context = original
+    steps = walk_with(before=outer, after=again)  # errors.py (into chat_format.py), ..., errors.py again
     assert [(s.file, s.function) for s in steps if s.reentry] == [("server/errors.py", "again")]
 
 
