@@ -13,7 +13,7 @@ export HOST PORT
 # Re-install only when the dependency list changes.
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup serve test model gpu-check clean
+.PHONY: setup serve test model gpu-check device-check clean
 
 setup: $(STAMP) model
 
@@ -42,6 +42,12 @@ test: setup
 # On a machine with an NVIDIA GPU: tests, kernels, the server and `vllm serve`, one table.
 gpu-check: setup
 	$(PY) -m bench.gpu_check --json gpu_check.json
+
+# Any machine, nothing installed but torch, triton, transformers and pytest (a bare GPU box):
+# kernels compiled and timed, the guide step, the V2 processor; a stage that cannot run is
+# recorded and the next one runs. `DEVICE_CHECK_ARGS=--quick` for toy sizes.
+device-check:
+	$(PYTHON) -m bench.device_check --output device_check.json $(DEVICE_CHECK_ARGS)
 
 clean:
 	rm -rf .venv .venv-gpu .pytest_cache
