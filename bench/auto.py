@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_pilot(args, base_url)
         args.output.write_text(json.dumps(result, indent=2, default=str))
         for row in result["table"]:
-            print(f"min_gain {row['min_gain']:>5} agree {row['agree']:>5}: {row['candidates']:.2f} candidates, "
+            print(f"min_gain {str(row['min_gain']):>5} agree {str(row['agree']):>5}: {row['candidates']:.2f} candidates, "
                   f"reward {row['reward']:.3f}")
         print("chosen:", result["chosen"])
         return 0
