@@ -27,6 +27,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -66,8 +67,13 @@ def stage_facts(args: argparse.Namespace) -> dict:
 def _pytest(target: str, timeout: int) -> dict:
     """Run one test file or folder with the interpreter this runs under: counts and the tail."""
     began = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", target],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    # A temp folder of its own: pytest keeps only the three newest /tmp/pytest-of-USER/pytest-N
+    # folders, so a default one would delete those of a test session running beside this one
+    # (the suite runs its unit tests, this check among them, beside the integration tests).
+    with tempfile.TemporaryDirectory(prefix="device-check-") as scratch:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               f"--basetemp={scratch}/pytest", target],
+                              capture_output=True, text=True, timeout=timeout, cwd=REPO)
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr.strip()[-300:]
     counts = {}
     for word in ("passed", "failed", "skipped", "error", "errors", "xfailed"):
