@@ -67,9 +67,9 @@ def stage_facts(args: argparse.Namespace) -> dict:
 def _pytest(target: str, timeout: int) -> dict:
     """Run one test file or folder with the interpreter this runs under: counts and the tail."""
     began = time.perf_counter()
-    # A temp folder of its own: pytest keeps only the three newest /tmp/pytest-of-USER/pytest-N
-    # folders, so a default one would delete those of a test session running beside this one
-    # (the suite runs its unit tests, this check among them, beside the integration tests).
+    # A temp folder of its own, removed after: the check leaves no /tmp/pytest-of-USER folders
+    # behind and takes no part in their rotation beside a test session (the suite runs its unit
+    # tests, this check among them, beside the integration tests).
     with tempfile.TemporaryDirectory(prefix="device-check-") as scratch:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                f"--basetemp={scratch}/pytest", target],
