@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -75,12 +76,7 @@ def _pytest(target: str, timeout: int) -> dict:
                                f"--basetemp={scratch}/pytest", target],
                               capture_output=True, text=True, timeout=timeout, cwd=REPO)
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr.strip()[-300:]
-    counts = {}
-    for word in ("passed", "failed", "skipped", "error", "errors", "xfailed"):
-        for part in tail.replace(",", " ").split(" in ")[0].split("  "):
-            bits = part.split()
-            if len(bits) >= 2 and bits[1] == word and bits[0].isdigit():
-                counts[word] = int(bits[0])
+    counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed)\b", tail)}
     result = {"returncode": proc.returncode, "summary": tail, "counts": counts,
               "seconds": round(time.perf_counter() - began, 1)}
     if proc.returncode != 0:
