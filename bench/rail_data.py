@@ -44,8 +44,10 @@ REFUSALS = [
 ]
 
 
-def sources(data: Path, sets: Path, seed: int, per_source: int = PER_SOURCE) -> dict[str, tuple[str, list[str]]]:
-    """name -> (class, a seeded sample of at most `per_source` prompts)."""
+def sources(data: Path, sets: Path, seed: int, per_source: int = PER_SOURCE,
+            with_pairs: bool = False) -> dict[str, tuple[str, list[str]]]:
+    """name -> (class, a seeded sample of at most `per_source` prompts); `with_pairs` adds the
+    minimal pairs (`bench/sets/pairs_*.jsonl`), the request classifier's own two sources of that form."""
     from aligner.training import prompt_sets as ps
 
     dna = [json.loads(line) for line in (data / "prompts/do_not_answer.jsonl").read_text().splitlines() if line]
@@ -59,10 +61,27 @@ def sources(data: Path, sets: Path, seed: int, per_source: int = PER_SOURCE) -> 
         "alpaca_train": ("negative", alpaca),
         "contrast_train": ("negative", contrast),
     }
+    if with_pairs:
+        for label, name in (("positive", "pairs_harmful"), ("negative", "pairs_benign")):
+            named[name] = (label, ps.load_prompts(ps.PromptSource(str(Path(__file__).parent / f"sets/{name}.jsonl")), seed))
     for _, prompts in named.values():
         random.Random(seed).shuffle(prompts)
         del prompts[per_source:]
     return named
+
+
+def wrapped_share(prompts: list[str], templates: list[str], fraction: float, seed: int) -> list[str]:
+    """A seeded `fraction` of `prompts`, each inside the training wrapper `with_wrapped_copies`
+    picks for it (the request classifier's wrappers: never `bench.safety`'s jailbreak forms).
+
+    >>> wrapped_share(["a", "b", "c", "d"], ["W: {request}"], 0.5, 0)
+    ['W: b']
+    """
+    from aligner.training.data import _key
+    from aligner.training.prompt_sets import with_wrapped_copies
+
+    chosen = [p for p in prompts if int(_key(seed, "rail-wrap", p), 16) % 1000 < fraction * 1000]
+    return with_wrapped_copies(chosen, templates, seed)[len(chosen):]
 
 
 def pairs_of(prompt: str, answer: str, harmful: bool) -> list[dict]:
@@ -106,11 +125,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base-url", default=None, help="a running server's /v1 (default: start one)")
+    parser.add_argument("--pairs", action="store_true", help="also answer the minimal pairs (bench/sets/pairs_*.jsonl)")
+    parser.add_argument("--wrappers", type=Path, default=None,
+                        help="a wrapper file (bench/sets/wrappers_train.jsonl): a share of every source's prompts is "
+                             "also answered inside one of its wrappers, labelled as the bare prompt")
+    parser.add_argument("--wrapped-fraction", type=float, default=0.33)
     args = parser.parse_args(argv)
 
     from bench.launch import start_server, stop_server
 
-    named = sources(args.data, args.sets, args.seed, args.per_source)
+    named = sources(args.data, args.sets, args.seed, args.per_source, with_pairs=args.pairs)
+    if args.wrappers is not None:
+        from aligner.training.prompt_sets import load_wrappers
+
+        templates = load_wrappers(str(args.wrappers))
+        for name, (label, prompts) in list(named.items()):
+            named[f"{name}+wrapped"] = (label, wrapped_share(prompts, templates, args.wrapped_fraction, args.seed))
     server = None
     base_url = args.base_url
     if base_url is None:
