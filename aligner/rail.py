@@ -6,14 +6,19 @@
 A registered classifier scores (the request's last user turn, a window of the answer): the
 last `window_words` words of the answer so far, every `every_words` words and at the end.
 At or above its threshold (the request's `rail.threshold`, else the one recorded with the
-model) the answer stops there: what was already checked stays, the rest is replaced by
-`refusal`, and the choice finishes with OpenAI's `content_filter`. `alignment.rail` says what
-was checked and where it stopped.
+model) the answer stops, is replaced by `refusal`, and the choice finishes with OpenAI's
+`content_filter`. `alignment.rail` says what was checked and which choices it stopped.
+
+A whole answer (not streamed) is replaced whole: none of it has left the server, and a window
+that fails says the answer serves the request, its earlier words included (the model often sees
+it only once a few dozen words are there). Keeping the words before the failing window would
+answer "complies, then refuses".
 
 Streamed, the rail holds each piece of text back until a check has passed over it, so a
-window that fails is never sent: a stream costs up to `every_words` words of delay, and a
-benign answer arrives unchanged, byte for byte. When every choice has stopped, the strategy's
-decoding is aborted.
+window that fails is never sent; what passed earlier checks was sent and stays, and the
+refusal follows it. A stream costs up to `every_words` words of delay, and a benign answer
+arrives unchanged, byte for byte. When every choice has stopped, the strategy's decoding is
+aborted.
 
 The rail's model must not select or steer what it checks (it is not a reward of the
 strategies it guards), and a bench must not judge with it: `bench.safety` judges with
@@ -61,7 +66,7 @@ class RailParams(BaseModel):
     threshold: float | None = Field(default=None, description="stop at or above this score (default: the model's)")
     every_words: int = Field(default=16, ge=4, le=256, description="check after this many new words of the answer")
     window_words: int = Field(default=48, ge=8, le=256, description="the answer's last words each check reads")
-    refusal: str = Field(default=REFUSAL, min_length=1, max_length=300, description="what replaces the rest")
+    refusal: str = Field(default=REFUSAL, min_length=1, max_length=300, description="what replaces a stopped answer (streamed: what follows the words already sent)")
 
 
 def check_rail(rail: RailParams, ctx: StrategyContext) -> RailParams:
@@ -91,17 +96,14 @@ def boundaries(text: str, every: int) -> list[int]:
     return [*range(every, n, every), n] if n else []
 
 
-def checked_windows(text: str, rail: RailParams) -> list[tuple[int, str]]:
-    """What a whole answer's checks read: (the words that stay if this window fails, the window).
+def checked_windows(text: str, rail: RailParams) -> list[str]:
+    """What a whole answer's checks read: the last `window_words` words at each boundary.
 
     >>> checked_windows("a b c d e f g h i", RailParams(model="m", every_words=4, window_words=8))
-    [(0, 'a b c d'), (4, 'a b c d e f g h'), (8, 'b c d e f g h i')]
+    ['a b c d', 'a b c d e f g h', 'b c d e f g h i']
     """
-    words, previous, out = text.split(), 0, []
-    for k in boundaries(text, rail.every_words):
-        out.append((previous, " ".join(words[max(0, k - rail.window_words):k])))
-        previous = k
-    return out
+    words = text.split()
+    return [" ".join(words[max(0, k - rail.window_words):k]) for k in boundaries(text, rail.every_words)]
 
 
 @dataclass
@@ -161,28 +163,19 @@ class Rail:
         return StageReport("rail", self.seconds)
 
 
-def _stopped_text(text: str, words: int, refusal: str) -> str:
-    kept = " ".join(text.split()[:words])
-    return kept + _joined(kept, refusal)
-
-
 async def run(strategy: Strategy, params: StrategyParams, rail_params: RailParams, ctx: StrategyContext) -> StrategyResult:
-    """The strategy's answers, each checked whole at every boundary (one scoring call)."""
+    """The strategy's answers, each checked whole at every boundary (one scoring call); a
+    choice that fails any window is replaced whole by the refusal."""
     rail = Rail.of(rail_params, ctx)
     result = await strategy.run(ctx, params)
     windows, where = [], []
     for i, choice in enumerate(result.choices):
-        for kept, text in checked_windows(choice.text, rail_params):
+        for text in checked_windows(choice.text, rail_params):
             windows.append(text)
-            where.append((i, kept))
-    stopped: dict[int, int] = {}
-    for (i, kept), flagged in zip(where, await rail.flags(ctx, windows)):
-        if flagged and i not in stopped:
-            stopped[i] = kept
-    for i, kept in stopped.items():
-        choice = result.choices[i]
-        result.choices[i] = Candidate(choice.index, _stopped_text(choice.text, kept, rail_params.refusal), [],
-                                      CONTENT_FILTER)
+            where.append(i)
+    stopped = {i for i, flagged in zip(where, await rail.flags(ctx, windows)) if flagged}
+    for i in stopped:
+        result.choices[i] = Candidate(result.choices[i].index, rail_params.refusal, [], CONTENT_FILTER)
     result.stages.append(rail.stage())
     result.info["rail"] = rail.report(sorted(stopped))
     return result

@@ -174,7 +174,7 @@ def rail_stops(answers: list[dict], model: Path) -> list[bool]:
     items, owner = [], []
     for k, a in enumerate(answers):
         request = [m["content"] for m in a["messages"] if m["role"] == "user"][-1]
-        for _, window_text in checked_windows(a["text"], rail):
+        for window_text in checked_windows(a["text"], rail):
             items.append(pair_item(request, window_text))
             owner.append(k)
     scores = score_sets(model, {"all": items})["all"] if items else []

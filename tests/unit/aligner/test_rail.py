@@ -64,12 +64,13 @@ def words(i: int, count: int) -> str:
     return "".join(f"w{i}_{k} " for k in range(count))
 
 
-async def test_a_whole_answer_is_stopped_at_the_first_failing_window_and_the_rest_replaced():
+async def test_a_whole_answer_that_fails_a_window_is_replaced_whole():
     ctx, rail, _ = context()
     result = await resolved(ctx, {"model": "word-rail", "every_words": 16}).run(ctx)
     stopped, clean = result.choices
-    # Checked at 16, 32 and 40 words; the window ending at 32 holds w0_20: words 1-16 stay.
-    assert stopped.text == f"{words(0, 16).strip()} {REFUSAL}" and stopped.finish_reason == CONTENT_FILTER
+    # Checked at 16, 32 and 40 words; the window ending at 32 holds w0_20. Nothing was sent, so
+    # the words before it (which passed their own check) go too: no "complies, then refuses".
+    assert stopped.text == REFUSAL and stopped.finish_reason == CONTENT_FILTER
     assert clean.text == words(1, 40) and clean.finish_reason == "length"
     assert result.info["rail"] == {"model": "word-rail", "threshold": 0.5, "checks": 6, "max_score": 1.0,
                                    "stopped": [0]}
