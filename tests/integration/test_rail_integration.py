@@ -1,5 +1,5 @@
 """The output rail (`alignment.rail`) through the real server (vLLM on CPU) with the shipped
-answer classifier `models/harmful-response` (registered by `--models-dir models`): a streamed
+answer classifiers `models/harmful-response` and `-v2` (registered by `--models-dir models`): a streamed
 answer that turns harmful is cut and replaced; a benign one arrives unchanged, byte for byte."""
 
 from __future__ import annotations
@@ -42,17 +42,19 @@ def stream(server, content: str, alignment: dict | None, max_tokens: int = 96) -
     return text, finishes, report, used
 
 
-def rail_row(server) -> dict:
+def rail_row(server, name: str = "harmful-response") -> dict:
     listed = httpx.get(f"{server.v1}/alignment/rewards", timeout=30).json()["data"]
-    row = next(r for r in listed if r["name"] == "harmful-response")
+    row = next(r for r in listed if r["name"] == name)
     assert row["kind"] == "classifier" and not row["default"] and row["threshold"] is not None
     return row
 
 
-def test_a_streamed_answer_that_turns_harmful_is_cut_and_replaced(server):
-    threshold = rail_row(server)["threshold"]
+# Both shipped rail models: harmful-response (harmless@4-6) and harmful-response-v2 (harmless@7).
+@pytest.mark.parametrize("model", ["harmful-response", "harmful-response-v2"])
+def test_a_streamed_answer_that_turns_harmful_is_cut_and_replaced(server, model):
+    threshold = rail_row(server, model)["threshold"]
     plain, _, _, plain_usage = stream(server, HARMFUL, None)
-    railed, finishes, report, used = stream(server, HARMFUL, {"rail": RAIL})
+    railed, finishes, report, used = stream(server, HARMFUL, {"rail": {"model": model}})
     rail = report["rail"]
     assert rail["stopped"] == [0] and rail["max_score"] >= threshold == rail["threshold"]
     assert finishes == [CONTENT_FILTER] and railed.endswith(REFUSAL)
@@ -61,21 +63,33 @@ def test_a_streamed_answer_that_turns_harmful_is_cut_and_replaced(server):
     sent = railed[: -len(REFUSAL)].rstrip()
     assert plain.startswith(sent) and len(sent) < len(plain.rstrip())
     assert used["completion_tokens"] <= plain_usage["completion_tokens"]
+    # Not streamed, the same answer (same seed) is replaced whole: the words the stream had
+    # already sent never leave the server. (v1 lets the answer's harmless opening through in the
+    # stream; v2 stops it at its first window, before anything is sent.)
+    assert bool(sent) == (model == "harmful-response")
+    whole = answer(server, HARMFUL, {"rail": {"model": model}})
+    assert whole["choices"][0]["finish_reason"] == CONTENT_FILTER
+    assert whole["choices"][0]["message"]["content"] == REFUSAL and whole["alignment"]["rail"]["stopped"] == [0]
 
 
-def test_a_benign_stream_is_untouched_byte_for_byte(server):
+@pytest.mark.parametrize("model", ["harmful-response", "harmful-response-v2"])
+def test_a_benign_stream_is_untouched_byte_for_byte(server, model):
     plain, plain_finishes, _, _ = stream(server, BENIGN, None)
-    railed, finishes, report, _ = stream(server, BENIGN, {"rail": RAIL})
+    railed, finishes, report, _ = stream(server, BENIGN, {"rail": {"model": model}})
     assert railed == plain and finishes == plain_finishes != [CONTENT_FILTER]
     assert report["rail"]["stopped"] == [] and report["rail"]["checks"] >= 2
 
 
-def test_a_whole_answer_is_checked_too(server):
-    body = {"model": MODEL, "messages": [{"role": "user", "content": HARMFUL}], "max_tokens": 96, "seed": 3,
-            "temperature": 0.7, "alignment": {"rail": {**RAIL, "threshold": -1000.0}}}
+def answer(server, content: str, alignment: dict) -> dict:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 96, "seed": 3,
+            "temperature": 0.7, "alignment": alignment}
     r = httpx.post(f"{server.v1}/chat/completions", json=body, timeout=600)
     assert r.status_code == 200, r.text
-    reply = r.json()
+    return r.json()
+
+
+def test_a_whole_answer_is_checked_too(server):
+    reply = answer(server, HARMFUL, {"rail": {**RAIL, "threshold": -1000.0}})
     # Every window flags at this threshold: the first one already stops the answer.
     assert reply["choices"][0]["finish_reason"] == CONTENT_FILTER
     assert reply["choices"][0]["message"]["content"] == REFUSAL

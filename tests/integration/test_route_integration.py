@@ -32,12 +32,16 @@ def ok(server, content: str, alignment: dict | None = None, **extra) -> dict:
     return r.json()
 
 
-def classifier_row(server) -> dict:
-    """The rewards listing's row of the classifier the latest `harmless` routes on."""
+def latest_harmless(server) -> dict:
+    """The latest `harmless` version's alignment, as the profiles listing gives it."""
     profiles = httpx.get(f"{server.v1}/alignment/profiles", timeout=30).json()["data"]
     harmless = next(p for p in profiles if p["name"] == "harmless")
-    latest = next(v for v in harmless["versions"] if v["version"] == harmless["latest"])
-    name = latest["alignment"]["route"]["classifier"]
+    return next(v for v in harmless["versions"] if v["version"] == harmless["latest"])["alignment"]
+
+
+def classifier_row(server) -> dict:
+    """The rewards listing's row of the classifier the latest `harmless` routes on."""
+    name = latest_harmless(server)["route"]["classifier"]
     listed = httpx.get(f"{server.v1}/alignment/rewards", timeout=30).json()["data"]
     row = next(r for r in listed if r["name"] == name)
     assert row["kind"] == "classifier" and not row["default"]
@@ -65,7 +69,7 @@ def test_the_harmless_profile_declines_a_flagged_request_and_stops(server):
     # Usage counts every candidate the policy decoded (48 tokens at most each), not the cut answer.
     assert reply["usage"]["completion_tokens"] == sum(c["completion_tokens"] for c in report["candidates"]) <= 2 * 48
     # The output rail checked the answer too, and let the refusal through.
-    assert report["rail"]["model"] == "harmful-response" and report["rail"]["stopped"] == []
+    assert report["rail"]["model"] == latest_harmless(server)["rail"]["model"] and report["rail"]["stopped"] == []
 
 
 def test_an_unflagged_request_is_answered_as_plain_decoding_would(server):
