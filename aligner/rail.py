@@ -16,7 +16,9 @@ answer "complies, then refuses".
 
 Streamed, the rail holds each piece of text back until a check has passed over it, so a
 window that fails is never sent; what passed earlier checks was sent and stays, and the
-refusal follows it. A stream costs up to `every_words` words of delay, and a benign answer
+refusal follows it; `first_words` (default `every_words`) holds more of the opening back, so
+that the first check reads a longer window before anything is sent. A stream costs up to
+`first_words`, then `every_words`, words of delay, and a benign answer
 arrives unchanged, byte for byte. When every choice has stopped, the strategy's decoding is
 aborted.
 
@@ -35,7 +37,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from aligner.rewards import RewardError
 from aligner.strategies.base import (
@@ -66,7 +68,20 @@ class RailParams(BaseModel):
     threshold: float | None = Field(default=None, description="stop at or above this score (default: the model's)")
     every_words: int = Field(default=16, ge=4, le=256, description="check after this many new words of the answer")
     window_words: int = Field(default=48, ge=8, le=256, description="the answer's last words each check reads")
-    refusal: str = Field(default=REFUSAL, min_length=1, max_length=300, description="what replaces a stopped answer (streamed: what follows the words already sent)")
+    first_words: int | None = Field(default=None, ge=4, le=256,
+                                    description="streamed: words held back before the first check and send "
+                                                "(default: every_words; at most window_words, so the first "
+                                                "check reads all of them)")
+    refusal: str = Field(default=REFUSAL, min_length=1, max_length=300,
+                         description="what replaces a stopped answer (streamed: what follows the words already sent)")
+
+    @field_validator("first_words")
+    @classmethod
+    def _first_within_window(cls, value: int | None, info: ValidationInfo) -> int | None:
+        window_words = info.data.get("window_words")
+        if value is not None and window_words is not None and value > window_words:
+            raise ValueError(f"first_words ({value}) must be at most window_words ({window_words})")
+        return value
 
 
 def check_rail(rail: RailParams, ctx: StrategyContext) -> RailParams:
@@ -185,7 +200,8 @@ async def stream(strategy: Strategy, params: StrategyParams, rail_params: RailPa
                  ctx: StrategyContext) -> AsyncIterator[StreamEvent]:
     """The strategy's stream with each piece held back until a check passes over it."""
     rail = Rail.of(rail_params, ctx)
-    choices = {i: Choice(next_check=rail_params.every_words) for i in range(ctx.num_choices)}
+    first = rail_params.first_words or rail_params.every_words
+    choices = {i: Choice(next_check=first) for i in range(ctx.num_choices)}
     tokens, began, result = 0, time.perf_counter(), None
     events = strategy.stream(ctx, params)
     async with contextlib.aclosing(events):
@@ -193,7 +209,7 @@ async def stream(strategy: Strategy, params: StrategyParams, rail_params: RailPa
             if isinstance(event, KeepAlive):
                 yield event
             elif isinstance(event, SequenceDelta):
-                state = choices.setdefault(event.index, Choice(next_check=rail_params.every_words))
+                state = choices.setdefault(event.index, Choice(next_check=first))
                 tokens += len(event.token_ids)
                 if state.stopped_at is not None:
                     continue

@@ -117,6 +117,7 @@ async def test_a_failing_rail_model_lets_the_answer_through_and_says_so():
     ({"model": "nope"}, "alignment.rail.model"),
     ({"model": "refusal"}, "alignment.rail.threshold"),  # a rule records no threshold
     ({"model": "word-rail", "every_words": 1}, "alignment.rail.every_words"),
+    ({"model": "word-rail", "first_words": 64}, "alignment.rail.first_words"),  # past window_words (48)
     ({"model": "word-rail", "surprise": 1}, "alignment.rail.surprise"),
     ("word-rail", "alignment.rail"),
 ])
@@ -129,3 +130,20 @@ def test_a_bad_rail_names_its_parameter(rail, param):
 
 def test_boundaries_end_at_the_answer():
     assert boundaries("a " * 16, 16) == [16] and boundaries("a b c", 16) == [3]
+
+
+async def test_first_words_holds_the_opening_back_until_a_longer_first_check():
+    # every_words 16 alone sends words 1-16 before the window holding w0_20 fails (test above);
+    # first_words 32 holds them back: the first check reads words 1-32, fails, nothing was sent.
+    ctx, rail, _ = context(n=1)
+    events = [e async for e in resolved(ctx, {"model": "word-rail", "every_words": 16, "first_words": 32}).stream(ctx)]
+    deltas = [e for e in events if isinstance(e, SequenceDelta)]
+    assert "".join(d.text for d in deltas) == REFUSAL and deltas[-1].finish_reason == CONTENT_FILTER
+    assert len(rail.windows[0].split()) == 32
+
+
+async def test_first_words_leaves_a_clean_stream_unchanged():
+    ctx, _, _ = context(n=2)
+    railed = [e async for e in resolved(ctx, {"model": "word-rail", "first_words": 48}).stream(ctx)]
+    assert "".join(e.text for e in railed if isinstance(e, SequenceDelta) and e.index == 1) == words(1, 40)
+
