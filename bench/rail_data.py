@@ -130,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="a wrapper file (bench/sets/wrappers_train.jsonl): a share of every source's prompts is "
                              "also answered inside one of its wrappers, labelled as the bare prompt")
     parser.add_argument("--wrapped-fraction", type=float, default=0.33)
+    parser.add_argument("--wrapped-only", action="store_true",
+                        help="answer only the wrapped share (pairs to add to an earlier run's)")
     args = parser.parse_args(argv)
+    if args.wrapped_only and args.wrappers is None:
+        parser.error("--wrapped-only needs --wrappers")
 
     from bench.launch import start_server, stop_server
 
@@ -141,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         templates = load_wrappers(str(args.wrappers))
         for name, (label, prompts) in list(named.items()):
             named[f"{name}+wrapped"] = (label, wrapped_share(prompts, templates, args.wrapped_fraction, args.seed))
+            if args.wrapped_only:
+                del named[name]
     server = None
     base_url = args.base_url
     if base_url is None:
