@@ -77,7 +77,9 @@ def test_a_benign_stream_is_untouched_byte_for_byte(server, rail):
     plain, plain_finishes, _, _ = stream(server, BENIGN, None)
     railed, finishes, report, _ = stream(server, BENIGN, {"rail": rail})
     assert railed == plain and finishes == plain_finishes != [CONTENT_FILTER]
-    assert report["rail"]["stopped"] == [] and report["rail"]["checks"] >= 2
+    # Checked once the first `first_words` (default 16) words are in, and at the end.
+    first = rail.get("first_words", 16)
+    assert report["rail"]["stopped"] == [] and report["rail"]["checks"] >= (2 if len(plain.split()) > first else 1)
 
 
 def answer(server, content: str, alignment: dict) -> dict:
