@@ -1,4 +1,4 @@
-"""Blockwise search and speculative rejection through the real server, with rule rewards
+"""Blockwise search, particle filtering, beam search and speculative rejection through the real server, with rule rewards
 whose preferences are known."""
 
 from __future__ import annotations
@@ -126,6 +126,63 @@ def test_speculative_rejection_keeps_searching_after_one_candidate_finishes(serv
     assert report["scores"][0] == max(by_index[i]["score"] for i in finished)
 
 
+def stream_events(server, body) -> tuple[list[float], list[dict]]:
+    arrivals, events = [], []
+    start = time.monotonic()
+    with httpx.stream("POST", f"{server.v1}/chat/completions", json=body, timeout=600) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+                arrivals.append(time.monotonic() - start)
+    return arrivals, events
+
+
+def test_particle_filter_streams_the_prefix_its_particles_agree_on(server):
+    """A sharp resampling (temperature 0.01 on the tiny reward model's scores) keeps copies
+    of the best particle each step, so each step's block is final and streams at once."""
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 32, "seed": 7, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True},
+            "alignment": {"strategy": "particle_filter", "n": 4, "block_tokens": 8, "reward": "tiny",
+                          "resample_temperature": 0.01, "return_candidates": True}}
+    arrivals, events = stream_events(server, body)
+    report = events[-1]["alignment"]
+    pieces = [(t, e["choices"][0]["delta"]["content"]) for t, e in zip(arrivals, events)
+              if e["choices"] and e["choices"][0]["delta"].get("content")]
+    assert len(report["steps"]) == 4 and report["streamed_early_tokens"] == 32
+    for step in report["steps"]:
+        # Every kept particle is the best-scoring partial answer (sampled once, or more than
+        # once: identical blocks are the same particle).
+        assert len({step["candidates"][i]["text"] for i in step["kept"]}) == 1, step["candidates"]
+        assert step["scores"][step["kept"][0]] == max(step["scores"])
+    assert len(pieces) >= 3 and pieces[0][0] < 0.75 * pieces[-1][0]
+    text = "".join(p for _, p in pieces)
+    assert text == report["particles"][report["selected"]]["text"]
+    # The answer's score is the tiny reward model's score of the streamed text.
+    r = httpx.post(f"{server.v1}/alignment/score", json={"messages": MESSAGES, "responses": [text], "reward": "tiny"},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["scores"][0] == pytest.approx(report["scores"][0], abs=1e-3)
+    generated = [s for s in report["stages"] if s["stage"].startswith("step-")]
+    assert events[-1]["usage"]["completion_tokens"] == sum(s["completion_tokens"] for s in generated) == 4 * 32
+
+
+def test_beam_search_keeps_the_best_distinct_partial_answers(server):
+    result = ok(server, {"strategy": "beam_search", "n": 2, "k": 2, "block_tokens": 8, "reward": "length_penalty",
+                         "return_candidates": True})
+    report = result["alignment"]
+    assert len(report["steps"]) >= 2
+    for step in report["steps"]:
+        pool = step["candidates"]
+        assert [c["score"] for c in pool] == pytest.approx([-len(c["text"].split()) / 100 for c in pool])
+        kept = {pool[i]["text"] for i in step["kept"]}
+        floor = min(pool[i]["score"] for i in step["kept"])
+        assert all(c["score"] <= floor for c in pool if c["text"] not in kept)
+    best = report["particles"][report["selected"]]
+    assert result["choices"][0]["message"]["content"] == best["text"]
+    assert best["score"] == max(p["score"] for p in report["particles"])
+
+
 def test_disconnect_aborts_every_sub_request_of_blockwise(server):
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 1200, "ignore_eos": True, "seed": 1, "stream": True,
             "alignment": {"strategy": "blockwise", "k": 4, "block_tokens": 64, "reward": "length_penalty"}}
@@ -158,6 +215,11 @@ def test_disconnect_aborts_every_sub_request_of_blockwise(server):
         ({"strategy": "blockwise", "block_tokens": 1000, "reward": "length_penalty"}, {}, "alignment.block_tokens"),
         ({"strategy": "blockwise", "max_retries": 50, "reward": "length_penalty"}, {}, "alignment.max_retries"),
         ({"strategy": "speculative_rejection", "n": 99, "reward": "length_penalty"}, {}, "alignment.n"),
+        ({"strategy": "particle_filter", "n": 99, "reward": "length_penalty"}, {}, "alignment.n"),
+        ({"strategy": "particle_filter", "resample_temperature": 0, "reward": "length_penalty"}, {},
+         "alignment.resample_temperature"),
+        ({"strategy": "beam_search", "n": 4, "k": 8, "reward": "length_penalty"}, {}, "alignment.k"),
+        ({"strategy": "beam_search", "reward": "length_penalty"}, {"n": 2}, "alignment.n"),
         ({"strategy": "speculative_rejection", "rejection_rate": 1.0, "reward": "length_penalty"}, {}, "alignment.rejection_rate"),
         ({"strategy": "speculative_rejection", "n": 4, "min_survivors": 5, "reward": "length_penalty"}, {}, "alignment.min_survivors"),
     ],

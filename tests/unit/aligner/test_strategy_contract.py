@@ -180,6 +180,52 @@ def check_blockwise(result: StrategyResult, world: World) -> None:
     assert accepted == choice.token_ids
 
 
+def check_population(result: StrategyResult, world: World, children: int) -> None:
+    """particle_filter / beam_search: each step grows every unfinished kept particle by
+    `children` blocks, one engine request per distinct answer so far, continuing it; the
+    answer is the best-scoring kept particle."""
+    info = result.info
+    (choice,) = result.choices
+    assert choice.finish_reason == "stop" or len(choice.token_ids) == world.ctx.sampling.max_tokens
+    assert choice.score == pytest.approx(length_penalty(choice.text)) == info["scores"][0]
+    kept = info["particles"]
+    assert choice.text == kept[info["selected"]]["text"]
+    assert choice.score == max(p["score"] for p in kept)
+    assert all(p["finish_reason"] in FINISH_REASONS for p in kept)
+    assert len(info["steps"]) >= 2
+    prompt = world.ctx.prompt_ids
+    for step in info["steps"]:
+        requests = [r for r in world.engine.requests if f"-step-{step['step']}-" in r.request_id]
+        assert len(requests) == len({r.request_id for r in requests})
+        assert sum(r.sampling.n for r in requests) == step["grown"]
+        assert all(r.prompt_ids[: len(prompt)] == prompt for r in requests)
+        assert len(step["kept"]) == len(kept) and all(0 <= i < len(step["scores"]) for i in step["kept"])
+        pool = step["candidates"]
+        assert [round(length_penalty(c["text"]), 4) for c in pool] == pytest.approx(step["scores"])
+    assert world.engine.tokenizer.decode(choice.token_ids) == choice.text
+
+
+def check_particle_filter(result: StrategyResult, world: World) -> None:
+    check_population(result, world, 1)
+    for step in result.info["steps"]:
+        assert sum(step["weights"]) == pytest.approx(1.0, abs=1e-3)
+        assert 1.0 <= step["effective_particles"] <= len(step["weights"]) + 1e-9
+        # systematic resampling: each particle is drawn floor or ceil of n * weight times
+        n = len(step["kept"])
+        for i, w in enumerate(step["weights"]):
+            assert abs(step["kept"].count(i) - n * w) < 1 + 1e-3
+
+
+def check_beam_search(result: StrategyResult, world: World) -> None:
+    check_population(result, world, SETUPS["beam_search"].params["k"])
+    for step in result.info["steps"]:  # the best distinct partial answers are kept
+        texts = [c["text"] for c in step["candidates"]]
+        kept = step["kept"]
+        assert len({texts[i] for i in kept}) == min(len(kept), len(set(texts)))
+        floor = min(step["scores"][i] for i in kept)
+        assert all(step["scores"][i] <= floor for i in range(len(texts)) if texts[i] not in {texts[j] for j in kept})
+
+
 def check_guided(result: StrategyResult, world: World) -> None:
     assert result.info["guide"] == "helpful" and result.info["mode"] == GUIDES["helpful"]
     (request,) = world.engine.requests
@@ -298,6 +344,12 @@ SETUPS: dict[str, Setup] = {
                        check_blockwise,
                        [({"k": MAX_CANDIDATES + 1, **REWARD}, "k"),
                         ({"reward": {"length_penalty": 1000.0}}, "reward.length_penalty")]),
+    "particle_filter": Setup({"n": 3, "block_tokens": 4, "return_candidates": True, **REWARD}, False,
+                             check_particle_filter,
+                             [({"n": MAX_CANDIDATES + 1, **REWARD}, "n"), ({"reward": "nope"}, "reward.nope")]),
+    "beam_search": Setup({"n": 2, "k": 2, "block_tokens": 4, "return_candidates": True, **REWARD}, False,
+                         check_beam_search,
+                         [({"n": 2, "k": 3, **REWARD}, "k"), ({"reward": "nope"}, "reward.nope")]),
     "guided": Setup({"guide": "helpful"}, True, check_guided,
                     [({"guide": "nope"}, "guide"), ({"guide": "safe", "mode": "genarm"}, "mode")]),
     "self_refine": Setup({"rounds": 2, "return_candidates": True, **REWARD}, True, check_self_refine,

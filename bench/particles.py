@@ -1,0 +1,145 @@
+"""Step-level search (particle filtering, beam search) beside best-of-N at equal samples:
+
+    python -m bench.particles --data ../shared/data --output bench/raw/particles/measure.json
+
+Starts the server as `make serve` does (`--models-dir models`: the shipped reward models; the
+default one steers every arm) unless `--base-url` names one. Arms, each generating four
+sequences at a time: plain; `best_of_n` n=4; `particle_filter` n=4; `beam_search` n=2, k=2
+(blocks of `--block-tokens`). Prompts: AlpacaEval's held-out split (instructions the reward
+models never trained on, each with a reference answer), through `aligner bench quality`,
+judged by `reference` (similarity to the reference answer: it steers nothing).
+
+Then every answer is scored again by the steering reward (`POST /v1/alignment/score`): the
+search's own objective, reported beside the judge, never instead of it. Adds the tokens each
+arm generated per request and the paired differences (judge and reward, particle filter and
+beam search each against best-of-N) with a bootstrap interval over prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import httpx
+
+from bench.auto import paired_bootstrap
+
+ARMS = {
+    "best_of_n(4)": {"strategy": "best_of_n", "n": 4},
+    "particle_filter(4)": {"strategy": "particle_filter", "n": 4},
+    "beam_search(2x2)": {"strategy": "beam_search", "n": 2, "k": 2},
+}
+
+
+def arms(block_tokens: int) -> dict[str, dict]:
+    return {label: ({**a, "block_tokens": block_tokens} if a["strategy"] != "best_of_n" else dict(a))
+            for label, a in ARMS.items()}
+
+
+def rescore(base_url: str, answers: list[dict], reward: str) -> None:
+    """Each answer's `steering_reward`: the reward the arms steer with, of (prompt, answer)."""
+    with httpx.Client(timeout=120) as http:
+        for a in answers:
+            if a.get("error") or a.get("text") is None:
+                a["steering_reward"] = None
+                continue
+            r = http.post(f"{base_url}/alignment/score", json={
+                "messages": [{"role": "user", "content": a["prompt"]}], "responses": [a["text"]], "reward": reward})
+            r.raise_for_status()
+            a["steering_reward"] = r.json()["scores"][0]
+
+
+def compare(answers: list[dict], labels: list[str], base: str) -> dict:
+    """Per arm: mean steering reward and judge, tokens; each search arm minus `base`, paired by prompt."""
+    by = {label: {a["prompt"]: a for a in answers if a["strategy"] == label} for label in labels}
+    out: dict = {"arms": {}, "differences": {}}
+    for label in labels:
+        rows = list(by[label].values())
+        rewards = [a["steering_reward"] for a in rows if a.get("steering_reward") is not None]
+        out["arms"][label] = {
+            "requests": len(rows),
+            "mean_steering_reward": statistics.fmean(rewards) if rewards else None,
+            "mean_judge": statistics.fmean(a["judge"] for a in rows if a.get("judge") is not None),
+            "tokens_per_request": statistics.fmean(a["tokens"] for a in rows if a.get("tokens") is not None),
+            "latency_s_per_request": statistics.fmean(a["latency_s"] for a in rows if a.get("latency_s") is not None),
+        }
+    for label in labels:
+        if label in (base, "plain"):
+            continue
+        common = [p for p in by[label] if p in by[base]]
+        diff = {}
+        for key in ("judge", "steering_reward"):
+            pairs = [(by[label][p][key], by[base][p][key]) for p in common
+                     if by[label][p].get(key) is not None and by[base][p].get(key) is not None]
+            mean, lo, hi = paired_bootstrap([a for a, _ in pairs], [b for _, b in pairs])
+            diff[key] = {"pairs": len(pairs), "mean": mean, "ci95": [lo, hi]}
+        out["differences"][f"{label} - {base}"] = diff
+    return out
+
+
+def run(args: argparse.Namespace, base_url: str) -> int:
+    from bench.cli import add_subcommands
+    from bench.heldout import write_sets
+
+    paths = ({"alpaca_val": args.prompt_file} if args.prompt_file is not None
+             else write_sets(args.data, args.sets_dir, 0, args.seed))
+    quality = ["bench", "quality", "--base-url", base_url, "--prompt-set", f"alpaca_val={paths['alpaca_val']}",
+               "--benign", "alpaca_val", "--limit", str(args.prompts), "--max-tokens", str(args.max_tokens),
+               "--temperature", str(args.temperature), "--seed", str(args.seed), "--concurrency", "1",
+               "--judge", "reference", "--output", str(args.output)]
+    searched = arms(args.block_tokens)
+    for label, alignment in searched.items():
+        quality += ["--strategy", f"{label}={json.dumps(alignment)}"]
+    cli = argparse.ArgumentParser(prog="aligner")
+    add_subcommands(cli.add_subparsers())
+    parsed = cli.parse_args(quality)
+    if code := parsed.func(parsed):
+        return code
+    result = json.loads(args.output.read_text())
+    listing = httpx.get(f"{base_url}/alignment/rewards", timeout=30).json()["data"]
+    reward = next(r["name"] for r in listing if r.get("default"))
+    rescore(base_url, result["answers"], reward)
+    result["steering"] = {"reward": reward, **compare(result["answers"], ["plain", *searched], "best_of_n(4)")}
+    args.output.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result["steering"], indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--sets-dir", type=Path, default=Path("particles-sets"))
+    parser.add_argument("--prompts", type=int, default=0, help="prompts (0: all of the held-out split)")
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--block-tokens", type=int, default=16)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base-url", default=None, help="a running server (default: start one as make serve does)")
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--prompt-file", type=Path, default=None,
+                        help="JSONL rows with `prompt` and `reference` instead of the AlpacaEval split")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from bench.launch import start_server, stop_server
+
+    server = None
+    base_url = args.base_url
+    if base_url is None:
+        server = start_server(args.sets_dir / "logs", "--models-dir", "models")
+        base_url = server.v1
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return run(args, base_url)
+    finally:
+        if server is not None:
+            stop_server(server)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
