@@ -127,11 +127,12 @@ class SamplingFields(OpenAIModel):
             raise ValueError("stop sequences must be non-empty strings")
         return value
 
-    @model_validator(mode="after")
-    def _check_stream_options(self):
-        if self.stream_options is not None and not self.stream:
+    @field_validator("stream_options")
+    @classmethod
+    def _check_stream_options(cls, value, info):
+        if value is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed when stream is true")
-        return self
+        return value
 
     @property
     def stop_list(self) -> tuple[str, ...]:
@@ -279,11 +280,12 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("response_format and a named or required tool_choice each constrain the answer: give one")
         return value
 
-    @model_validator(mode="after")
-    def _check_unsupported(self):
-        if self.top_logprobs and not self.logprobs:
+    @field_validator("top_logprobs")
+    @classmethod
+    def _check_top_logprobs(cls, value, info):
+        if value and not info.data.get("logprobs"):
             raise ValueError("top_logprobs requires logprobs to be true")
-        return self
+        return value
 
     def requested_max_tokens(self) -> int | None:
         # max_completion_tokens is OpenAI's newer name; it wins when both are given.
@@ -442,17 +444,33 @@ class CompletionRequest(SamplingFields):
                 raise ValueError("token ids must be non-negative")
         return value
 
-    @model_validator(mode="after")
-    def _check_unsupported(self):
-        if self.suffix:
+    @field_validator("suffix")
+    @classmethod
+    def _refuse_suffix(cls, value):
+        if value:
             raise ValueError("suffix is not supported by this server")
-        if self.best_of is not None and self.best_of != self.n:
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _refuse_best_of(cls, value, info):
+        if value is not None and value != info.data.get("n"):
             raise ValueError("best_of is not supported; use an alignment strategy instead")
-        if self.echo and self.stream:
+        return value
+
+    @field_validator("echo")
+    @classmethod
+    def _refuse_streamed_echo(cls, value, info):
+        if value and info.data.get("stream"):
             raise ValueError("echo is not supported together with stream")
-        if self.alignment:
+        return value
+
+    @field_validator("alignment")
+    @classmethod
+    def _refuse_alignment(cls, value):
+        if value:
             raise ValueError("alignment strategies need chat messages: use /v1/chat/completions")
-        return self
+        return value
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text, or token ids."""

@@ -111,6 +111,25 @@ def test_invalid_requests_are_400_without_reaching_the_engine(body, param, code)
     assert engine.calls == []
 
 
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/chat/completions", {"messages": MESSAGES, "stream_options": {"include_usage": True}}, "stream_options"),
+        ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),
+        ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
+        ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of"),
+        ("/v1/completions", {"prompt": "x", "echo": True, "stream": True}, "echo"),
+        ("/v1/completions", {"prompt": "x", "alignment": {"strategy": "best_of_n"}}, "alignment"),
+    ],
+)
+def test_a_setting_that_needs_another_names_itself_in_the_400(path, body, param):
+    client, engine = make_client()
+    r = client.post(path, json={"model": "fake-model", "max_tokens": 2, **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert r.json()["error"]["message"].startswith(f"{param}: ")
+    assert engine.calls == []
+
+
 def test_completion_token_ids_outside_the_vocabulary_are_400():
     client, engine = make_client()
     r = client.post("/v1/completions", json={"model": "fake-model", "prompt": [1, 5000]})
