@@ -231,6 +231,9 @@ class Engine(Protocol):
     """What the server needs from an engine. `decoding.vllm_engine.VLLMEngine` implements it."""
 
     model_name: str
+    # Parameters a forward multiplies each token by (`decoding.model_refs.matmul_parameters`),
+    # for answers' compute estimates; None where the checkpoint does not say.
+    matmul_parameters: int | None
 
     @property
     def ready(self) -> bool: ...

@@ -13,6 +13,7 @@ Nothing here downloads: a base that is not on disk is an error naming what to in
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 BASE_REF_FILE = "aligner_base.json"
@@ -142,3 +143,39 @@ def discover(models_dir: str | Path) -> tuple[list[str], list[str]]:
         else:
             raise ValueError(f"{meta_file}: unknown model kind {kind!r}")
     return rewards, guides
+
+
+def matmul_parameters(path: str | Path, *, causal: bool = True) -> int | None:
+    """Parameters a forward multiplies each token by, counted from the checkpoint's safetensors
+    headers (no weights are read): every tensor but the input embeddings (2-D tensors named
+    `embed...`: a lookup, not a product), plus the output projection a causal LM ties to them
+    (`causal`: scoring a sequence with a classifier head uses no output projection). An adapter
+    directory counts its base (a LoRA adapter adds under 1%). None when no safetensors are found.
+
+    A forward costs about 2 x this many FLOPs per token (Kaplan et al. 2020), before attention's
+    context term (2 x layers x context x width per token, which this count leaves out)."""
+    path = Path(path)
+    base = base_of(path) if path.is_dir() else None
+    if base is not None:
+        return matmul_parameters(base, causal=causal)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not files:
+        return None
+    total = lookups = words = 0
+    output_projection = False
+    for file in files:
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            count = math.prod(info["shape"])
+            total += count
+            if name.startswith("lm_head") or ".lm_head" in name:
+                output_projection = True
+            elif "embed" in name.lower() and len(info["shape"]) == 2:
+                lookups += count
+                if "position" not in name and "token_type" not in name:
+                    words = max(words, count)
+    # Tied: no output projection of its own, the word embeddings serve as one.
+    return total - lookups + (words if causal and not output_projection else 0)

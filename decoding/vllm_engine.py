@@ -48,6 +48,7 @@ class VLLMEngine:
         self.numerics: dict | None = None  # the configuration built and its self-check, for /ready
         self._reference = None  # the self-check's float32 reference, computed once
         self._checked = False  # the built engine passed its self-check (or it is off): it may serve
+        self.matmul_parameters = _matmul_parameters(config.model)
 
     @property
     def ready(self) -> bool:
@@ -277,3 +278,15 @@ class VLLMEngine:
 
 _END = object()
 _GRAMMAR_WORDS = re.compile(r"grammar|schema|regex|structured|choice", re.IGNORECASE)
+
+
+def _matmul_parameters(model: str) -> int | None:
+    """The policy's parameter count for compute estimates; None (and a log line) where its
+    checkpoint cannot be read (a hub name, an unreadable header)."""
+    from decoding.model_refs import matmul_parameters
+
+    try:
+        return matmul_parameters(model)
+    except (OSError, ValueError, KeyError):
+        logger.info("no parameter count for %s: answers report no FLOPs for it", model, exc_info=True)
+        return None

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 from aligner.alignment import AlignmentError
+from aligner.compute import compute_report
 from aligner.plan import RequestPlan
 from aligner.profiles import ProfileStore
 from aligner.rewards import RewardRegistry
@@ -189,6 +190,7 @@ class ServingChat(ServingBase):
 
     def _record(self, plan: RequestPlan, result: StrategyResult, started: float) -> None:
         strategy, budget = plan.strategy_name, plan.budget
+        result.info["compute"] = compute_report(result, self.engine, self.helpers, plan.ctx.rewards)
         if budget.limited:
             result.info["budget"] = budget.public()
             if budget.ran_out:

@@ -153,7 +153,8 @@ class FakeEngine:
 
     model_name = "fake-model"
 
-    def __init__(self, max_model_len: int = 64, ready: bool = True, lm=None):
+    def __init__(self, max_model_len: int = 64, ready: bool = True, lm=None, matmul_parameters: int | None = None):
+        self.matmul_parameters = matmul_parameters
         self._ready = ready
         self._max_model_len = max_model_len
         self.tokenizer = WordTokenizer()

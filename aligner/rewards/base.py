@@ -26,10 +26,17 @@ class Reward(ABC):
     served: bool = False
     checkpoint: Path | None = None  # a model's checkpoint folder (what `version` fingerprints)
     threshold: float | None = None  # a classifier's decision threshold, recorded with its model
+    # Parameters a forward multiplies each token by (`decoding.model_refs.matmul_parameters`):
+    # about 2x this many FLOPs per scored token. None for rules, or where it is not known.
+    matmul_parameters: int | None = None
 
     @abstractmethod
     def score(self, prompts: Sequence[Messages], responses: Sequence[str]) -> list[float]:
         """Raw scores, one per pair, already normalised where the reward knows its statistics."""
+
+    def score_counted(self, prompts: Sequence[Messages], responses: Sequence[str]) -> tuple[list[float], int]:
+        """`score`, and the tokens its forwards read (0 for a reward without a model)."""
+        return self.score(prompts, responses), 0
 
     def describe(self) -> dict:
         described = {"name": self.name, "kind": self.kind, "description": self.description}

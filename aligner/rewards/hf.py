@@ -66,6 +66,7 @@ class SequenceClassifierReward(Reward):
             self.mean, self.std = float(data["mean"]), float(data["std"]) or 1.0
         self.description = f"sequence reward model at {self.path}"
         self._lock = threading.Lock()  # one forward at a time per model
+        self.matmul_parameters = loaded_matmul_parameters(self.model)
 
     def describe(self) -> dict:
         # The checkpoint's folder name, not its path: the listing is public, the layout is not.
@@ -85,6 +86,9 @@ class SequenceClassifierReward(Reward):
         return prompt_ids + response_ids
 
     def score(self, prompts: Sequence[Messages], responses: Sequence[str]) -> list[float]:
+        return self.score_counted(prompts, responses)[0]
+
+    def score_counted(self, prompts: Sequence[Messages], responses: Sequence[str]) -> tuple[list[float], int]:
         import torch
 
         encoded = [self.encode(m, r) for m, r in zip(prompts, responses)]
@@ -104,11 +108,18 @@ class SequenceClassifierReward(Reward):
                 logits = self._forward(ids.to(self.device), mask.to(self.device)).cpu()
                 for row, i in enumerate(batch):
                     scores[i] = (float(logits[row]) - self.mean) / self.std
-        return scores
+        return scores, sum(len(e) for e in encoded)
 
     def _forward(self, ids, mask):
         """(batch, seq) ids and mask -> (batch,) scores, as training and `eval-rm` compute them."""
         return classifier_scores(self.model, ids, mask)
+
+
+def loaded_matmul_parameters(model) -> int:
+    """Parameters of the loaded model a forward multiplies each token by: all but the 2-D
+    embedding tables (lookups), as `decoding.model_refs.matmul_parameters` counts a checkpoint."""
+    return sum(p.numel() for name, p in model.named_parameters()
+               if not ("embed" in name.lower() and p.dim() == 2))
 
 
 def classifier_scores(model, ids, mask):

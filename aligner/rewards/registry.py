@@ -59,6 +59,10 @@ class RewardRegistry:
     max_pending_per_reward: int = 32
     # Called after each reward call with (name, seconds, ok); the server feeds metrics from it.
     observer: Callable[[str, float, bool], None] | None = None
+    # What this registry's scoring used: {name: {"sequences": n, "tokens": n}}. A request's
+    # `snapshot` starts its own, so it counts every forward the request caused (strategy,
+    # router, output rail) for its compute report.
+    usage: dict[str, dict[str, int]] = field(default_factory=dict, init=False, repr=False)
     _executors: dict[str, ThreadPoolExecutor] = field(default_factory=dict, init=False, repr=False)
     _pending: dict[str, int] = field(default_factory=dict, init=False, repr=False)
     # Pending counts drop on worker threads (a done callback), so they are guarded by a lock.
@@ -118,6 +122,7 @@ class RewardRegistry:
         view shares the worker threads, queue bounds and observer."""
         view = copy.copy(self)
         view.rewards = dict(self.rewards)
+        view.usage = {}
         return view
 
     def swap(self, rewards: dict[str, Reward], default: str | None) -> None:
@@ -188,12 +193,13 @@ class RewardRegistry:
         began = time.perf_counter()
         try:
             if reward.kind == "rule":
-                scores = reward.score(prompts, responses)
+                scores, tokens = reward.score_counted(prompts, responses)
             elif reward.served:
-                scores = await asyncio.wait_for(self._score_served(name, reward, prompts, responses), self.timeout_s)
+                scores, tokens = await asyncio.wait_for(self._score_served(name, reward, prompts, responses),
+                                                        self.timeout_s)
             else:
                 call = asyncio.wrap_future(self._submit(name, reward, prompts, responses))
-                scores = await asyncio.wait_for(call, self.timeout_s)
+                scores, tokens = await asyncio.wait_for(call, self.timeout_s)
             if len(scores) != len(responses) or not all(math.isfinite(x) for x in scores):
                 raise RewardError(name, "returned a wrong number of scores or a non-finite score")
         except RewardError:
@@ -209,6 +215,9 @@ class RewardRegistry:
             logger.warning("reward %r failed while scoring", name, exc_info=True)
             raise RewardError(name, f"{type(exc).__name__} while scoring") from exc
         self._observe(name, began, True)
+        used = self.usage.setdefault(name, {"sequences": 0, "tokens": 0})
+        used["sequences"] += len(responses)
+        used["tokens"] += tokens
         return [float(x) for x in scores]
 
     async def _score_served(self, name: str, reward, prompts: Sequence[Messages], responses: Sequence[str]):
@@ -217,7 +226,7 @@ class RewardRegistry:
         with self._lock:
             self._pending[name] = self._pending_if_room(name) + 1
         try:
-            return await reward.score_async(prompts, responses)
+            return await reward.score_async_counted(prompts, responses)
         finally:
             self._release(name)
 
@@ -243,7 +252,7 @@ class RewardRegistry:
             if executor is None:
                 # One worker per model: its forwards run one at a time, never on the event loop.
                 executor = self._executors[name] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"reward-{name}")
-            future = executor.submit(reward.score, prompts, responses)
+            future = executor.submit(reward.score_counted, prompts, responses)
             self._pending[name] = pending + 1
         future.add_done_callback(lambda _: self._release(name))
         return future

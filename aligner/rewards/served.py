@@ -25,6 +25,7 @@ from pathlib import Path
 
 from aligner.rewards.base import Messages, Reward, checkpoint_version
 from aligner.rewards.encoding import PairEncoder
+from decoding.model_refs import matmul_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,11 @@ class ServedReward(Reward):
             stats = json.loads((path / STATS_FILE).read_text())
             self.mean, self.std = float(stats["mean"]), float(stats["std"]) or 1.0
         self.checkpoint, self.encoder, self.version = path, encoder, version
+        try:
+            self.matmul_parameters = matmul_parameters(path, causal=False)
+        except (OSError, ValueError):  # a checkpoint without readable safetensors: FLOPs not estimated
+            logger.info("reward %s: no parameter count from %s", self.name, path.name, exc_info=True)
+            self.matmul_parameters = None
         self.description = f"sequence reward model {path.name}, scored by {self.backend.describe()}"
 
     async def start(self) -> None:
@@ -112,12 +118,16 @@ class ServedReward(Reward):
         return encoded
 
     async def score_async(self, prompts: Sequence[Messages], responses: Sequence[str]) -> list[float]:
+        return (await self.score_async_counted(prompts, responses))[0]
+
+    async def score_async_counted(self, prompts: Sequence[Messages], responses: Sequence[str]) -> tuple[list[float], int]:
+        """The scores, and the tokens the pooling model read for them."""
         if self.encoder is None:
             raise RewardNotReady("the remote server's model is not known yet")
         # Tokenising candidates is CPU work: off the event loop.
         encoded = await asyncio.to_thread(self.encode_all, prompts, responses)
         raw = await self.backend.classify(encoded)
-        return [(x - self.mean) / self.std for x in raw]
+        return [(x - self.mean) / self.std for x in raw], sum(len(e) for e in encoded)
 
     def score(self, prompts: Sequence[Messages], responses: Sequence[str]) -> list[float]:
         raise TypeError(f"reward {self.name!r} is served by vLLM: score it through RewardRegistry.score")

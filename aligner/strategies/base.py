@@ -144,15 +144,17 @@ class StageReport:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens the engine's prefix cache served
+    model: str | None = None  # the helper model that decoded it (None: the policy, or no model)
 
     def public(self) -> dict[str, Any]:
-        return {
+        public = {
             "stage": self.stage,
             "seconds": round(self.seconds, 4),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "cached_tokens": self.cached_tokens,
         }
+        return public if self.model is None else {**public, "model": self.model}
 
 
 @dataclass

@@ -74,7 +74,7 @@ async def chat_once(
                                    len(prompt_ids))
     # A grammar may own the surrounding whitespace; free text loses it.
     texts = [s.text if sampling.structured else s.text.strip() for s in generation.sequences]
-    return texts, stage_report(stage, timer.seconds, generation)
+    return texts, stage_report(stage, timer.seconds, generation, None if model == POLICY else model)
 
 
 def last_user_message(messages: list[dict[str, str]]) -> int:

@@ -156,9 +156,10 @@ def candidates_of(generation, with_logprobs: bool) -> list[Candidate]:
     ]
 
 
-def stage_report(stage: str, seconds: float, generation) -> StageReport:
+def stage_report(stage: str, seconds: float, generation, model: str | None = None) -> StageReport:
+    """An engine request's report; `model`: the helper that decoded it (None: the policy)."""
     return StageReport(stage, seconds, generation.prompt_tokens, generation.completion_tokens,
-                       generation.cached_tokens)
+                       generation.cached_tokens, model)
 
 
 async def score_candidates(

@@ -115,6 +115,10 @@ def test_best_of_n_picks_the_same_candidate_through_every_backend(served):
         assert reply["alignment"]["selected"] == replies["hf"]["alignment"]["selected"], name
         got = [c["score"] for c in reply["alignment"]["candidates"]]
         assert got == pytest.approx([c["score"] for c in replies["hf"]["alignment"]["candidates"]], abs=2e-3)
+    # Every backend reads the same tokens for the four candidates: the compute reports agree.
+    used = {name: r["alignment"]["compute"]["rewards"][name] for name, r in replies.items()}
+    assert used["hf"]["sequences"] == 4 and used["hf"]["tokens"] > 4 * 10 and used["hf"]["parameters"] > 0
+    assert used["hf"] == used["inproc"] == used["remote"], used
 
 
 def test_a_killed_remote_reward_server_means_fallback_then_recovery(served, pooling):

@@ -58,6 +58,20 @@ def test_best_of_n_returns_the_candidate_the_reward_model_prefers(client, tiny_r
     stages = {s["stage"]: s for s in report["stages"]}
     assert stages["generate"]["completion_tokens"] == reply.usage.completion_tokens
     assert stages["score"]["seconds"] >= 0
+    # What it cost: the reward read each (prompt, candidate) once; the policy prefilled the
+    # prompt and decoded every candidate; FLOPs are 2 x parameters x tokens for each.
+    model, tokenizer = tiny_rm
+    read = sum(len(tokenizer.apply_chat_template(MESSAGES + [{"role": "assistant", "content": c["text"]}],
+                                                 tokenize=True, return_dict=True)["input_ids"]) for c in candidates)
+    parameters = sum(p.numel() for n, p in model.named_parameters() if not ("embed" in n and p.dim() == 2))
+    compute = report["compute"]
+    assert compute["rewards"]["tiny"] == {"sequences": 6, "tokens": read, "parameters": parameters,
+                                          "flops": 2 * parameters * read}
+    policy = compute["models"]["policy"]
+    assert policy["decoded_tokens"] == reply.usage.completion_tokens
+    assert policy["prefill_tokens"] + policy["cached_tokens"] == reply.usage.prompt_tokens
+    assert policy["parameters"] == 134_515_008  # SmolLM2-135M: every weight, the embeddings once (tied)
+    assert compute["flops"] == policy["flops"] + compute["rewards"]["tiny"]["flops"] and compute["unmeasured"] == []
 
 
 def test_auto_escalates_by_its_rule_on_the_reward_models_scores(client, tiny_rm):
