@@ -5,7 +5,7 @@
 Starts its own server (default model, a MiniLM reward model with a random head, rule
 rewards, the policy itself as a GenARM guide), then keeps `--concurrency` clients busy with a
 mix of every registered strategy (plain, best-of-N plain and adaptive, `auto`, soft best-of-N,
-blockwise, speculative rejection, guided, URIAL, rewrite, self-refine, correct, pipelines),
+blockwise, particle filtering, beam search, speculative rejection, guided, URIAL, rewrite, self-refine, correct, pipelines),
 streamed and not; a share of the requests (`--deadline-share`) sets `alignment.deadline_s`.
 Every window it records request count, 5xx, errors inside streams, other errors, p50/p99
 latency, deadline-bounded requests answered late (after deadline + 1 s), and the resident
@@ -41,8 +41,10 @@ MIX = [
     ({"strategy": "best_of_n", "n": 8, "batch": 2, "stop_margin": 0.05, "reward": "rm"}, 0.05),
     ({"strategy": "soft_best_of_n", "n": 4, "reward": {"rm": 1.0, "length_penalty": 0.5}, "lambda": 0.5}, 0.05),
     ({"strategy": "best_of_n", "n": 2, "reward": "compliance"}, 0.05),
-    ({"strategy": "blockwise", "k": 3, "block_tokens": 16, "reward": "rm"}, 0.08),
-    ({"strategy": "speculative_rejection", "n": 4, "chunk_tokens": 16, "reward": "rm"}, 0.08),
+    ({"strategy": "blockwise", "k": 3, "block_tokens": 16, "reward": "rm"}, 0.04),
+    ({"strategy": "particle_filter", "n": 4, "block_tokens": 16, "reward": "rm"}, 0.04),
+    ({"strategy": "beam_search", "n": 2, "k": 2, "block_tokens": 16, "reward": "rm"}, 0.02),
+    ({"strategy": "speculative_rejection", "n": 4, "chunk_tokens": 16, "reward": "rm"}, 0.06),
     ({"strategy": "guided", "guide": "arm", "alpha": 0.5}, 0.08),
     ({"strategy": "urial"}, 0.05),
     ({"strategy": "rewrite"}, 0.05),
