@@ -112,7 +112,11 @@ class BestOfNStrategy(Strategy):
                 ctx.budget.skip(f"{params.n - len(candidates)} of {params.n} candidates")
                 break
             except RewardError as exc:
-                return fallback_result(ctx, params, candidates + more, stages, exc)
+                result = fallback_result(ctx, params, candidates + more, stages, exc)
+                # What the rounds before the failure saw stays in the report.
+                result.info.update({"candidates_used": len(candidates) + len(more), "waves": wave + 1,
+                                    **self._trail_info(trail)})
+                return result
             candidates += more
             wave += 1
         info = {"candidates_used": len(candidates), "waves": wave, "stopped": stopped, **self._trail_info(trail)}

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from aligner.budget import Budget, BudgetParams
+from aligner.rewards import Reward
 from aligner.strategies import get_strategy
 from aligner.strategies.auto import expected_gain, expected_max
 from aligner.strategies.mbr import consensus
@@ -124,3 +125,29 @@ def test_admission_weighs_its_largest_round():
     assert strategy.sequences(strategy.Params.model_validate({"n": 8}), world.ctx) == 4  # rounds 2, 2, 4
     assert strategy.sequences(strategy.Params.model_validate({"n": 8, "start": 8}), world.ctx) == 8
     assert strategy.sequences(strategy.Params.model_validate({"n": 8}), World(n=4).ctx) == 4  # rounds 4, 4
+
+
+class FailsSecondTime(Reward):
+    """A model reward that scores the first round and fails on the next."""
+
+    name, kind, description = "flaky", "model", "fails on its second call"
+
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, prompts, responses):
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError("the scorer crashed")
+        return [float(len(r)) for r in responses]
+
+
+def test_a_reward_that_fails_in_a_later_round_keeps_the_earlier_rounds_in_the_report():
+    world = World(max_tokens=12)
+    world.rewards.add(FailsSecondTime())
+    result = run_auto(world, n=4, start=2, reward="flaky", min_gain=0, agree=100)
+    assert result.info["fallback"]["reward"] == "flaky"
+    (decision,) = result.info["auto"]  # the first round's decision, made on its scores
+    assert decision["candidates"] == 2 and decision["escalated"] is True
+    assert result.info["candidates_used"] == 4 and result.info["waves"] == 2
+    assert len(result.choices) == 1 and [r.sampling.n for r in world.engine.requests] == [2, 2]
