@@ -52,6 +52,25 @@ def rescore(base_url: str, answers: list[dict], reward: str) -> None:
             a["steering_reward"] = r.json()["scores"][0]
 
 
+def cost(rows: list[dict]) -> dict:
+    """Mean FLOPs per request (policy and rewards, from `alignment.compute`, where the server
+    reported it) and, for the step-level searches, the share of the answer's tokens streamed
+    before the search ended."""
+    out = {}
+    reports = [a.get("report") or {} for a in rows]
+    computes = [r["compute"] for r in reports if "compute" in r]
+    if computes and len(computes) == len(rows):
+        out["policy_gflops_per_request"] = statistics.fmean(
+            sum(m["flops"] or 0 for m in c["models"].values()) for c in computes) / 1e9
+        out["reward_gflops_per_request"] = statistics.fmean(
+            sum(r["flops"] or 0 for r in c["rewards"].values()) for c in computes) / 1e9
+    early = [(r["streamed_early_tokens"], r["particles"][r["selected"]]["completion_tokens"])
+             for r in reports if "streamed_early_tokens" in r and r.get("selected") is not None]
+    if early:
+        out["streamed_early_share"] = sum(e for e, _ in early) / max(1, sum(t for _, t in early))
+    return out
+
+
 def compare(answers: list[dict], labels: list[str], base: str) -> dict:
     """Per arm: mean steering reward and judge, tokens; each search arm minus `base`, paired by prompt."""
     by = {label: {a["prompt"]: a for a in answers if a["strategy"] == label} for label in labels}
@@ -65,6 +84,7 @@ def compare(answers: list[dict], labels: list[str], base: str) -> dict:
             "mean_judge": statistics.fmean(a["judge"] for a in rows if a.get("judge") is not None),
             "tokens_per_request": statistics.fmean(a["tokens"] for a in rows if a.get("tokens") is not None),
             "latency_s_per_request": statistics.fmean(a["latency_s"] for a in rows if a.get("latency_s") is not None),
+            **cost(rows),
         }
     for label in labels:
         if label in (base, "plain"):
@@ -121,11 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--prompt-file", type=Path, default=None,
                         help="JSONL rows with `prompt` and `reference` instead of the AlpacaEval split")
+    parser.add_argument("--summarize", action="store_true",
+                        help="recompute the comparison from --output's answers (already rescored); no server")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.summarize:
+        result = json.loads(args.output.read_text())
+        labels = list(dict.fromkeys(a["strategy"] for a in result["answers"]))
+        result["steering"] = {"reward": result["steering"]["reward"], **compare(result["answers"], labels, "best_of_n(4)")}
+        args.output.write_text(json.dumps(result, indent=2))
+        print(json.dumps(result["steering"], indent=2))
+        return 0
     from bench.launch import start_server, stop_server
 
     server = None

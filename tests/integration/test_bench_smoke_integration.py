@@ -35,3 +35,28 @@ def test_throughput_bench_reports_each_level(server):
     proc = bench("bench.throughput", "--base-url", server.v1, "--concurrency", "1,2", "--max-tokens", "4")
     levels = [line.split()[0] for line in proc.stdout.splitlines()[1:] if line.strip()]
     assert levels == ["1", "2"]
+
+
+def test_particles_bench_compares_the_searches_with_best_of_n_by_judge_reward_and_cost(server, tmp_path):
+    """`python -m bench.particles` on two prompts: every arm answered and judged, every answer
+    scored again by the steering reward (the server's default), and the compute each arm spent
+    read from its answers' `alignment.compute`."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "reference": r}) + "\n" for p, r in [
+        ("Name three fruits.", "Apples, bananas and cherries."),
+        ("What is the capital of France?", "The capital of France is Paris."),
+    ]))
+    out = tmp_path / "particles.json"
+    bench("bench.particles", "--base-url", server.v1, "--prompt-file", str(prompts), "--max-tokens", "12",
+          "--block-tokens", "4", "--output", str(out))
+    run = json.loads(out.read_text())
+    assert {a["strategy"] for a in run["answers"]} == {"plain", "best_of_n(4)", "particle_filter(4)",
+                                                       "beam_search(2x2)"} and len(run["answers"]) == 8
+    assert all(a["judge"] is not None and a["steering_reward"] is not None for a in run["answers"])
+    arms = run["steering"]["arms"]
+    for label in ("best_of_n(4)", "particle_filter(4)", "beam_search(2x2)"):
+        assert arms[label]["reward_gflops_per_request"] > 0 and arms[label]["policy_gflops_per_request"] > 0
+    assert arms["plain"]["reward_gflops_per_request"] == 0
+    assert 0 <= arms["particle_filter(4)"]["streamed_early_share"] <= 1
+    assert set(run["steering"]["differences"]) == {"particle_filter(4) - best_of_n(4)",
+                                                   "beam_search(2x2) - best_of_n(4)"}

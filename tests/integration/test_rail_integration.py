@@ -80,6 +80,9 @@ def test_a_benign_stream_is_untouched_byte_for_byte(server, rail):
     # Checked once the first `first_words` (default 16) words are in, and at the end.
     first = rail.get("first_words", 16)
     assert report["rail"]["stopped"] == [] and report["rail"]["checks"] >= (2 if len(plain.split()) > first else 1)
+    # Every window the rail read is in the answer's compute report, under the rail's model.
+    read = report["compute"]["rewards"][rail["model"]]
+    assert read["sequences"] == report["rail"]["checks"] and read["tokens"] > 0 and read["flops"] > 0
 
 
 def answer(server, content: str, alignment: dict) -> dict:

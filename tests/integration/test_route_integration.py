@@ -70,6 +70,11 @@ def test_the_harmless_profile_declines_a_flagged_request_and_stops(server):
     assert reply["usage"]["completion_tokens"] == sum(c["completion_tokens"] for c in report["candidates"]) <= 2 * 48
     # The output rail checked the answer too, and let the refusal through.
     assert report["rail"]["model"] == latest_harmless(server)["rail"]["model"] and report["rail"]["stopped"] == []
+    # The answer's cost counts the classifier's one read of the request and the rail's reads.
+    read = report["compute"]["rewards"]
+    assert read[route["classifier"]]["sequences"] == 1 and read[route["classifier"]]["tokens"] > 0
+    assert read[report["rail"]["model"]]["sequences"] == report["rail"]["checks"]
+    assert report["compute"]["models"]["policy"]["decoded_tokens"] == reply["usage"]["completion_tokens"]
 
 
 def test_an_unflagged_request_is_answered_as_plain_decoding_would(server):
