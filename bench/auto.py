@@ -154,13 +154,15 @@ def spent(run: dict, auto: str, best: str) -> dict:
     return result
 
 
-def run_measure(args: argparse.Namespace, base_url: str) -> int:
+def quality_of_arms(args: argparse.Namespace, base_url: str, arms: dict[str, dict]) -> int:
+    """`aligner bench quality` of `arms` beside plain on AlpacaEval's held-out split (or
+    `--prompt-file`), judged by `reference`, one request at a time, written to `args.output`;
+    its exit code. `bench.particles` measures with it too."""
     from bench.cli import add_subcommands
     from bench.heldout import write_sets
 
     paths = ({"alpaca_val": args.prompt_file} if args.prompt_file is not None
              else write_sets(args.data, args.sets_dir, 0, args.seed))
-    arms = {"best_of_n(8)": {"strategy": "best_of_n", "n": 8}, "auto(8)": {"strategy": "auto", "n": 8}}
     quality = ["bench", "quality", "--base-url", base_url, "--prompt-set", f"alpaca_val={paths['alpaca_val']}",
                "--benign", "alpaca_val", "--limit", str(args.prompts), "--max-tokens", str(args.max_tokens),
                "--temperature", str(args.temperature), "--seed", str(args.seed), "--concurrency", "1",
@@ -170,7 +172,12 @@ def run_measure(args: argparse.Namespace, base_url: str) -> int:
     cli = argparse.ArgumentParser(prog="aligner")
     add_subcommands(cli.add_subparsers())
     parsed = cli.parse_args(quality)
-    if code := parsed.func(parsed):
+    return parsed.func(parsed)
+
+
+def run_measure(args: argparse.Namespace, base_url: str) -> int:
+    arms = {"best_of_n(8)": {"strategy": "best_of_n", "n": 8}, "auto(8)": {"strategy": "auto", "n": 8}}
+    if code := quality_of_arms(args, base_url, arms):
         return code
     run = json.loads(args.output.read_text())
     run["auto"] = spent(run, "auto(8)", "best_of_n(8)")
@@ -238,15 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.prompts is None:
         args.prompts = 24 if args.mode == "pilot" else 0
-    from bench.launch import start_server, stop_server
+    from bench.launch import shipped_server
 
-    server = None
-    base_url = args.base_url
-    if base_url is None:
-        server = start_server(args.sets_dir / "logs", "--models-dir", "models")
-        base_url = server.v1
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with shipped_server(args.base_url, args.sets_dir / "logs") as base_url:
         if args.mode == "measure":
             return run_measure(args, base_url)
         if args.mode == "load":
@@ -262,9 +264,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"reward {row['reward']:.3f}")
         print("chosen:", result["chosen"])
         return 0
-    finally:
-        if server is not None:
-            stop_server(server)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,3 +142,17 @@ class PoolingServer:
             child.kill()
         self.process.kill()
         self.process.wait()
+
+
+@contextlib.contextmanager
+def shipped_server(base_url: str | None, log_dir: Path) -> Iterator[str]:
+    """`base_url` (a running server's `/v1`), or, for the block, a server started as `make serve`
+    starts it (`--models-dir models`: the shipped reward models), logging under `log_dir`."""
+    if base_url is not None:
+        yield base_url
+        return
+    server = start_server(log_dir, "--models-dir", "models")
+    try:
+        yield server.v1
+    finally:
+        stop_server(server)

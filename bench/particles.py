@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.auto import paired_bootstrap
+from bench.auto import paired_bootstrap, quality_of_arms
 
 ARMS = {
     "best_of_n(4)": {"strategy": "best_of_n", "n": 4},
@@ -101,22 +101,8 @@ def compare(answers: list[dict], labels: list[str], base: str) -> dict:
 
 
 def run(args: argparse.Namespace, base_url: str) -> int:
-    from bench.cli import add_subcommands
-    from bench.heldout import write_sets
-
-    paths = ({"alpaca_val": args.prompt_file} if args.prompt_file is not None
-             else write_sets(args.data, args.sets_dir, 0, args.seed))
-    quality = ["bench", "quality", "--base-url", base_url, "--prompt-set", f"alpaca_val={paths['alpaca_val']}",
-               "--benign", "alpaca_val", "--limit", str(args.prompts), "--max-tokens", str(args.max_tokens),
-               "--temperature", str(args.temperature), "--seed", str(args.seed), "--concurrency", "1",
-               "--judge", "reference", "--output", str(args.output)]
     searched = arms(args.block_tokens)
-    for label, alignment in searched.items():
-        quality += ["--strategy", f"{label}={json.dumps(alignment)}"]
-    cli = argparse.ArgumentParser(prog="aligner")
-    add_subcommands(cli.add_subparsers())
-    parsed = cli.parse_args(quality)
-    if code := parsed.func(parsed):
+    if code := quality_of_arms(args, base_url, searched):
         return code
     result = json.loads(args.output.read_text())
     listing = httpx.get(f"{base_url}/alignment/rewards", timeout=30).json()["data"]
@@ -155,20 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         args.output.write_text(json.dumps(result, indent=2))
         print(json.dumps(result["steering"], indent=2))
         return 0
-    from bench.launch import start_server, stop_server
+    from bench.launch import shipped_server
 
-    server = None
-    base_url = args.base_url
-    if base_url is None:
-        server = start_server(args.sets_dir / "logs", "--models-dir", "models")
-        base_url = server.v1
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with shipped_server(args.base_url, args.sets_dir / "logs") as base_url:
         return run(args, base_url)
-    finally:
-        if server is not None:
-            stop_server(server)
-
 
 if __name__ == "__main__":
     sys.exit(main())
