@@ -67,13 +67,24 @@ class RailParams(BaseModel):
     model: str = Field(description="a registered classifier of (request, answer) pairs, e.g. harmful-response")
     threshold: float | None = Field(default=None, description="stop at or above this score (default: the model's)")
     every_words: int = Field(default=16, ge=4, le=256, description="check after this many new words of the answer")
-    window_words: int = Field(default=48, ge=8, le=256, description="the answer's last words each check reads")
+    window_words: int = Field(default=48, ge=8, le=256, validate_default=True,
+                              description="the answer's last words each check reads (at least every_words, so "
+                                          "every word of the answer is read by some check)")
     first_words: int | None = Field(default=None, ge=4, le=256,
                                     description="streamed: words held back before the first check and send "
                                                 "(default: every_words; at most window_words, so the first "
                                                 "check reads all of them)")
     refusal: str = Field(default=REFUSAL, min_length=1, max_length=300,
                          description="what replaces a stopped answer (streamed: what follows the words already sent)")
+
+    @field_validator("window_words")
+    @classmethod
+    def _window_covers_the_gap(cls, value: int, info: ValidationInfo) -> int:
+        every_words = info.data.get("every_words")
+        if every_words is not None and value < every_words:
+            raise ValueError(f"window_words ({value}) must be at least every_words ({every_words}): the words between "
+                             "two checks would go unread")
+        return value
 
     @field_validator("first_words")
     @classmethod

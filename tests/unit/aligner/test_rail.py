@@ -118,6 +118,8 @@ async def test_a_failing_rail_model_lets_the_answer_through_and_says_so():
     ({"model": "refusal"}, "alignment.rail.threshold"),  # a rule records no threshold
     ({"model": "word-rail", "every_words": 1}, "alignment.rail.every_words"),
     ({"model": "word-rail", "first_words": 64}, "alignment.rail.first_words"),  # past window_words (48)
+    ({"model": "word-rail", "every_words": 64}, "alignment.rail.window_words"),  # words 49-64 unread
+    ({"model": "word-rail", "every_words": 32, "window_words": 24}, "alignment.rail.window_words"),
     ({"model": "word-rail", "surprise": 1}, "alignment.rail.surprise"),
     ("word-rail", "alignment.rail"),
 ])
