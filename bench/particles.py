@@ -100,15 +100,28 @@ def compare(answers: list[dict], labels: list[str], base: str) -> dict:
     return out
 
 
+def chosen_arms(args: argparse.Namespace) -> dict[str, dict]:
+    """The arms `--arm LABEL=JSON` names (replacing the default four), else the default."""
+    if not args.arm:
+        return arms(args.block_tokens)
+    chosen = {}
+    for spec in args.arm:
+        label, sep, alignment = spec.partition("=")
+        if not sep:
+            raise SystemExit(f"--arm takes LABEL=JSON, got {spec!r}")
+        chosen[label] = json.loads(alignment)
+    return chosen
+
+
 def run(args: argparse.Namespace, base_url: str) -> int:
-    searched = arms(args.block_tokens)
+    searched = chosen_arms(args)
     if code := quality_of_arms(args, base_url, searched):
         return code
     result = json.loads(args.output.read_text())
     listing = httpx.get(f"{base_url}/alignment/rewards", timeout=30).json()["data"]
     reward = next(r["name"] for r in listing if r.get("default"))
     rescore(base_url, result["answers"], reward)
-    result["steering"] = {"reward": reward, **compare(result["answers"], ["plain", *searched], "best_of_n(4)")}
+    result["steering"] = {"reward": reward, **compare(result["answers"], ["plain", *searched], args.base_arm)}
     args.output.write_text(json.dumps(result, indent=2))
     print(json.dumps(result["steering"], indent=2))
     return 0
@@ -127,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--prompt-file", type=Path, default=None,
                         help="JSONL rows with `prompt` and `reference` instead of the AlpacaEval split")
+    parser.add_argument("--arm", action="append", default=[],
+                        help="LABEL=JSON alignment, repeatable: these arms (beside plain) instead of the default four")
+    parser.add_argument("--base-arm", default="best_of_n(4)", help="the arm the others are paired against")
     parser.add_argument("--summarize", action="store_true",
                         help="recompute the comparison from --output's answers (already rescored); no server")
     return parser
@@ -137,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarize:
         result = json.loads(args.output.read_text())
         labels = list(dict.fromkeys(a["strategy"] for a in result["answers"]))
-        result["steering"] = {"reward": result["steering"]["reward"], **compare(result["answers"], labels, "best_of_n(4)")}
+        result["steering"] = {"reward": result["steering"]["reward"], **compare(result["answers"], labels, args.base_arm)}
         args.output.write_text(json.dumps(result, indent=2))
         print(json.dumps(result["steering"], indent=2))
         return 0
