@@ -1,7 +1,7 @@
 """Bench commands that talk to a server, each run once at toy size against the session's
-server, so that a refactor that breaks one fails here instead of at the next measurement
-(issue 41's smoke modes). `bench.auto` and `aligner bench quality` have their own tests in
-`test_quality_integration.py`."""
+server (or, for `bench.guided`, its own server with guides), so that a refactor that breaks
+one fails here instead of at the next measurement (issue 41's smoke modes). `bench.auto` and
+`aligner bench quality` have their own tests in `test_quality_integration.py`."""
 
 from __future__ import annotations
 
@@ -60,3 +60,15 @@ def test_particles_bench_compares_the_searches_with_best_of_n_by_judge_reward_an
     assert 0 <= arms["particle_filter(4)"]["streamed_early_share"] <= 1
     assert set(run["steering"]["differences"]) == {"particle_filter(4) - best_of_n(4)",
                                                    "beam_search(2x2) - best_of_n(4)"}
+
+
+def test_guided_bench_times_every_arm_and_the_hugging_face_loop(tmp_path):
+    """`python -m bench.guided` at toy size: it starts its own server with a GenARM and an ARGS
+    guide, and times plain, both guided arms and the per-request Hugging Face ARGS loop."""
+    out = tmp_path / "guided.json"
+    proc = bench("bench.guided", "--concurrency", "1", "--max-tokens", "4", "--hf-max-tokens", "2",
+                 "--json", str(out))
+    results = json.loads(out.read_text())
+    assert set(results) == {"plain", "genarm", "args k=10", "HF per-request ARGS loop"}
+    assert all(row["1"] > 0 for row in results.values()), results
+    assert "vs plain" in proc.stdout
