@@ -173,9 +173,20 @@ def matmul_parameters(path: str | Path, *, causal: bool = True) -> int | None:
             total += count
             if name.startswith("lm_head") or ".lm_head" in name:
                 output_projection = True
-            elif "embed" in name.lower() and len(info["shape"]) == 2:
+            elif is_lookup(name, len(info["shape"])):
                 lookups += count
                 if "position" not in name and "token_type" not in name:
                     words = max(words, count)
     # Tied: no output projection of its own, the word embeddings serve as one.
     return total - lookups + (words if causal and not output_projection else 0)
+
+
+def is_lookup(name: str, ndim: int) -> bool:
+    """A tensor a forward indexes instead of multiplying by: a 2-D embedding table (word,
+    position or token-type embeddings), by its name. `matmul_parameters` leaves these out, of a
+    checkpoint or of a loaded model.
+
+    >>> is_lookup("model.embed_tokens.weight", 2), is_lookup("embeddings.LayerNorm.weight", 1)
+    (True, False)
+    """
+    return "embed" in name.lower() and ndim == 2

@@ -118,8 +118,9 @@ class SequenceClassifierReward(Reward):
 def loaded_matmul_parameters(model) -> int:
     """Parameters of the loaded model a forward multiplies each token by: all but the 2-D
     embedding tables (lookups), as `decoding.model_refs.matmul_parameters` counts a checkpoint."""
-    return sum(p.numel() for name, p in model.named_parameters()
-               if not ("embed" in name.lower() and p.dim() == 2))
+    from decoding.model_refs import is_lookup
+
+    return sum(p.numel() for name, p in model.named_parameters() if not is_lookup(name, p.dim()))
 
 
 def classifier_scores(model, ids, mask):

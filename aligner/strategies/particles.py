@@ -132,7 +132,6 @@ class StepSearch:
         self.stages: list[StageReport] = []
         self.steps: list[dict] = []
         self.fallback: dict | None = None
-        self.cut = False
         self.limit = min(ctx.sampling.max_tokens, ctx.engine.max_model_len - len(ctx.prompt_ids))
         self.rng = random.Random(ctx.sampling.seed)
         self.sent: list[int] = []  # tokens streamed so far
@@ -164,11 +163,10 @@ class StepSearch:
             results = await asyncio.gather(*requests)
         except BudgetExhausted:
             return None
-        children = []
+        children, cut = [], False
         for (prefix, members), (candidates, report) in zip(groups.items(), results):
             self.stages.append(report)
-            if any(c.cut for c in candidates):
-                self.cut = True
+            cut = cut or any(c.cut for c in candidates)
             for j, c in enumerate(candidates):
                 parent = members[j // self.children]
                 ids = list(prefix) + list(c.token_ids)
@@ -176,7 +174,7 @@ class StepSearch:
                 if finish is None and len(ids) >= self.limit:
                     finish = "length"
                 children.append(Particle(ids, self.ctx.engine.tokenizer.decode(ids), None, finish, parent))
-        return None if self.cut else children
+        return None if cut else children
 
     async def run(self) -> AsyncIterator[SequenceDelta]:
         """Grow, score and select until every kept particle has finished; stream the prefix
@@ -242,7 +240,7 @@ class StepSearch:
     def best(self) -> int:
         return rank([p.score if p.score is not None else float("-inf") for p in self.kept])[0]
 
-    def result(self, chosen: Particle) -> StrategyResult:
+    def result(self, chosen: Particle, streamed_early: int) -> StrategyResult:
         generated = [s for s in self.stages if s.stage.startswith("step-")]
         prompt = sum(s.prompt_tokens for s in generated)
         info = {
@@ -250,7 +248,7 @@ class StepSearch:
             "particles": [p.public() for p in self.kept],
             "selected": self.kept.index(chosen) if chosen in self.kept else None,
             "scores": [chosen.score],
-            "streamed_early_tokens": self.streamed_early,
+            "streamed_early_tokens": streamed_early,
             "prefix_cache_hit_rate": round(sum(s.cached_tokens for s in generated) / prompt, 4) if prompt else 0.0,
         }
         if self.fallback:
@@ -263,7 +261,7 @@ class StepSearch:
         async with contextlib.aclosing(self.run()) as deltas:
             async for delta in deltas:
                 yield delta
-        self.streamed_early = len(self.sent)
+        streamed_early = len(self.sent)  # tokens every kept particle agreed on before the end
         chosen = self.kept[self.best()]
         if self.fallback and not chosen.finish and not self.ctx.budget.spent():
             chosen = await self.finish_plainly(chosen)
@@ -273,7 +271,7 @@ class StepSearch:
         if self.sent_text != chosen.text:  # its text ends inside a character: send the rest as it is
             yield SequenceDelta(0, chosen.text[len(self.sent_text):], chosen.token_ids[len(self.sent):], None, None)
         yield SequenceDelta(0, "", [], None, chosen.finish or "length")
-        yield self.result(chosen)
+        yield self.result(chosen, streamed_early)
 
 
 class ParticleFilter(StepSearch):
