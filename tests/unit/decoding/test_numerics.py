@@ -31,34 +31,42 @@ def cpu_attn(monkeypatch):
     return cpu_attn
 
 
-def test_plugin_turns_vllms_amx_attention_into_vec_on_an_amx_cpu(cpu_attn, monkeypatch):
+def test_plugin_turns_vllms_amx_attention_into_vec_when_asked(cpu_attn, monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert cpu_attn._get_attn_isa(torch.bfloat16, 32, 64) == "amx"  # vLLM's own choice on AMX
-    vllm_plugin._avoid_amx_attention()
+    monkeypatch.setenv(vllm_plugin.AMX_ATTENTION_ENV, "0")
+    monkeypatch.setattr(vllm_plugin, "_registered", False)
+    vllm_plugin.register()
     assert cpu_attn._get_attn_isa(torch.bfloat16, 32, 64) == "vec"
     # Only that choice changes: float32 and 16-token blocks never took the AMX kernel.
     assert cpu_attn._get_attn_isa(torch.float32, 32, 64) == "vec"
     assert cpu_attn._get_attn_isa(torch.bfloat16, 16, 64) == "vec16"
     wrapper = cpu_attn._get_attn_isa
-    vllm_plugin._avoid_amx_attention()  # registered twice in one process: still one wrapper
+    vllm_plugin._avoid_amx_attention()  # applied twice in one process: still one wrapper
     assert cpu_attn._get_attn_isa is wrapper and not hasattr(wrapper.__wrapped__, "__wrapped__")
 
 
-def test_plugin_leaves_vllms_choice_when_asked(cpu_attn, monkeypatch):
+@pytest.mark.parametrize("value", [None, "1"])
+def test_plugin_leaves_vllms_choice_by_default(cpu_attn, monkeypatch, value):
+    """Measured on an AMX machine (BENCHMARKS.md): vLLM's AMX kernel decodes as close to float32
+    as vec, at the same speed, so its choice stands unless the operator turns it off."""
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    monkeypatch.setenv(vllm_plugin.AMX_ATTENTION_ENV, "1")
-    vllm_plugin._avoid_amx_attention()
+    if value is not None:
+        monkeypatch.setenv(vllm_plugin.AMX_ATTENTION_ENV, value)
+    monkeypatch.setattr(vllm_plugin, "_registered", False)
+    vllm_plugin.register()
     assert cpu_attn._get_attn_isa(torch.bfloat16, 32, 64) == "amx"
+    assert not hasattr(cpu_attn._get_attn_isa, "__wrapped__")
 
 
 def test_attention_choice_reported_for_the_log_and_ready(monkeypatch):
     monkeypatch.delenv(vllm_plugin.AMX_ATTENTION_ENV, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert vllm_plugin.attention_choice("cpu", "bfloat16")["kernel"] == "vec"
+    assert vllm_plugin.attention_choice("cpu", "bfloat16")["kernel"] == "amx"
     assert vllm_plugin.attention_choice("cpu", "float32")["kernel"] == "vllm-default"
     assert vllm_plugin.attention_choice("cuda", "bfloat16")["kernel"] == "vllm-default"
-    monkeypatch.setenv(vllm_plugin.AMX_ATTENTION_ENV, "1")
-    assert vllm_plugin.attention_choice("cpu", "bfloat16")["kernel"] == "amx"
+    monkeypatch.setenv(vllm_plugin.AMX_ATTENTION_ENV, "0")
+    assert vllm_plugin.attention_choice("cpu", "bfloat16")["kernel"] == "vec"
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert vllm_plugin.attention_choice("cpu", "bfloat16") == {"kernel": "vllm-default", "reason": "this CPU has no AMX"}
 
@@ -120,4 +128,30 @@ def test_starter_guides_pass_their_check_and_a_broken_forward_fails_it(path, mod
         broken = SlotDecoder.append_and_score
         monkeypatch.setattr(SlotDecoder, "append_and_score", lambda self, t, c: -broken(self, t, c))
     result = self_check.check_guide(str(path), mode, "bfloat16", None)
+    assert not result.passed and result.agreement < 0.5, result.summary()
+
+
+def test_the_decode_check_passes_float32s_own_greedy_tokens_and_fails_shifted_ones():
+    """The engine's decode check: a continuation decoded greedily by float32 itself agrees at
+    every position, the same tokens each shifted by one vocabulary entry at almost none."""
+    from transformers import AutoModelForCausalLM
+
+    from decoding.model_prep import prepare_default_model
+
+    policy = prepare_default_model()
+    check_ids, prompt_ids = self_check.engine_check_ids(policy)
+    assert prompt_ids and check_ids[:len(prompt_ids) - 3] == prompt_ids[:len(prompt_ids) - 3]
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
+    greedy: list[int] = []
+    with torch.inference_mode():  # greedy past the end-of-sequence token, as the engine's check decodes
+        for _ in range(self_check.DECODE_TOKENS):
+            greedy.append(int(model(torch.tensor([prompt_ids + greedy])).logits[0, -1].argmax()))
+    assert len(greedy) == self_check.DECODE_TOKENS
+    prefill, decode = self_check.causal_references(policy, check_ids, prompt_ids, greedy)
+    assert prefill.token_ids == check_ids and len(prefill.top1) == len(check_ids) - 1
+    assert decode.token_ids == prompt_ids + greedy and len(decode.top1) == len(greedy)
+    assert compare(greedy, decode, "float32").passed
+    shifted = [(t + 1) % model.config.vocab_size for t in greedy]
+    _, decode_shifted = self_check.causal_references(policy, check_ids, prompt_ids, shifted)
+    result = compare(shifted, decode_shifted, "bf16")
     assert not result.passed and result.agreement < 0.5, result.summary()
