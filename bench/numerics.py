@@ -1,12 +1,13 @@
 """What the CPU numerics switches cost: start-up time and plain decode throughput of `make
-serve`'s configuration without the start-up self-check ("before"), with it ("after", the
-default), with the aligner plugin's "vec" attention on AMX CPUs ("vec",
-ALIGNER_CPU_AMX_ATTENTION=0) and in float32, side by side in one run.
+serve`'s configuration as it was until 2026-11-30, vLLM's own attention choice and no start-up
+self-check ("before"); as it is, the plugin's "vec" attention and the self-check ("after");
+vLLM's own choice with the self-check ("amx", ALIGNER_CPU_AMX_ATTENTION=1); and float32, side
+by side in one run.
 
     python -m bench.numerics                      # before and after, c = 1 and 8, 128 tokens
-    python -m bench.numerics --arms before,after,vec,float32 --output numerics.json
+    python -m bench.numerics --arms before,after,amx,float32 --output numerics.json
 
-On a CPU without AMX the plugin changes nothing, so "vec" is "after". The answer to the France
+On a CPU without AMX the plugin changes nothing, so "amx" is "after". The answer to the France
 question is printed for each arm (its first token is a near-tie in float32: 0.098 nats between
 "The" and "L", so kernels may answer it differently; `python -m bench.amx_attention` measures
 how far each decodes from float32 over 1,280 positions).
@@ -29,10 +30,10 @@ from decoding.vllm_plugin import AMX_ATTENTION_ENV
 
 ARMS = {
     "before": {"args": ["--self-check", "off"], "env": {AMX_ATTENTION_ENV: "1"}},
-    "after": {"args": ["--self-check", "on"], "env": {AMX_ATTENTION_ENV: "1"}},
-    "vec": {"args": ["--self-check", "on"], "env": {AMX_ATTENTION_ENV: "0"}},
+    "after": {"args": ["--self-check", "on"], "env": {AMX_ATTENTION_ENV: "0"}},
+    "amx": {"args": ["--self-check", "on"], "env": {AMX_ATTENTION_ENV: "1"}},
     # The safe configuration a failed check falls back to, for its price on this CPU.
-    "float32": {"args": ["--self-check", "on", "--dtype", "float32"], "env": {AMX_ATTENTION_ENV: "1"}},
+    "float32": {"args": ["--self-check", "on", "--dtype", "float32"], "env": {AMX_ATTENTION_ENV: "0"}},
 }
 MODEL = "SmolLM2-135M-Instruct"
 

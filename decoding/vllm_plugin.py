@@ -4,19 +4,23 @@ vLLM calls `register()` in each process it starts (API front end, engine core, w
 through the `vllm.general_plugins` entry point in `pyproject.toml`, which is the one place
 where code reaches the engine core process before its model and attention backend are built.
 
-What it can do, only on vLLM's CPU build:
+What it does, only on vLLM's CPU build:
 
-- **AMX attention off, on request.** `ALIGNER_CPU_AMX_ATTENTION=0` turns vLLM's bf16 attention
-  choice on Intel CPUs with AMX (`cpu_attn._get_attn_isa` returns "amx" for bf16 with 32-token
-  blocks) into its "vec" kernel; the AMX matrix multiplications stay on. By default (unset, or
-  1) vLLM's own choice stands. Until 2026-12-07 "vec" was forced: vLLM's AMX kernel was
-  believed to decode bf16 wrongly, from one answer ("What is the capital of France?" ->
-  "L'Étoile, la Marseillaise,"). The first measurement on an AMX machine (`python -m
-  bench.amx_attention`, BENCHMARKS.md) found both kernels equally close to float32 (mean
-  |logprob difference| 0.057 each over 1,280 decoded positions, no flip where float32 is
-  sure) and equally fast (amx / vec 0.97 at c = 1, 1.00 at c = 8); that answer's first token
-  is a near-tie in float32 itself (0.098 nats). The switch stays for whoever wants the "vec"
-  kernel's answers, and for the measurement.
+- **The same attention kernel on every x86 CPU family.** On Intel CPUs with AMX, vLLM picks its
+  AMX attention kernel for bf16 with 32-token blocks (`cpu_attn._get_attn_isa` returns "amx");
+  on AMD CPUs (AVX-512 or AVX2) it picks "vec". The plugin turns that one choice into "vec", so
+  every family decodes with the same attention kernel; the AMX matrix multiplications stay on.
+  `ALIGNER_CPU_AMX_ATTENTION=1` gives vLLM its own choice back.
+
+  Why, measured (BENCHMARKS.md, `python -m bench.amx_attention`, 2026-12-07, the first AMX
+  machine here): not correctness and not speed. Both kernels are as close to float32 (mean
+  |logprob difference| 0.057 each over 1,280 decoded positions, no flip where float32 is sure)
+  and as fast (amx / vec 0.97 at c = 1, 1.00 at c = 8). The plugin was written because the AMX
+  kernel answered "What is the capital of France?" with "L'Étoile, la Marseillaise," and was
+  believed to decode wrongly; that answer's first token is a near-tie in float32 (0.098 nats),
+  which the AMX kernel tips one way and "vec" the other, on AMD and Intel alike. What remains
+  is consistency: with "vec" an AMX machine answers such near-ties as the AMD machines do (the
+  test suite's greedy expectations, "Paris" among them, were set there).
 It only wraps a function; importing this module does nothing. (The tests' fault, corrupted
 logits for the start-up self-check, is a plugin of their own: `tests/vllm_faults.py`.)
 """
@@ -35,8 +39,8 @@ _registered = False
 
 
 def amx_attention_allowed() -> bool:
-    """Whether vLLM's own AMX attention choice stands: unless the operator turned it off."""
-    return os.environ.get(AMX_ATTENTION_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    """Whether the operator asked for vLLM's own AMX attention choice back."""
+    return os.environ.get(AMX_ATTENTION_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def cpu_has_amx() -> bool:
@@ -56,9 +60,9 @@ def attention_choice(device: str, dtype: str) -> dict:
     if dtype != "bfloat16":
         return {"kernel": "vllm-default", "reason": f"AMX attention is only used for bfloat16, not {dtype}"}
     if amx_attention_allowed():
-        return {"kernel": "amx", "reason": "vLLM's choice on an AMX CPU (measured as close to float32 as vec)"}
-    return {"kernel": "vec", "reason": f"{AMX_ATTENTION_ENV}=0: the vec kernel instead of vLLM's AMX attention; "
-            "AMX GEMMs stay on"}
+        return {"kernel": "amx", "reason": f"{AMX_ATTENTION_ENV}=1: vLLM's AMX attention (as close to float32 as vec, "
+                "measured; near-ties may decode differently from other CPU families)"}
+    return {"kernel": "vec", "reason": "AMX CPU: the vec kernel, as on every other x86 CPU family; AMX GEMMs stay on"}
 
 
 def register() -> None:
@@ -70,11 +74,10 @@ def register() -> None:
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu() and not amx_attention_allowed():
-        _avoid_amx_attention()
+        _same_attention_as_other_families()
 
 
-def _avoid_amx_attention() -> None:
-    logger.warning("aligner: %s=0: vLLM's AMX attention choice is turned into the vec kernel", AMX_ATTENTION_ENV)
+def _same_attention_as_other_families() -> None:
     from vllm.v1.attention.backends import cpu_attn
 
     original = cpu_attn._get_attn_isa

