@@ -25,23 +25,32 @@ def _self_check(response: httpx.Response) -> dict | None:
     return policy.get("self_check")
 
 
+def fell_back_to_float32(server) -> str:
+    """Assert the server rebuilt in float32, passed both engine checks there and answers the
+    France question; return its log."""
+    ready = httpx.get(f"{server.base_url}/ready", timeout=10)
+    assert ready.status_code == 200
+    policy = ready.json()["numerics"]["policy"]
+    assert policy["configuration"] == "safe" and policy["dtype"] == "float32"
+    check = policy["self_check"]
+    assert check["status"] == "passed" and check["fallback"] is True
+    for name in ("engine", "engine decode"):
+        assert check[name]["agreement"] >= 0.9 and check[name]["configuration"] == "float32", check[name]
+        assert check[name]["positions"] >= 8
+    reply = httpx.post(f"{server.v1}/chat/completions", timeout=120, json={
+        "model": MODEL, "messages": QUESTION, "max_tokens": 12, "temperature": 0})
+    assert reply.status_code == 200 and "Paris" in reply.json()["choices"][0]["message"]["content"]
+    log = server.log_path.read_text(errors="replace")
+    assert "rebuilding in float32" in log
+    return log
+
+
 def test_a_kernel_broken_in_bf16_is_caught_and_the_server_serves_float32(tmp_path_factory):
     folder = tmp_path_factory.mktemp("numerics-fallback")
     server = start_server(folder, "--max-model-len", "512", env=fault_env(folder / "plugin", "bfloat16"))
     try:
-        ready = httpx.get(f"{server.base_url}/ready", timeout=10)
-        assert ready.status_code == 200
-        numerics = ready.json()["numerics"]["policy"]
-        assert numerics["configuration"] == "safe" and numerics["dtype"] == "float32"
-        check = numerics["self_check"]
-        assert check["status"] == "passed" and check["fallback"] is True
-        assert check["engine"]["agreement"] >= 0.9 and check["engine"]["configuration"] == "float32"
-        assert check["engine decode"]["agreement"] >= 0.9 and check["engine decode"]["positions"] >= 8
-        log = server.log_path.read_text(errors="replace")
-        assert "FAILED in bfloat16" in log and "rebuilding in float32" in log
-        reply = httpx.post(f"{server.v1}/chat/completions", timeout=120, json={
-            "model": MODEL, "messages": QUESTION, "max_tokens": 12, "temperature": 0})
-        assert reply.status_code == 200 and "Paris" in reply.json()["choices"][0]["message"]["content"]
+        log = fell_back_to_float32(server)
+        assert "(engine): FAILED in bfloat16" in log
     finally:
         stop_server(server)
 
@@ -52,18 +61,8 @@ def test_a_fault_only_in_decoding_is_caught_by_the_decode_check(tmp_path_factory
     folder = tmp_path_factory.mktemp("numerics-decode-fault")
     server = start_server(folder, "--max-model-len", "512", env=fault_env(folder / "plugin", "bfloat16@sampled"))
     try:
-        ready = httpx.get(f"{server.base_url}/ready", timeout=10)
-        assert ready.status_code == 200
-        policy = ready.json()["numerics"]["policy"]
-        check = policy["self_check"]
-        assert policy["dtype"] == "float32" and check["status"] == "passed" and check["fallback"] is True
-        assert check["engine decode"]["configuration"] == "float32" and check["engine decode"]["agreement"] >= 0.9
-        log = server.log_path.read_text(errors="replace")
-        # In bf16 the prompt-logprob check passed and only the decode check saw the fault.
+        log = fell_back_to_float32(server)
         assert "(engine): passed in bfloat16" in log and "(engine decode): FAILED in bfloat16" in log
-        reply = httpx.post(f"{server.v1}/chat/completions", timeout=120, json={
-            "model": MODEL, "messages": QUESTION, "max_tokens": 12, "temperature": 0})
-        assert reply.status_code == 200 and "Paris" in reply.json()["choices"][0]["message"]["content"]
     finally:
         stop_server(server)
 
