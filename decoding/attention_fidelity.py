@@ -2,7 +2,7 @@
 process gets (after the aligner plugin, or vLLM's own choice with ALIGNER_CPU_AMX_ATTENTION=1),
 and how fast: the measurement behind the AMX attention choice (`bench/amx_attention.py`).
 
-    python -m decoding.attention_fidelity OUTPUT.json [--no-fidelity] [--throughput]
+    python -m decoding.attention_fidelity OUTPUT.json [--no-fidelity] [--throughput] [--repeatability]
 
 Fidelity: greedy decoding of short and long chat prompts with vLLM's top-5 logprobs at every
 generated position, teacher-forced through the checkpoint's float32 Hugging Face forward over
@@ -13,7 +13,13 @@ a healthy bf16 engine has none; a broken kernel has many). Also the answer to "W
 capital of France?", whose first token is a near-tie in float32.
 
 Throughput: 8 prompts x 128 tokens in one `generate` (c = 8) and one prompt (c = 1),
-`ignore_eos`, after a warm-up; the offline engine, the serving engine's settings.
+`ignore_eos`, after a warm-up; and prefill, 16 distinct ~360-token prompts, one token each, in
+one `generate` (prompt tokens/s). The offline engine, the serving engine's settings.
+
+Repeatability: each of 8 questions answered greedily (64 tokens) three times in a row, prefix
+caching on as the server runs: the first run prefills the whole prompt, the later ones only
+the part past the cached blocks. Reported: how many questions got the same answer all three
+times.
 
 The result goes to OUTPUT.json because vLLM logs to standard output.
 """
@@ -113,11 +119,37 @@ def throughput(llm) -> dict:
     return out
 
 
+def prefill_rate(llm) -> float:
+    from vllm import SamplingParams
+
+    tokenizer = llm.get_tokenizer()
+    prompts = [chat_ids(tokenizer, f"Question set {i}. " + long_question(i)) for i in range(16)]
+    started = time.perf_counter()
+    llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=1), use_tqdm=False)
+    return round(sum(map(len, prompts)) / (time.perf_counter() - started), 1)
+
+
+def repeatability(llm) -> dict:
+    from vllm import SamplingParams
+
+    tokenizer = llm.get_tokenizer()
+    params = SamplingParams(max_tokens=64, temperature=0.0)
+    same, examples = 0, []
+    for question in QUESTIONS[1:9]:
+        prompt = {"prompt_token_ids": chat_ids(tokenizer, "Repeatability. " + question)}
+        answers = [llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].text for _ in range(3)]
+        same += len(set(answers)) == 1
+        if len(set(answers)) > 1 and len(examples) < 2:
+            examples.append(answers[:2])
+    return {"questions": len(QUESTIONS[1:9]), "same_all_three": same, "examples": examples}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output")
     parser.add_argument("--no-fidelity", action="store_true")
     parser.add_argument("--throughput", action="store_true")
+    parser.add_argument("--repeatability", action="store_true")
     args = parser.parse_args()
 
     import torch
@@ -137,7 +169,9 @@ def main() -> None:
     if not args.no_fidelity:
         result["fidelity"] = fidelity(llm, model_dir)
     if args.throughput:
-        result["throughput"] = throughput(llm)
+        result["throughput"] = {**throughput(llm), "prefill_tokens_per_s": prefill_rate(llm)}
+    if args.repeatability:
+        result["repeatability"] = repeatability(llm)
     with open(args.output, "w") as handle:
         json.dump(result, handle)
 

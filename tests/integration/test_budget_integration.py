@@ -66,21 +66,27 @@ def test_max_total_tokens_stops_best_of_n_with_the_best_finished_candidate(serve
     alignment = {"strategy": "best_of_n", "n": 4, "reward": "tiny", "max_total_tokens": 80,
                  "return_candidates": True}
     # Which samples end within the budget depends on the seed and on the CPU's arithmetic (the
-    # AVX2 and AVX-512 kernels sample differently; on AVX2 the model never answers in one word):
-    # a stop string ends the samples that name the sky early, and the first seed that gives both
-    # kinds is checked.
-    for seed in range(1, 9):
+    # AVX2, AVX-512 and AMX kernels sample differently; on AVX2 the model never answers in one
+    # word; on AMX most seeds give four short answers that all end within the budget, and which
+    # seed does not depends on the prefix cache's state): a stop string ends the samples that
+    # name the sky early, and the first seed whose candidates the budget cut, with one of them
+    # finished, is checked.
+    finished, unfinished = [], []
+    for seed in range(1, 25):
         r, _ = post(server, ONE_WORD, alignment, max_tokens=100, seed=seed, stop=[" sky"])
         assert r.status_code == 200, r.text
         body = r.json()
         report = body["alignment"]
-        assert report["budget"]["exhausted"] == "max_total_tokens"
         assert body["usage"]["completion_tokens"] <= 80 + 3  # one token per candidate per step
+        if report["budget"]["exhausted"] != "max_total_tokens":  # every sample ended in time
+            assert all(c["finish_reason"] == "stop" for c in report["candidates"]), report
+            continue
         finished = [c for c in report["candidates"] if c["finish_reason"] == "stop"]
         unfinished = [c for c in report["candidates"] if c["finish_reason"] == "length"]
         if finished and unfinished:  # the budget cut the long ones; a short answer ended
             break
-    assert finished and unfinished, "no seed of 8 gave both a finished and a cut candidate"
+    assert finished and unfinished, "no seed of 24 gave both a finished and a cut candidate"
+    assert report["budget"]["exhausted"] == "max_total_tokens"
     assert body["choices"][0]["finish_reason"] == "stop"
     assert report["scores"] == [max(c["score"] for c in finished)]
     assert all(c["score"] is None for c in unfinished)  # never scored: never eligible

@@ -50,6 +50,9 @@ def test_urial_puts_a_clients_system_message_into_the_templates(server):
     own = {"role": "system", "content": "Answer in one short sentence."}
     prefix = BUILTIN_TEMPLATES["default"].prefix()
     merged = [{"role": "system", "content": f"{own['content']}\n\n{prefix[0]['content']}"}, *prefix[1:], *MESSAGES]
+    # Both compared answers are served with the prompt in the prefix cache: on AMX CPUs a cold
+    # prefill rounds differently and can change a greedy answer (BENCHMARKS.md, "CPU numerics").
+    ok(server, {"strategy": "none"}, messages=merged, temperature=0)
     routed = ok(server, {"strategy": "urial"}, messages=[own, *MESSAGES], temperature=0)
     by_hand = ok(server, {"strategy": "none"}, messages=merged, temperature=0)
     assert routed["usage"]["prompt_tokens"] == by_hand["usage"]["prompt_tokens"]

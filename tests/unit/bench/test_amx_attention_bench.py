@@ -22,5 +22,5 @@ def test_the_committed_results_render_with_intervals_and_ratios():
     lines = done.stdout.splitlines()
     both = [line for line in lines if " all " in line]
     assert len(both) == 2 and all("22/1280 [0.011, 0.026]" in line for line in both)
-    assert any(line.startswith("amx / vec at c=8: 1.00") for line in lines)
+    assert any(line.startswith("amx / vec, c8: 1.00") for line in lines)
     assert "margin 0.098 nats" in done.stdout
