@@ -31,6 +31,8 @@ import json
 import statistics
 import time
 
+from decoding.hf_tokenizer import HFChatTokenizer
+
 QUESTIONS = [
     "What is the capital of France?", "Write a haiku about autumn.", "Explain photosynthesis to a child.",
     "How do I reverse a list in Python?", "Give me three tips for better sleep.", "What causes rain?",
@@ -50,11 +52,7 @@ def long_question(i: int) -> str:
 
 
 def chat_ids(tokenizer, question: str) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                        tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    return list(ids)
+    return HFChatTokenizer(tokenizer).encode_chat([{"role": "user", "content": question}])
 
 
 def fidelity(llm, model_dir: str) -> dict:

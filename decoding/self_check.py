@@ -115,10 +115,9 @@ def decode_prompt_ids(tokenizer) -> list[int]:
     """The check text's question, ready for an answer: what the engine decodes from."""
     question = CHECK_CONVERSATION[:1]
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(question, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
+        from decoding.hf_tokenizer import HFChatTokenizer
+
+        return HFChatTokenizer(tokenizer).encode_chat(question)
     return list(tokenizer.encode(f"user: {question[0]['content']}\nassistant:"))
 
 

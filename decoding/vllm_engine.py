@@ -189,6 +189,14 @@ class VLLMEngine:
             (logger.info if result.passed else logger.error)("self-check of guide %s: %s", name, result.summary())
         return results
 
+    async def _final_output(self, prompt_ids: list[int], params, tag: str):
+        """The last `RequestOutput` of one self-check request (None if the engine gave none)."""
+        final = None
+        async for out in self._llm.generate({"prompt_token_ids": list(prompt_ids)}, params,
+                                            f"{tag}-{uuid.uuid4().hex}"):
+            final = out
+        return final
+
     async def prompt_top_tokens(self, token_ids: list[int]) -> list[int | None]:
         """The engine's top-1 next token at every position of `token_ids`, teacher-forced
         (vLLM's prompt logprobs): element i predicts token i+1."""
@@ -196,11 +204,8 @@ class VLLMEngine:
 
         from decoding.self_check import prompt_top1
 
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
-        final = None
-        async for out in self._llm.generate({"prompt_token_ids": list(token_ids)}, params,
-                                            f"self-check-{uuid.uuid4().hex}"):
-            final = out
+        final = await self._final_output(token_ids, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1),
+                                         "self-check")
         return prompt_top1(final.prompt_logprobs if final is not None else None)
 
     async def greedy_tokens(self, prompt_ids: list[int], max_tokens: int) -> list[int]:
@@ -208,11 +213,8 @@ class VLLMEngine:
         step, past the end-of-sequence token too (so the decode check always has its positions)."""
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        final = None
-        async for out in self._llm.generate({"prompt_token_ids": list(prompt_ids)}, params,
-                                            f"self-check-decode-{uuid.uuid4().hex}"):
-            final = out
+        final = await self._final_output(prompt_ids, SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                                    ignore_eos=True), "self-check-decode")
         return list(final.outputs[0].token_ids) if final is not None and final.outputs else []
 
     async def shutdown(self) -> None:
