@@ -34,13 +34,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from aligner import stats
 
 MAX_ARMS = 16
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-UNITS = ("user", "random")
+UNITS = ("user", "random", "router")
 # Ratings on one [0, 1] scale: thumbs down 0, up 1; stars 1..5 as (stars - 1) / 4. The report
 # also gives each scale in its own terms (`by_scale`: the share of thumbs up, the mean stars).
 RATING_SCALES = {"thumbs": lambda r: (r + 1) / 2, "stars": lambda r: (r - 1) / 4}
@@ -62,8 +62,18 @@ class Experiment(BaseModel):
 
     name: str = ""
     description: str = ""
-    unit: Literal["user", "random"] = "user"
+    unit: Literal["user", "random", "router"] = "user"
+    # `unit: router`: a learned router (`aligner.bandit`, in the models directory) picks each
+    # request's arm; `explore` is its floor of uniform exploration.
+    router: str | None = Field(default=None, pattern=NAME_RE.pattern)
+    explore: float = Field(default=0.1, ge=0.0, lt=1.0, allow_inf_nan=False)
     arms: list[ExperimentArm] = Field(min_length=2, max_length=MAX_ARMS)
+
+    @model_validator(mode="after")
+    def _router_with_its_unit(self) -> Experiment:
+        if (self.unit == "router") != (self.router is not None):
+            raise ValueError("`router: NAME` goes with `unit: router`, and `unit: router` needs a router")
+        return self
 
     @property
     def arm_names(self) -> list[str]:
@@ -89,22 +99,33 @@ class Experiment(BaseModel):
         return self.arms[-1].profile  # u within float noise of 1
 
     def public(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description, "unit": self.unit,
+        router = {"router": self.router, "explore": self.explore} if self.unit == "router" else {}
+        return {"name": self.name, "description": self.description, "unit": self.unit, **router,
                 "arms": [{"profile": a.profile, "weight": a.weight, "share": s}
                          for a, s in zip(self.arms, self.shares().values(), strict=True)]}
 
 
 @dataclass(frozen=True)
 class Assignment:
-    """A request's arm: `unit` says how it was chosen ("user": by its user, sticky; "random")."""
+    """A request's arm: `unit` says how it was chosen ("user": by its user, sticky; "random";
+    "router": by a learned router, `router` its name@version, None before it is trained).
+    `propensity` is the probability this request had of getting this arm (a user's share
+    under `unit: user`), what an offline estimate of another policy weighs the logs by."""
 
     experiment: str
     arm: str
-    unit: Literal["user", "random"]
+    unit: Literal["user", "random", "router"]
     user: str | None = None
+    propensity: float | None = None
+    router: str | None = None
 
-    def public(self) -> dict[str, str]:
-        return {"name": self.experiment, "arm": self.arm, "unit": self.unit}
+    def public(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.experiment, "arm": self.arm, "unit": self.unit}
+        if self.propensity is not None:
+            out["propensity"] = round(self.propensity, 6)
+        if self.unit == "router":
+            out["router"] = self.router
+        return out
 
 
 def hashed_arm(experiment: Experiment, unit_id: str) -> str:
@@ -137,9 +158,13 @@ def tenant_unit(tenant: str | None, user: str | None) -> str | None:
 def assign(experiment: Experiment, user: str | None, rng: random.Random) -> Assignment:
     """The arm for a request: by its user when the experiment's unit is `user` and it has one,
     else at random by the weights."""
+    shares = experiment.shares()
     if experiment.unit == "user" and user:
-        return Assignment(experiment.name, hashed_arm(experiment, user), "user", user)
-    return Assignment(experiment.name, experiment.pick(rng.random()), "random")
+        arm = hashed_arm(experiment, user)
+        return Assignment(experiment.name, arm, "user", user, shares[arm])
+    arm = experiment.pick(rng.random())
+    return Assignment(experiment.name, arm, "router" if experiment.unit == "router" else "random",
+                      propensity=shares[arm])
 
 
 class ExperimentError(ValueError):
@@ -258,7 +283,9 @@ def sample_ratio(samples: Mapping[str, ArmSample], shares: Mapping[str, float], 
     `unit: user`, each request under `unit: random`. Pearson's chi-square against the
     configured shares; `mismatch` below p 0.001, where the split is a bug (a broken hash, a
     sticky arm from earlier weights, lost traces of one arm), not chance. None without two
-    configured arms or units."""
+    configured arms or units, and under `unit: router`, whose split follows the requests."""
+    if unit == "router":
+        return None
     arms = [arm for arm in shares if arm in samples]
     if unit == "user":
         observed = [len(samples[arm].users) + samples[arm].anonymous for arm in arms]

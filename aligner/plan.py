@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from aligner.alignment import AlignmentError, ResolvedAlignment, resolve_alignment
 from aligner.budget import Budget
@@ -66,10 +66,11 @@ class TracePlan:
 
 
 class ExperimentArms(Protocol):
-    async def assign(self, spec: AlignmentSpec, user: str | None,
-                     experiments: Mapping[str, Experiment]) -> tuple[AlignmentSpec, Assignment | None]:
+    async def assign(self, spec: AlignmentSpec, user: str | None, experiments: Mapping[str, Experiment],
+                     messages: list[dict[str, Any]] | None = None) -> tuple[AlignmentSpec, Assignment | None]:
         """(the request with its experiment's arm as its profile, the assignment); unchanged
-        with None when it names no experiment. Raises AlignmentError."""
+        with None when it names no experiment. `messages`: the conversation, which a learned
+        router reads. Raises AlignmentError."""
         ...
 
 
@@ -119,7 +120,8 @@ class Planner:
         assignment = None
         if self.arms is not None and spec.experiment is not None:
             experiments = self.profiles.experiments if self.profiles is not None else {}
-            spec, assignment = await self.arms.assign(spec, tenant_unit(origin.tenant, origin.user), experiments)
+            spec, assignment = await self.arms.assign(spec, tenant_unit(origin.tenant, origin.user), experiments,
+                                                      ctx.messages)
         trace = self._trace(spec, origin, assignment is not None)
         resolved = resolve_alignment(spec.alignment(), origin.header, origin.alias, self.caps.default_strategy, ctx,
                                      self.profiles)

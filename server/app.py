@@ -55,6 +55,7 @@ def build_app(
     store: Store | None = None,
     reload_sources: ReloadSources | None = None,
     guides_at_start: dict[str, str] | None = None,
+    routers: dict | None = None,
 ) -> FastAPI:
     """Wire engine, rewards, serving objects and routes; the engines load in the background.
 
@@ -96,8 +97,11 @@ def build_app(
                                  store=app.state.serving_store)
     app.state.completion = ServingCompletion(engine, config, admission, metrics)
     app.state.responses = ServingResponses(app.state.chat)
+    if app.state.chat.experiments is not None:
+        app.state.chat.experiments.routers = dict(routers or {})
     app.state.reloader = Reloader(rewards, reload_sources, apply_profiles=lambda new: _apply_profiles(app, new),
-                                  guides_at_start=dict(guides_at_start or {})) if reload_sources else None
+                                  guides_at_start=dict(guides_at_start or {}),
+                                  apply_routers=lambda new: _apply_routers(app, new)) if reload_sources else None
     app.include_router(router)
     mount_ui(app)
     add_error_handlers(app)
@@ -113,6 +117,11 @@ def build_app(
         app.add_middleware(LocalOriginMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app
+
+
+def _apply_routers(app: FastAPI, routers: dict) -> None:
+    if app.state.chat.experiments is not None:
+        app.state.chat.experiments.routers = routers
 
 
 def engines_lifespan(engine: Engine, helpers: dict[str, Engine], rewards: RewardRegistry, config: ServerConfig,

@@ -1,5 +1,5 @@
-"""Hot reload (`POST /v1/alignment/reload`, SIGHUP): re-read the models directory, the
-`--reward-model` list and the profiles file without a restart.
+"""Hot reload (`POST /v1/alignment/reload`, SIGHUP): re-read the models directory (reward
+models and learned routers), the `--reward-model` list and the profiles file without a restart.
 
 New or changed reward models (a checkpoint whose files changed: `checkpoint_version`) load off the
 event loop while the old ones keep serving; then the registry and the profiles swap in at once.
@@ -47,6 +47,7 @@ class ReloadSources:
     guide_specs: Callable[[], list[str]] = list
     load_profiles: Callable[[], ProfileStore] | None = None
     default_reward: str | None = None
+    load_routers: Callable[[], dict[str, Any]] | None = None  # the models directory's learned routers
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Reloader:
     sources: ReloadSources
     apply_profiles: Callable[[ProfileStore], None]
     guides_at_start: dict[str, str] = field(default_factory=dict)  # name -> version
+    apply_routers: Callable[[dict[str, Any]], None] = lambda routers: None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
 
     async def reload(self) -> dict[str, Any]:
@@ -77,6 +79,12 @@ class Reloader:
                 profiles = self.sources.load_profiles()
             except ProfileError as exc:
                 raise ReloadError(f"profiles: {exc}", "the profiles file is not valid") from exc
+        routers = None
+        if self.sources.load_routers is not None:
+            try:
+                routers = self.sources.load_routers()
+            except (OSError, ValueError, KeyError) as exc:
+                raise ReloadError(f"routers: {type(exc).__name__}: {exc}", "a router could not be loaded") from exc
 
         current = self.rewards.rewards
         kept = {n: r for n, r in current.items() if r.spec is None}  # built-in rules
@@ -118,9 +126,12 @@ class Reloader:
         self.rewards.swap(kept, default)
         if profiles is not None:
             self.apply_profiles(profiles)
+        if routers is not None:
+            self.apply_routers(routers)
         report = {"rewards": {"loaded": loaded, "unchanged": unchanged, "removed": removed, "default": default,
                               "versions": {n: r.version for n, r in kept.items() if r.version}},
                   "profiles": sorted(profiles.profiles) if profiles is not None else None,
+                  "routers": {n: r.version for n, r in sorted(routers.items())} if routers is not None else None,
                   "restart_required": restart_required}
         logger.info("reload: %s", report)
         return report

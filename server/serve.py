@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from aligner.bandit import load_routers
 from aligner.profiles import DEFAULT_PROFILES, ProfileError
 from aligner.rewards import RewardRegistry
 from aligner.strategies import get_strategy
@@ -98,7 +99,8 @@ def reload_sources(args, load_profiles) -> ReloadSources:
     return ReloadSources(
         reward_specs=lambda: found(0) + flag_rewards, build_reward=reward_builder(args),
         guide_specs=lambda: found(1) + flag_guides,
-        load_profiles=lambda: load_profiles(args.profiles or DEFAULT_PROFILES), default_reward=args.default_reward)
+        load_profiles=lambda: load_profiles(args.profiles or DEFAULT_PROFILES), default_reward=args.default_reward,
+        load_routers=lambda: load_routers(args.models_dir))
 
 
 def build_rewards(args) -> RewardRegistry:
@@ -286,12 +288,16 @@ def serve(args) -> int:
         profiles = load_profiles(args.profiles or DEFAULT_PROFILES)
     except ProfileError as exc:
         raise SystemExit(f"aligner: bad --profiles file: {exc}") from None
+    try:
+        routers = load_routers(args.models_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"aligner: a router in --models-dir could not be loaded: {exc}") from None
     store = open_store(args)
     try:
         helpers = build_helpers(args)
         engine = build_policy(args, model, name, guides, side_engines(args))
         app = build_app(engine, config, build_rewards(args), profiles, guides, helpers,
-                        tool_parser=build_tool_parser(args, model), store=store,
+                        tool_parser=build_tool_parser(args, model), store=store, routers=routers,
                         reload_sources=reload_sources(args, load_profiles), guides_at_start=guide_versions(args.guide))
         print(f"aligner: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
         for warning in (exposure_warning(args.host, config.api_key, config.api_key_file),

@@ -6,7 +6,10 @@ without a store and the same on every replica. With a store, the user's first ar
 (`Store.assign_arm`), so the user stays on it when the weights change later; that look-up is
 bounded by `StoreConfig.assignment_timeout_s` and, if the store is slow or down, the hashed arm
 is used (counted as a store `request_failed`): a store never costs an answer. Without a `user`,
-or in a `unit: random` experiment, the arm is drawn at random by the weights.
+or in a `unit: random` experiment, the arm is drawn at random by the weights. In a `unit: router`
+experiment a learned router (`aligner.bandit`, from the models directory; a reload swaps it)
+picks each request's arm from its conversation, with at least `explore` spread evenly; the
+answer and its trace carry the choice's probability (`alignment.experiment.propensity`).
 
 An experiment's arm is the whole recipe: a request naming one may add only request-wide
 switches (`aligner.spec.ALLOWED_WITH_EXPERIMENT`); `profile`, `strategy`, `pipeline` or any strategy parameter
@@ -23,7 +26,10 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
+
 from aligner.alignment import AlignmentError
+from aligner.bandit import BanditRouter, features
 from aligner.experiments import Assignment, Experiment, ExperimentReports, assign
 from aligner.spec import ALLOWED_WITH_EXPERIMENT, AlignmentSpec
 from aligner.store import Store
@@ -39,13 +45,15 @@ NO_STORE = ("this server keeps no store, and an experiment's report is counted f
 
 
 class ServingExperiments:
-    def __init__(self, store: ServingStore, metrics: ServerMetrics, rng: random.Random | None = None):
+    def __init__(self, store: ServingStore, metrics: ServerMetrics, rng: random.Random | None = None,
+                 routers: Mapping[str, BanditRouter] | None = None):
         self.store, self.metrics = store, metrics
         self.rng = rng or random.Random()  # draws for requests without a user
+        self.routers: Mapping[str, BanditRouter] = dict(routers or {})  # `unit: router`; a reload swaps them
         self.reports = ExperimentReports()  # kept up to date: each reads only new rows
 
-    async def assign(self, spec: AlignmentSpec, user: str | None,
-                     experiments: Mapping[str, Experiment]) -> tuple[AlignmentSpec, Assignment | None]:
+    async def assign(self, spec: AlignmentSpec, user: str | None, experiments: Mapping[str, Experiment],
+                     messages: list[dict[str, Any]] | None = None) -> tuple[AlignmentSpec, Assignment | None]:
         """(the request with its experiment's arm as its profile, the assignment), unchanged
         with None when it names no experiment (`aligner.plan.ExperimentArms`). Raises
         AlignmentError (a 400) for an unknown experiment or a field that cannot go with one."""
@@ -62,9 +70,27 @@ class ServingExperiments:
                 f"alignment.{key} cannot go with an experiment: its arm (a profile version) is the whole "
                 f"recipe; besides alignment.experiment only {', '.join(sorted(ALLOWED_WITH_EXPERIMENT))} "
                 "may be set", ("alignment", key), "unsupported_combination")
-        chosen = await self._sticky(experiment, assign(experiment, user, self.rng))
+        if experiment.unit == "router":
+            chosen = self._routed(experiment, messages or [])
+        else:
+            chosen = await self._sticky(experiment, assign(experiment, user, self.rng))
         self.metrics.experiment_assignments.labels(experiment.name, chosen.arm, chosen.unit).inc()
         return spec.with_arm(chosen.arm), chosen
+
+    def _routed(self, experiment: Experiment, messages: list[dict[str, Any]]) -> Assignment:
+        """The arm the experiment's router picks for this conversation, with its probability;
+        by the weights (the first data's logging policy) while the router is not trained, or
+        when it was trained on other arms (logged as a warning)."""
+        router = self.routers.get(experiment.router or "")
+        if router is not None and sorted(router.arms) != sorted(experiment.arm_names):
+            logger.warning("experiment %s: router %s was trained on arms %s, the experiment has %s; choosing by "
+                           "the weights until it is retrained", experiment.name, router.ref, router.arms,
+                           experiment.arm_names)
+            router = None
+        if router is None:
+            return assign(experiment, None, self.rng)
+        choice = router.choose(features(messages), np.random.default_rng(self.rng.getrandbits(64)), experiment.explore)
+        return Assignment(experiment.name, choice.arm, "router", propensity=choice.propensity, router=router.ref)
 
     async def _sticky(self, experiment: Experiment, hashed: Assignment) -> Assignment:
         """With a store, the user's first arm (the hashed one is stored if there is none yet)."""

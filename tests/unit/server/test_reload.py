@@ -153,3 +153,22 @@ def test_without_sources_there_is_nothing_to_reload():
     app = build_app(FakeEngine(), ServerConfig(served_model_name="fake-model"), start_engine=False)
     with TestClient(app) as client:
         assert client.post("/v1/alignment/reload").status_code == 404
+
+
+def test_routers_reload_from_the_models_directory_and_a_bad_one_changes_nothing(setup, tmp_path):
+    from aligner.bandit import ROUTER_META_FILE, fit, load_routers
+
+    reloader, registry, specs, _, applied, _ = setup
+    models = tmp_path / "models"
+    swapped = []
+    reloader.sources.load_routers = lambda: load_routers(models)
+    reloader.apply_routers = swapped.append
+    fit([], ["a@1", "b@1"], name="picker").save(models / "picker")
+    report = asyncio.run(reloader.reload())
+    assert list(report["routers"]) == ["picker"] and swapped[-1]["picker"].version == report["routers"]["picker"]
+    before = dict(registry.rewards)
+    specs.append("newrule=regex:\\?")
+    (models / "picker" / ROUTER_META_FILE).write_text("{")
+    with pytest.raises(ReloadError, match="routers: "):
+        asyncio.run(reloader.reload())
+    assert registry.rewards == before and len(swapped) == 1 and len(applied) == 1
