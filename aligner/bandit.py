@@ -40,6 +40,7 @@ half of the logs; percentile bootstrap intervals.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -57,7 +58,8 @@ ROUTER_WEIGHTS_FILE = "router.npz"
 HASH_DIM = 256
 DIM = HASH_DIM + 2  # hashed n-grams, bias, length
 DRAWS = 4096
-WORD_RE = re.compile(r"[a-z0-9']+")
+WORD_RE = re.compile(r"[\w']+")
+MAX_WORDS = 2000  # a long prompt's first words; the rest cost time and say little of its kind
 
 
 def last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:
@@ -88,7 +90,7 @@ def features(messages: Sequence[Mapping[str, Any]]) -> np.ndarray:
     >>> x.shape, float(np.linalg.norm(x[:HASH_DIM])).__round__(6), float(x[HASH_DIM])
     ((258,), 1.0, 1.0)
     """
-    words = WORD_RE.findall(last_user_text(messages).lower())
+    words = WORD_RE.findall(last_user_text(messages).lower())[:MAX_WORDS]
     x = np.zeros(DIM)
     for token in words + [f"{a} {b}" for a, b in zip(words, words[1:])]:
         index, sign = _bucket(token)
@@ -176,14 +178,25 @@ class BanditRouter:
         meta = json.loads((directory / ROUTER_META_FILE).read_text())
         if meta.get("kind") != "router" or meta.get("dim") != DIM or meta.get("hash_dim") != HASH_DIM:
             raise ValueError(f"{directory / ROUTER_META_FILE}: not a router of this version (kind router, dim {DIM})")
-        with np.load(directory / ROUTER_WEIGHTS_FILE) as data:
+        raw = (directory / ROUTER_WEIGHTS_FILE).read_bytes()
+        # The weights are renamed in before the metadata: a reader between the two renames sees
+        # weights of another version, and refuses them (a later reload reads both new).
+        if hashlib.sha256(raw).hexdigest()[:12] != meta.get("version"):
+            raise ValueError(f"{directory}: the weights are not those of version {meta.get('version')!r} "
+                             "(written while being read, or edited)")
+        with np.load(io.BytesIO(raw)) as data:
             mean, cov = np.array(data["mean"], dtype=float), np.array(data["cov"], dtype=float)
         arms = [str(a) for a in meta["arms"]]
+        if len(arms) < 1 or len(set(arms)) != len(arms):
+            raise ValueError(f"{directory}: the arms must be distinct and at least one")
         if mean.shape != (len(arms), DIM) or cov.shape != (len(arms), DIM, DIM):
             raise ValueError(f"{directory}: the weights do not match {len(arms)} arms of dimension {DIM}")
+        offset, noise, explore = (float(meta[k]) for k in ("offset", "noise", "explore"))
+        if not (np.isfinite(mean).all() and np.isfinite(cov).all() and math.isfinite(offset)
+                and math.isfinite(noise) and noise > 0 and 0 <= explore < 1):
+            raise ValueError(f"{directory}: weights, offset, noise (> 0) and explore ([0, 1)) must be finite numbers")
         known = {"kind", "arms", "dim", "hash_dim", "offset", "noise", "explore", "version"}
-        return cls(directory.name, arms, mean, cov, float(meta["offset"]), float(meta["noise"]),
-                   float(meta["explore"]), str(meta.get("version", "")),
+        return cls(directory.name, arms, mean, cov, offset, noise, explore, str(meta["version"]),
                    {k: v for k, v in meta.items() if k not in known})
 
 
@@ -233,8 +246,7 @@ def _bootstrap(values: np.ndarray, rng: np.random.Generator, resamples: int = 10
                statistic: Callable[[np.ndarray], float] = np.mean) -> tuple[float, float]:
     if len(values) == 0:
         return (math.nan, math.nan)
-    picks = rng.integers(0, len(values), size=(resamples, len(values)))
-    stats = np.array([statistic(values[p]) for p in picks])
+    stats = np.array([statistic(values[rng.integers(0, len(values), size=len(values))]) for _ in range(resamples)])
     return float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975))
 
 
@@ -252,7 +264,7 @@ def offline_estimates(rows: Sequence[Logged], arms: Sequence[str],
     index = {arm: i for i, arm in enumerate(arms)}
     r = np.array([row.reward for row in rows])
     p = np.array([row.propensity for row in rows])
-    played = np.array([index[row.arm] for row in rows])
+    played = np.array([index[row.arm] for row in rows], dtype=int)
     predicted = np.stack([reward_models[folds[i]].predict(row.x) for i, row in enumerate(rows)]) if rows else np.zeros((0, len(arms)))
     out = {}
     for name, policy in policies.items():
@@ -282,27 +294,25 @@ def train_router(rows: Sequence[Logged], arms: Sequence[str], name: str, *, prio
     halves = [fit([row for i, row in enumerate(rows) if folds[i] != f], arms, name, prior, noise, explore)
               for f in (0, 1)]
     draw = np.random.default_rng(seed + 1)
+    if not rows:
+        raise ValueError("no rated requests on these arms")
     policies: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
         "router": lambda x, i: halves[folds[i]].probabilities(x, draw)[0],
-        "logged": lambda x, i: _logged_probabilities(rows[i], arms),
     }
     for k, arm in enumerate(arms):
         policies[f"arm:{arm}"] = lambda x, i, k=k: np.eye(len(arms))[k]
     estimates = offline_estimates(rows, arms, policies, halves, folds, seed)
+    # What was served is measured, not estimated: its mean reward (every field says the same).
+    served = np.array([row.reward for row in rows])
+    interval = _bootstrap(served, np.random.default_rng(seed))
+    estimates["logged"] = {"ips": float(served.mean()), "ips_ci95": interval, "snips": float(served.mean()),
+                           "snips_ci95": interval, "dr": float(served.mean()), "dr_ci95": interval, "mean_weight": 1.0}
     router = fit(rows, arms, name, prior, noise, explore)
     per_arm = {arm: {"rows": sum(row.arm == arm for row in rows),
                      "mean_reward": _mean([row.reward for row in rows if row.arm == arm])} for arm in arms}
     report = {"rows": len(rows), "arms": per_arm, "mean_reward": _mean([row.reward for row in rows]),
               "estimates": estimates, "prior": prior, "noise": noise, "explore": explore, "seed": seed}
     return router, report
-
-
-def _logged_probabilities(row: Logged, arms: Sequence[str]) -> np.ndarray:
-    """What is known of the logging policy at this row: its played arm's propensity (the rest
-    spread evenly; only the played arm's weight enters an estimate, and it is 1)."""
-    probs = np.full(len(arms), (1.0 - row.propensity) / max(len(arms) - 1, 1))
-    probs[list(arms).index(row.arm)] = row.propensity
-    return probs
 
 
 def _mean(values: Iterable[float]) -> float | None:

@@ -83,7 +83,7 @@ class Reloader:
         if self.sources.load_routers is not None:
             try:
                 routers = self.sources.load_routers()
-            except (OSError, ValueError, KeyError) as exc:
+            except Exception as exc:  # noqa: BLE001 - any bad router file: keep everything as it was
                 raise ReloadError(f"routers: {type(exc).__name__}: {exc}", "a router could not be loaded") from exc
 
         current = self.rewards.rewards

@@ -290,8 +290,8 @@ def serve(args) -> int:
         raise SystemExit(f"aligner: bad --profiles file: {exc}") from None
     try:
         routers = load_routers(args.models_dir)
-    except (OSError, ValueError, KeyError) as exc:
-        raise SystemExit(f"aligner: a router in --models-dir could not be loaded: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any bad router file stops the start with its reason
+        raise SystemExit(f"aligner: a router in --models-dir could not be loaded: {type(exc).__name__}: {exc}") from None
     store = open_store(args)
     try:
         helpers = build_helpers(args)

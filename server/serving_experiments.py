@@ -50,6 +50,7 @@ class ServingExperiments:
         self.store, self.metrics = store, metrics
         self.rng = rng or random.Random()  # draws for requests without a user
         self.routers: Mapping[str, BanditRouter] = dict(routers or {})  # `unit: router`; a reload swaps them
+        self._warned: set[tuple[str, str]] = set()  # (experiment, router) pairs whose arms differ, logged once
         self.reports = ExperimentReports()  # kept up to date: each reads only new rows
 
     async def assign(self, spec: AlignmentSpec, user: str | None, experiments: Mapping[str, Experiment],
@@ -83,9 +84,11 @@ class ServingExperiments:
         when it was trained on other arms (logged as a warning)."""
         router = self.routers.get(experiment.router or "")
         if router is not None and sorted(router.arms) != sorted(experiment.arm_names):
-            logger.warning("experiment %s: router %s was trained on arms %s, the experiment has %s; choosing by "
-                           "the weights until it is retrained", experiment.name, router.ref, router.arms,
-                           experiment.arm_names)
+            if (experiment.name, router.ref) not in self._warned:
+                self._warned.add((experiment.name, router.ref))
+                logger.warning("experiment %s: router %s was trained on arms %s, the experiment has %s; "
+                               "choosing by the weights until it is retrained", experiment.name, router.ref,
+                               router.arms, experiment.arm_names)
             router = None
         if router is None:
             return assign(experiment, None, self.rng)

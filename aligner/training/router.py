@@ -8,7 +8,7 @@ Rows: each trace of the experiment that has a rating (`POST /v1/alignment/feedba
 a user's later rating of the same answer replacing their earlier one. The context is the trace's
 conversation (`aligner.bandit.features`), the arm the trace's arm, the propensity the one the
 server logged with the choice (`alignment.experiment.propensity`); a trace without one (from
-before routers, or a hashed `unit: user` experiment) counts the arm's share of the logs.
+before propensities were logged) counts its arm's share of all the experiment's traces.
 
 The card (`README.md`, and `training` in `aligner_router.json`) gives the offline estimates of the
 router's policy, of each arm alone and of the logging policy, cross-fitted (`aligner.bandit.train_router`).
@@ -27,9 +27,11 @@ from aligner.bandit import BanditRouter, Logged, features, train_router
 from aligner.experiments import RATING_SCALES, normalised_rating
 
 
-def logged_rows(feedback: Iterable[Mapping[str, Any]], experiment: str) -> tuple[list[Logged], dict[str, int]]:
+def logged_rows(feedback: Iterable[Mapping[str, Any]], experiment: str,
+                served: Mapping[str, int] | None = None) -> tuple[list[Logged], dict[str, int]]:
     """The experiment's rated traces as `Logged` rows, from `Store.iter_feedback`'s items; and
-    counts of what was skipped."""
+    counts of what was skipped. `served`: how many of the experiment's traces (rated or not)
+    each arm has, the base of a missing propensity (default: the rated traces')."""
     ratings: dict[str, dict[Any, float]] = {}
     traces: dict[str, Mapping[str, Any]] = {}
     skipped: Counter = Counter()
@@ -47,7 +49,8 @@ def logged_rows(feedback: Iterable[Mapping[str, Any]], experiment: str) -> tuple
             who, anonymous = ("", anonymous), anonymous + 1
         ratings.setdefault(trace["id"], {})[who] = normalised_rating(rating, scale)  # the latest wins
         traces[trace["id"]] = trace
-    shares = Counter(t.get("arm") for t in traces.values())
+    shares = Counter(served) if served else Counter(t.get("arm") for t in traces.values())
+    total = sum(shares.values())
     rows = []
     for trace_id, by_user in ratings.items():
         trace = traces[trace_id]
@@ -59,7 +62,7 @@ def logged_rows(feedback: Iterable[Mapping[str, Any]], experiment: str) -> tuple
         if isinstance(logged, (int, float)) and 0 < logged <= 1:
             propensity = float(logged)
         else:
-            propensity = shares[arm] / len(traces)
+            propensity = shares[arm] / total if shares[arm] else 1.0 / max(len(shares), 1)
             skipped["propensity from the arm's share"] += 1
         reward = sum(by_user.values()) / len(by_user)
         rows.append(Logged(features(trace.get("conversation") or []), arm, propensity, reward))
@@ -98,7 +101,8 @@ def write_card(output: Path, router: BanditRouter, report: dict[str, Any], comma
 
 def run(store, experiment: str, output: Path, arms: list[str] | None = None, *, prior: float = 1.0,
         noise: float = 0.25, explore: float = 0.1, seed: int = 0, command: str = "") -> dict[str, Any]:
-    rows, skipped = logged_rows(store.iter_feedback(), experiment)
+    served = Counter(t["arm"] for t in store.experiment_traces(experiment) if t.get("arm"))
+    rows, skipped = logged_rows(store.iter_feedback(), experiment, served)
     if not rows:
         raise ValueError(f"experiment {experiment!r} has no rated requests in the store")
     arms = arms or sorted({row.arm for row in rows})

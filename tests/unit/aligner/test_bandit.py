@@ -95,7 +95,7 @@ def test_offline_estimates_recover_the_values_of_known_policies():
     # The best context policy is worth about 0.85; the router's, explore included, near it.
     assert est["router"]["dr"] > 0.75 and est["router"]["dr_ci95"][0] > max(est["arm:a@1"]["dr_ci95"][1],
                                                                            est["arm:b@1"]["dr_ci95"][1])
-    assert est["logged"]["ips"] == pytest.approx(np.mean([r.reward for r in rows]))
+    assert est["logged"]["dr"] == pytest.approx(np.mean([r.reward for r in rows]))  # measured, not estimated
     assert report["arms"]["a@1"]["rows"] + report["arms"]["b@1"]["rows"] == 1200
 
 
@@ -166,3 +166,34 @@ def test_train_router_from_a_sqlite_store(tmp_path):
     assert router.probabilities(features(convo("Write a Python function")), np.random.default_rng(0))[0][0] > 0.8
     card = (tmp_path / "models" / "picker" / "README.md").read_text()
     assert "| `router` |" in card and "aligner train-router ..." in card
+
+
+def test_estimates_with_three_arms_and_an_uneven_logging_policy():
+    """Logged 0.8 / 0.1 / 0.1 with each arm's propensity; the estimates of each arm alone find
+    their true means (0.7, 0.2, 0.9) and the served mean is the logs' own."""
+    rng = np.random.default_rng(5)
+    arms, means, logging = ["a@1", "b@1", "c@1"], [0.7, 0.2, 0.9], [0.8, 0.1, 0.1]
+    rows = []
+    for i in range(3000):
+        k = int(rng.choice(3, p=logging))
+        rows.append(Logged(features(convo((CODE + CHAT)[i % 12])), arms[k], logging[k], float(rng.random() < means[k])))
+    _, report = train_router(rows, arms, "r", explore=0.1)
+    est = report["estimates"]
+    for arm, truth in zip(arms, means, strict=True):
+        assert est[f"arm:{arm}"]["dr"] == pytest.approx(truth, abs=0.06)
+        assert est[f"arm:{arm}"]["ips_ci95"][0] - 0.02 <= truth <= est[f"arm:{arm}"]["ips_ci95"][1] + 0.02
+    assert est["logged"]["dr"] == pytest.approx(np.mean([r.reward for r in rows]))
+    assert est["router"]["dr"] > est["arm:a@1"]["dr"]  # it learns to play c, the best arm everywhere
+    with pytest.raises(ValueError, match="no rated requests on these arms"):
+        train_router(rows, ["d@1", "e@1"], "r")
+
+
+def test_weights_that_do_not_match_the_metadata_are_refused(tmp_path):
+    router = fit(simulated_logs(40), ["a@1", "b@1"], name="picker")
+    router.save(tmp_path / "picker")
+    other = fit(simulated_logs(40, seed=2), ["a@1", "b@1"], name="other")
+    other.save(tmp_path / "other")
+    # A reader between save()'s two renames: new weights beside the old metadata.
+    (tmp_path / "picker" / "router.npz").write_bytes((tmp_path / "other" / "router.npz").read_bytes())
+    with pytest.raises(ValueError, match="not those of version"):
+        BanditRouter.load(tmp_path / "picker")

@@ -172,3 +172,8 @@ def test_routers_reload_from_the_models_directory_and_a_bad_one_changes_nothing(
     with pytest.raises(ReloadError, match="routers: "):
         asyncio.run(reloader.reload())
     assert registry.rewards == before and len(swapped) == 1 and len(applied) == 1
+    fit([], ["a@1", "b@1"], name="picker").save(models / "picker")
+    (models / "picker" / "router.npz").write_bytes(b"PK not a zip")  # a truncated weights file
+    with pytest.raises(ReloadError, match="routers: ") as caught:
+        asyncio.run(reloader.reload())
+    assert caught.value.public == "a router could not be loaded" and len(swapped) == 1
