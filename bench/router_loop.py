@@ -44,7 +44,7 @@ import httpx
 import numpy as np
 
 from bench.launch import start_server, stop_server
-from bench.loop import bootstrap_ci, words
+from bench.loop import ask_all, bootstrap_ci, words
 
 MODEL = "SmolLM2-135M-Instruct"
 QUICK = ["In a few words, what is {topic}?", "Give a one-line definition of {topic}.",
@@ -131,20 +131,9 @@ def prompts() -> tuple[list[Prompt], list[Prompt], list[Prompt]]:
     return feedback[:48], feedback[48:96], held
 
 
-async def ask_all(base: str, prompts_: list[Prompt], alignment: dict, max_tokens: int, concurrency: int) -> list[dict]:
-    semaphore = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=900) as http:
-
-        async def one(p: Prompt) -> dict:
-            body = {"model": MODEL, "messages": [{"role": "user", "content": p.text}], "max_tokens": max_tokens,
-                    "temperature": 0.8, "seed": p.seed, "alignment": alignment}
-            async with semaphore:
-                r = await http.post(f"{base}/chat/completions", json=body)
-            if r.status_code != 200:
-                raise RuntimeError(f"{r.status_code} {r.text[:300]}")
-            return r.json()
-
-        return await asyncio.gather(*(one(p) for p in prompts_))
+def bodies(asked: list[Prompt], alignment: dict, max_tokens: int) -> list[dict]:
+    return [{"model": MODEL, "messages": [{"role": "user", "content": p.text}], "max_tokens": max_tokens,
+             "temperature": 0.8, "seed": p.seed, "alignment": alignment} for p in asked]
 
 
 def rate(user: TypeUser, asked: list[Prompt], answers: list[dict], policy: str, stage: str) -> list[dict]:
@@ -240,7 +229,7 @@ def main() -> None:
     try:
         def run(asked, alignment, policy, stage):
             t0 = time.monotonic()
-            answers = asyncio.run(ask_all(base, asked, alignment, args.max_tokens, args.concurrency))
+            answers = asyncio.run(ask_all(base, bodies(asked, alignment, args.max_tokens), args.concurrency))
             got = rate(user, asked, answers, policy, stage)
             rows.extend(got)
             stages[stage] = round(time.monotonic() - t0, 1)

@@ -184,8 +184,6 @@ def cmd_export_rm(args: argparse.Namespace) -> int:
 def cmd_export_prefs(args: argparse.Namespace) -> int:
     import sqlalchemy as sa
 
-    from aligner.store import Store, StoreError
-    from aligner.store.engine import resolve_url
     from aligner.training.export_prefs import export_preferences, parse_since
 
     def fail(message: str) -> SystemExit:
@@ -197,15 +195,7 @@ def cmd_export_prefs(args: argparse.Namespace) -> int:
         raise fail(str(exc)) from None
     if not 0 <= args.min_margin < float("inf"):
         raise fail(f"--min-margin must be a number >= 0, got {args.min_margin}")
-    shown = f"the store {_hide_password(args.store)}" if args.store else "the default store"
-    try:
-        url = resolve_url(args.store)
-        # Opening a SQLite path creates a store there: an export must not conjure an empty one.
-        if url.get_backend_name() == "sqlite" and not Path(url.database).is_file():
-            raise fail(f"no store at {url.database}")
-        store = Store.open(args.store)
-    except (ValueError, ImportError, StoreError, sa.exc.SQLAlchemyError) as exc:
-        raise fail(f"cannot open {shown}: {_first_line(exc)}") from None
+    store, shown = _open_existing_store(args.store, fail)
     try:
         summary = export_preferences(store, args.out, since=since, min_margin=args.min_margin,
                                      with_user=args.with_user, model=args.model)
@@ -222,8 +212,6 @@ def cmd_export_prefs(args: argparse.Namespace) -> int:
 def cmd_train_router(args: argparse.Namespace) -> int:
     import sqlalchemy as sa
 
-    from aligner.store import Store, StoreError
-    from aligner.store.engine import resolve_url
     from aligner.training.router import run, summary_line
 
     def fail(message: str) -> SystemExit:
@@ -234,14 +222,7 @@ def cmd_train_router(args: argparse.Namespace) -> int:
             raise fail(f"{flag} must be a number > 0, got {value}")
     if not 0.0 <= args.explore < 1.0:
         raise fail(f"--explore must be in [0, 1), got {args.explore}")
-    shown = f"the store {_hide_password(args.store)}" if args.store else "the default store"
-    try:
-        url = resolve_url(args.store)
-        if url.get_backend_name() == "sqlite" and not Path(url.database).is_file():
-            raise fail(f"no store at {url.database}")
-        store = Store.open(args.store)
-    except (ValueError, ImportError, StoreError, sa.exc.SQLAlchemyError) as exc:
-        raise fail(f"cannot open {shown}: {_first_line(exc)}") from None
+    store, shown = _open_existing_store(args.store, fail)
     try:
         result = run(store, args.experiment, Path(args.output), args.arms, prior=args.prior, noise=args.noise,
                      explore=args.explore, seed=args.seed,
@@ -254,6 +235,24 @@ def cmd_train_router(args: argparse.Namespace) -> int:
         store.close()
     print(summary_line(result))
     return 0
+
+
+def _open_existing_store(given: str | None, fail):
+    """(the store at `given`, how to name it in messages); `fail(message)` for an error. A SQLite
+    path that holds no store is an error: opening it would conjure an empty one."""
+    import sqlalchemy as sa
+
+    from aligner.store import Store, StoreError
+    from aligner.store.engine import resolve_url
+
+    shown = f"the store {_hide_password(given)}" if given else "the default store"
+    try:
+        url = resolve_url(given)
+        if url.get_backend_name() == "sqlite" and not Path(url.database).is_file():
+            raise fail(f"no store at {url.database}")
+        return Store.open(given), shown
+    except (ValueError, ImportError, StoreError, sa.exc.SQLAlchemyError) as exc:
+        raise fail(f"cannot open {shown}: {_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:

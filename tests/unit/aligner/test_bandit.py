@@ -197,3 +197,16 @@ def test_weights_that_do_not_match_the_metadata_are_refused(tmp_path):
     (tmp_path / "picker" / "router.npz").write_bytes((tmp_path / "other" / "router.npz").read_bytes())
     with pytest.raises(ValueError, match="not those of version"):
         BanditRouter.load(tmp_path / "picker")
+
+
+def test_the_command_refuses_what_it_cannot_use(tmp_path):
+    from aligner.training.cli import main
+
+    base = ["train-router", "--experiment", "pick", "--output", str(tmp_path / "r")]
+    with pytest.raises(SystemExit, match="no store at"):
+        main(base + ["--store", f"sqlite:///{tmp_path / 'missing.db'}"])
+    assert not (tmp_path / "missing.db").exists()
+    for flag, value, why in (("--explore", "1.0", "--explore must be in"), ("--noise", "0", "--noise must be"),
+                             ("--prior", "nan", "--prior must be")):
+        with pytest.raises(SystemExit, match=why):
+            main(base + ["--store", f"sqlite:///{tmp_path / 'missing.db'}", flag, value])
