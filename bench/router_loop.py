@@ -1,12 +1,12 @@
 """The learned router against each fixed arm, with a simulated user whose preference differs by
 prompt type (issue 42, item 2):
 
-    python -m bench.router_loop --output bench/raw/router_loop      # about 10 minutes on 2 CPU cores
+    python -m bench.router_loop --output bench/raw/router_loop      # about 12 minutes on 2 CPU cores
 
-One server, a temporary SQLite store and models directory, two arms of equal compute
-(best-of-4 at 64 tokens): `brief@1` keeps the shortest sample (`length_penalty`), `full@1` the
-longest (`words`, a regex reward counting words). The experiment `route` (`unit: router`,
-exploration floor 0.1) serves both.
+One server, a temporary SQLite store and models directory, two arms of best-of-4 at 128 tokens:
+`brief@1` is the shipped `concise` recipe (a terse in-context template, then the shortest
+sample), `full@1` keeps the longest sample (`words`, a regex reward counting words). The
+experiment `route` (`unit: router`, exploration floor 0.1) serves both.
 
 The user (`TypeUser`) asked either a *quick* question ("In a few words, what is {topic}?") and
 rates short answers best, or a *detailed* one ("Write a detailed explanation of {topic} ...")
@@ -14,15 +14,16 @@ and rates long answers best; each arm is therefore best on one type and worst on
 no fixed arm can be best everywhere. It is a rule on word counts, transparent, and the only
 judge; the router never sees it, only the ratings it posts.
 
-Rounds: (1) 48 feedback prompts through the experiment before any router exists (arms drawn
-50/50), rated; `aligner train-router`; reload. (2) 48 more feedback prompts through the experiment,
-now routed, rated; retrain on all ratings; reload. After each training, the held-out prompts
+Rounds (`--rounds`, default 3): 48 feedback prompts through the experiment (the first round
+before any router exists: arms drawn 50/50), rated; `aligner train-router` on every rating so
+far; reload. After each training, the held-out prompts
 (topics no feedback prompt used, and per type one template no feedback prompt used) are asked
 through the experiment; they are also asked of each fixed arm, with the same seeds. Nothing
 about held-out prompts is rated or stored as feedback.
 
 Reported: the user's mean rating (1-5) on held-out prompts per policy with a bootstrap 95%
-interval over prompts, per prompt type, and the paired difference router - best fixed arm.
+interval over prompts, per prompt type, and the paired difference router - best fixed arm;
+and the oracle: each prompt answered by the better fixed arm for its type (the ceiling).
 Raw answers, ratings and the router cards go to `--output`.
 """
 
@@ -60,11 +61,22 @@ TOPICS = ["photosynthesis", "inflation", "a black hole", "the immune system", "m
           "public libraries", "chess openings", "a sourdough starter", "bird migration", "the piano",
           "a wind turbine"]
 PROFILES = """\
+templates:
+  terse:
+    system: >-
+      You are a concise assistant. Answer in at most three sentences, or a short list when
+      steps are needed. No preamble, no repetition.
+    examples:
+      - ["What is the boiling point of water?", "100 °C (212 °F) at sea level; lower at altitude."]
+      - ["How do I undo my last git commit but keep the changes?", "Run `git reset --soft HEAD~1`: the commit is removed and its changes stay staged."]
 profiles:
   brief:
     - version: 1
-      description: Best of four samples, the shortest.
-      alignment: {strategy: best_of_n, n: 4, reward: {length_penalty: 1.0}}
+      description: The shipped `concise` recipe - a terse in-context template, then the shortest of four.
+      alignment:
+        pipeline:
+          - {strategy: urial, template: terse}
+          - {strategy: best_of_n, n: 4, reward: {length_penalty: 1.0}}
   full:
     - version: 1
       description: Best of four samples, the longest.
@@ -91,14 +103,14 @@ class Prompt:
 
 @dataclass(frozen=True)
 class TypeUser:
-    """Quick questions: 5 stars at <= 15 words, 1 at >= 45; detailed ones: 5 at >= 45 words, 1
-    at <= 12; linear between. Fewer than 2 words is no answer: 1.
+    """Quick questions: 5 stars at <= 20 words, 1 at >= 60; detailed ones: 1 at <= 20 words, 5
+    at >= 80; linear between. Fewer than 2 words is no answer: 1.
 
     >>> u = TypeUser()
-    >>> [u.rating("quick", " ".join(["w"] * n)) for n in (1, 10, 30, 60)]
+    >>> [u.rating("quick", " ".join(["w"] * n)) for n in (1, 10, 40, 60)]
     [1.0, 5.0, 3.0, 1.0]
-    >>> [u.rating("detailed", " ".join(["w"] * n)) for n in (10, 12, 45, 60)]
-    [1.0, 1.0, 5.0, 5.0]
+    >>> [u.rating("detailed", " ".join(["w"] * n)) for n in (10, 20, 50, 90)]
+    [1.0, 1.0, 3.0, 5.0]
     """
 
     def rating(self, kind: str, text: str) -> float:
@@ -106,13 +118,13 @@ class TypeUser:
         if n < 2:
             return 1.0
         if kind == "quick":
-            return float(np.clip(5.0 - 4.0 * (n - 15) / 30, 1.0, 5.0))
-        return float(np.clip(1.0 + 4.0 * (n - 12) / 33, 1.0, 5.0))
+            return float(np.clip(5.0 - 4.0 * (n - 20) / 40, 1.0, 5.0))
+        return float(np.clip(1.0 + 4.0 * (n - 20) / 60, 1.0, 5.0))
 
 
-def prompts() -> tuple[list[Prompt], list[Prompt], list[Prompt]]:
-    """(feedback round 1, feedback round 2, held out): feedback prompts use the first 28 topics
-    and templates 0-2; held-out prompts the last 12 topics, every template (3 unseen)."""
+def prompts() -> tuple[list[list[Prompt]], list[Prompt]]:
+    """(three feedback rounds of 48, 48 held out): feedback prompts use the first 28 topics and
+    templates 0-2; held-out prompts the last 12 topics, every template (3 unseen)."""
     feedback, held_out = [], []
     seed = 0
     for t, topic in enumerate(TOPICS):
@@ -128,7 +140,7 @@ def prompts() -> tuple[list[Prompt], list[Prompt], list[Prompt]]:
     order = rng.permutation(len(feedback))
     feedback = [feedback[i] for i in order]
     held = [held_out[i] for i in rng.permutation(len(held_out))][:48]
-    return feedback[:48], feedback[48:96], held
+    return [feedback[k:k + 48] for k in (0, 48, 96)], held
 
 
 def bodies(asked: list[Prompt], alignment: dict, max_tokens: int) -> list[dict]:
@@ -198,6 +210,12 @@ def summarise(rows: list[dict]) -> dict:
         out[stage] = cell
     fixed = [s for s in policies if s.startswith("held-out fixed")]
     best = max(fixed, key=lambda s: out[s]["all"][0])
+    # The oracle: each prompt's better fixed arm for its type (what a router that knew the
+    # user's rule would play, without exploration).
+    by_kind = {kind: max(fixed, key=lambda s: out[s][kind][0]) for kind in ("quick", "detailed")}
+    kinds = [r["kind"] for r in sorted((r for r in held if r["stage"] == best), key=lambda r: r["seed"])]
+    oracle = [by_prompt[by_kind[k]][i] for i, k in enumerate(kinds)]
+    out["oracle (the better arm per type)"] = {"all": bootstrap_ci(oracle), "arms": by_kind}
     for stage in policies:
         if "router" in stage:
             diff = np.array(by_prompt[stage]) - np.array(by_prompt[best])
@@ -208,7 +226,8 @@ def summarise(rows: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=Path("bench/raw/router_loop"))
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3, choices=(1, 2, 3), help="feedback rounds of 48")
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
@@ -218,7 +237,7 @@ def main() -> None:
     (work / "profiles.yaml").write_text(PROFILES)
     store_url = f"sqlite:///{work / 'store.db'}"
     user = TypeUser()
-    round1, round2, held = prompts()
+    rounds, held = prompts()
     started = time.monotonic()
     server = start_server(work, "--max-model-len", "1024", "--reward-model", r"words=regex:\S+",
                           "--models-dir", str(models), "--store", store_url, "--store-traces",
@@ -237,19 +256,17 @@ def main() -> None:
 
         for arm in ARMS:
             run(held, {"profile": arm}, arm, f"held-out fixed {arm}")
-        got = run(round1, {"experiment": "route"}, "experiment", "feedback 1 (untrained: 50/50)")
-        wait_for_traces(work / "store.db", [r["id"] for r in got])
-        post_ratings(base, got)
-        first = train(store_url, models, base, args.output, "1")
-        run(held, {"experiment": "route"}, "router", "held-out router after 48 ratings")
-        got = run(round2, {"experiment": "route"}, "experiment", "feedback 2 (routed)")
-        wait_for_traces(work / "store.db", [r["id"] for r in got])
-        post_ratings(base, got)
-        second = train(store_url, models, base, args.output, "2")
-        run(held, {"experiment": "route"}, "router", "held-out router after 96 ratings")
+        trained = {}
+        for k, asked in enumerate(rounds[:args.rounds], start=1):
+            how = "untrained: by the weights" if k == 1 else "routed"
+            got = run(asked, {"experiment": "route"}, "experiment", f"feedback {k} ({how})")
+            wait_for_traces(work / "store.db", [r["id"] for r in got])
+            post_ratings(base, got)
+            trained[str(k)] = train(store_url, models, base, args.output, str(k))
+            run(held, {"experiment": "route"}, "router", f"held-out router after {48 * k} ratings")
     finally:
         stop_server(server)
-    summary = {"summary": summarise(rows), "training": {"1": first, "2": second}, "stage_seconds": stages,
+    summary = {"summary": summarise(rows), "training": trained, "stage_seconds": stages,
                "total_seconds": round(time.monotonic() - started, 1), "max_tokens": args.max_tokens,
                "held_out_prompts": len(held)}
     with open(args.output / "answers.jsonl", "w") as f:

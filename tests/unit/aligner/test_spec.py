@@ -57,7 +57,7 @@ def test_a_control_field_of_the_wrong_type_names_itself(raw, param):
 class Arms:
     """An `ExperimentArms` that gives every user of experiment "tone" the arm tone@2."""
 
-    async def assign(self, spec, user, experiments):
+    async def assign(self, spec, user, experiments, messages=None):
         from aligner.experiments import Assignment
 
         if spec.experiment is None:

@@ -12,10 +12,10 @@ def topic_of(text: str) -> str:
 
 
 def test_held_out_prompts_are_new_topics_and_include_unseen_templates():
-    first, second, held = prompts()
-    assert len(first) == len(second) == len(held) == 48
-    feedback = first + second
-    assert len({p.text for p in feedback}) == 96 and not {p.seed for p in feedback} & {p.seed for p in held}
+    rounds, held = prompts()
+    assert [len(r) for r in rounds] == [48, 48, 48] and len(held) == 48
+    feedback = [p for r in rounds for p in r]
+    assert len({p.text for p in feedback}) == 144 and not {p.seed for p in feedback} & {p.seed for p in held}
     assert not {topic_of(p.text) for p in feedback} & {topic_of(p.text) for p in held}
     assert all(p.template < 3 for p in feedback) and any(p.template == 3 for p in held)
     assert {p.kind for p in held} == {"quick", "detailed"}
@@ -24,7 +24,7 @@ def test_held_out_prompts_are_new_topics_and_include_unseen_templates():
 
 
 def test_each_prompt_type_prefers_the_other_arm():
-    user, short, long = TypeUser(), "Paris is the capital.", " ".join(["word"] * 50)
+    user, short, long = TypeUser(), "Paris is the capital.", " ".join(["word"] * 90)
     assert user.rating("quick", short) > user.rating("quick", long)
     assert user.rating("detailed", long) > user.rating("detailed", short)
 
@@ -41,5 +41,8 @@ def test_the_summary_compares_the_router_with_the_best_fixed_arm():
     assert summary["held-out fixed full@1"]["all"][0] == 3.5 and summary["held-out fixed brief@1"]["all"][0] == 3.0
     diff = summary["held-out router x"]["minus_best_fixed"]
     assert diff["best_fixed"] == "held-out fixed full@1" and diff["diff"][0] == 1.5
+    oracle = summary["oracle (the better arm per type)"]
+    assert oracle["all"][0] == 5.0 and oracle["arms"] == {"quick": "held-out fixed brief@1",
+                                                          "detailed": "held-out fixed full@1"}
     assert summary["held-out router x"]["arm_shares"] == {"quick": {"brief@1": 5, "full@1": 0},
                                                           "detailed": {"brief@1": 0, "full@1": 5}}
