@@ -1,7 +1,8 @@
 // The dashboard's experiments: the profiles file's experiments (GET /v1/alignment/experiments)
 // and one's report from the store (GET /v1/alignment/experiments/{name}): per arm its requests,
 // rating, win rate, reward, tokens and latency with 95% intervals, and each arm against the first;
-// the sample-ratio check of the split and the count of repeated judgements ignored.
+// the sample-ratio check of the split (or, for a router's experiment, why its arms are not
+// comparable) and the count of repeated judgements ignored.
 
 import { api } from "./api.js";
 import { barChart } from "./charts.js";
@@ -53,6 +54,13 @@ function checksView(report) {
         + "follow the weights (a sticky arm from earlier weights, lost traces, a broken assignment): "
         + "do not read the comparison until it is explained.")
       : el("p", { class: "muted sample-ratio" }, `${text}: no mismatch.`));
+  }
+  const experiment = report.experiment || {};
+  if (experiment.unit === "router") {
+    lines.push(el("p", { class: "muted router-note" }, `Each request's arm is chosen by the learned router `
+      + `${experiment.router} (at least ${Math.round((experiment.explore ?? 0) * 100)}% spread evenly): the arms answer `
+      + "different requests, so these per-arm numbers and comparisons are not a randomized comparison. Compare "
+      + "policies with the router card's offline estimates (aligner train-router)."));
   }
   if (report.repeats_ignored) {
     lines.push(el("p", { class: "muted repeats" }, `${report.repeats_ignored} repeated judgement(s) ignored: `

@@ -407,6 +407,10 @@ profiles:
 experiments:
   tone-test:
     arms: [{profile: tone@1, weight: 1}, {profile: tone@2, weight: 1}]
+  x-routed:
+    unit: router
+    router: x-router
+    arms: [{profile: tone@1}, {profile: tone@2}]
 """
 
 
@@ -515,6 +519,28 @@ def test_the_dashboard_shows_an_experiments_arms_as_the_server_reports_them(serv
     units = report["sample_ratio"]["units"]
     assert srm.startswith(f"Sample ratio: tone@1 {units['tone@1']}, tone@2 {units['tone@2']} units;")
     assert ("MISMATCH" in srm) == report["sample_ratio"]["mismatch"]
+    assert console_errors(driver) == []
+
+
+def test_a_routed_experiment_says_its_arms_are_not_a_randomized_comparison(served_with_store, driver):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
+
+    base = served_with_store.url
+    for i in range(4):
+        answer = httpx.post(f"{base}/v1/chat/completions", headers=AUTH, json={
+            "model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+            "alignment": {"experiment": "x-routed"}}).json()
+        assert answer["alignment"]["experiment"]["unit"] == "router"
+    open_with_key(driver, base)
+    driver.find_element(By.ID, "nav-dashboard").click()
+    wait_for(driver, "document.querySelector('table.experiment-arms')")
+    Select(driver.find_element(By.ID, "experiment-name")).select_by_value("x-routed")
+    driver.find_element(By.CSS_SELECTOR, "#experiment-form button, #experiment-form [type=submit]").click()
+    wait_for(driver, "document.querySelector('#experiment-body p.router-note')")
+    note = driver.find_element(By.CSS_SELECTOR, "#experiment-body p.router-note").text
+    assert "learned router x-router (at least 10% spread evenly)" in note and "not a randomized comparison" in note
+    assert not driver.find_elements(By.CSS_SELECTOR, "#experiment-body p.sample-ratio")
     assert console_errors(driver) == []
 
 
