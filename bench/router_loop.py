@@ -228,6 +228,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("bench/raw/router_loop"))
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3, choices=(1, 2, 3), help="feedback rounds of 48")
+    parser.add_argument("--smoke", action="store_true",
+                        help="toy size, for CI: one round of 8 feedback prompts, 8 held out, 8 tokens")
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
@@ -238,6 +240,8 @@ def main() -> None:
     store_url = f"sqlite:///{work / 'store.db'}"
     user = TypeUser()
     rounds, held = prompts()
+    if args.smoke:
+        rounds, held, args.rounds, args.max_tokens = [r[:8] for r in rounds], held[:8], 1, 8
     started = time.monotonic()
     server = start_server(work, "--max-model-len", "1024", "--reward-model", r"words=regex:\S+",
                           "--models-dir", str(models), "--store", store_url, "--store-traces",
@@ -263,7 +267,7 @@ def main() -> None:
             wait_for_traces(work / "store.db", [r["id"] for r in got])
             post_ratings(base, got)
             trained[str(k)] = train(store_url, models, base, args.output, str(k))
-            run(held, {"experiment": "route"}, "router", f"held-out router after {48 * k} ratings")
+            run(held, {"experiment": "route"}, "router", f"held-out router after {len(asked) * k} ratings")
     finally:
         stop_server(server)
     summary = {"summary": summarise(rows), "training": trained, "stage_seconds": stages,

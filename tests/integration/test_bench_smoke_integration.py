@@ -72,3 +72,15 @@ def test_guided_bench_times_every_arm_and_the_hugging_face_loop(tmp_path):
     assert set(results) == {"plain", "genarm", "args k=10", "HF per-request ARGS loop"}
     assert all(row["1"] > 0 for row in results.values()), results
     assert "vs plain" in proc.stdout
+
+
+def test_router_loop_trains_a_router_and_compares_it_with_each_arm(tmp_path):
+    bench("bench.router_loop", "--smoke", "--output", str(tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["summary"]) == {"held-out fixed brief@1", "held-out fixed full@1",
+                                       "held-out router after 8 ratings", "oracle (the better arm per type)"}
+    assert summary["training"]["1"]["version"] and (tmp_path / "router-card-1.md").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    routed = [r for r in rows if r["stage"] == "held-out router after 8 ratings"]
+    assert len(routed) == 8 and all(r["router"] == f"route-router@{summary['training']['1']['version']}"
+                                    for r in routed)

@@ -121,3 +121,8 @@ def test_feedback_trains_the_next_reward_model_which_a_reload_swaps_in(loop):
     assert failed.status_code == 422 and "loop-rm" in failed.json()["error"]["message"]
     third = ask(server, "loop-rm", PROMPTS[0], 100)
     assert third["alignment"]["reward_versions"] == second["alignment"]["reward_versions"]
+
+    # The shared server stays reloadable for the modules after this one: the bad copy goes.
+    shutil.rmtree(models / "loop-rm")
+    cleaned = httpx.post(f"{server.v1}/alignment/reload", timeout=300, headers=server.headers())
+    assert cleaned.status_code == 200 and cleaned.json()["rewards"]["removed"] == ["loop-rm"], cleaned.text
