@@ -107,7 +107,6 @@ def features(messages: Sequence[Mapping[str, Any]]) -> np.ndarray:
 class Choice:
     arm: str
     propensity: float
-    probabilities: dict[str, float]
 
 
 @dataclass
@@ -151,7 +150,7 @@ class BanditRouter:
             index = int(rng.integers(len(self.arms)))
         else:
             index = int(winners[rng.integers(len(winners))])
-        return Choice(self.arms[index], float(probs[index]), dict(zip(self.arms, map(float, probs), strict=True)))
+        return Choice(self.arms[index], float(probs[index]))
 
     # -- files ------------------------------------------------------------------------------
 

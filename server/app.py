@@ -97,8 +97,7 @@ def build_app(
                                  store=app.state.serving_store)
     app.state.completion = ServingCompletion(engine, config, admission, metrics)
     app.state.responses = ServingResponses(app.state.chat)
-    if app.state.chat.experiments is not None:
-        app.state.chat.experiments.routers = dict(routers or {})
+    _apply_routers(app, dict(routers or {}))
     app.state.reloader = Reloader(rewards, reload_sources, apply_profiles=lambda new: _apply_profiles(app, new),
                                   guides_at_start=dict(guides_at_start or {}),
                                   apply_routers=lambda new: _apply_routers(app, new)) if reload_sources else None

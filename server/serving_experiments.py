@@ -45,11 +45,10 @@ NO_STORE = ("this server keeps no store, and an experiment's report is counted f
 
 
 class ServingExperiments:
-    def __init__(self, store: ServingStore, metrics: ServerMetrics, rng: random.Random | None = None,
-                 routers: Mapping[str, BanditRouter] | None = None):
+    def __init__(self, store: ServingStore, metrics: ServerMetrics, rng: random.Random | None = None):
         self.store, self.metrics = store, metrics
         self.rng = rng or random.Random()  # draws for requests without a user
-        self.routers: Mapping[str, BanditRouter] = dict(routers or {})  # `unit: router`; a reload swaps them
+        self.routers: Mapping[str, BanditRouter] = {}  # `unit: router`: set at start, swapped by a reload
         self._warned: set[tuple[str, str]] = set()  # (experiment, router) pairs whose arms differ, logged once
         self.reports = ExperimentReports()  # kept up to date: each reads only new rows
 

@@ -296,7 +296,8 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arms", nargs="+", default=None, metavar="PROFILE",
                         help="the arms (profile versions), in order (default: those in the logs)")
     parser.add_argument("--explore", type=float, default=0.1,
-                        help="exploration floor: the share of requests spread evenly over the arms (default 0.1)")
+                        help="the exploration floor the card's estimate of the router assumes (default 0.1); "
+                        "serving uses the experiment's `explore`")
     parser.add_argument("--prior", type=float, default=1.0, help="prior precision of each arm's weights")
     parser.add_argument("--noise", type=float, default=0.25,
                         help="Thompson sampling's noise scale (rewards are on [0, 1])")

@@ -16,7 +16,6 @@ router's policy, of each arm alone and of the logging policy, cross-fitted (`ali
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -35,7 +34,6 @@ def logged_rows(feedback: Iterable[Mapping[str, Any]], experiment: str,
     ratings: dict[str, dict[Any, float]] = {}
     traces: dict[str, Mapping[str, Any]] = {}
     skipped: Counter = Counter()
-    anonymous = 0
     for item in feedback:
         row, trace = item["feedback"], item["trace"]
         if trace.get("experiment") != experiment or row.get("kind") != "rating":
@@ -44,9 +42,7 @@ def logged_rows(feedback: Iterable[Mapping[str, Any]], experiment: str,
         if scale not in RATING_SCALES or not isinstance(rating, (int, float)) or not math.isfinite(rating):
             skipped["unreadable rating"] += 1
             continue
-        who = row.get("user")
-        if who is None:  # anonymous ratings all count
-            who, anonymous = ("", anonymous), anonymous + 1
+        who = row.get("user") or ("anonymous", row["id"])  # anonymous ratings all count
         ratings.setdefault(trace["id"], {})[who] = normalised_rating(rating, scale)  # the latest wins
         traces[trace["id"]] = trace
     shares = Counter(served) if served else Counter(t.get("arm") for t in traces.values())
@@ -123,6 +119,3 @@ def summary_line(result: Mapping[str, Any]) -> str:
         parts.append(f"best single arm {best[4:]} DR {est[best]['dr']:.3f}")
     return ", ".join(parts) + f" -> {result['output']}"
 
-
-def dumps(result: Mapping[str, Any]) -> str:
-    return json.dumps(result, indent=2, default=float)

@@ -13,11 +13,11 @@ import json
 import sqlite3
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
+from bench.router_loop import wait_for_traces
 from tests.conftest import MODEL, STORE_SERVER_KEY
 
 pytestmark = pytest.mark.integration
@@ -45,17 +45,6 @@ def ask_many(server, per_kind: int) -> list[dict]:
     jobs = [(kind, i) for i in range(per_kind) for kind in ("code", "chat")]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         return list(pool.map(lambda job: ask(server, *job), jobs))
-
-
-def wait_for_traces(db_path, ids: list[str]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as conn:
-            marks = ",".join("?" * len(ids))
-            if conn.execute(f"SELECT COUNT(*) FROM traces WHERE id IN ({marks})", ids).fetchone()[0] == len(ids):
-                return
-        time.sleep(0.2)
-    raise AssertionError("the traces were not written within 60 s")
 
 
 def test_a_router_learns_from_ratings_and_changes_its_choices(store_server):
