@@ -47,6 +47,12 @@ class ClassifierTrainingConfig:
         default_factory=list,
         metadata={"help": "Held-out other-class sources, scored after training (false-positive rate)."},
     )
+    exclude: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Prompt files whose texts are dropped from training and validation, whichever class "
+                  "holds them (e.g. a source's first turns that carry no request: bench.content_free's list). "
+                  "The card counts what each source lost."},
+    )
     wrappers: str = field(
         default="",
         metadata={"help": "A JSONL file of jailbreak-style wrappers ({\"template\": \"... {request} ...\"}): every "
@@ -126,6 +132,7 @@ def load_prompts(config: ClassifierTrainingConfig) -> Prompts:
             source = ps.PromptSource.parse(spec)
             report[source.name] = (label, ps.load_prompts(source, config.seed))
     held_out = {t for _, texts in report.values() for t in texts}
+    excluded = {t for spec in config.exclude for t in ps.load_prompts(ps.PromptSource.parse(spec), config.seed)}
     stats: dict[str, Any] = {"sources": {}}
     classes = {}
     for label, sources in (("positive", config.positive), ("negative", config.negative)):
@@ -134,7 +141,10 @@ def load_prompts(config: ClassifierTrainingConfig) -> Prompts:
             source = ps.PromptSource.parse(spec)
             found = ps.load_prompts(source, config.seed)
             kept = [t for t in found if t not in held_out]
-            stats["sources"][source.name] = {"class": label, "prompts": len(found), "in_report_sets": len(found) - len(kept)}
+            allowed = [t for t in kept if t not in excluded]
+            stats["sources"][source.name] = {"class": label, "prompts": len(found), "in_report_sets": len(found) - len(kept),
+                                             "excluded": len(kept) - len(allowed)}
+            kept = allowed
             texts.update(dict.fromkeys(kept))
         classes[label] = texts
     both = set(classes["positive"]) & set(classes["negative"])

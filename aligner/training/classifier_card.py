@@ -16,14 +16,20 @@ def _count(m: dict[str, Any]) -> str:
     return f"{m['flagged']} / {m['n']} ({_pct(m['rate'])})"
 
 
+def source_lines(data: dict[str, Any]) -> str:
+    """One line per training source: its class, its distinct texts and what was dropped from it."""
+    return "\n".join(
+        f"- `{source}` ({s['class']}): {s['prompts']} distinct {'pairs' if data.get('pairs') else 'prompts'}"
+        + (f", {s['in_report_sets']} dropped because a report set holds them" if s["in_report_sets"] else "")
+        + (f", {s['excluded']} dropped because an exclusion list holds them" if s.get("excluded") else "")
+        for source, s in data["sources"].items()
+    )
+
+
 def render_classifier_card(name: str, record: dict[str, Any]) -> str:
     config, train, data = record["config"], record["train"], record["data"]
     val, threshold = record.get("validation"), record.get("threshold")
-    sources = "\n".join(
-        f"- `{source}` ({s['class']}): {s['prompts']} distinct {'pairs' if data.get('pairs') else 'prompts'}"
-        + (f", {s['in_report_sets']} dropped because a report set holds them" if s["in_report_sets"] else "")
-        for source, s in data["sources"].items()
-    )
+    sources = source_lines(data)
     if data.get("pairs"):
         head = (
             f"# {name}\n\nAn answer classifier for an output rail (\"does this answer serve a harmful request?\"), "

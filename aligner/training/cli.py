@@ -96,6 +96,7 @@ def add_classifier_arguments(parser: argparse.ArgumentParser) -> None:
     flag(parser, "base")
     flag(parser, "output", required=True)
     data = parser.add_argument_group("data and threshold")
+    flag(data, "exclude", nargs="*", metavar="PATH[#SELECT]")
     flag(data, "wrappers", metavar="JSONL")
     flag(data, "max_length", type=int)
     flag(data, "val_fraction", type=float)
