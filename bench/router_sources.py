@@ -31,10 +31,16 @@ SETS_DIR = Path("bench/sets")  # the contrast sets; bench commands run from the 
 SHIPPED_MAX_VAL_FPR = 0.02
 
 
-def recipe(data: Path, sets: Path) -> dict[str, dict[str, str]]:
+# harmful-request-v5's additions (`--chat-turns`): benign chat turns, and the HH-RLHF openers
+# made only of their words left out of the harmful class (bench.content_free).
+CHAT_TURNS = SETS_DIR / "chat_turns_train.jsonl"
+CONTENT_FREE = SETS_DIR / "hh_content_free.jsonl"
+
+
+def recipe(data: Path, sets: Path, chat_turns: bool = False) -> dict[str, dict[str, str]]:
     """Training sources by class: name -> prompt source spec."""
     alpaca = data / "prefs/alpaca_eval_gpt4turbo.jsonl.gz"
-    return {
+    sources = {
         "positive": {"do_not_answer": str(data / "prompts/do_not_answer.jsonl"),
                      "hh_harmless": str(data / "prefs/hh_harmless.jsonl.gz"),
                      "advbench": str(sets / "advbench.jsonl"),
@@ -43,6 +49,9 @@ def recipe(data: Path, sets: Path) -> dict[str, dict[str, str]]:
                      "contrast_train": str(SETS_DIR / "contrast_train.jsonl"),
                      "pairs_benign": str(SETS_DIR / "pairs_benign.jsonl")},
     }
+    if chat_turns:
+        sources["negative"]["chat_turns_train"] = str(CHAT_TURNS)
+    return sources
 
 
 def report(data: Path, sets: Path) -> dict[str, list[str]]:
@@ -54,12 +63,13 @@ def report(data: Path, sets: Path) -> dict[str, list[str]]:
 
 
 def config_for(data: Path, sets: Path, output: Path, max_val_fpr: float, leave_out: str | None = None,
-               wrappers: Path | None = None):
+               wrappers: Path | None = None, chat_turns: bool = False):
     """The recipe's training config; with `leave_out`, that source is the only report set; with
-    `wrappers`, every training prompt also once wrapped (`harmful-request-v3`'s recipe)."""
+    `wrappers`, every training prompt also once wrapped (`harmful-request-v3`'s recipe); with
+    `chat_turns` as well, `harmful-request-v5`'s (its report sets aside)."""
     from aligner.training.classifier import ClassifierTrainingConfig
 
-    sources = recipe(data, sets)
+    sources = recipe(data, sets, chat_turns)
     kept = {label: [spec for name, spec in named.items() if name != leave_out] for label, named in sources.items()}
     if leave_out is None:
         held = report(data, sets)
@@ -68,15 +78,17 @@ def config_for(data: Path, sets: Path, output: Path, max_val_fpr: float, leave_o
         held = {"positive": [], "negative": [], label: [sources[label][leave_out]]}
     return ClassifierTrainingConfig(positive=kept["positive"], negative=kept["negative"],
                                     report_positive=held["positive"], report_negative=held["negative"],
-                                    output=str(output), max_val_fpr=max_val_fpr, wrappers=str(wrappers or ""))
+                                    output=str(output), max_val_fpr=max_val_fpr, wrappers=str(wrappers or ""),
+                                    exclude=[str(CONTENT_FREE)] if chat_turns else [])
 
 
-def fold_scores(data: Path, sets: Path, leave_out: str, scratch: Path, wrappers: Path | None = None) -> dict:
+def fold_scores(data: Path, sets: Path, leave_out: str, scratch: Path, wrappers: Path | None = None,
+                chat_turns: bool = False) -> dict:
     """Train without `leave_out`; the scores of the fold's validation prompts and of the source
-    (as written: a held-out source is never wrapped)."""
+    (as written: a held-out source is never wrapped, and an excluded prompt of it is scored too)."""
     from aligner.training.classifier import load_prompts, score_sets, train_classifier
 
-    config = config_for(data, sets, scratch, 0.05, leave_out, wrappers)
+    config = config_for(data, sets, scratch, 0.05, leave_out, wrappers, chat_turns)
     train_classifier(config)
     prompts = load_prompts(config)
     (label, texts), = prompts.report.values()
@@ -150,13 +162,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="JSON of the folds' scores and the rows")
     parser.add_argument("--wrappers", type=Path, default=None,
                         help="train with wrapped copies (bench/sets/wrappers_train.jsonl: harmful-request-v3's recipe)")
+    parser.add_argument("--chat-turns", action="store_true",
+                        help="add the benign chat turns and leave out the content-free HH-RLHF openers "
+                             "(with --wrappers: harmful-request-v5's recipe)")
     args = parser.parse_args(argv)
 
-    names = [n for named in recipe(args.data, args.sets).values() for n in named]
+    names = [n for named in recipe(args.data, args.sets, args.chat_turns).values() for n in named]
+    unknown = sorted(set(args.only or []) - set(names))
+    if unknown:
+        parser.error(f"--only names no source of the recipe: {', '.join(unknown)} (sources: {', '.join(names)})")
     folds = {}
     with tempfile.TemporaryDirectory(prefix="router-sources-") as scratch:
         for name in args.only or names:
-            folds[name] = fold_scores(args.data, args.sets, name, Path(scratch) / name, args.wrappers)
+            folds[name] = fold_scores(args.data, args.sets, name, Path(scratch) / name, args.wrappers, args.chat_turns)
             print(f"{name} out: trained", file=sys.stderr, flush=True)
     rows = rule_rows(folds, args.rules, args.max_fp)
     print(format_rows(rows, folds))

