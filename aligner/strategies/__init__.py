@@ -18,7 +18,7 @@ from aligner.strategies.base import (
     strategy_names,
 )
 
-_SUPPORT_MODULES = {"base", "common", "selection", "pipeline", "chat_calls", "templates", "route"}
+_SUPPORT_MODULES = {"base", "common", "selection", "pipeline", "chat_calls", "templates", "route", "stops"}
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _SUPPORT_MODULES:
         importlib.import_module(f"{__name__}.{_module.name}")

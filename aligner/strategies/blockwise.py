@@ -32,6 +32,7 @@ from aligner.strategies.base import (
 )
 from aligner.strategies.common import RewardField, generate_candidates, resolve_reward, reward_failed, score_candidates
 from aligner.strategies.selection import rank
+from aligner.strategies.stops import StopStrings
 from decoding.engine import SequenceDelta
 
 MAX_BLOCK_TOKENS = 256
@@ -75,7 +76,9 @@ class BlockSearch:
     def __init__(self, ctx: StrategyContext, params: BlockwiseParams):
         self.ctx, self.params = ctx, params
         self.accepted: list[int] = []
-        self.text = ""
+        self.text = ""  # the accepted tokens' text; the answer is it cut at a stop string
+        self.stops = StopStrings.of(ctx.sampling)
+        self.sent = 0  # characters of the answer streamed
         self.stages: list[StageReport] = []
         self.steps: list[dict] = []
         self.fallback: dict | None = None
@@ -105,6 +108,8 @@ class BlockSearch:
                 if keep < len(c.token_ids):
                     c.token_ids, c.finish_reason = c.token_ids[:keep], None
             c.text = ctx.engine.tokenizer.decode(self.accepted + c.token_ids)[len(self.text):]
+            if self.stops.cut(self.text + c.text)[1]:
+                c.finish_reason = "stop"
         return candidates
 
     async def step(self, step: int) -> Candidate | None:
@@ -118,7 +123,8 @@ class BlockSearch:
                 return None
             try:
                 self.stages.append(await score_candidates(
-                    self.ctx, self.params.reward, candidates, [self.text + c.text for c in candidates],
+                    self.ctx, self.params.reward, candidates,
+                    [self.stops.cut(self.text + c.text)[0] for c in candidates],
                     stage=f"score-{step}"))
             except BudgetExhausted:  # no time to choose among them: the answer is the accepted prefix
                 self.ctx.budget.skip(f"blockwise blocks from step {step}")
@@ -146,6 +152,17 @@ class BlockSearch:
         self.accepted += tokens
         self.text += text
 
+    @property
+    def answer(self) -> str:
+        return self.stops.cut(self.text)[0]
+
+    def unsent(self, finished: bool) -> str:
+        """The answer's text not streamed yet that can go now (a tail that may still begin a stop
+        string waits until the answer ends)."""
+        ready = self.stops.streamable(self.answer, finished)
+        text, self.sent = ready[self.sent:], max(self.sent, len(ready))
+        return text
+
     async def blocks(self) -> AsyncIterator[SequenceDelta]:
         step = 0
         while len(self.accepted) < self.limit:
@@ -156,10 +173,11 @@ class BlockSearch:
             if chosen is None:
                 return
             self.accept(chosen.token_ids, chosen.text)
-            if chosen.text:
-                yield SequenceDelta(0, chosen.text, list(chosen.token_ids), None, None)
+            ended = chosen.finish_reason == "stop" or not chosen.token_ids
+            if text := self.unsent(ended):
+                yield SequenceDelta(0, text, list(chosen.token_ids), None, None)
             step += 1
-            if chosen.finish_reason == "stop" or not chosen.token_ids:
+            if ended:
                 self.finish = "stop"
                 return
             if self.fallback:
@@ -174,9 +192,9 @@ class BlockSearch:
         self.stages.append(generated)
         rest = self.ctx.engine.tokenizer.decode(self.accepted + tail[0].token_ids)[len(self.text):]
         self.accept(tail[0].token_ids, rest)
-        self.finish = tail[0].finish_reason or "length"
-        if rest:
-            yield SequenceDelta(0, rest, list(tail[0].token_ids), None, None)
+        self.finish = "stop" if self.stops.cut(self.text)[1] else tail[0].finish_reason or "length"
+        if text := self.unsent(True):
+            yield SequenceDelta(0, text, list(tail[0].token_ids), None, None)
 
     def result(self) -> StrategyResult:
         generated = [s for s in self.stages if s.stage.startswith("block-")]
@@ -189,7 +207,7 @@ class BlockSearch:
         }
         if self.fallback:
             info["fallback"] = self.fallback
-        return StrategyResult(choices=[Candidate(0, self.text, self.accepted, self.finish)], stages=self.stages,
+        return StrategyResult(choices=[Candidate(0, self.answer, self.accepted, self.finish)], stages=self.stages,
                               info=info)
 
 
@@ -227,5 +245,7 @@ class BlockwiseStrategy(Strategy):
             async with contextlib.aclosing(search.finish_plainly()) as rest:
                 async for delta in rest:
                     yield delta
+        if text := search.unsent(True):  # a tail held back in case it began a stop string
+            yield SequenceDelta(0, text, [], None, None)
         yield SequenceDelta(0, "", [], None, search.finish)
         yield search.result()

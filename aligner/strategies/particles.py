@@ -51,6 +51,7 @@ from aligner.strategies.base import (
 )
 from aligner.strategies.common import RewardField, generate_candidates, resolve_reward, reward_failed, score_candidates
 from aligner.strategies.selection import rank, softmax, top_distinct
+from aligner.strategies.stops import StopStrings
 from decoding.engine import SequenceDelta
 
 MAX_BLOCK_TOKENS = 256
@@ -136,6 +137,12 @@ class StepSearch:
         self.rng = random.Random(ctx.sampling.seed)
         self.sent: list[int] = []  # tokens streamed so far
         self.sent_text = ""
+        self.stops = StopStrings.of(ctx.sampling)
+
+    def text_of(self, ids: list[int]) -> tuple[str, bool]:
+        """The answer these tokens spell, cut at a stop string, and whether one ended it (the
+        engine saw only this block: a string may start in an earlier one)."""
+        return self.stops.cut(self.ctx.engine.tokenizer.decode(ids))
 
     def select(self, pool: list[Particle]) -> tuple[list[int], dict]:
         raise NotImplementedError
@@ -170,10 +177,11 @@ class StepSearch:
             for j, c in enumerate(candidates):
                 parent = members[j // self.children]
                 ids = list(prefix) + list(c.token_ids)
-                finish = "stop" if c.finish_reason == "stop" or not c.token_ids else None
+                text, stopped = self.text_of(ids)
+                finish = "stop" if stopped or c.finish_reason == "stop" or not c.token_ids else None
                 if finish is None and len(ids) >= self.limit:
                     finish = "length"
-                children.append(Particle(ids, self.ctx.engine.tokenizer.decode(ids), None, finish, parent))
+                children.append(Particle(ids, text, None, finish, parent))
         return None if cut else children
 
     async def run(self) -> AsyncIterator[SequenceDelta]:
@@ -215,12 +223,13 @@ class StepSearch:
             if delta := self.advance(common_prefix([p.token_ids for p in self.kept])):
                 yield delta
 
-    def advance(self, tokens: list[int]) -> SequenceDelta | None:
+    def advance(self, tokens: list[int], finished: bool = False) -> SequenceDelta | None:
         """A delta for the streamed answer grown to `tokens` (held back while its text would
-        end inside a character), or None."""
-        if len(tokens) <= len(self.sent):
+        end inside a character, or, unless `finished`, in what may begin a stop string), or None."""
+        if len(tokens) < len(self.sent):
             return None
-        text = self.ctx.engine.tokenizer.decode(tokens)
+        text, stopped = self.text_of(tokens)
+        text = self.stops.streamable(text, finished or stopped)
         if text.endswith(REPLACEMENT) or not text.startswith(self.sent_text):
             return None
         delta = SequenceDelta(0, text[len(self.sent_text):], tokens[len(self.sent):], None, None)
@@ -235,7 +244,8 @@ class StepSearch:
         )
         self.stages.append(report)
         ids = particle.token_ids + tail[0].token_ids
-        return Particle(ids, self.ctx.engine.tokenizer.decode(ids), None, tail[0].finish_reason or "length")
+        text, stopped = self.text_of(ids)
+        return Particle(ids, text, None, "stop" if stopped else tail[0].finish_reason or "length")
 
     def best(self) -> int:
         return rank([p.score if p.score is not None else float("-inf") for p in self.kept])[0]
@@ -266,7 +276,7 @@ class StepSearch:
         if self.fallback and not chosen.finish and not self.ctx.budget.spent():
             chosen = await self.finish_plainly(chosen)
             self.kept = [chosen]
-        if delta := self.advance(chosen.token_ids):
+        if delta := self.advance(chosen.token_ids, finished=True):
             yield delta
         if self.sent_text != chosen.text:  # its text ends inside a character: send the rest as it is
             yield SequenceDelta(0, chosen.text[len(self.sent_text):], chosen.token_ids[len(self.sent):], None, None)

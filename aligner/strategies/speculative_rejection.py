@@ -37,6 +37,7 @@ from aligner.strategies.common import (
     score_candidates,
 )
 from aligner.strategies.selection import rank
+from aligner.strategies.stops import StopStrings
 
 
 class SpeculativeRejectionParams(StrategyParams):
@@ -134,9 +135,10 @@ class SpeculativeRejectionStrategy(Strategy):
             ctx, 1, stage=f"chunk-{step}-{c.index}", prompt_ids=ctx.prompt_ids + c.token_ids,
             max_tokens=room if final else min(params.chunk_tokens, room), seed=seed,
         )
-        c.text = ctx.engine.tokenizer.decode(c.token_ids + more.token_ids)
+        # The engine saw only this chunk: a stop string may start in an earlier one.
+        c.text, stopped = StopStrings.of(ctx.sampling).cut(ctx.engine.tokenizer.decode(c.token_ids + more.token_ids))
         c.token_ids = c.token_ids + more.token_ids
-        c.finish_reason = more.finish_reason
+        c.finish_reason = "stop" if stopped else more.finish_reason
         c.cut = c.cut or more.cut
         if not more.token_ids:
             stalled.add(c.index)  # an extension that produced nothing ends its candidate

@@ -228,3 +228,41 @@ def test_search_limits_are_400(server, alignment, extra, param):
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 8, "alignment": alignment, **extra}
     r = httpx.post(f"{server.v1}/chat/completions", json=body, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def chat_stream(server, body) -> tuple[str, str | None]:
+    """The streamed answer's text and its finish reason."""
+    text, finish = "", None
+    for event in stream_events(server, {**body, "stream": True})[1]:
+        for choice in event.get("choices", []):
+            text += choice["delta"].get("content") or ""
+            finish = choice.get("finish_reason") or finish
+    return text, finish
+
+
+@pytest.mark.parametrize("alignment", [{"strategy": "blockwise", "k": 1, "block_tokens": 4},
+                                       {"strategy": "beam_search", "n": 1, "k": 1, "block_tokens": 4},
+                                       {"strategy": "particle_filter", "n": 1, "block_tokens": 4}],
+                         ids=lambda a: a["strategy"])
+def test_a_stop_string_across_two_blocks_ends_the_answer(server, alignment):
+    """vLLM ends a sequence at a stop string only within one engine request; these strategies
+    join requests (blocks of 4 tokens here, greedy, one candidate: the answer is plain decoding's),
+    so a string made of the end of one block and the start of the next is theirs to find."""
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+            "alignment": {**alignment, "reward": "length_penalty", "return_candidates": True}}
+    r = httpx.post(f"{server.v1}/chat/completions", json=body, timeout=600)
+    assert r.status_code == 200, r.text
+    plain = r.json()["choices"][0]["message"]["content"]
+    report = r.json()["alignment"]
+    first = report["steps"][0]["candidates"][0]["text"]  # the first block (a particle's whole text so far)
+    assert plain.startswith(first) and len(plain) > len(first) + 3
+    stop = plain[len(first) - 3:len(first) + 3]  # three characters each side of the boundary
+    before = plain[:plain.index(stop)]
+    for include in (False, True):
+        extra = {"stop": [stop], "include_stop_str_in_output": include}
+        r = httpx.post(f"{server.v1}/chat/completions", json={**body, **extra}, timeout=600)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        expected = before + stop if include else before
+        assert (choice["message"]["content"], choice["finish_reason"]) == (expected, "stop"), stop
+        assert chat_stream(server, {**body, **extra}) == (expected, "stop")

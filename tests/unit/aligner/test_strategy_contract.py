@@ -797,3 +797,31 @@ async def test_logprobs_are_returned_for_every_answer_token_or_refused(name):
     result = await strategy.run(world.ctx, params)
     for choice in result.choices:
         assert choice.logprobs is not None and [lp.token_id for lp in choice.logprobs] == choice.token_ids, choice
+
+
+# Strategies that join engine requests into one answer: the engine sees a stop string only
+# inside one request, so a string across two blocks (or chunks) is theirs to find.
+JOINING = {"blockwise": 4, "particle_filter": 4, "beam_search": 4, "speculative_rejection": 3}  # -> block size
+
+
+@pytest.mark.parametrize("include", [False, True])
+@pytest.mark.parametrize("name", sorted(JOINING))
+async def test_a_stop_string_across_a_block_boundary_ends_the_answer(name, include):
+    plain_world = World(max_tokens=12, ignore_eos=True)
+    strategy, params = checked(name, plain_world, SETUPS[name].params)
+    plain = (await strategy.run(plain_world.ctx, params)).choices[0].text
+    words = plain.split()
+    size = JOINING[name]
+    assert len(words) > size + 1
+    stop = f"{words[size - 1]} {words[size]}"  # the last word of the first block and the first of the next
+    world = World(max_tokens=12, ignore_eos=True)
+    world.ctx.sampling = replace(world.ctx.sampling, stop=(stop,), include_stop_str_in_output=include)
+    strategy, params = checked(name, world, SETUPS[name].params)
+    result = assert_stream(await drain(strategy.stream(world.ctx, params)), 1)
+    (choice,) = result.choices
+    before = plain[:plain.index(stop)]
+    # The first block is the plain run's (the string is not whole in it), and the answer ends there.
+    assert choice.text == (before + stop if include else before), (choice.text, stop)
+    assert choice.finish_reason == "stop"
+    for request in world.engine.requests:  # the engine is still given the strings, for stops within a block
+        assert request.sampling.stop == (stop,)
