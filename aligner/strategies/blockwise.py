@@ -79,6 +79,7 @@ class BlockSearch:
         self.text = ""  # the accepted tokens' text; the answer is it cut at a stop string
         self.stops = StopStrings.of(ctx.sampling)
         self.sent = 0  # characters of the answer streamed
+        self.unsent_ids: list[int] = []  # accepted tokens not yet in a delta (their text held back)
         self.stages: list[StageReport] = []
         self.steps: list[dict] = []
         self.fallback: dict | None = None
@@ -156,12 +157,16 @@ class BlockSearch:
     def answer(self) -> str:
         return self.stops.cut(self.text)[0]
 
-    def unsent(self, finished: bool) -> str:
-        """The answer's text not streamed yet that can go now (a tail that may still begin a stop
-        string waits until the answer ends)."""
+    def unsent(self, tokens: list[int], finished: bool) -> SequenceDelta | None:
+        """A delta with the answer's text not streamed yet that can go now (a tail that may still
+        begin a stop string waits until the answer ends), carrying `tokens` and any held before."""
+        self.unsent_ids += tokens
         ready = self.stops.streamable(self.answer, finished)
         text, self.sent = ready[self.sent:], max(self.sent, len(ready))
-        return text
+        if not text and not (finished and self.unsent_ids):
+            return None
+        delta, self.unsent_ids = SequenceDelta(0, text, self.unsent_ids, None, None), []
+        return delta
 
     async def blocks(self) -> AsyncIterator[SequenceDelta]:
         step = 0
@@ -174,8 +179,8 @@ class BlockSearch:
                 return
             self.accept(chosen.token_ids, chosen.text)
             ended = chosen.finish_reason == "stop" or not chosen.token_ids
-            if text := self.unsent(ended):
-                yield SequenceDelta(0, text, list(chosen.token_ids), None, None)
+            if delta := self.unsent(list(chosen.token_ids), ended):
+                yield delta
             step += 1
             if ended:
                 self.finish = "stop"
@@ -193,8 +198,8 @@ class BlockSearch:
         rest = self.ctx.engine.tokenizer.decode(self.accepted + tail[0].token_ids)[len(self.text):]
         self.accept(tail[0].token_ids, rest)
         self.finish = "stop" if self.stops.cut(self.text)[1] else tail[0].finish_reason or "length"
-        if text := self.unsent(True):
-            yield SequenceDelta(0, text, list(tail[0].token_ids), None, None)
+        if delta := self.unsent(list(tail[0].token_ids), True):
+            yield delta
 
     def result(self) -> StrategyResult:
         generated = [s for s in self.stages if s.stage.startswith("block-")]
@@ -245,7 +250,7 @@ class BlockwiseStrategy(Strategy):
             async with contextlib.aclosing(search.finish_plainly()) as rest:
                 async for delta in rest:
                     yield delta
-        if text := search.unsent(True):  # a tail held back in case it began a stop string
-            yield SequenceDelta(0, text, [], None, None)
+        if delta := search.unsent([], True):  # a tail held back in case it began a stop string
+            yield delta
         yield SequenceDelta(0, "", [], None, search.finish)
         yield search.result()

@@ -25,8 +25,8 @@ class StopStrings:
         return cls(tuple(s for s in sampling.stop if s), sampling.include_stop_str_in_output)
 
     def cut(self, text: str) -> tuple[str, bool]:
-        """`text` up to its earliest stop string (and the string too when included), and whether
-        one was found.
+        """`text` up to the stop string it completes first (and the string too when included),
+        and whether there is one.
 
         >>> StopStrings(("User:", "\\n\\n")).cut("Paris.\\n\\nUser: and")
         ('Paris.', True)
@@ -34,12 +34,16 @@ class StopStrings:
         ('Paris. Us', True)
         >>> StopStrings(("Bye",)).cut("Paris.")
         ('Paris.', False)
+        >>> StopStrings(("abcd", "bc")).cut("xabcd")  # "bc" is whole first
+        ('xa', True)
         """
-        hits = [(at, s) for s in self.strings if (at := text.find(s)) >= 0]
+        # The string completed first, as the engine would meet it token by token (ties: the
+        # first listed): a cut that only moves earlier as the text grows would unsay streamed text.
+        hits = [(at + len(s), order, at) for order, s in enumerate(self.strings) if (at := text.find(s)) >= 0]
         if not hits:
             return text, False
-        at, string = min(hits, key=lambda hit: (hit[0], -len(hit[1])))
-        return text[:at + len(string) if self.include else at], True
+        end, _, at = min(hits)
+        return text[:end if self.include else at], True
 
     def held(self, text: str) -> int:
         """How many characters at the end of an unfinished `text` (with no stop string in it)

@@ -817,8 +817,11 @@ async def test_a_stop_string_across_a_block_boundary_ends_the_answer(name, inclu
     world = World(max_tokens=12, ignore_eos=True)
     world.ctx.sampling = replace(world.ctx.sampling, stop=(stop,), include_stop_str_in_output=include)
     strategy, params = checked(name, world, SETUPS[name].params)
-    result = assert_stream(await drain(strategy.stream(world.ctx, params)), 1)
+    events = await drain(strategy.stream(world.ctx, params))
+    result = assert_stream(events, 1)
     (choice,) = result.choices
+    # Every token goes out in some delta, also those whose text waited for the next block.
+    assert [t for e in events if isinstance(e, SequenceDelta) for t in e.token_ids] == choice.token_ids
     before = plain[:plain.index(stop)]
     # The first block is the plain run's (the string is not whole in it), and the answer ends there.
     assert choice.text == (before + stop if include else before), (choice.text, stop)
