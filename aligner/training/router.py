@@ -5,7 +5,10 @@
 
 Rows: each trace of the experiment that has a rating (`POST /v1/alignment/feedback` with
 `rating`), its reward the mean of its ratings on [0, 1] (thumbs down 0, up 1; stars (s-1)/4),
-a user's later rating of the same answer replacing their earlier one. The context is the trace's
+a user's later rating of the same answer replacing their earlier one. A pairwise preference
+(`other_trace_id`: this answer was preferred over another to the same conversation) between two
+traces of the experiment counts as that user's rating of each, 1 for the preferred and 0 for the
+other, unless the user also rated that answer (the rating wins). The context is the trace's
 conversation (`aligner.bandit.features`), the arm the trace's arm, the propensity the one the
 server logged with the choice (`alignment.experiment.propensity`); a trace without one (from
 before propensities were logged) counts its arm's share of all the experiment's traces.
@@ -32,19 +35,33 @@ def logged_rows(feedback: Iterable[Mapping[str, Any]], experiment: str,
     counts of what was skipped. `served`: how many of the experiment's traces (rated or not)
     each arm has, the base of a missing propensity (default: the rated traces')."""
     ratings: dict[str, dict[Any, float]] = {}
+    compared: dict[str, dict[Any, float]] = {}  # pairwise outcomes: 1 preferred, 0 the other
     traces: dict[str, Mapping[str, Any]] = {}
     skipped: Counter = Counter()
     for item in feedback:
         row, trace = item["feedback"], item["trace"]
-        if trace.get("experiment") != experiment or row.get("kind") != "rating":
+        if trace.get("experiment") != experiment:
+            continue
+        who = row.get("user") or ("anonymous", row["id"])  # anonymous feedback all counts
+        if row.get("kind") == "pairwise":
+            other = item.get("other_trace")
+            if other is None or other.get("experiment") != experiment:
+                skipped["pairwise with an answer outside the experiment"] += 1
+                continue
+            for t, outcome in ((trace, 1.0), (other, 0.0)):
+                compared.setdefault(t["id"], {})[who] = outcome  # the latest wins
+                traces[t["id"]] = t
+            continue
+        if row.get("kind") != "rating":
             continue
         scale, rating = row.get("rating_scale"), row.get("rating")
         if scale not in RATING_SCALES or not isinstance(rating, (int, float)) or not math.isfinite(rating):
             skipped["unreadable rating"] += 1
             continue
-        who = row.get("user") or ("anonymous", row["id"])  # anonymous ratings all count
         ratings.setdefault(trace["id"], {})[who] = normalised_rating(rating, scale)  # the latest wins
         traces[trace["id"]] = trace
+    for trace_id, by_user in compared.items():
+        ratings[trace_id] = {**by_user, **ratings.get(trace_id, {})}  # a user's own rating wins
     shares = Counter(served) if served else Counter(t.get("arm") for t in traces.values())
     total = sum(shares.values())
     rows = []

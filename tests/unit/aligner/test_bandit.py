@@ -210,3 +210,29 @@ def test_the_command_refuses_what_it_cannot_use(tmp_path):
                              ("--prior", "nan", "--prior must be")):
         with pytest.raises(SystemExit, match=why):
             main(base + ["--store", f"sqlite:///{tmp_path / 'missing.db'}", flag, value])
+
+
+def test_pairwise_preferences_count_as_ratings_of_both_answers(tmp_path):
+    from aligner.store import Store
+    from aligner.training.router import logged_rows
+
+    store = Store.open(f"sqlite:///{tmp_path / 'store.db'}")
+    try:
+        for i, (arm, experiment) in enumerate([("a@1", "pick"), ("b@1", "pick"), ("a@1", "pick"), ("b@1", "else")]):
+            store.put_trace({"id": f"t{i}", "created_at": 1.0 + i, "conversation": convo("Tell me a joke"),
+                             "experiment": experiment, "arm": arm,
+                             "extra": {"alignment": {"experiment": {"propensity": 0.5}}}})
+        store.add_feedback("t0", other_trace_id="t1", user="u")  # u: t0 over t1
+        store.add_feedback("t1", other_trace_id="t2", user="u")  # u: t1 over t2, but u rated t2 itself
+        store.add_feedback("t2", rating=5, rating_scale="stars", user="u")
+        store.add_feedback("t0", other_trace_id="t2", user="v")  # v: t0 over t2
+        store.add_feedback("t0", other_trace_id="t3", user="w")  # t3 is another experiment's
+        rows, skipped = logged_rows(store.iter_feedback(), "pick")
+    finally:
+        store.close()
+    by_arm_reward = sorted((r.arm, r.reward) for r in rows)
+    # t0: u 1, v 1 -> 1.0; t1: u lost to t0, then won over t2 -> the latest, 1.0; t2: u's own 5 stars (1.0)
+    # beats u's pairwise 0, and v's 0 -> 0.5.
+    assert by_arm_reward == [("a@1", 0.5), ("a@1", 1.0), ("b@1", 1.0)]
+    assert skipped == {"pairwise with an answer outside the experiment": 1}
+    assert all(r.propensity == 0.5 for r in rows)
