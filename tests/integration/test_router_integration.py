@@ -60,13 +60,20 @@ def test_a_router_learns_from_ratings_and_changes_its_choices(store_server):
         r = httpx.post(f"{server.v1}/alignment/feedback", json={"id": answer["id"], "rating": 5 if liked else 1},
                        headers=AUTH, timeout=HTTP_TIMEOUT_S)
         assert r.status_code == 200, r.text
+    # Two more answers to one conversation, unrated: a pairwise preference rates both for training.
+    pair = [ask(server, "code", 100), ask(server, "code", 104)]  # both CODE[0]
+    wait_for_traces(server.db_path, [a["id"] for a in pair])
+    winner, loser = sorted(pair, key=lambda a: a["alignment"]["experiment"]["arm"] != LIKES["code"])
+    r = httpx.post(f"{server.v1}/alignment/feedback", json={"id": winner["id"], "preferred_over": loser["id"]},
+                   headers=AUTH, timeout=HTTP_TIMEOUT_S)
+    assert r.status_code == 200, r.text
 
     output = server.root / "models" / "route-test-router"
     done = subprocess.run([sys.executable, "-m", "aligner.training.cli", "train-router", "--store", server.store_url,
                            "--experiment", "route-test", "--output", str(output)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "40 rated requests" in done.stdout
+    assert "42 rated requests" in done.stdout
     card = (output / "README.md").read_text()
     assert "| `router` |" in card and "| `arm:tone@1` |" in card
 
@@ -93,4 +100,4 @@ def test_a_router_learns_from_ratings_and_changes_its_choices(store_server):
 
     r = httpx.get(f"{server.v1}/alignment/experiments/route-test", headers=AUTH, timeout=HTTP_TIMEOUT_S)
     assert r.status_code == 200, r.text
-    assert r.json()["requests"] == 80 and r.json()["sample_ratio"] is None
+    assert r.json()["requests"] == 82 and r.json()["sample_ratio"] is None
