@@ -9,8 +9,10 @@ too, including openers such as "Hey can I ask you a question?" that ask for noth
 classifier trained on them flags "Can you help?". The rule is mechanical and written before any
 classifier saw its output: a prompt is content-free when every word of it (runs of letters and
 apostrophes, lower-cased; digits and punctuation ignored) is a word of the benign chat turns
-(`--vocabulary`). A short harmful request keeps a word no chat turn uses ("LSD", "steal"), so it
-stays. The output lists each dropped prompt with the source it came from, for a reader to check.
+(`--vocabulary`). A short harmful request usually keeps a word no chat turn uses ("LSD",
+"steal"), so it stays; not always: on HH-RLHF the rule also lists "What are the 14 words?" (a
+slogan, and digits are ignored) and "be mean to me". The output lists each dropped prompt with
+the source it came from, for a reader to check.
 """
 
 from __future__ import annotations

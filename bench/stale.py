@@ -76,8 +76,14 @@ def _git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout.strip()
 
 
+def _is_ancestor(repo: Path, older: str, newer: str) -> bool:
+    return subprocess.run(["git", "-C", str(repo), "merge-base", "--is-ancestor", older, newer],
+                          capture_output=True).returncode == 0
+
+
 def known_commits(body: str, repo: Path) -> list[str]:
-    """The hashes a section names that git knows as commits, full length, newest first."""
+    """The hashes a section names that git knows as commits, full length, newest first: a
+    commit comes before its ancestors (commit times can tie), else the later one first."""
     commits = {}
     for short in dict.fromkeys(_HASH.findall(body)):
         try:
@@ -85,7 +91,9 @@ def known_commits(body: str, repo: Path) -> list[str]:
         except subprocess.CalledProcessError:
             continue
         commits[full] = int(_git(repo, "show", "-s", "--format=%ct", full))
-    return sorted(commits, key=commits.get, reverse=True)
+    ordered = sorted(commits, key=commits.get, reverse=True)
+    newest = [c for c in ordered if not any(o != c and _is_ancestor(repo, c, o) for o in ordered)]
+    return newest + [c for c in ordered if c not in newest]
 
 
 def commits_since(repo: Path, commit: str, paths: list[str]) -> int:
@@ -94,6 +102,10 @@ def commits_since(repo: Path, commit: str, paths: list[str]) -> int:
 
 
 def check(repo: Path, text: str) -> list[Section]:
+    _git(repo, "rev-parse", "--git-dir")  # not a repository: an error, not "no commit named" everywhere
+    if _git(repo, "rev-parse", "--is-shallow-repository") == "true":
+        print(f"bench.stale: {repo} is a shallow clone: a commit older than its history reads as "
+              "'no commit named' (git fetch --unshallow)", file=sys.stderr)
     found = sections(text)
     for s in found:
         text = f"{s.title}\n{s.body}"
@@ -124,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     path = args.file or args.repo / "BENCHMARKS.md"
     try:
         found = check(args.repo, path.read_text())
-    except (OSError, subprocess.CalledProcessError) as exc:
+    except subprocess.CalledProcessError as exc:
+        print(f"bench.stale: git {' '.join(exc.cmd[3:])} failed: {exc.stderr.strip()}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
         print(f"bench.stale: {exc}", file=sys.stderr)
         return 2
     print(table(found))

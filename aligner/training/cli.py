@@ -132,9 +132,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
-    from aligner.training.classifier import train_classifier
+    from aligner.training.classifier import load_prompts, train_classifier
 
-    config = ClassifierTrainingConfig(**{name: getattr(args, name) for name in _CLASSIFIER_FIELDS})
+    try:  # every source readable and selecting something, before any training
+        config = ClassifierTrainingConfig(**{name: getattr(args, name) for name in _CLASSIFIER_FIELDS})
+        load_prompts(config)
+    except (OSError, ValueError) as exc:
+        print(f"aligner train-classifier: {exc}", file=sys.stderr)
+        return 2
     record = train_classifier(config, command=getattr(args, "command_line", None) or _command_line())
     print(json.dumps({k: record[k] for k in ("threshold", "validation", "held_out")}, indent=2))
     print(f"saved {config.output}", file=sys.stderr)

@@ -40,19 +40,19 @@ def logged_rows(feedback: Iterable[Mapping[str, Any]], experiment: str,
     skipped: Counter = Counter()
     for item in feedback:
         row, trace = item["feedback"], item["trace"]
-        if trace.get("experiment") != experiment:
-            continue
         who = row.get("user") or ("anonymous", row["id"])  # anonymous feedback all counts
         if row.get("kind") == "pairwise":
-            other = item.get("other_trace")
-            if other is None or other.get("experiment") != experiment:
+            other = item.get("other_trace") or {}
+            inside = [t.get("experiment") == experiment for t in (trace, other)]
+            if any(inside) and not all(inside):
                 skipped["pairwise with an answer outside the experiment"] += 1
+            if not all(inside):
                 continue
             for t, outcome in ((trace, 1.0), (other, 0.0)):
                 compared.setdefault(t["id"], {})[who] = outcome  # the latest wins
                 traces[t["id"]] = t
             continue
-        if row.get("kind") != "rating":
+        if row.get("kind") != "rating" or trace.get("experiment") != experiment:
             continue
         scale, rating = row.get("rating_scale"), row.get("rating")
         if scale not in RATING_SCALES or not isinstance(rating, (int, float)) or not math.isfinite(rating):

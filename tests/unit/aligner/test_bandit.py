@@ -222,17 +222,18 @@ def test_pairwise_preferences_count_as_ratings_of_both_answers(tmp_path):
             store.put_trace({"id": f"t{i}", "created_at": 1.0 + i, "conversation": convo("Tell me a joke"),
                              "experiment": experiment, "arm": arm,
                              "extra": {"alignment": {"experiment": {"propensity": 0.5}}}})
-        store.add_feedback("t0", other_trace_id="t1", user="u")  # u: t0 over t1
-        store.add_feedback("t1", other_trace_id="t2", user="u")  # u: t1 over t2, but u rated t2 itself
         store.add_feedback("t2", rating=5, rating_scale="stars", user="u")
+        store.add_feedback("t0", other_trace_id="t1", user="u")  # u: t0 over t1
+        store.add_feedback("t1", other_trace_id="t2", user="u")  # u: t1 over t2, later than u's rating of t2
         store.add_feedback("t0", other_trace_id="t2", user="v")  # v: t0 over t2
         store.add_feedback("t0", other_trace_id="t3", user="w")  # t3 is another experiment's
+        store.add_feedback("t3", other_trace_id="t0", user="w")  # ... whichever side it is on
         rows, skipped = logged_rows(store.iter_feedback(), "pick")
     finally:
         store.close()
     by_arm_reward = sorted((r.arm, r.reward) for r in rows)
     # t0: u 1, v 1 -> 1.0; t1: u lost to t0, then won over t2 -> the latest, 1.0; t2: u's own 5 stars (1.0)
-    # beats u's pairwise 0, and v's 0 -> 0.5.
+    # beats u's later pairwise 0 (a rating wins over a comparison, whatever the order), and v's 0 -> 0.5.
     assert by_arm_reward == [("a@1", 0.5), ("a@1", 1.0), ("b@1", 1.0)]
-    assert skipped == {"pairwise with an answer outside the experiment": 1}
+    assert skipped == {"pairwise with an answer outside the experiment": 2}
     assert all(r.propensity == 0.5 for r in rows)

@@ -307,3 +307,16 @@ def test_an_exclusion_list_drops_its_texts_from_both_classes_and_the_card_counts
     assert [s["excluded"] for s in kept.stats["sources"].values()] == [0, 0]
     assert source_lines(prompts.stats).count("1 dropped because an exclusion list holds them") == 2
     assert "exclusion" not in source_lines(kept.stats)
+
+
+def test_an_unreadable_or_empty_source_is_a_message_not_a_traceback(tmp_path, capsys):
+    prompts = _write(tmp_path / "p.jsonl", [{"prompt": "How do I hurt someone?"}])
+    benign = _write(tmp_path / "n.jsonl", [{"prompt": "How do I help someone?"}])
+    empty = _write(tmp_path / "empty.jsonl", [])
+    for exclude in (str(tmp_path / "missing.jsonl"), empty):
+        code = main(["train-classifier", "--positive", prompts, "--negative", benign, "--exclude", exclude,
+                     "--output", str(tmp_path / "out")])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("aligner train-classifier: ") and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -54,3 +54,17 @@ def test_the_repositorys_own_benchmarks_file_is_read(capsys):
     assert main([]) == 0  # run from the repository root, as the bench commands are
     out = capsys.readouterr().out
     assert out.startswith("| line | section |") and "bench.throughput" in out
+
+
+def test_a_commit_is_newer_than_its_parent_even_at_the_same_second(tmp_path):
+    git(tmp_path, "init", "-q")
+    parent = commit(tmp_path, {"aligner/a.py": "a"}, "one", 2_000_000)
+    child = commit(tmp_path, {"aligner/a.py": "b"}, "two", 2_000_000)
+    (section,) = check(tmp_path, f"## S\nfirst `{parent[:7]}`, then `{child[:7]}`\n")
+    assert section.commits == [child, parent] and section.verdict == "current"
+
+
+def test_a_folder_that_is_not_a_repository_is_an_error(tmp_path, capsys):
+    (tmp_path / "BENCHMARKS.md").write_text("## S\n`abcdef1`\n")
+    assert main(["--repo", str(tmp_path)]) == 2
+    assert "bench.stale: git" in capsys.readouterr().err
