@@ -20,6 +20,7 @@ harmful-request-v2` reports them once, after training, and `bench.safety` measur
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -84,17 +85,33 @@ def config_for(data: Path, sets: Path, output: Path, max_val_fpr: float, leave_o
 
 def fold_scores(data: Path, sets: Path, leave_out: str, scratch: Path, wrappers: Path | None = None,
                 chat_turns: bool = False) -> dict:
-    """Train without `leave_out`; the scores of the fold's validation prompts and of the source
-    (as written: a held-out source is never wrapped, and an excluded prompt of it is scored too)."""
+    """Train without `leave_out` (unless `scratch` already holds that fold's trained model: a
+    stopped run resumed); the scores of the fold's validation prompts and of the source (as
+    written: a held-out source is never wrapped, and an excluded prompt of it is scored too)."""
     from aligner.training.classifier import load_prompts, score_sets, train_classifier
 
     config = config_for(data, sets, scratch, 0.05, leave_out, wrappers, chat_turns)
-    train_classifier(config)
+    if not trained_fold(scratch, config):
+        train_classifier(config)
     prompts = load_prompts(config)
     (label, texts), = prompts.report.values()
     scores = score_sets(scratch, {"val_positive": prompts.val["positive"], "val_negative": prompts.val["negative"],
                                   "held_out": texts})
     return {"class": label, **scores}
+
+
+def trained_fold(scratch: Path, config) -> bool:
+    """Whether `scratch` holds a model trained with this fold's training settings."""
+    import dataclasses
+
+    try:
+        saved = json.loads((scratch / "eval.json").read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        return False
+    wanted = dataclasses.asdict(config)
+    same = ("positive", "negative", "exclude", "wrappers", "base", "max_length", "val_fraction", "seed", "epochs",
+            "batch_size", "learning_rate", "lora_r", "lora_alpha", "lora_targets")
+    return all(saved.get(k) == wanted.get(k) for k in same) and (scratch / "adapter_model.safetensors").is_file()
 
 
 def rule_rows(folds: dict[str, dict], rules: list[float], max_fp: float) -> list[dict]:
@@ -162,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="JSON of the folds' scores and the rows")
     parser.add_argument("--wrappers", type=Path, default=None,
                         help="train with wrapped copies (bench/sets/wrappers_train.jsonl: harmful-request-v3's recipe)")
+    parser.add_argument("--folds-dir", type=Path, default=None,
+                        help="keep each fold's model in DIR/SOURCE; a fold already trained there with the same "
+                             "settings is scored, not retrained (resume a stopped run); default: a temporary folder")
     parser.add_argument("--chat-turns", action="store_true",
                         help="add the benign chat turns and leave out the content-free HH-RLHF openers "
                              "(with --wrappers: harmful-request-v5's recipe)")
@@ -172,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--only names no source of the recipe: {', '.join(unknown)} (sources: {', '.join(names)})")
     folds = {}
-    with tempfile.TemporaryDirectory(prefix="router-sources-") as scratch:
+    with contextlib.ExitStack() as stack:
+        scratch = args.folds_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="router-sources-"))
         for name in args.only or names:
             folds[name] = fold_scores(args.data, args.sets, name, Path(scratch) / name, args.wrappers, args.chat_turns)
             print(f"{name} out: trained", file=sys.stderr, flush=True)

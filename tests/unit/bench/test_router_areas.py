@@ -103,3 +103,17 @@ def test_bad_sweep_rules_are_refused_before_any_training(capsys):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2 and "--sweep" in capsys.readouterr().err
+
+
+def test_a_fold_trained_with_the_same_settings_is_reused_and_no_other(tmp_path):
+    from bench.router_sources import config_for, trained_fold
+
+    wrappers = Path("bench/sets/wrappers_train.jsonl")
+    config = config_for(Path("d"), Path("s"), tmp_path, 0.05, "advbench", wrappers, chat_turns=True)
+    assert not trained_fold(tmp_path, config)  # nothing there
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"weights")
+    (tmp_path / "eval.json").write_text(json.dumps({"config": dataclasses.asdict(config)}))
+    assert trained_fold(tmp_path, config)
+    for other in (config_for(Path("d"), Path("s"), tmp_path, 0.05, "advbench", wrappers),  # no chat turns
+                  config_for(Path("d"), Path("s"), tmp_path, 0.05, "hh_harmless", wrappers, chat_turns=True)):
+        assert not trained_fold(tmp_path, other)
